@@ -1,0 +1,56 @@
+# Every target creates or refreshes its virtual environment first, so each works on a fresh machine.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+# Lowest transformers release the fast tests are run against (keep in sync with setup.py).
+MIN_TRANSFORMERS ?= 5.24.0
+MIN_VENV ?= .venv-min
+PYTEST_FLAGS ?= -q
+
+.PHONY: venv test test-fast test-min lint demo bench experiments clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e ".[dev,notebooks]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
+	$(PY) -m pytest $(PYTEST_FLAGS)
+	$(MAKE) test-min
+
+# The fast tests again, against the lowest transformers release that setup.py admits.
+$(MIN_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(MIN_VENV)/bin/pip install -q -e ".[dev]" "transformers==$(MIN_TRANSFORMERS)"
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -c "import transformers; print('lowest supported transformers:', transformers.__version__)"
+	$(MIN_VENV)/bin/python -m pytest $(PYTEST_FLAGS) -m fast
+
+test-fast: venv
+	$(PY) -m pytest $(PYTEST_FLAGS) -m fast
+
+demo: venv
+	$(PY) -m modeling_mmgem.demo --output-dir demo-output
+
+bench: venv
+	$(PY) benchmarks/run.py --size small
+
+experiments: venv
+	$(PY) -m experiments.run
+
+clean:
+	rm -rf $(VENV) $(MIN_VENV) demo-output *.egg-info

@@ -1,0 +1,41 @@
+"""Packaging of mmgem: the Hugging Face implementation of MM-GEM (arXiv 2405.19333)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# The lowest versions the fast tests run against in CI (see Makefile `test-min`).
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "transformers>=5.24.0,<6",
+    "sentence-transformers>=6.2.0",
+    "peft>=0.21.0",
+    "huggingface_hub>=2.4.0",
+    "safetensors>=0.5",
+    "tokenizers>=0.22",
+    "accelerate>=1.10",
+    "datasets>=4.0",
+    "pillow>=10",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    "dev": ["pytest>=8", "ruff>=0.6"],
+    "notebooks": ["nbmake>=1.5", "ipykernel>=6", "nbformat>=5.9"],
+}
+
+setup(
+    name="mmgem",
+    version="0.1.0",
+    description="MM-GEM: one LLM for image-text embedding and captioning, with region support, on Hugging Face.",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_mmgem", "modeling_mmgem.*", "conversion", "conversion.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["mmgem=modeling_mmgem.cli:main"]},
+    license="Apache-2.0",
+)
