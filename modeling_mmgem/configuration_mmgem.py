@@ -156,7 +156,9 @@ class MMGEMConfig(PretrainedConfig):
         if self.region_sampling_ratio is not None and (
             not isinstance(self.region_sampling_ratio, int) or self.region_sampling_ratio < 1
         ):
-            raise ValueError(f"`region_sampling_ratio` must be None or a positive int, got {self.region_sampling_ratio!r}.")
+            raise ValueError(
+                f"`region_sampling_ratio` must be None or a positive int, got {self.region_sampling_ratio!r}."
+            )
         self.check_token_ids()
 
     def check_token_ids(self) -> None:
@@ -181,5 +183,8 @@ class MMGEMConfig(PretrainedConfig):
             output[key] = value.to_dict() if isinstance(value, PretrainedConfig) else value
         return output
 
+
+# `save_pretrained` writes `auto_map` and copies this file next to the weights.
+MMGEMConfig.register_for_auto_class()
 
 __all__ = ["MMGEMConfig"]

@@ -1,0 +1,688 @@
+"""MM-GEM, the Multi-Modal Generative Embedding Model (arXiv 2405.19333), as a transformers model.
+
+One vision tower and ONE causal language model. The language model embeds texts (its last hidden state at an
+appended `[EMB]` token) and writes captions from pooled visual tokens; three light projections link the spaces:
+
+    h1: visual features      -> shared embedding space   (image / region embedding)
+    h2: visual features      -> LM input-embedding space (visual tokens for captioning)
+    h3: LM hidden at `[EMB]` -> shared embedding space   (text embedding)
+
+Token layouts. Embedding: `<bos> text [EMB]`. Captioning: `<bos> <image>*K [CAP] caption <eos>`, where the K
+`<image>` placeholders are replaced inside the model by the h2 outputs (LLaVA-style, so `generate` and its KV cache
+work unchanged).
+
+This file is remote code: it travels to the Hub next to the weights, imports only torch and transformers, and reaches
+its siblings through single-dot relative imports.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_mmgem import MMGEMConfig
+from .loss_mmgem import caption_loss, contrastive_loss
+
+BoxesInput = list[torch.Tensor] | torch.Tensor | None
+
+
+# ---------------------------------------------------------------------------------------------------------- outputs
+@dataclass
+class MMGEMFeaturesOutput(BaseModelOutputWithPooling):
+    r"""
+    Output of [`MMGEMModel.get_image_features`] and [`MMGEMModel.get_text_features`]. As transformers'
+    `CLIPModel.get_image_features`, the embedding is in `pooler_output`, so code written for CLIP works unchanged.
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+            Images: the patch features `(B, g*g, vision_hidden)` the PoolAggregator pools (CLS dropped).
+            Texts: the language model's last hidden states `(B, L, text_hidden)`, right padded, `[EMB]` appended.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            The embeddings, NOT L2-normalised (normalise before taking cosine similarities). With `boxes`, one row
+            per region, regions of image 0 first: shape `(total_regions, projection_dim)`.
+        region_image_index (`torch.LongTensor` of shape `(total_regions,)`, *optional*):
+            For region embeddings, the index of the image each row belongs to.
+    """
+
+    region_image_index: torch.LongTensor | None = None
+
+
+@dataclass
+class MMGEMOutput(ModelOutput):
+    r"""
+    Output of [`MMGEMModel.forward`]: the joint training step and the captioning forward used by `generate`.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `contrastive_loss_weight * loss_contrastive + caption_loss_weight * loss_caption` (the terms present).
+        loss_contrastive (`torch.FloatTensor` of shape `()`, *optional*):
+            Symmetric InfoNCE, image->text plus text->image, when `pixel_values` and `text_input_ids` are given.
+        loss_caption (`torch.FloatTensor` of shape `()`, *optional*):
+            Next-token cross-entropy on the caption tokens, when `labels` are given.
+        logits_per_image (`torch.FloatTensor` of shape `(num_visual, num_texts)`):
+            Scaled cosine similarities image/region x text. In distributed training the columns span all ranks.
+        logits_per_text (`torch.FloatTensor` of shape `(num_texts, num_visual)`):
+            Scaled cosine similarities text x image/region.
+        image_embeds (`torch.FloatTensor` of shape `(num_visual, projection_dim)`):
+            L2-normalised image embeddings, followed by the region embeddings when `boxes` are given.
+        text_embeds (`torch.FloatTensor` of shape `(num_texts, projection_dim)`):
+            L2-normalised text embeddings.
+        logits (`torch.FloatTensor` of shape `(num_sequences, sequence_length, vocab_size)`):
+            Language-model logits over the caption sequence (`input_ids`).
+        cache (`transformers.Cache`, *optional*):
+            The language model's KV cache, for `generate` (transformers also answers to its older name
+            `past_key_values`).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Language-model hidden states of the caption sequence, when `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Language-model attention weights, when `output_attentions=True` (eager attention).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_contrastive: torch.FloatTensor | None = None
+    loss_caption: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Any | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------- modules
+class MMGEMProjection(nn.Module):
+    """One of h1/h2/h3: a linear layer or a Linear-GELU-Linear MLP."""
+
+    def __init__(self, in_features: int, out_features: int, projection_type: str) -> None:
+        super().__init__()
+        if projection_type == "linear":
+            self.layers = nn.Sequential(nn.Linear(in_features, out_features))
+        else:
+            self.layers = nn.Sequential(
+                nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features)
+            )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class MMGEMLogitScale(nn.Module):
+    """The learnable log temperature of the contrastive loss, clamped as CLIP does.
+
+    A module rather than a bare `nn.Parameter` so that PEFT's `modules_to_save` can train and save it.
+    """
+
+    def __init__(self, init_value: float, max_value: float) -> None:
+        super().__init__()
+        self.log_value = nn.Parameter(torch.tensor(float(init_value)))
+        self.max_value = max_value
+
+    def forward(self) -> torch.Tensor:
+        return self.log_value.clamp(max=self.max_value).exp()
+
+
+class MMGEMPoolAggregator(nn.Module):
+    """Pools a ViT patch grid into few visual tokens, for whole images and (RoIAlign) for boxes.
+
+    Whole image: adaptive average pooling to `k x k` (caption tokens) and to `1 x 1` (embedding). Box: RoIAlign,
+    bilinear samples on a regular grid inside the box, averaged per cell to `k x k` and overall to `1 x 1`. With
+    `ceil(g / k)` samples per cell and `g % k == 0`, the samples of the whole-image box fall on the patch centres, so
+    the whole-image box gives exactly the whole-image features.
+    """
+
+    def __init__(self, grid_size: int, patch_grid_size: int, sampling_ratio: int | None = None) -> None:
+        super().__init__()
+        self.grid_size = grid_size
+        self.patch_grid_size = patch_grid_size
+        self.sampling_ratio = sampling_ratio or -(-patch_grid_size // grid_size)
+
+    def to_feature_map(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, g*g, C] patch tokens (row-major) -> [B, C, g, g] feature map."""
+        batch, num_patches, channels = patch_tokens.shape
+        g = self.patch_grid_size
+        return patch_tokens.transpose(1, 2).reshape(batch, channels, g, g)
+
+    def pool_grid(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """[B, C, g, g] -> [B, k*k, C] visual tokens."""
+        pooled = F.adaptive_avg_pool2d(feature_map, self.grid_size)  # [B, C, k, k]
+        return pooled.flatten(2).transpose(1, 2)
+
+    def pool_global(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """[B, C, g, g] -> [B, C] whole-image vector."""
+        return feature_map.mean(dim=(2, 3))
+
+    def roi_align(self, feature_map: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        """RoIAlign of normalised xyxy `boxes` [R, 4] on the maps of `image_index` [R] -> [R, C, k, k]."""
+        k, s = self.grid_size, self.sampling_ratio
+        n = k * s  # sample points per axis
+        steps = (torch.arange(n, device=boxes.device, dtype=boxes.dtype) + 0.5) / n  # [n] in (0, 1)
+        x0, y0, x1, y1 = boxes.unbind(-1)  # each [R]
+        xs = x0[:, None] + (x1 - x0)[:, None] * steps  # [R, n]
+        ys = y0[:, None] + (y1 - y0)[:, None] * steps  # [R, n]
+        # grid_sample takes (x, y) in [-1, 1] where -1/+1 are the outer edges of the map (align_corners=False).
+        grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1) * 2 - 1  # [R, n, n, 2]
+        maps = feature_map[image_index]  # [R, C, g, g]
+        samples = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", align_corners=False)  # [R, C, n, n]
+        return F.avg_pool2d(samples, kernel_size=s)  # [R, C, k, k]
+
+    def pool_regions(
+        self, feature_map: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region tokens [R, k*k, C] and region vectors [R, C] for normalised xyxy `boxes` [R, 4]."""
+        cells = self.roi_align(feature_map, boxes, image_index)  # [R, C, k, k]
+        return cells.flatten(2).transpose(1, 2), cells.mean(dim=(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------- checks
+def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate `boxes` (one [R_i, 4] tensor per image, or a [B, R, 4] tensor) and flatten them.
+
+    Returns:
+        boxes [R_total, 4] (float32, normalised xyxy) and image_index [R_total].
+    """
+    expected = (
+        "`boxes` must be a list with one float tensor of shape [R_i, 4] per image (normalised x0, y0, x1, y1 in "
+        "the frame of `pixel_values`, 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1) or a tensor of shape [B, R, 4]"
+    )
+    if isinstance(boxes, torch.Tensor):
+        if boxes.ndim != 3:
+            raise ValueError(f"{expected}; got a tensor of shape {tuple(boxes.shape)}.")
+        boxes = list(boxes.unbind(0))
+    if not isinstance(boxes, (list, tuple)):
+        raise ValueError(f"{expected}; got {type(boxes).__name__}.")
+    if len(boxes) != batch_size:
+        raise ValueError(f"{expected}; got {len(boxes)} box sets for {batch_size} images.")
+    flat, index = [], []
+    for i, image_boxes in enumerate(boxes):
+        image_boxes = torch.as_tensor(image_boxes, dtype=torch.float32)
+        if image_boxes.ndim != 2 or image_boxes.shape[-1] != 4:
+            raise ValueError(f"{expected}; boxes[{i}] has shape {tuple(image_boxes.shape)}.")
+        if not torch.isfinite(image_boxes).all():
+            raise ValueError(f"{expected}; boxes[{i}] contains NaN or inf.")
+        x0, y0, x1, y1 = image_boxes.unbind(-1)
+        eps = 1e-4  # tolerate rounding of boxes that touch the border
+        if ((x0 < -eps) | (y0 < -eps) | (x1 > 1 + eps) | (y1 > 1 + eps)).any():
+            raise ValueError(f"{expected}; boxes[{i}] lies (partly) outside the image: {image_boxes.tolist()}.")
+        if ((x1 <= x0) | (y1 <= y0)).any():
+            raise ValueError(f"{expected}; boxes[{i}] has a box of zero or negative area: {image_boxes.tolist()}.")
+        flat.append(image_boxes.clamp(0, 1))
+        index.append(torch.full((image_boxes.shape[0],), i, dtype=torch.long))
+    if not flat or sum(b.shape[0] for b in flat) == 0:
+        raise ValueError(f"{expected}; got no box at all.")
+    return torch.cat(flat).to(device), torch.cat(index).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+class MMGEMPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the attributes transformers reads on MM-GEM models."""
+
+    config_class = MMGEMConfig
+    config: MMGEMConfig
+    base_model_prefix = "mmgem"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    # The Trainer must not pass `num_items_in_batch`: the joint loss normalises itself.
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only MM-GEM's own modules: the vision tower and the LM are initialised by their own classes.
+        std = self.config.initializer_range
+        if isinstance(module, MMGEMLogitScale):
+            init.constant_(module.log_value, self.config.logit_scale_init_value)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
+    """MM-GEM: image/region/text embeddings in one space and captioning of images and regions, with one LLM.
+
+    - [`get_image_features`]: image (or, with `boxes`, region) embeddings.
+    - [`get_text_features`]: text embeddings from the hidden state at `[EMB]`.
+    - [`forward`]: the joint training step (contrastive + caption loss), also the captioning forward of `generate`.
+    - [`generate`]: captions of images or regions through transformers' `GenerationMixin` (KV cache, greedy, beam
+      search, sampling).
+    """
+
+    def __init__(self, config: MMGEMConfig) -> None:
+        super().__init__(config)
+        self.vision_model = AutoModel.from_config(config.vision_config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        vision_hidden = config.vision_config.hidden_size
+        text_hidden = config.text_config.hidden_size
+        self.pool_aggregator = MMGEMPoolAggregator(
+            config.pool_grid_size, config.patch_grid_size, config.region_sampling_ratio
+        )
+        self.image_projection = MMGEMProjection(vision_hidden, config.projection_dim, config.projection_type)  # h1
+        self.visual_token_projection = MMGEMProjection(vision_hidden, text_hidden, config.projection_type)  # h2
+        self.text_projection = MMGEMProjection(text_hidden, config.projection_dim, config.projection_type)  # h3
+        self.logit_scale = MMGEMLogitScale(config.logit_scale_init_value, config.logit_scale_max)
+        # device_map must keep each transformer block of either tower on one device.
+        self._no_split_modules = sorted(
+            set(getattr(self.vision_model, "_no_split_modules", None) or [])
+            | set(getattr(self.language_model, "_no_split_modules", None) or [])
+        )
+        forward_parameters = inspect.signature(self.language_model.forward).parameters
+        # transformers >= 5.24 names the KV cache `cache`; earlier 5.x releases call it `past_key_values`.
+        self._lm_cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        # `register_for_auto_class` records one auto class; the model also serves AutoModelForImageTextToText.
+        auto_map = dict(getattr(config, "auto_map", None) or {})
+        auto_map.setdefault("AutoModelForImageTextToText", f"modeling_mmgem.{type(self).__name__}")
+        config.auto_map = auto_map
+        self.post_init()
+
+    # ------------------------------------------------------------------ embeddings plumbing (resize, tying, PEFT)
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.base_model
+
+    # ------------------------------------------------------------------ vision
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        vision = self.config.vision_config
+        channels = getattr(vision, "num_channels", 3)
+        size = vision.image_size
+        if (
+            not isinstance(pixel_values, torch.Tensor)
+            or pixel_values.ndim != 4
+            or pixel_values.shape[1] != channels
+            or tuple(pixel_values.shape[2:]) != (size, size)
+        ):
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(
+                f"`pixel_values` must be a float tensor of shape [batch, {channels}, {size}, {size}] "
+                f"(use MMGEMProcessor to prepare images); got {shape}."
+            )
+
+    def _vision_feature_map(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the vision tower once: patch tokens [B, g*g, C] and the feature map [B, C, g, g]."""
+        self._check_pixel_values(pixel_values)
+        dtype = next(self.vision_model.parameters()).dtype
+        hidden = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # [B, P + g*g, C]
+        num_patches = self.config.patch_grid_size**2
+        patch_tokens = hidden[:, -num_patches:]  # drop CLS / register tokens, which come first
+        if self.config.vision_output_needs_norm:
+            patch_tokens = self._vision_post_layernorm()(patch_tokens)
+        return patch_tokens, self.pool_aggregator.to_feature_map(patch_tokens)
+
+    def _vision_post_layernorm(self) -> nn.Module:
+        tower = self.vision_model
+        norm = getattr(tower, "post_layernorm", None) or getattr(tower, "vision_model", None).post_layernorm
+        return norm
+
+    def _visual_embeddings(
+        self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h1 embeddings [B (+R), D] of the images (if `include_images`) then of the regions."""
+        vectors = [self.pool_aggregator.pool_global(feature_map)] if include_images else []
+        region_index = None
+        if boxes is not None:
+            flat_boxes, region_index = _flatten_boxes(boxes, feature_map.shape[0], feature_map.device)
+            vectors.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[1])
+        return self.image_projection(torch.cat(vectors)), region_index
+
+    def _visual_tokens(self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool) -> torch.Tensor:
+        """h2 visual tokens [B (+R), K, H_lm] of the images (if `include_images`) then of the regions."""
+        tokens = [self.pool_aggregator.pool_grid(feature_map)] if include_images else []
+        if boxes is not None:
+            flat_boxes, region_index = _flatten_boxes(boxes, feature_map.shape[0], feature_map.device)
+            tokens.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[0])
+        return self.visual_token_projection(torch.cat(tokens))
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, boxes: BoxesInput = None, **kwargs: Any
+    ) -> MMGEMFeaturesOutput:
+        """Image embeddings, or region embeddings when `boxes` are given.
+
+        Args:
+            pixel_values: `[B, 3, H, W]` from [`MMGEMProcessor`].
+            boxes: one `[R_i, 4]` tensor per image, normalised xyxy in the frame of `pixel_values` (the processor
+                converts boxes in original image pixels). Region rows are returned instead of image rows.
+
+        Returns:
+            [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` (or `[sum R_i, D]`) in `pooler_output`, not
+            normalised, as transformers' `CLIPModel.get_image_features`.
+        """
+        if boxes is not None:  # validate before running the tower
+            _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
+        patch_tokens, feature_map = self._vision_feature_map(pixel_values)
+        embeds, region_index = self._visual_embeddings(feature_map, boxes, include_images=boxes is None)
+        return MMGEMFeaturesOutput(
+            last_hidden_state=patch_tokens, pooler_output=embeds, region_image_index=region_index
+        )
+
+    def get_visual_tokens(self, pixel_values: torch.Tensor, boxes: BoxesInput = None) -> torch.Tensor:
+        """The h2 visual tokens that replace the `<image>` placeholders: `[B, K, H_lm]`, or `[sum R_i, K, H_lm]`
+        for the regions when `boxes` are given."""
+        if boxes is not None:
+            _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
+        _, feature_map = self._vision_feature_map(pixel_values)
+        return self._visual_tokens(feature_map, boxes, include_images=boxes is None)
+
+    # ------------------------------------------------------------------ text embedding
+    def _require_token_id(self, name: str) -> int:
+        token_id = getattr(self.config, name)
+        if token_id is None:
+            raise ValueError(
+                f"`config.{name}` is not set: add the MM-GEM special tokens with `add_mmgem_special_tokens(tokenizer, "
+                "model)` (processing_mmgem) before using the model."
+            )
+        return token_id
+
+    def _embedding_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-pad the rows and make each end with `[EMB]` (appended when the caller did not).
+
+        Whatever the caller's padding side, every row becomes `tokens [EMB] pad...`, so the causal LM gives
+        the same hidden state at `[EMB]` for left or right padding, alone or in any batch.
+
+        Returns:
+            input_ids [B, L'], attention_mask [B, L'], lengths [B] (the `[EMB]` position is lengths - 1).
+        """
+        emb_id = self._require_token_id("emb_token_id")
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.ndim != 2
+            or input_ids.dtype
+            not in (
+                torch.long,
+                torch.int,
+            )
+        ):
+            raise ValueError(
+                "`input_ids` must be an integer tensor of shape [batch, length]; got "
+                f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; "
+                f"got {tuple(attention_mask.shape)}."
+            )
+        mask = attention_mask.bool()
+        lengths = mask.sum(dim=1)  # [B]
+        if (lengths == 0).any():
+            raise ValueError(
+                f"`input_ids` has empty rows (no attended token): {torch.where(lengths == 0)[0].tolist()}."
+            )
+        # Move real tokens to the front of each row, keeping their order (stable sort on "is padding").
+        order = torch.sort((~mask).int(), dim=1, stable=True).indices  # [B, L]
+        ids = input_ids.gather(1, order)  # [B, L]
+        last = ids.gather(1, (lengths - 1)[:, None]).squeeze(1)  # [B]
+        needs_emb = last != emb_id  # [B]
+        pad_id = self.config.text_config.pad_token_id
+        pad_id = pad_id if isinstance(pad_id, int) else 0
+        ids = F.pad(ids, (0, 1), value=pad_id)  # [B, L + 1]
+        rows = torch.where(needs_emb)[0]
+        ids[rows, lengths[rows]] = emb_id
+        lengths = lengths + needs_emb.long()
+        max_len = int(lengths.max())
+        ids = ids[:, :max_len]
+        positions = torch.arange(max_len, device=ids.device)
+        ids = torch.where(positions[None, :] < lengths[:, None], ids, pad_id)  # clean padding
+        new_mask = (positions[None, :] < lengths[:, None]).long()
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        if context is not None and max_len > context:
+            raise ValueError(
+                f"`input_ids` has {max_len} tokens with `[EMB]`, more than the language model's context of {context}; "
+                "truncate the text (MMGEMProcessor(..., truncation=True) does it)."
+            )
+        return ids, new_mask, lengths
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> MMGEMFeaturesOutput:
+        """Text embeddings: h3 of the language model's last hidden state at `[EMB]`.
+
+        Args:
+            input_ids: `[B, L]` token ids, left or right padded, with or without a final `[EMB]` (appended here
+                when missing).
+            attention_mask: `[B, L]`, 1 for real tokens.
+
+        Returns:
+            [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` in `pooler_output` (not normalised) and the LM's last
+            hidden states in `last_hidden_state`.
+        """
+        ids, mask, lengths = self._embedding_inputs(input_ids, attention_mask)
+        position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        hidden = self.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # [B, L', H]
+        at_emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # [B, H]
+        return MMGEMFeaturesOutput(last_hidden_state=hidden, pooler_output=self.text_projection(at_emb))
+
+    # ------------------------------------------------------------------ captioning inputs
+    def _merge_visual_tokens(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, visual_tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token embeddings with the `<image>` placeholders replaced by `visual_tokens` [N_vis, K, H]."""
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # [N, L, H]
+        if input_ids is None or self.config.image_token_id is None:
+            return inputs_embeds
+        placeholders = input_ids == self.config.image_token_id  # [N, L]
+        if not placeholders.any():
+            return inputs_embeds  # decoding steps after the prefill see only new tokens
+        if visual_tokens is None:
+            raise ValueError(
+                "`input_ids` contains `<image>` placeholders but neither `pixel_values` nor `visual_tokens` were given."
+            )
+        expected = visual_tokens.shape[0] * visual_tokens.shape[1]
+        if int(placeholders.sum()) != expected:
+            raise ValueError(
+                f"`input_ids` has {int(placeholders.sum())} `<image>` placeholders but {visual_tokens.shape[0]} "
+                f"images/regions x {visual_tokens.shape[1]} visual tokens = {expected} were computed; each sequence "
+                f"needs exactly {self.config.num_image_tokens} placeholders per image or region."
+            )
+        return inputs_embeds.masked_scatter(placeholders[..., None], visual_tokens.to(inputs_embeds.dtype))
+
+    def _caption_sources(self, num_rows: int, batch_size: int, boxes: BoxesInput) -> bool:
+        """Whether caption rows are images then regions (True) or regions only (False); validates the count."""
+        num_regions = 0 if boxes is None else sum(len(b) for b in boxes)
+        if boxes is None and num_rows == batch_size:
+            return True
+        if boxes is not None and num_rows == num_regions:
+            return False
+        if boxes is not None and num_rows == batch_size + num_regions:
+            return True
+        raise ValueError(
+            f"`input_ids` has {num_rows} caption sequences for {batch_size} images and {num_regions} regions; "
+            "expected one per image, one per region, or one per image followed by one per region."
+        )
+
+    def _default_caption_prompt(self, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`<bos> <image>*K [CAP]` for each row: the prompt `generate` uses when none is given."""
+        image_id = self._require_token_id("image_token_id")
+        cap_id = self._require_token_id("cap_token_id")
+        bos = self.config.text_config.bos_token_id
+        prompt = ([bos] if isinstance(bos, int) else []) + [image_id] * self.config.num_image_tokens + [cap_id]
+        input_ids = torch.tensor(prompt, device=device).repeat(num_rows, 1)
+        return input_ids, torch.ones_like(input_ids)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        boxes: BoxesInput = None,
+        text_input_ids: torch.LongTensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        visual_tokens: torch.FloatTensor | None = None,
+        cache: Any | None = None,
+        past_key_values: Any | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_loss: bool = True,
+        **kwargs: Any,
+    ) -> MMGEMOutput:
+        r"""
+        The joint training step, and the captioning forward that `generate` calls.
+
+        Args:
+            input_ids (`[N, L]`, *optional*): caption sequences `<bos> <image>*K [CAP] caption <eos>`, one per image
+                (then one per region with `boxes`), or one per region only.
+            attention_mask (`[N, L]`, *optional*): mask of `input_ids`.
+            position_ids (`[N, L]`, *optional*): derived from `attention_mask` when missing (left padding works).
+            pixel_values (`[B, 3, H, W]`, *optional*): images; one vision forward feeds both objectives.
+            boxes (list of `[R_i, 4]`, *optional*): normalised xyxy region boxes per image.
+            text_input_ids (`[B (+R), T]`, *optional*): texts `<bos> text [EMB]` matched row by row to the images
+                (then the regions) for the contrastive loss.
+            text_attention_mask (`[B (+R), T]`, *optional*): mask of `text_input_ids`.
+            labels (`[N, L]`, *optional*): caption targets aligned with `input_ids`, `-100` outside the caption.
+            visual_tokens (`[N_vis, K, H_lm]`, *optional*): precomputed h2 outputs (used by `generate`).
+            cache / past_key_values (*optional*): the language model's KV cache (the name depends on the
+                transformers release).
+            inputs_embeds (`[N, L, H_lm]`, *optional*): instead of `input_ids` for the caption sequence.
+            use_cache (`bool`, *optional*): return the KV cache.
+            logits_to_keep (`int` or tensor): as in transformers' causal LMs.
+            return_loss (`bool`, defaults to `True`): compute the losses whose inputs are present.
+        """
+        cache = cache if cache is not None else past_key_values
+        has_captions = input_ids is not None or inputs_embeds is not None
+        has_texts = text_input_ids is not None
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values)
+            batch_size = pixel_values.shape[0]
+            if boxes is not None:
+                boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
+                _flatten_boxes(boxes, batch_size, "cpu")
+        elif has_texts:
+            raise ValueError("`text_input_ids` are given without `pixel_values`: the contrastive loss needs both.")
+        num_regions = 0 if boxes is None else sum(len(b) for b in boxes)
+        if has_texts and text_input_ids.shape[0] != batch_size + num_regions:
+            raise ValueError(
+                f"`text_input_ids` has {text_input_ids.shape[0]} rows; expected one per image then one per region "
+                f"({batch_size} + {num_regions})."
+            )
+        needs_visual_tokens = (
+            input_ids is not None
+            and visual_tokens is None
+            and self.config.image_token_id is not None
+            and bool((input_ids == self.config.image_token_id).any())
+        )
+        if needs_visual_tokens and pixel_values is None:
+            raise ValueError("`input_ids` contains `<image>` placeholders but `pixel_values` is missing.")
+        include_images = True
+        if needs_visual_tokens:
+            num_rows = int((input_ids == self.config.image_token_id).any(dim=1).sum())
+            include_images = self._caption_sources(num_rows, batch_size, boxes)
+
+        # One vision forward feeds both objectives.
+        feature_map = None
+        if pixel_values is not None and (has_texts or needs_visual_tokens):
+            _, feature_map = self._vision_feature_map(pixel_values)
+
+        output = MMGEMOutput()
+        losses = []
+        if has_texts:
+            image_embeds, _ = self._visual_embeddings(feature_map, boxes, include_images=True)
+            text_embeds = self.get_text_features(text_input_ids, text_attention_mask).pooler_output
+            output.image_embeds = F.normalize(image_embeds.float(), dim=-1)
+            output.text_embeds = F.normalize(text_embeds.float(), dim=-1)
+            loss_c, output.logits_per_image, output.logits_per_text = contrastive_loss(
+                output.image_embeds, output.text_embeds, self.logit_scale()
+            )
+            if return_loss:
+                output.loss_contrastive = loss_c
+                losses.append(self.config.contrastive_loss_weight * loss_c)
+
+        if has_captions:
+            if needs_visual_tokens:
+                visual_tokens = self._visual_tokens(feature_map, boxes, include_images)
+            embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
+            if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
+            lm_output = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **{self._lm_cache_argument: cache},
+                **kwargs,
+            )
+            output.logits = lm_output.logits
+            output.hidden_states = lm_output.get("hidden_states")
+            output.attentions = lm_output.get("attentions")
+            output.cache = lm_output.get(self._lm_cache_argument)
+            if labels is not None and return_loss:
+                if labels.shape != output.logits.shape[:2]:
+                    raise ValueError(
+                        f"`labels` must have the shape of `input_ids` {tuple(output.logits.shape[:2])}; "
+                        f"got {tuple(labels.shape)}."
+                    )
+                output.loss_caption = caption_loss(output.logits, labels)
+                losses.append(self.config.caption_loss_weight * output.loss_caption)
+
+        if losses:
+            output.loss = torch.stack(losses).sum()
+        return output
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        boxes: BoxesInput = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Caption images, or with `boxes` their regions, through `GenerationMixin.generate`.
+
+        The vision tower runs once here and its pooled, projected tokens travel as `visual_tokens`, so beam search
+        and sampling expand them like any other input and the tower is not re-run per beam or per step. Without
+        `input_ids`, the prompt `<bos> <image>*K [CAP]` is built for each image (or region). All other arguments
+        (`max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...) are those of `generate`; like a causal
+        LM, the returned ids start with the prompt (use `MMGEMProcessor.decode_captions`).
+        """
+        if pixel_values is not None and kwargs.get("visual_tokens") is None:
+            if boxes is not None:
+                boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
+                _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
+            kwargs["visual_tokens"] = self.get_visual_tokens(pixel_values, boxes)
+        if input_ids is None and kwargs.get("inputs_embeds") is None:
+            if kwargs.get("visual_tokens") is None:
+                raise ValueError("`generate` needs `pixel_values` (or `visual_tokens`) or `input_ids`.")
+            input_ids, attention_mask = self._default_caption_prompt(kwargs["visual_tokens"].shape[0], self.device)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+# `save_pretrained` writes `auto_map` and copies this file (and its relative imports) next to the weights.
+MMGEMModel.register_for_auto_class("AutoModel")
+
+__all__ = ["MMGEMModel", "MMGEMPreTrainedModel", "MMGEMOutput", "MMGEMFeaturesOutput"]

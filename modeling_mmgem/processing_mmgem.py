@@ -1,0 +1,412 @@
+"""Processor of MM-GEM: images, texts and region boxes to model inputs, and captions back to text.
+
+This file is remote code: it travels to the Hub next to the weights and imports only torch, transformers and their
+own dependencies (numpy, PIL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+
+EMB_TOKEN = "[EMB]"
+CAP_TOKEN = "[CAP]"
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------- special tokens
+def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[str, int]:
+    """Add `[EMB]`, `[CAP]`, `<image>` (and a pad token if missing) to `tokenizer`; update `model` to match.
+
+    With `model`, the token embeddings are resized to the new vocabulary (new rows initialised like the model's
+    other weights, `mean_resizing=False`; original rows unchanged) and the config / generation config get the new
+    token ids. Idempotent.
+
+    Returns:
+        The ids: `{"emb_token_id", "cap_token_id", "image_token_id", "pad_token_id"}`.
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    missing = [t for t in (EMB_TOKEN, CAP_TOKEN, IMAGE_TOKEN) if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    ids = {
+        "emb_token_id": tokenizer.convert_tokens_to_ids(EMB_TOKEN),
+        "cap_token_id": tokenizer.convert_tokens_to_ids(CAP_TOKEN),
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if model is not None:
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        text_config = model.config.text_config
+        text_config.pad_token_id = ids["pad_token_id"]
+        for name in ("emb_token_id", "cap_token_id", "image_token_id"):
+            setattr(model.config, name, ids[name])
+        model.config.check_token_ids()
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.pad_token_id = ids["pad_token_id"]
+            generation_config.bos_token_id = tokenizer.bos_token_id
+            generation_config.eos_token_id = tokenizer.eos_token_id
+        text_config.bos_token_id = tokenizer.bos_token_id
+        text_config.eos_token_id = tokenizer.eos_token_id
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------- images and boxes
+def _to_rgb_image(image: Any, index: int) -> Image.Image:
+    """PIL image (any mode), numpy array or torch tensor (HW, HWC or CHW; uint8 or float in [0, 1]) -> RGB PIL."""
+    if isinstance(image, Image.Image):
+        if image.mode in ("RGBA", "LA", "P") and "transparency" in image.info or image.mode in ("RGBA", "LA"):
+            # Composite transparent images on white rather than letting the alpha channel turn black.
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+            return background
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(
+            f"`images[{index}]` must be a PIL image, a numpy array or a torch tensor; got {type(image).__name__}."
+        )
+    array = image
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or min(array.shape[:2]) < 1:
+        raise ValueError(
+            f"`images[{index}]` must have shape [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4); "
+            f"got {tuple(image.shape)}."
+        )
+    if array.dtype != np.uint8:
+        array = np.asarray(array, dtype=np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError(f"`images[{index}]` contains NaN or inf.")
+        if array.max(initial=0.0) <= 1.0:
+            array = array * 255.0  # float images are taken to be in [0, 1]
+        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    pil = Image.fromarray(array)
+    return _to_rgb_image(pil, index)
+
+
+def _size_dict(value: Any) -> dict[str, int]:
+    if isinstance(value, dict):
+        return dict(value)
+    if hasattr(value, "items"):
+        return {k: v for k, v in value.items() if v is not None}
+    if isinstance(value, int):
+        return {"height": value, "width": value}
+    return {
+        k: getattr(value, k) for k in ("height", "width", "shortest_edge", "longest_edge") if getattr(value, k, None)
+    }
+
+
+def image_frame_transform(image_processor: Any, width: int, height: int) -> tuple[float, float, float, float, int, int]:
+    """How the image processor maps an original `width x height` image to the model's frame.
+
+    Returns:
+        (scale_x, scale_y, offset_x, offset_y, frame_width, frame_height): a pixel x in the original image lands at
+        `x * scale_x - offset_x` in the model frame of size `frame_width x frame_height` (resize, then crop).
+    """
+    new_w, new_h = width, height
+    if getattr(image_processor, "do_resize", False):
+        size = _size_dict(image_processor.size)
+        if "shortest_edge" in size:
+            short, long = (width, height) if width <= height else (height, width)
+            new_short = size["shortest_edge"]
+            new_long = int(new_short * long / short)
+            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        else:
+            new_w, new_h = size["width"], size["height"]
+    offset_x = offset_y = 0.0
+    frame_w, frame_h = new_w, new_h
+    if getattr(image_processor, "do_center_crop", False):
+        crop = _size_dict(image_processor.crop_size)
+        frame_w, frame_h = crop["width"], crop["height"]
+        offset_x, offset_y = (new_w - frame_w) // 2, (new_h - frame_h) // 2
+    return new_w / width, new_h / height, float(offset_x), float(offset_y), frame_w, frame_h
+
+
+def boxes_to_model_frame(image_processor: Any, boxes: Any, width: int, height: int, index: int) -> torch.Tensor:
+    """Pixel xyxy boxes of an original `width x height` image -> normalised xyxy in the model's frame [R, 4].
+
+    Boxes must lie inside the original image and have positive area; a box the center crop removes entirely is
+    refused, one it cuts is clipped to the visible part.
+    """
+    expected = (
+        f"`boxes[{index}]` must be a list of [x0, y0, x1, y1] in pixels of the original image "
+        f"({width}x{height}) with 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height"
+    )
+    try:
+        array = np.asarray(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{expected}; got {boxes!r}.") from error
+    if array.size == 0:
+        return torch.zeros(0, 4)
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or array.shape[1] != 4:
+        raise ValueError(f"{expected}; got shape {array.shape}.")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{expected}; got NaN or inf: {array.tolist()}.")
+    x0, y0, x1, y1 = array.T
+    if (x0 < 0).any() or (y0 < 0).any() or (x1 > width).any() or (y1 > height).any():
+        raise ValueError(f"{expected}; a box lies outside the image: {array.tolist()}.")
+    if ((x1 <= x0) | (y1 <= y0)).any():
+        raise ValueError(f"{expected}; a box has zero or negative area: {array.tolist()}.")
+    sx, sy, ox, oy, fw, fh = image_frame_transform(image_processor, width, height)
+    frame = np.stack([(x0 * sx - ox) / fw, (y0 * sy - oy) / fh, (x1 * sx - ox) / fw, (y1 * sy - oy) / fh], axis=1)
+    frame = np.clip(frame, 0.0, 1.0)
+    if ((frame[:, 2] <= frame[:, 0]) | (frame[:, 3] <= frame[:, 1])).any():
+        raise ValueError(f"{expected}; a box lies entirely in the part the center crop removes: {array.tolist()}.")
+    return torch.tensor(frame, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- processor
+class MMGEMProcessor(ProcessorMixin):
+    r"""
+    Prepares MM-GEM inputs: images (PIL in any mode, numpy arrays, tensors), texts, and region boxes given in
+    ORIGINAL image pixels (converted through the image processor's resize and crop to the model's frame).
+
+    Calls:
+        - `processor(text=...)`: embedding inputs `<bos> text [EMB]` (`input_ids`, `attention_mask`) for
+          `get_text_features`.
+        - `processor(images=...)`: `pixel_values` plus the caption prompt `<bos> <image>*K [CAP]` for `generate`;
+          with `boxes`, also normalised `boxes` and one prompt per region.
+        - `processor(images=..., text=captions)`: a training batch for `forward` (contrastive and caption loss);
+          with `boxes` and `region_text`, regions join both objectives.
+
+    Args:
+        image_processor: a transformers image processor (CLIP or SigLIP).
+        tokenizer: a tokenizer that has the MM-GEM special tokens (see `add_mmgem_special_tokens`).
+        num_image_tokens (`int`): `K`, visual tokens per image or region (`config.num_image_tokens`).
+        max_length (`int`, *optional*): longest sequence the language model takes (its context).
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        num_image_tokens: int = 16,
+        max_length: int | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    # ------------------------------------------------------------------ tokens
+    def _special_ids(self) -> dict[str, int]:
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in (EMB_TOKEN, CAP_TOKEN, IMAGE_TOKEN) if t not in vocab]
+        if missing or self.tokenizer.pad_token_id is None:
+            raise ValueError(
+                f"`tokenizer` lacks the MM-GEM special tokens {missing or ['pad']}: call "
+                "`add_mmgem_special_tokens(tokenizer, model)` first."
+            )
+        return {
+            "emb": vocab[EMB_TOKEN],
+            "cap": vocab[CAP_TOKEN],
+            "image": vocab[IMAGE_TOKEN],
+            "pad": self.tokenizer.pad_token_id,
+        }
+
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        return [bos] if bos is not None else []
+
+    def _context_length(self, max_length: int | None) -> int | None:
+        if max_length is not None:
+            return max_length
+        if self.max_length is not None:
+            return self.max_length
+        model_max = getattr(self.tokenizer, "model_max_length", None)
+        return model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
+
+    def _tokenize_texts(self, texts: Sequence[str], argument: str) -> list[list[int]]:
+        if isinstance(texts, str):
+            texts = [texts]
+        token_lists = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"`{argument}[{i}]` must be a non-empty string; got {text!r}.")
+            token_lists.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return token_lists
+
+    def _fit(self, tokens: list[int], room: int | None, truncation: bool, argument: str, index: int) -> list[int]:
+        if room is None or len(tokens) <= room:
+            return tokens
+        if truncation:
+            return tokens[:room]
+        raise ValueError(
+            f"`{argument}[{index}]` has {len(tokens)} tokens, more than the {room} that fit the language model's "
+            "context with the special tokens; pass `truncation=True` to cut it."
+        )
+
+    @staticmethod
+    def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+        return torch.tensor(padded, dtype=torch.long)
+
+    def _batch(self, rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self._pad(rows, pad_id, left)
+        mask = self._pad([[1] * len(r) for r in rows], 0, left)
+        return ids, mask
+
+    def embedding_inputs(
+        self, text: str | Sequence[str], truncation: bool = False, max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`<bos> text [EMB]` for each text, right padded: `input_ids`, `attention_mask` [B, L]."""
+        special = self._special_ids()
+        context = self._context_length(max_length)
+        room = None if context is None else context - len(self._bos()) - 1
+        rows = [
+            self._bos() + self._fit(tokens, room, truncation, "text", i) + [special["emb"]]
+            for i, tokens in enumerate(self._tokenize_texts(text, "text"))
+        ]
+        input_ids, attention_mask = self._batch(rows, special["pad"])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def caption_prompt(self, num_rows: int) -> dict[str, torch.Tensor]:
+        """`<bos> <image>*K [CAP]` for each image or region: `input_ids`, `attention_mask` [N, 2 + K]."""
+        special = self._special_ids()
+        row = self._bos() + [special["image"]] * self.num_image_tokens + [special["cap"]]
+        input_ids, attention_mask = self._batch([row] * num_rows, special["pad"], left=True)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def caption_targets(
+        self, captions: Sequence[str], truncation: bool = False, max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`<bos> <image>*K [CAP] caption <eos>` right padded, with `labels` on the caption and `<eos>` only."""
+        special = self._special_ids()
+        prompt = self._bos() + [special["image"]] * self.num_image_tokens + [special["cap"]]
+        eos = self.tokenizer.eos_token_id
+        tail = [eos] if eos is not None else []
+        context = self._context_length(max_length)
+        room = None if context is None else context - len(prompt) - len(tail)
+        rows, label_rows = [], []
+        for i, tokens in enumerate(self._tokenize_texts(captions, "text")):
+            caption = self._fit(tokens, room, truncation, "text", i) + tail
+            rows.append(prompt + caption)
+            label_rows.append([IGNORE_INDEX] * len(prompt) + caption)
+        input_ids, attention_mask = self._batch(rows, special["pad"])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self._pad(label_rows, IGNORE_INDEX)}
+
+    # ------------------------------------------------------------------ images
+    def _prepare_images(self, images: Any, boxes: Any | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("`images` must contain at least one image.")
+        pil_images = [_to_rgb_image(image, i) for i, image in enumerate(images)]
+        frame_boxes = None
+        if boxes is not None:
+            if not isinstance(boxes, (list, tuple)) or len(boxes) != len(pil_images):
+                raise ValueError(
+                    f"`boxes` must be a list with one list of [x0, y0, x1, y1] pixel boxes per image "
+                    f"({len(pil_images)} images); got {type(boxes).__name__} of length "
+                    f"{len(boxes) if hasattr(boxes, '__len__') else 'n/a'}."
+                )
+            frame_boxes = [
+                boxes_to_model_frame(self.image_processor, b, image.width, image.height, i)
+                for i, (image, b) in enumerate(zip(pil_images, boxes))
+            ]
+            if sum(len(b) for b in frame_boxes) == 0:
+                raise ValueError("`boxes` contains no box; pass `boxes=None` for whole images.")
+        pixel_values = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]
+        return pixel_values, frame_boxes
+
+    # ------------------------------------------------------------------ main entry
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | Sequence[str] | None = None,
+        boxes: Sequence[Any] | None = None,
+        region_text: Sequence[Sequence[str]] | None = None,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Build model inputs; see the class docstring for what each combination of arguments gives.
+
+        Args:
+            images: one image or a list (PIL any mode, numpy, torch; HW, HWC or CHW).
+            text: one string or a list: texts to embed, or with `images` the captions of the images.
+            boxes: per image, a list of `[x0, y0, x1, y1]` boxes in original image pixels.
+            region_text: with `images`, `text` and `boxes`, per image, the captions of its boxes.
+            truncation: cut texts that do not fit the language model's context instead of raising.
+            max_length: override of the context length used for truncation.
+        """
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"`return_tensors` must be 'pt'; got {return_tensors!r}.")
+        if images is None and text is None:
+            raise ValueError("Give `images`, `text`, or both.")
+        if images is None:
+            if boxes is not None:
+                raise ValueError("`boxes` need `images`.")
+            return BatchFeature(self.embedding_inputs(text, truncation, max_length))
+        pixel_values, frame_boxes = self._prepare_images(images, boxes)
+        data: dict[str, Any] = {"pixel_values": pixel_values}
+        if frame_boxes is not None:
+            data["boxes"] = frame_boxes
+        if text is None:
+            num_rows = pixel_values.shape[0] if frame_boxes is None else sum(len(b) for b in frame_boxes)
+            data.update(self.caption_prompt(num_rows))
+            return BatchFeature(data)
+        texts = [text] if isinstance(text, str) else list(text)
+        if len(texts) != pixel_values.shape[0]:
+            raise ValueError(f"`text` must hold one caption per image ({pixel_values.shape[0]}); got {len(texts)}.")
+        if frame_boxes is not None:
+            if (
+                region_text is None
+                or len(region_text) != len(frame_boxes)
+                or any(len(t) != len(b) for t, b in zip(region_text, frame_boxes))
+            ):
+                raise ValueError("`region_text` must hold, per image, one caption per box of `boxes`.")
+            texts += [t for per_image in region_text for t in per_image]
+        embedding = self.embedding_inputs(texts, truncation, max_length)
+        data["text_input_ids"] = embedding["input_ids"]
+        data["text_attention_mask"] = embedding["attention_mask"]
+        data.update(self.caption_targets(texts, truncation, max_length))
+        return BatchFeature(data)
+
+    # ------------------------------------------------------------------ decoding
+    def decode_captions(self, generated_ids: torch.Tensor) -> list[str]:
+        """Text after the last `[CAP]` of each generated sequence, special tokens removed."""
+        cap = self._special_ids()["cap"]
+        captions = []
+        for row in generated_ids.tolist():
+            start = len(row) - row[::-1].index(cap) if cap in row else 0
+            captions.append(self.tokenizer.decode(row[start:], skip_special_tokens=True).strip())
+        return captions
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "boxes"]
+
+
+MMGEMProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["MMGEMProcessor", "add_mmgem_special_tokens"]
