@@ -1,0 +1,407 @@
+"""Reading image-caption(-region) data for training and evaluation.
+
+Two sources give the same :class:`ImageRecord` list:
+
+- :func:`load_jsonl_records`: the project's JSON Lines format (written by `modeling_mmgem.synthetic`), one record a
+  line: `{"image": path relative to the .jsonl file, "caption": str, "long_caption": str (optional),
+  "regions": [{"box": [x0, y0, x1, y1], "caption": str}, ...] (optional), ...}`; other keys are kept in
+  `ImageRecord.metadata`.
+- :func:`load_imagefolder_records`: a `datasets` imagefolder (images plus a `metadata.jsonl` with `file_name`,
+  `caption` and the same optional columns), loaded offline; records then hold in-memory PIL images.
+
+Boxes are pixel coordinates of the original image, `0 <= x0 < x1 <= width` and `0 <= y0 < y1 <= height` (right and
+bottom edges exclusive, as `PIL.Image.getbbox`). Every record is validated; a problem names the file, the line (or
+metadata row) and what was expected. With `on_error="skip"` a record with any problem is dropped whole, a bad
+region included: keeping the rest of a half-broken annotation would silently change which regions an image has,
+and a bad box usually means a wrong coordinate convention for the whole record.
+
+:class:`ImageCaptionDataset` turns records into the items the training collator consumes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+OnError = Literal["fail", "skip"]
+MAX_REPORTED_PROBLEMS = 20
+_RECORD_KEYS = ("image", "file_name", "caption", "long_caption", "regions")
+_BOX_RULE = "0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height"
+
+
+@dataclass
+class RegionRecord:
+    """A box `[x0, y0, x1, y1]` in pixels of the original image (right/bottom exclusive) and its caption."""
+
+    box: list[float]
+    caption: str
+
+
+@dataclass
+class ImageRecord:
+    """One image with its caption, optional long caption and regions.
+
+    The image is either a file (`image_path`) or an in-memory PIL image (`image`); a PIL image passed as
+    `image_path` is moved to `image`. `line_number` is the 1-based line of the .jsonl file (or the metadata row of an
+    imagefolder) the record came from; `metadata` keeps the record's other fields (e.g. the synthetic "objects").
+    """
+
+    image_path: str | None
+    caption: str
+    long_caption: str | None = None
+    regions: list[RegionRecord] = field(default_factory=list)
+    line_number: int | None = None
+    image: Image.Image | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_path, Image.Image):
+            self.image, self.image_path = self.image_path, None
+        elif isinstance(self.image_path, os.PathLike):
+            self.image_path = os.fspath(self.image_path)
+        if self.image_path is None and self.image is None:
+            raise ValueError("An ImageRecord needs an image_path or an image.")
+
+    def load_image(self) -> Image.Image:
+        """The image as an RGB PIL image (a fresh copy: callers may modify it)."""
+        if self.image is not None:
+            return self.image.convert("RGB")
+        with Image.open(self.image_path) as image:
+            return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation shared by both sources
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text_problem(record: dict[str, Any], key: str, required: bool) -> str | None:
+    """Why `record[key]` is not a usable text, or None when it is (or is absent and optional)."""
+    value = record.get(key)
+    if value is None:
+        return f'missing "{key}" (expected a non-empty string)' if required else None
+    if not isinstance(value, str):
+        return f'"{key}" is a {type(value).__name__} (expected a non-empty string)'
+    if not value.strip():
+        return f'empty "{key}" (expected a non-empty string)'
+    return None
+
+
+def _box_problem(box: Any, image_size: tuple[int, int] | None) -> str | None:
+    """Why `box` is not a valid box inside an image of `image_size` (None: size unknown), or None."""
+    if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(v) for v in box):
+        return f"box {box!r} is not 4 numbers (expected [x0, y0, x1, y1] in pixels)"
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        return f"box {list(box)} has zero or negative area (expected x0 < x1 and y0 < y1)"
+    if image_size is not None:
+        width, height = image_size
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            return f"box {list(box)} is outside the {width}x{height} image (expected {_BOX_RULE})"
+    return None
+
+
+def _region_problems(regions: Any, image_size: tuple[int, int] | None) -> list[str]:
+    """Problems of a record's "regions" value (absent or null means no regions)."""
+    if regions is None:
+        return []
+    if not isinstance(regions, list):
+        return [f'"regions" is a {type(regions).__name__} (expected a list of {{"box", "caption"}} objects)']
+    problems = []
+    for index, region in enumerate(regions):
+        if not isinstance(region, dict):
+            problems.append(f'region {index} is a {type(region).__name__} (expected {{"box": [...], "caption": str}})')
+            continue
+        box_problem = _box_problem(region.get("box"), image_size)
+        if box_problem:
+            problems.append(f"region {index}: {box_problem}")
+        caption_problem = _text_problem(region, "caption", required=True)
+        if caption_problem:
+            problems.append(f"region {index}: {caption_problem}")
+    return problems
+
+
+def _build_record(
+    raw: dict[str, Any],
+    image: str | Image.Image | None,
+    image_size: tuple[int, int] | None,
+    line_number: int,
+    extra_problems: Sequence[str] = (),
+) -> tuple[ImageRecord | None, list[str]]:
+    """Validate a raw record whose image is already resolved (None: unusable, see `extra_problems`).
+
+    Returns the record and no problems, or None and every problem found.
+    """
+    problems = list(extra_problems)
+    for key, required in (("caption", True), ("long_caption", False)):
+        problem = _text_problem(raw, key, required)
+        if problem:
+            problems.append(problem)
+    problems += _region_problems(raw.get("regions"), image_size)
+    if problems:
+        return None, problems
+    regions = [RegionRecord(box=list(r["box"]), caption=r["caption"]) for r in raw.get("regions") or []]
+    metadata = {k: v for k, v in raw.items() if k not in _RECORD_KEYS}
+    record = ImageRecord(
+        image_path=image if isinstance(image, str) else None,
+        caption=raw["caption"],
+        long_caption=raw.get("long_caption"),
+        regions=regions,
+        line_number=line_number,
+        image=image if isinstance(image, Image.Image) else None,
+        metadata=metadata,
+    )
+    return record, []
+
+
+def _apply_policy(
+    source: str,
+    total: int,
+    records: list[ImageRecord],
+    problems: list[str],
+    bad: int,
+    on_error: OnError,
+    max_reported: int,
+) -> list[ImageRecord]:
+    """Raise (fail) or warn (skip) about the collected problems; return the good records."""
+    if not problems:
+        return records
+    listed = problems[:max_reported]
+    more = len(problems) - len(listed)
+    details = "\n".join(f"  - {p}" for p in listed) + (f"\n  ... and {more} more" if more else "")
+    if on_error == "fail":
+        raise ValueError(f"{source}: {bad} of {total} records are invalid ({len(problems)} problems):\n{details}")
+    warnings.warn(
+        f"{source}: skipped {bad} of {total} records with problems (a bad region drops its whole record):\n{details}",
+        stacklevel=3,
+    )
+    return records
+
+
+def _check_policy(on_error: str) -> None:
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f'on_error must be "fail" or "skip", got {on_error!r}.')
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# JSON Lines
+
+
+def _image_file(value: Any, base: Path) -> tuple[str | None, tuple[int, int] | None, str | None]:
+    """Resolve and open (header only) a record's "image": (absolute path, (width, height), problem)."""
+    if not isinstance(value, str) or not value.strip():
+        return None, None, f'missing "image" (expected a path relative to the .jsonl file), got {value!r}'
+    path = base / value
+    if not path.is_file():
+        return None, None, f"image file not found: {path} (expected an existing image file)"
+    try:
+        # PIL reads only the header here: cheap even for large images.
+        with Image.open(path) as image:
+            size = image.size
+    except (UnidentifiedImageError, OSError) as error:
+        return None, None, f"cannot read image {path} ({error}; expected a PNG, JPEG or other PIL-readable image)"
+    return str(path), size, None
+
+
+def _parse_line(text: str) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON object from one line, or None and the problem."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"malformed JSON ({error.msg} at column {error.colno}; expected one JSON object per line)"
+    if not isinstance(raw, dict):
+        return None, f"a JSON {type(raw).__name__} (expected a JSON object)"
+    return raw, None
+
+
+def load_jsonl_records(
+    path: str | os.PathLike[str], on_error: OnError = "fail", max_reported: int = MAX_REPORTED_PROBLEMS
+) -> list[ImageRecord]:
+    """Read and validate a JSON Lines file of image records (format in the module docstring).
+
+    Blank lines are ignored. Checked per record: valid JSON object; "image" names a readable image file (relative
+    paths are taken from the .jsonl file's folder); "caption" a non-empty string; "long_caption", if present, a
+    non-empty string; "regions", if present, a list of {"box": 4 numbers with positive area inside the image,
+    "caption": non-empty string}.
+
+    Args:
+        path: the .jsonl file.
+        on_error: "fail" raises a ValueError listing the problems (file, line and what was expected, the first
+            `max_reported` of them); "skip" drops every record with a problem, a bad region dropping its whole
+            record, and warns with the count and the first problems.
+        max_reported: how many problems the error or warning lists.
+
+    Returns:
+        The valid records, in file order, with absolute `image_path`s and 1-based `line_number`s.
+    """
+    _check_policy(on_error)
+    path = Path(path)
+    base = path.resolve().parent
+    records: list[ImageRecord] = []
+    problems: list[str] = []
+    total = bad = 0
+    with open(path, encoding="utf-8") as handle:
+        for line_number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            total += 1
+            record, record_problems = _jsonl_record(text, base, line_number)
+            if record is not None:
+                records.append(record)
+            else:
+                bad += 1
+                problems += [f"{path.name} line {line_number}: {p}" for p in record_problems]
+    return _apply_policy(str(path), total, records, problems, bad, on_error, max_reported)
+
+
+def _jsonl_record(text: str, base: Path, line_number: int) -> tuple[ImageRecord | None, list[str]]:
+    raw, problem = _parse_line(text)
+    if raw is None:
+        return None, [problem]
+    image_path, size, image_problem = _image_file(raw.get("image"), base)
+    extra = [image_problem] if image_problem else []
+    return _build_record(raw, image_path, size, line_number, extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# datasets imagefolder
+
+
+def load_imagefolder_records(
+    folder: str | os.PathLike[str],
+    split: str = "train",
+    on_error: OnError = "fail",
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_reported: int = MAX_REPORTED_PROBLEMS,
+) -> list[ImageRecord]:
+    """Read an imagefolder dataset (images plus `metadata.jsonl`) with `datasets`, offline, as records.
+
+    The metadata has one row per image: `file_name` (relative to the metadata file), `caption`, and optionally
+    `long_caption` and `regions` (as in the JSON Lines format); other columns go to `ImageRecord.metadata`.
+    Records hold decoded in-memory PIL images (`ImageRecord.image`). Validation and `on_error` work as in
+    :func:`load_jsonl_records`; problems name the metadata row (1-based, in split order) and its file name.
+
+    Args:
+        folder: the imagefolder root (`datasets.load_dataset("imagefolder", data_dir=folder)`).
+        split: the split to read ("train" unless the folder has split subfolders).
+        on_error: "fail" or "skip", see :func:`load_jsonl_records`.
+        cache_dir: the `datasets` cache folder (default: the usual Hugging Face cache); not inside `folder`.
+        max_reported: how many problems the error or warning lists.
+    """
+    import datasets  # deferred: importing `datasets` is slow and only this loader needs it
+
+    _check_policy(on_error)
+    if cache_dir is not None and Path(folder).resolve() in Path(cache_dir).resolve().parents:
+        # The builder would read its own cache files back as data on the next load.
+        raise ValueError(f"cache_dir {cache_dir} is inside the data folder {folder}; put it elsewhere.")
+    dataset = datasets.load_dataset(
+        "imagefolder", data_dir=os.fspath(folder), split=split, cache_dir=None if cache_dir is None else str(cache_dir)
+    )
+    if "caption" not in dataset.column_names:
+        raise ValueError(f"{folder}: the metadata has no 'caption' column (columns: {dataset.column_names}).")
+    # Undecoded, to name each row's file in reports and to report an unreadable image instead of crashing.
+    dataset = dataset.cast_column("image", datasets.Image(decode=False))
+    records: list[ImageRecord] = []
+    problems: list[str] = []
+    bad = 0
+    for row_number, row in enumerate(dataset, start=1):
+        image, name, image_problem = _decode_image(row.pop("image"))
+        extra = [image_problem] if image_problem else []
+        size = image.size if image is not None else None
+        record, record_problems = _build_record(row, image, size, row_number, extra)
+        if record is not None:
+            records.append(record)
+        else:
+            bad += 1
+            problems += [f"metadata row {row_number} ({name}): {p}" for p in record_problems]
+    return _apply_policy(f"{folder} [{split}]", len(dataset), records, problems, bad, on_error, max_reported)
+
+
+def _decode_image(value: dict[str, Any]) -> tuple[Image.Image | None, str, str | None]:
+    """Decode an undecoded `datasets.Image` value: (loaded PIL image, file name, problem)."""
+    path = value.get("path") or ""
+    name = Path(path).name or "<bytes>"
+    try:
+        image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else path)
+        image.load()  # read the pixels now: the record must not depend on the file staying open
+    except (UnidentifiedImageError, OSError) as error:
+        return None, name, f"cannot read image {path} ({error}; expected a PIL-readable image)"
+    return image, name, None
+
+
+def export_imagefolder(records: Sequence[ImageRecord], folder: str | os.PathLike[str]) -> Path:
+    """Write records as an imagefolder (images plus `metadata.jsonl`) that :func:`load_imagefolder_records` reads.
+
+    Image files are copied (in-memory images saved as PNG) under `folder/images/`; metadata columns are
+    `file_name`, `caption`, `long_caption` (when any record has one), `regions` and the records' metadata.
+    Returns the metadata file's path.
+    """
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    with_long = any(r.long_caption for r in records)
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as handle:
+        for index, record in enumerate(records):
+            suffix = Path(record.image_path).suffix if record.image_path else ".png"
+            file_name = f"images/{index:06d}{suffix}"
+            if record.image_path:
+                shutil.copyfile(record.image_path, folder / file_name)
+            else:
+                record.image.save(folder / file_name)
+            row: dict[str, Any] = {"file_name": file_name, "caption": record.caption}
+            if with_long:
+                row["long_caption"] = record.long_caption
+            row["regions"] = [{"box": list(r.box), "caption": r.caption} for r in record.regions]
+            handle.write(json.dumps({**row, **record.metadata}) + "\n")
+    return folder / "metadata.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch Dataset
+
+
+class ImageCaptionDataset(Dataset):
+    """Records as training items: `{"image": RGB PIL image, "caption": str, "regions": [{"box", "caption"}]}`.
+
+    Args:
+        records: the records (from either loader).
+        use_long_caption: use each record's `long_caption` as "caption"; every record must have one (a silent
+            fallback to the short caption would mix two tasks), else a ValueError names the first lines without.
+        with_regions: include the regions; otherwise "regions" is an empty list.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], use_long_caption: bool = False, with_regions: bool = True):
+        if use_long_caption:
+            missing = [r.line_number for r in records if not r.long_caption]
+            if missing:
+                raise ValueError(
+                    f"use_long_caption=True but {len(missing)} records have no long_caption (lines {missing[:10]})."
+                )
+        self.records = list(records)
+        self.use_long_caption = use_long_caption
+        self.with_regions = with_regions
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        regions = record.regions if self.with_regions else []
+        return {
+            "image": record.load_image(),
+            "caption": record.long_caption if self.use_long_caption else record.caption,
+            "regions": [{"box": list(r.box), "caption": r.caption} for r in regions],
+        }
