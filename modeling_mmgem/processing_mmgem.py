@@ -361,30 +361,42 @@ class MMGEMProcessor(ProcessorMixin):
             if boxes is not None:
                 raise ValueError("`boxes` need `images`.")
             return BatchFeature(self.embedding_inputs(text, truncation, max_length))
+        # Texts are checked and tokenised first, so that bad text fails before any image work.
+        text_data: dict[str, Any] = {}
+        if text is not None:
+            texts = self._training_texts(images, text, boxes, region_text)
+            embedding = self.embedding_inputs(texts, truncation, max_length)
+            text_data = {"text_input_ids": embedding["input_ids"], "text_attention_mask": embedding["attention_mask"]}
+            text_data.update(self.caption_targets(texts, truncation, max_length))
         pixel_values, frame_boxes = self._prepare_images(images, boxes)
         data: dict[str, Any] = {"pixel_values": pixel_values}
         if frame_boxes is not None:
             data["boxes"] = frame_boxes
-        if text is None:
+        if not text_data:
             num_rows = pixel_values.shape[0] if frame_boxes is None else sum(len(b) for b in frame_boxes)
-            data.update(self.caption_prompt(num_rows))
-            return BatchFeature(data)
-        texts = [text] if isinstance(text, str) else list(text)
-        if len(texts) != pixel_values.shape[0]:
-            raise ValueError(f"`text` must hold one caption per image ({pixel_values.shape[0]}); got {len(texts)}.")
-        if frame_boxes is not None:
-            if (
-                region_text is None
-                or len(region_text) != len(frame_boxes)
-                or any(len(t) != len(b) for t, b in zip(region_text, frame_boxes))
-            ):
-                raise ValueError("`region_text` must hold, per image, one caption per box of `boxes`.")
-            texts += [t for per_image in region_text for t in per_image]
-        embedding = self.embedding_inputs(texts, truncation, max_length)
-        data["text_input_ids"] = embedding["input_ids"]
-        data["text_attention_mask"] = embedding["attention_mask"]
-        data.update(self.caption_targets(texts, truncation, max_length))
+            text_data = self.caption_prompt(num_rows)
+        data.update(text_data)
         return BatchFeature(data)
+
+    @staticmethod
+    def _training_texts(images: Any, text: Any, boxes: Any, region_text: Any) -> list[str]:
+        """Image captions then region captions, checked against the image and box counts before any work."""
+        num_images = len(images) if isinstance(images, (list, tuple)) else 1
+        texts = [text] if isinstance(text, str) else list(text)
+        if len(texts) != num_images:
+            raise ValueError(f"`text` must hold one caption per image ({num_images}); got {len(texts)}.")
+        if boxes is None:
+            if region_text is not None:
+                raise ValueError("`region_text` needs `boxes`.")
+            return texts
+        if (
+            region_text is None
+            or not isinstance(boxes, (list, tuple))
+            or len(region_text) != len(boxes)
+            or any(len(t) != len(b) for t, b in zip(region_text, boxes))
+        ):
+            raise ValueError("`region_text` must hold, per image, one caption per box of `boxes`.")
+        return texts + [t for per_image in region_text for t in per_image]
 
     # ------------------------------------------------------------------ decoding
     def decode_captions(self, generated_ids: torch.Tensor) -> list[str]:
