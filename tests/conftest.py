@@ -30,3 +30,12 @@ def tiny():
 @pytest.fixture()
 def images():
     return random_images(4)
+
+
+@pytest.fixture()
+def fake_hub():
+    """A running fake Hugging Face Hub on 127.0.0.1 (see tests/hub_server.py), stopped and wiped afterwards."""
+    from tests.hub_server import FakeHub
+
+    with FakeHub() as hub:
+        yield hub
