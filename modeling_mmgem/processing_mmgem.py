@@ -6,6 +6,7 @@ own dependencies (numpy, PIL).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import load_image
 
 EMB_TOKEN = "[EMB]"
 CAP_TOKEN = "[CAP]"
@@ -63,7 +65,11 @@ def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[s
 
 # ---------------------------------------------------------------------------------------------- images and boxes
 def _to_rgb_image(image: Any, index: int) -> Image.Image:
-    """PIL image (any mode), numpy array or torch tensor (HW, HWC or CHW; uint8 or float in [0, 1]) -> RGB PIL."""
+    """PIL image (any mode), numpy array or torch tensor (HW, HWC or CHW; uint8 or float in [0, 1]), or an image
+    file path / URL / base64 string -> RGB PIL."""
+    if isinstance(image, (str, os.PathLike)):
+        # sentence-transformers hands image paths over as strings.
+        image = _load_image_reference(os.fspath(image), index)
     if isinstance(image, Image.Image):
         if image.mode in ("RGBA", "LA", "P") and "transparency" in image.info or image.mode in ("RGBA", "LA"):
             # Composite transparent images on white rather than letting the alpha channel turn black.
@@ -75,7 +81,8 @@ def _to_rgb_image(image: Any, index: int) -> Image.Image:
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise ValueError(
-            f"`images[{index}]` must be a PIL image, a numpy array or a torch tensor; got {type(image).__name__}."
+            f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path; "
+            f"got {type(image).__name__}."
         )
     array = image
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
@@ -96,6 +103,21 @@ def _to_rgb_image(image: Any, index: int) -> Image.Image:
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
     pil = Image.fromarray(array)
     return _to_rgb_image(pil, index)
+
+
+def _load_image_reference(reference: str, index: int) -> Image.Image:
+    """A local image file (opened with PIL, so transparency is handled as for PIL inputs), or a URL / base64 string."""
+    try:
+        if os.path.isfile(reference):
+            with Image.open(reference) as opened:
+                opened.load()
+                return opened.copy()
+        return load_image(reference)
+    except Exception as error:  # PIL and the URL loader raise many types; name the argument instead
+        raise ValueError(
+            f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
+            f"{reference[:200]!r} could not be loaded: {error}"
+        ) from error
 
 
 def _size_dict(value: Any) -> dict[str, int]:
@@ -346,15 +368,21 @@ class MMGEMProcessor(ProcessorMixin):
         """Build model inputs; see the class docstring for what each combination of arguments gives.
 
         Args:
-            images: one image or a list (PIL any mode, numpy, torch; HW, HWC or CHW).
+            images: one image or a list (PIL any mode, numpy, torch; HW, HWC or CHW; or image file paths / URLs).
             text: one string or a list: texts to embed, or with `images` the captions of the images.
             boxes: per image, a list of `[x0, y0, x1, y1]` boxes in original image pixels.
             region_text: with `images`, `text` and `boxes`, per image, the captions of its boxes.
             truncation: cut texts that do not fit the language model's context instead of raising.
             max_length: override of the context length used for truncation.
+            text_kwargs: (in `kwargs`) `{"truncation": ..., "max_length": ...}` as transformers' v5 processors take
+                them, equivalent to the two arguments above.
         """
         if return_tensors not in ("pt", None):
             raise ValueError(f"`return_tensors` must be 'pt'; got {return_tensors!r}.")
+        # transformers' v5 calling convention (used by sentence-transformers) nests tokenizer options in `text_kwargs`.
+        text_kwargs = kwargs.get("text_kwargs") or {}
+        truncation = truncation or bool(text_kwargs.get("truncation", False))
+        max_length = max_length if max_length is not None else text_kwargs.get("max_length")
         if images is None and text is None:
             raise ValueError("Give `images`, `text`, or both.")
         if images is None:

@@ -68,15 +68,6 @@ def image_features(reference, images, boxes=None):
         )
 
 
-def processor_loads_paths(processor, path) -> bool:
-    """Whether MMGEMProcessor takes image paths (sentence-transformers hands them over as strings)."""
-    try:
-        processor(images=[str(path)])
-    except ValueError:
-        return False
-    return True
-
-
 # ------------------------------------------------------------------------------------------------ files and loading
 def test_folder_loads_as_transformer_plus_normalize(st, folder):
     assert [type(module) for module in st] == [Transformer, Normalize]
@@ -157,21 +148,24 @@ def test_image_paths_are_images(st, reference, tmp_path):
     for i, image in enumerate(images):
         paths.append(str(tmp_path / f"image_{i}.png"))
         image.save(paths[-1])
-    if not processor_loads_paths(st[0].processor, paths[0]):
-        pytest.xfail("MMGEMProcessor does not load image paths yet (processing_mmgem.py change pending)")
     expected = image_features(reference, images)
     np.testing.assert_allclose(st.encode(paths), expected.numpy(), atol=ATOL)
+    np.testing.assert_allclose(st.encode(paths[0]), expected[0].numpy(), atol=ATOL)
+    # A string that is not an existing image file is a text, as for any sentence-transformers model.
+    np.testing.assert_allclose(st.encode(str(tmp_path / "missing.png")), st.encode([str(tmp_path / "missing.png")])[0])
+    assert st.encode([str(tmp_path / "missing.png")]).shape == (1, 32)
 
 
 def test_long_texts_are_truncated_like_any_sentence_transformer(st):
     long_text = " ".join(["a small red circle on the left"] * 200)  # far more tokens than the 256-token context
-    try:
-        embedding = st.encode([long_text])
-    except ValueError as error:
-        if "truncation" in str(error):
-            pytest.xfail("MMGEMProcessor ignores `text_kwargs` truncation yet (processing_mmgem.py change pending)")
-        raise
+    embedding = st.encode([long_text])
     assert embedding.shape == (1, 32) and np.isfinite(embedding).all()
+    # The same as the text cut to the context by the processor itself.
+    cut = st[0].processor(text=[long_text], truncation=True)
+    model = st[0].model
+    with torch.no_grad():
+        expected = F.normalize(model.get_text_features(**cut).pooler_output, dim=-1)
+    np.testing.assert_allclose(embedding, expected.numpy(), atol=ATOL)
 
 
 def test_similarity_and_ranking(st):
