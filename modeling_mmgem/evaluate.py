@@ -1,0 +1,365 @@
+"""Evaluate MM-GEM on a JSON Lines split: retrieval, zero-shot classification, captioning, regions.
+
+Command line::
+
+    mmgem evaluate --model OUT --data test.jsonl --output metrics.json [--labels labels.json] [--tasks ...]
+
+Metrics (flat keys, the same in `metrics.json` and in the demo's `demo-output/metrics.json`):
+
+- `image_to_text/R@{1,5,10}`, `text_to_image/R@{1,5,10}`: retrieval between the split's images and their captions.
+  A retrieved caption (image) counts when its text equals the query's own caption (after `normalize_text`): many
+  images of a split can share a caption, and any of them is a right answer.
+- `zero_shot/accuracy`: classification of the records that have a label (their `label` field, or for the synthetic
+  shapes the class of single-object images) among the classes of labels.json; each class is embedded as the mean
+  of its normalised prompt embeddings (prompt ensembling, as CLIP).
+- `caption/{bleu4,cider,exact_match}`: greedy captions of the images against the record's caption
+  (definitions in `modeling_mmgem.metrics`).
+- `region_caption/{bleu4,cider,exact_match}`: the same for each region box against its caption.
+- `region_retrieval/R@1` (region -> text: each region ranks the split's distinct region captions) and
+  `region_retrieval/text_to_region_R@1` (each distinct region caption ranks all regions of the split; a region with
+  an equal caption counts).
+- `num_images`, `num_regions`, `zero_shot/num_examples`, `num_caption_images`, `num_caption_regions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .metrics import caption_metrics, recall_at_k, same_text_relevance
+
+TASKS = ("retrieval", "zero_shot", "captioning", "region_captioning", "region_retrieval")
+RECALL_KS = (1, 5, 10)
+DEFAULT_TEMPLATES = ("a {}", "a photo of a {}")
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics plus what produced them (for examples and plots)."""
+
+    metrics: dict[str, float]
+    captions: list[tuple[str, str]] = field(default_factory=list)  # (reference, generated) per captioned image
+    region_captions: list[tuple[str, str]] = field(default_factory=list)
+    similarity: torch.Tensor | None = None  # [num_images, num_images] image x caption cosine similarities
+    zero_shot: list[tuple[str, str]] = field(default_factory=list)  # (label, predicted class)
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _batches(items: Sequence[Any], size: int, description: str, progress: bool) -> Any:
+    starts = range(0, len(items), size)
+    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def embed_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int = 64, progress: bool = False):
+    """L2-normalised text embeddings [N, D]."""
+    rows = []
+    for chunk in _batches(list(texts), batch_size, "Embedding texts", progress):
+        inputs = processor(text=list(chunk), truncation=True).to(model.device)
+        rows.append(F.normalize(model.get_text_features(**inputs).pooler_output.float(), dim=-1))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def embed_images(model: Any, processor: Any, images: Sequence[Any], batch_size: int = 64, progress: bool = False):
+    """L2-normalised image embeddings [N, D]."""
+    rows = []
+    for chunk in _batches(list(images), batch_size, "Embedding images", progress):
+        pixel_values = processor(images=list(chunk))["pixel_values"].to(model.device)
+        rows.append(F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1))
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def embed_regions(
+    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]], batch_size: int = 64,
+    progress: bool = False,
+):  # fmt: skip
+    """L2-normalised region embeddings [sum R_i, D], regions of image 0 first (images without boxes are skipped)."""
+    pairs = [(image, b) for image, b in zip(images, boxes) if len(b)]
+    rows = []
+    for chunk in _batches(pairs, batch_size, "Embedding regions", progress):
+        inputs = processor(images=[p[0] for p in chunk], boxes=[p[1] for p in chunk])
+        boxes_ = [b.to(model.device) for b in inputs["boxes"]]
+        output = model.get_image_features(pixel_values=inputs["pixel_values"].to(model.device), boxes=boxes_)
+        rows.append(F.normalize(output.pooler_output.float(), dim=-1))
+    return torch.cat(rows) if rows else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def generate_captions(
+    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]] | None = None,
+    batch_size: int = 32, max_new_tokens: int = 32, num_beams: int = 1, progress: bool = False,
+) -> list[str]:  # fmt: skip
+    """Greedy (or beam) captions of images, or with `boxes` of each region (regions of image 0 first)."""
+    pairs = list(zip(images, boxes)) if boxes is not None else [(image, None) for image in images]
+    pairs = [p for p in pairs if p[1] is None or len(p[1])]
+    captions: list[str] = []
+    description = "Captioning regions" if boxes is not None else "Captioning images"
+    for chunk in _batches(pairs, batch_size, description, progress):
+        chunk_boxes = [p[1] for p in chunk] if boxes is not None else None
+        inputs = processor(images=[p[0] for p in chunk], boxes=chunk_boxes)
+        kwargs = {"pixel_values": inputs["pixel_values"].to(model.device)}
+        if chunk_boxes is not None:
+            kwargs["boxes"] = [b.to(model.device) for b in inputs["boxes"]]
+        generated = model.generate(**kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+        captions += processor.decode_captions(generated)
+    return captions
+
+
+def default_label(record: Any) -> str | None:
+    """A record's zero-shot label: its `label` field, or for the synthetic shapes the class of a lone object."""
+    label = record.metadata.get("label")
+    if isinstance(label, str):
+        return label
+    objects = record.metadata.get("objects") or []
+    if len(objects) == 1 and {"colour", "shape"} <= set(objects[0]):
+        from .synthetic import class_name
+
+        return class_name(objects[0]["colour"], objects[0]["shape"])
+    return None
+
+
+def templates_for(labels: dict[str, Any] | None, templates: Sequence[str] | None = None) -> list[str]:
+    """Prompt templates: the given ones, else labels.json's "templates", else one per size of the synthetic shapes
+    ("a small {}", "a large {}", the way the captions describe single objects), else :data:`DEFAULT_TEMPLATES`."""
+    if templates:
+        chosen = list(templates)
+    elif labels and labels.get("templates"):
+        chosen = list(labels["templates"])
+    elif labels and labels.get("sizes"):
+        chosen = [f"a {size} {{}}" for size in labels["sizes"]]
+    else:
+        chosen = list(DEFAULT_TEMPLATES)
+    for template in chosen:
+        if template.count("{}") != 1:
+            raise ValueError(f"`templates` entries need exactly one '{{}}' for the class name; got {template!r}.")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------------- tasks
+def _retrieval(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    similarity = image_embeds @ text_embeds.t()  # [N images, N captions]
+    relevant = same_text_relevance(captions, captions)  # image i and caption j match when caption i == caption j
+    metrics = {}
+    for name, sim in (("image_to_text", similarity), ("text_to_image", similarity.t())):
+        for k, value in recall_at_k(sim, relevant, RECALL_KS).items():
+            metrics[f"{name}/R@{k}"] = value
+    return metrics
+
+
+def _zero_shot(
+    model: Any, processor: Any, images: Sequence[Any], labels: Sequence[str], classes: Sequence[str],
+    templates: Sequence[str], batch_size: int, progress: bool,
+) -> tuple[dict[str, float], list[tuple[str, str]]]:  # fmt: skip
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
+    prompts = [template.format(c) for c in classes for template in templates]
+    prompt_embeds = embed_texts(model, processor, prompts, batch_size, progress)
+    class_embeds = F.normalize(prompt_embeds.view(len(classes), len(templates), -1).mean(dim=1), dim=-1)
+    image_embeds = embed_images(model, processor, images, batch_size, progress)
+    predicted = (image_embeds @ class_embeds.t()).argmax(dim=-1).tolist()
+    pairs = [(label, classes[p]) for label, p in zip(labels, predicted)]
+    accuracy = sum(a == b for a, b in pairs) / len(pairs)
+    return {"zero_shot/accuracy": accuracy, "zero_shot/num_examples": len(pairs)}, pairs
+
+
+def _region_retrieval(region_embeds: torch.Tensor, text_embeds: torch.Tensor, region_texts: Sequence[str],
+                      distinct: Sequence[str]) -> dict[str, float]:  # fmt: skip
+    similarity = region_embeds @ text_embeds.t()  # [R, distinct captions]
+    relevant = same_text_relevance(region_texts, distinct)
+    metrics = {"region_retrieval/R@1": recall_at_k(similarity, relevant, (1,))[1]}
+    metrics["region_retrieval/text_to_region_R@1"] = recall_at_k(similarity.t(), relevant.t(), (1,))[1]
+    return metrics
+
+
+def evaluate_model(
+    model: Any,
+    processor: Any,
+    records: Sequence[Any],
+    *,
+    tasks: Sequence[str] = TASKS,
+    classes: Sequence[str] | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    label_fn: Callable[[Any], str | None] = default_label,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    max_caption_images: int | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Evaluate an MMGEMModel on records (from `modeling_mmgem.data`); see the module docstring for the metrics.
+
+    Args:
+        model, processor: the model (put in eval mode here) and its processor.
+        records: the evaluation split.
+        tasks: a subset of :data:`TASKS`.
+        classes: zero-shot class names (default: the labels found in `records`).
+        templates: zero-shot prompt templates, each with one `{}`.
+        label_fn: a record's zero-shot label, or None to leave it out.
+        batch_size: images or texts per forward.
+        max_new_tokens, num_beams: caption decoding.
+        max_caption_images: caption (and region-caption) only the first N images, to bound the generation time.
+        progress: tqdm progress bars.
+    """
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"`tasks` must be a subset of {TASKS}; got unknown {unknown}.")
+    if not records:
+        raise ValueError("`records` is empty: nothing to evaluate.")
+    model.eval()
+    images = [r.load_image() for r in tqdm(records, desc="Loading images", disable=not progress, leave=False)]
+    captions = [r.caption for r in records]
+    boxes = [[region.box for region in r.regions] for r in records]
+    region_texts = [region.caption for r in records for region in r.regions]
+    result = EvaluationResult(metrics={"num_images": len(records), "num_regions": len(region_texts)})
+    metrics = result.metrics
+    if "retrieval" in tasks:
+        image_embeds = embed_images(model, processor, images, batch_size, progress)
+        text_embeds = embed_texts(model, processor, captions, batch_size, progress)
+        metrics.update(_retrieval(image_embeds, text_embeds, captions))
+        result.similarity = image_embeds @ text_embeds.t()
+    if "zero_shot" in tasks:
+        labelled = [(image, label_fn(r)) for image, r in zip(images, records)]
+        labelled = [(image, label) for image, label in labelled if label is not None]
+        if labelled:
+            class_list = list(classes) if classes else sorted({label for _, label in labelled})
+            zs_metrics, result.zero_shot = _zero_shot(
+                model, processor, [p[0] for p in labelled], [p[1] for p in labelled], class_list, templates,
+                batch_size, progress,
+            )  # fmt: skip
+            metrics.update(zs_metrics)
+    limit = len(records) if max_caption_images is None else min(max_caption_images, len(records))
+    if "captioning" in tasks:
+        generated = generate_captions(
+            model, processor, images[:limit], None, batch_size, max_new_tokens, num_beams, progress
+        )
+        result.captions = list(zip(captions[:limit], generated))
+        metrics.update({f"caption/{k}": v for k, v in caption_metrics(generated, captions[:limit]).items()})
+        metrics["num_caption_images"] = limit
+    has_regions = bool(region_texts)
+    if "region_captioning" in tasks and any(boxes[:limit]):
+        references = [region.caption for r in records[:limit] for region in r.regions]
+        generated = generate_captions(
+            model, processor, images[:limit], boxes[:limit], batch_size, max_new_tokens, num_beams, progress
+        )
+        result.region_captions = list(zip(references, generated))
+        metrics.update({f"region_caption/{k}": v for k, v in caption_metrics(generated, references).items()})
+        metrics["num_caption_regions"] = len(references)
+    if "region_retrieval" in tasks and has_regions:
+        region_embeds = embed_regions(model, processor, images, boxes, batch_size, progress)
+        distinct = sorted(set(region_texts))
+        text_embeds = embed_texts(model, processor, distinct, batch_size, progress)
+        metrics.update(_region_retrieval(region_embeds, text_embeds, region_texts, distinct))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+TABLE_ROWS = (
+    ("Image -> text R@1 / R@5 / R@10", ("image_to_text/R@1", "image_to_text/R@5", "image_to_text/R@10")),
+    ("Text -> image R@1 / R@5 / R@10", ("text_to_image/R@1", "text_to_image/R@5", "text_to_image/R@10")),
+    ("Zero-shot accuracy", ("zero_shot/accuracy",)),
+    ("Caption BLEU-4 / CIDEr / exact match", ("caption/bleu4", "caption/cider", "caption/exact_match")),
+    (
+        "Region caption BLEU-4 / CIDEr / exact match",
+        ("region_caption/bleu4", "region_caption/cider", "region_caption/exact_match"),
+    ),
+    ("Region -> text R@1 / text -> region R@1", ("region_retrieval/R@1", "region_retrieval/text_to_region_R@1")),
+)
+
+
+def format_table(metrics: dict[str, float], title: str | None = None) -> str:
+    """A readable fixed-width table of the metrics that are present."""
+    lines = [title] if title else []
+    rows = [(name, " / ".join(f"{metrics[k]:.3f}" for k in keys)) for name, keys in TABLE_ROWS if keys[0] in metrics]
+    counts = ", ".join(
+        f"{k} {int(metrics[k])}"
+        for k in ("num_images", "num_regions", "zero_shot/num_examples", "num_caption_images")
+        if k in metrics
+    )
+    width = max([len(name) for name, _ in rows] + [6])
+    lines += [f"| {'Metric'.ljust(width)} | Value{' ' * 17}|", f"|{'-' * (width + 2)}|{'-' * 23}|"]
+    lines += [f"| {name.ljust(width)} | {value.ljust(21)} |" for name, value in rows]
+    if counts:
+        lines.append(f"({counts})")
+    return "\n".join(lines)
+
+
+def write_metrics(metrics: dict[str, float], path: str | os.PathLike[str]) -> Path:
+    """Write metrics as JSON atomically (a temp file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(metrics, stream, indent=2, sort_keys=True)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------- command
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmgem evaluate", description="Evaluate an MM-GEM model on a .jsonl split.")
+    parser.add_argument("--model", required=True, help="MM-GEM model folder or Hub id")
+    parser.add_argument("--data", required=True, help="evaluation split (.jsonl, or an imagefolder)")
+    parser.add_argument("--output", help="metrics JSON file to write")
+    parser.add_argument("--labels", help="labels.json with the zero-shot 'classes' (default: next to --data)")
+    parser.add_argument("--templates", nargs="+", help="zero-shot prompt templates, each with one {}")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="what to evaluate")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--max-caption-images", type=int, help="caption only the first N images")
+    parser.add_argument("--data-on-error", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _load_labels(labels: str | None, data: str) -> dict[str, Any] | None:
+    path = Path(labels) if labels else Path(data).resolve().parent / "labels.json"
+    if labels and not path.is_file():
+        raise ValueError(f"`labels` file does not exist: {labels}.")
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`mmgem evaluate ...`: print the table and write the JSON metrics."""
+    args = build_parser().parse_args(argv)
+    for name in ("batch_size", "max_new_tokens", "num_beams"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {getattr(args, name)}.")
+    if not Path(args.data).exists():
+        raise ValueError(f"`--data` does not exist: {args.data}.")
+    labels = _load_labels(args.labels, args.data)
+    templates = templates_for(labels, args.templates)
+    from .train import load_model, load_records
+
+    records = load_records(args.data, args.data_on_error)
+    model, processor = load_model(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate_model(
+        model.to(device), processor, records, tasks=args.tasks, classes=(labels or {}).get("classes"),
+        templates=templates, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        max_caption_images=args.max_caption_images, progress=not args.no_progress,
+    )  # fmt: skip
+    print(format_table(result.metrics, title=f"MM-GEM {args.model} on {args.data}"))
+    if args.output:
+        print(f"Wrote {write_metrics(result.metrics, args.output)}")
+    return 0
