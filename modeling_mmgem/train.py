@@ -1,0 +1,442 @@
+"""Train MM-GEM with the Hugging Face Trainer: stage 1 (image-caption pairs) and stage 2 (regions too).
+
+Command line (every `transformers.TrainingArguments` option is accepted as well, e.g. `--learning_rate`,
+`--gradient_accumulation_steps`, `--fsdp`, `--deepspeed`, `--save_steps`, `--bf16`)::
+
+    mmgem train --model FOLDER --data train.jsonl --output-dir OUT [--stage 2] [--max-steps N] [--lora]
+    mmgem train --from-scratch demo --data train.jsonl --output-dir OUT       # new model, tokenizer trained on data
+    torchrun --nproc_per_node 2 -m modeling_mmgem.cli train ...               # DDP (gloo on CPU)
+
+Python::
+
+    from modeling_mmgem.train import train
+    result = train(model="stage1", data="train.jsonl", output_dir="stage2", stage=2, max_steps=500)
+
+`OUT` ends up a model folder (weights, config, processor, remote code, sentence-transformers files) that
+`mmgem evaluate`, `AutoModel.from_pretrained(OUT, trust_remote_code=True)` and the conversion script load, next to
+the Trainer's `checkpoint-*` folders (resume with `--resume_from_checkpoint latest`) and `training_log.json` (the
+logged losses: `loss`, `loss_contrastive`, `loss_caption`, `logit_scale`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .collator import STAGES, MMGEMCollator
+
+ON_ERROR_CHOICES = ("fail", "skip")
+LORA_VISION_CHOICES = ("no", "lora", "full")
+FINAL_TMP_NAME = ".mmgem-final.tmp"
+
+# From-scratch architectures. "tiny" is for tests (seconds); "demo" is the model `make demo` trains on 2 CPU cores.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision_config": {
+            "model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        },
+        "text_config": {
+            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+        },
+        "pool_grid_size": 2, "projection_dim": 32, "vocab_size": 320,
+    },
+    "demo": {
+        "vision_config": {
+            "model_type": "clip_vision_model", "image_size": 64, "patch_size": 8, "hidden_size": 128,
+            "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        },
+        "text_config": {
+            "model_type": "llama", "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 4,
+            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
+        },
+        "pool_grid_size": 4, "projection_dim": 128, "vocab_size": 400,
+    },
+}  # fmt: skip
+
+
+@dataclass
+class MMGEMTrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` plus MM-GEM's own options (defaults changed where noted).
+
+    Exactly one of `model` (a saved MM-GEM folder or Hub id) and `from_scratch` (a preset name from
+    `MODEL_PRESETS` or a JSON file with `vision_config`, `text_config`, MM-GEM config options and `vocab_size`) is
+    required, as are `data` and `output_dir`.
+    """
+
+    model: str | None = field(default=None, metadata={"help": "MM-GEM model folder or Hub id to start from."})
+    from_scratch: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Build a new model instead of --model: a preset {sorted(MODEL_PRESETS)} or a JSON file with "
+            "vision_config, text_config, MM-GEM options and vocab_size; the tokenizer is trained on the data."
+        },
+    )
+    data: str | None = field(
+        default=None, metadata={"help": "Training data: a .jsonl file, or an imagefolder with metadata.jsonl."}
+    )
+    stage: int = field(default=1, metadata={"help": "1: image-caption pairs; 2: adds region boxes and captions."})
+    data_on_error: str = field(
+        default="fail", metadata={"help": "Bad records (missing image, box outside image, ...): 'fail' or 'skip'."}
+    )
+    use_long_caption: bool = field(default=False, metadata={"help": "Train on each record's long_caption."})
+    max_regions_per_image: int | None = field(
+        default=None, metadata={"help": "Stage 2: regions sampled per image and step (default all)."}
+    )
+    unique_region_texts: bool = field(
+        default=True,
+        metadata={"help": "Stage 2: leave out regions whose caption already occurs in the batch (false negatives)."},
+    )
+    freeze_vision: bool = field(default=False, metadata={"help": "Freeze the vision tower."})
+    freeze_language_model: bool = field(default=False, metadata={"help": "Freeze the language model."})
+    freeze_projections: bool = field(default=False, metadata={"help": "Freeze h1/h2/h3 and the temperature."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the language model (PEFT)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_vision: str = field(default="no", metadata={"help": "Vision tower under LoRA: 'no', 'lora' or 'full'."})
+    merge_lora: bool = field(
+        default=True, metadata={"help": "Save the merged model in OUT (the adapter goes to OUT/lora_adapter)."}
+    )
+    torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU training)."})
+    # Defaults changed from TrainingArguments: MM-GEM batches hold PIL images and region lists that the Trainer
+    # must not drop, losses are worth seeing early, and a cosine schedule with warm-up suits the contrastive loss.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for MM-GEM."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X steps."})
+    logging_first_step: bool = field(default=True, metadata={"help": "Log the first step."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1: share of all steps)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Images per device and step."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the final model folder, the trained model and processor, and the Trainer's log."""
+
+    output_dir: Path
+    model: Any
+    processor: Any
+    log_history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------------------- checks
+def check_arguments(args: MMGEMTrainingArguments) -> None:
+    """Raise a ValueError naming the argument for every inconsistent option, before any work starts."""
+    if not args.output_dir:
+        raise ValueError("`output_dir` is required: the folder the trained model is written to.")
+    if (args.model is None) == (args.from_scratch is None):
+        raise ValueError("Give exactly one of `model` (a saved MM-GEM) and `from_scratch` (a preset or JSON file).")
+    if args.from_scratch is not None and args.from_scratch not in MODEL_PRESETS:
+        if not Path(args.from_scratch).is_file():
+            raise ValueError(
+                f"`from_scratch` must be one of {sorted(MODEL_PRESETS)} or a JSON file; got {args.from_scratch!r}."
+            )
+    if args.data is None:
+        raise ValueError("`data` is required: a .jsonl file or an imagefolder with metadata.jsonl.")
+    if not Path(args.data).exists():
+        raise ValueError(f"`data` does not exist: {args.data}.")
+    if args.stage not in STAGES:
+        raise ValueError(f"`stage` must be 1 or 2; got {args.stage!r}.")
+    if args.data_on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"`data_on_error` must be one of {ON_ERROR_CHOICES}; got {args.data_on_error!r}.")
+    if args.lora_vision not in LORA_VISION_CHOICES:
+        raise ValueError(f"`lora_vision` must be one of {LORA_VISION_CHOICES}; got {args.lora_vision!r}.")
+    if args.lora and (args.freeze_language_model or args.freeze_vision or args.freeze_projections):
+        raise ValueError(
+            "`freeze_*` options apply to full fine-tuning; with `lora` the base model is frozen and `lora_vision` "
+            "chooses how the vision tower trains."
+        )
+    if args.freeze_vision and args.freeze_language_model and args.freeze_projections:
+        raise ValueError(
+            "`freeze_vision`, `freeze_language_model` and `freeze_projections` together freeze everything."
+        )
+    if args.remove_unused_columns:
+        raise ValueError("`remove_unused_columns` must be False: MM-GEM batches are built from raw records.")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise ValueError(f"`torch_threads` must be a positive int; got {args.torch_threads!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+def load_records(data: str | os.PathLike[str], on_error: str = "fail") -> list[Any]:
+    """Records of a .jsonl file or of an imagefolder (a folder with `metadata.jsonl`)."""
+    from .data import load_imagefolder_records, load_jsonl_records
+
+    path = Path(data)
+    if path.is_dir():
+        return load_imagefolder_records(path, on_error=on_error)
+    return load_jsonl_records(path, on_error=on_error)
+
+
+def training_texts(records: Sequence[Any], use_long_caption: bool = False) -> list[str]:
+    """Every text a model will read or write: captions (or long captions) and region captions."""
+    texts = [(r.long_caption if use_long_caption else None) or r.caption for r in records]
+    return texts + [region.caption for r in records for region in r.regions]
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+def scratch_spec(from_scratch: str) -> dict[str, Any]:
+    """The architecture of a preset name or a JSON file (a deep copy, safe to modify)."""
+    if from_scratch in MODEL_PRESETS:
+        return json.loads(json.dumps(MODEL_PRESETS[from_scratch]))
+    spec = json.loads(Path(from_scratch).read_text(encoding="utf-8"))
+    if not isinstance(spec, dict) or "vision_config" not in spec or "text_config" not in spec:
+        raise ValueError(
+            f"`from_scratch` file {from_scratch} must hold a JSON object with vision_config and text_config."
+        )
+    return spec
+
+
+def build_from_scratch(spec: dict[str, Any], texts: Sequence[str]) -> tuple[Any, Any]:
+    """A new MM-GEM and processor: a byte-level BPE tokenizer trained on `texts`, random weights."""
+    from .build import build_mmgem, train_tokenizer
+
+    spec = dict(spec)
+    vocab_size = spec.pop("vocab_size", 512)
+    vision_config, text_config = spec.pop("vision_config"), spec.pop("text_config")
+    context = text_config.get("max_position_embeddings", 512)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, model_max_length=context)
+    return build_mmgem(vision_config, text_config, tokenizer, **spec)
+
+
+def load_model(path: str) -> tuple[Any, Any]:
+    """An MM-GEM model and processor from a folder or Hub id (the installed classes, not remote code)."""
+    from .modeling_mmgem import MMGEMModel
+    from .processing_mmgem import MMGEMProcessor
+
+    # trust_remote_code only silences transformers' prompt: the processor's sub-loaders read the folder's config.json
+    # (model_type "mmgem"); the classes used are the installed ones either way.
+    return MMGEMModel.from_pretrained(path), MMGEMProcessor.from_pretrained(path, trust_remote_code=True)
+
+
+def resolve_checkpoint(args: MMGEMTrainingArguments) -> str | None:
+    """`resume_from_checkpoint` as a folder: "latest"/"last"/"true" picks the newest `checkpoint-*` of OUT."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("latest", "last", "true"):
+        checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"`resume_from_checkpoint={value}`: no checkpoint-* folder in {args.output_dir}.")
+        return checkpoint
+    if not Path(value).is_dir():
+        raise ValueError(f"`resume_from_checkpoint` folder does not exist: {value}.")
+    return str(value)
+
+
+def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoint: str | None) -> tuple[Any, Any]:
+    """The model to train (frozen parts and LoRA applied) and its processor."""
+    from .modeling_mmgem import MMGEMModel
+    from .processing_mmgem import MMGEMProcessor
+
+    if args.model is not None:
+        model, processor = load_model(args.model)
+    elif checkpoint is not None and (Path(checkpoint) / "config.json").is_file() and not args.lora:
+        # Resuming a from-scratch run: the checkpoint holds the tokenizer and architecture (weights are loaded by
+        # the Trainer), so a re-trained tokenizer can never disagree with the saved embeddings.
+        from .modeling_mmgem import MMGEMConfig
+
+        model = MMGEMModel(MMGEMConfig.from_pretrained(checkpoint))
+        processor = MMGEMProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    else:
+        model, processor = build_from_scratch(
+            scratch_spec(args.from_scratch), training_texts(records, args.use_long_caption)
+        )
+    if args.lora:
+        from .lora import apply_lora
+
+        vision = {"no": False, "lora": "lora", "full": "full"}[args.lora_vision]
+        model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, train_vision=vision)
+    else:
+        freeze(model, args.freeze_vision, args.freeze_language_model, args.freeze_projections)
+    return model, processor
+
+
+def freeze(model: Any, vision: bool = False, language_model: bool = False, projections: bool = False) -> None:
+    """Freeze parts of an MMGEMModel for full fine-tuning: the vision tower, the LM, h1/h2/h3 and the temperature."""
+    parts = {
+        "vision_model": vision,
+        "language_model": language_model,
+        "image_projection": projections,
+        "visual_token_projection": projections,
+        "text_projection": projections,
+        "logit_scale": projections,
+    }
+    for name, frozen in parts.items():
+        for parameter in getattr(model, name).parameters():
+            parameter.requires_grad_(not frozen)
+
+
+# ---------------------------------------------------------------------------------------------------------- trainer
+class MMGEMTrainer(Trainer):
+    """The HF Trainer, also logging the two loss terms (`loss_contrastive`, `loss_caption`) and the temperature.
+
+    The joint loss is what is optimised; the terms are averaged over the steps since the last log and over the
+    processes, like the Trainer's own `loss`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_counts: dict[str, int] = {}
+
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        outputs = model(**inputs)
+        if model.training:
+            for name in ("loss_contrastive", "loss_caption"):
+                value = outputs.get(name)
+                if value is not None:
+                    total = self._term_sums.get(name, torch.zeros((), device=value.device))
+                    self._term_sums[name] = total + value.detach().float()
+                    self._term_counts[name] = self._term_counts.get(name, 0) + 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for name in sorted(self._term_sums):
+                mean = self._term_sums[name] / self._term_counts[name]
+                logs[name] = self.accelerator.reduce(mean, reduction="mean").item()
+            self._term_sums.clear()
+            self._term_counts.clear()
+            scale = self._logit_scale()
+            if scale is not None:
+                logs["logit_scale"] = scale
+        super().log(logs, start_time)
+
+    def _logit_scale(self) -> float | None:
+        model = self.accelerator.unwrap_model(self.model)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        module = getattr(model, "logit_scale", None)
+        module = getattr(module, "original_module", module)  # PEFT's modules_to_save wrapper
+        log_value = getattr(module, "log_value", None)
+        if log_value is None or log_value.numel() != 1:  # sharded (FSDP): skip
+            return None
+        return float(module().detach())
+
+
+# ---------------------------------------------------------------------------------------------------------- saving
+def _publish(staging: Path, output: Path) -> None:
+    """Move the files of `staging` into `output`, `config.json` last (a loader never sees a half-written model)."""
+    entries = sorted(staging.iterdir(), key=lambda p: p.name == "config.json")
+    for entry in entries:
+        target = output / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+
+
+def save_final_model(trainer: MMGEMTrainer, args: MMGEMTrainingArguments, processor: Any) -> Any:
+    """Write the final model folder into OUT (all ranks call this; rank 0 writes). Returns the model to use."""
+    output = Path(args.output_dir)
+    staging = output / FINAL_TMP_NAME
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if args.lora:
+        trainer.save_model(str(staging / "lora_adapter"))
+        if args.merge_lora:
+            model = model.merge_and_unload()
+            if trainer.is_world_process_zero():
+                model.save_pretrained(staging)
+    else:
+        trainer.save_model(str(staging))  # gathers FSDP / DeepSpeed shards
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(staging)
+        (staging / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        if not args.lora or args.merge_lora:
+            from .sentence_transformers_utils import write_sentence_transformers_files
+
+            write_sentence_transformers_files(staging)
+        _publish(staging, output)
+    trainer.accelerator.wait_for_everyone()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------- entry
+def make_arguments(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> MMGEMTrainingArguments:
+    """`MMGEMTrainingArguments` from keyword arguments (or a copy of `args` with them applied)."""
+    if args is not None:
+        values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+        values.update(kwargs)
+        kwargs = values
+    known = {f.name for f in fields(MMGEMTrainingArguments) if f.init}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"Unknown training options {unknown}; see MMGEMTrainingArguments / TrainingArguments.")
+    return MMGEMTrainingArguments(**kwargs)
+
+
+def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainResult:
+    """Train MM-GEM (one stage) and write the final model folder to `output_dir`.
+
+    Args:
+        args: the options; or give them as keyword arguments (any `MMGEMTrainingArguments` /
+            `TrainingArguments` field), e.g. `train(model="m", data="d.jsonl", output_dir="o", max_steps=100)`.
+
+    Returns:
+        A :class:`TrainResult` with the output folder, the trained (merged, with LoRA) model and processor, the
+        Trainer's log history and the training metrics.
+    """
+    args = make_arguments(args, **kwargs) if kwargs or args is None else args
+    check_arguments(args)
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    checkpoint = resolve_checkpoint(args)
+    from .data import ImageCaptionDataset
+
+    records = load_records(args.data, args.data_on_error)
+    if not records:
+        raise ValueError(f"`data` {args.data} holds no usable record.")
+    if args.stage == 2 and not any(r.regions for r in records):
+        raise ValueError(f"`stage=2` trains on regions, but no record of `data` {args.data} has any.")
+    # Seed before building: a model built from scratch (and LoRA's init) is then reproducible, as the Trainer's data.
+    set_seed(args.seed)
+    model, processor = prepare_model(args, records, checkpoint)
+    dataset = ImageCaptionDataset(records, use_long_caption=args.use_long_caption, with_regions=args.stage == 2)
+    collator = MMGEMCollator(
+        processor, args.stage, args.max_regions_per_image, seed=args.seed, unique_region_texts=args.unique_region_texts
+    )
+    trainer = MMGEMTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor
+    )
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    model = save_final_model(trainer, args, processor)
+    return TrainResult(
+        output_dir=Path(args.output_dir),
+        model=model,
+        processor=processor,
+        log_history=list(trainer.state.log_history),
+        metrics=dict(output.metrics),
+    )
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> MMGEMTrainingArguments:
+    """Command-line options (`--option value`, dashes or underscores) -> `MMGEMTrainingArguments`."""
+    parser = HfArgumentParser(MMGEMTrainingArguments, description="Train MM-GEM (stage 1 or 2) with the HF Trainer.")
+    (args,) = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`mmgem train ...`: parse the options, train, print where the model is."""
+    result = train(parse_arguments(argv))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"Saved the trained MM-GEM to {result.output_dir}")
+    return 0

@@ -1,0 +1,195 @@
+"""Training: stage 1 then stage 2 through the Python API and the `mmgem train` command, resuming, LoRA, freezing,
+bad records, imagefolder data; the output folder loads with AutoModel (remote code)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from modeling_mmgem.cli import main as cli_main
+from modeling_mmgem.train import MODEL_PRESETS, train
+
+pytestmark = pytest.mark.fast
+
+FAST = dict(per_device_train_batch_size=4, logging_steps=1, save_strategy="no", disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from modeling_mmgem.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("data") / "shapes", 12, 2, 2, image_size=32, seed=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def stage1(dataset, tmp_path_factory):
+    """A tiny model trained 3 steps from scratch on stage 1."""
+    output = tmp_path_factory.mktemp("stage1")
+    result = train(from_scratch="tiny", data=str(dataset["train"]), output_dir=str(output), max_steps=3, **FAST)
+    return output, result
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_collator_stages_region_sampling_and_repeated_texts():
+    from PIL import Image
+
+    from modeling_mmgem.build import tiny_mmgem
+    from modeling_mmgem.collator import MMGEMCollator
+
+    _, processor = tiny_mmgem()
+    image = Image.new("RGB", (32, 32), "white")
+    regions = [{"box": [0, 0, 8, 8], "caption": f"a {c} circle"} for c in ("red", "blue", "green")]
+    items = [
+        {"image": image, "caption": "a red circle and more", "regions": regions},
+        {"image": image, "caption": "a blue circle", "regions": regions[:1]},
+    ]
+    stage1 = MMGEMCollator(processor, stage=1)(items)
+    assert "boxes" not in stage1 and stage1["text_input_ids"].shape[0] == 2
+    # "a blue circle" is image 1's caption and "a red circle" repeats: regions red (image 0) and green stay.
+    stage2 = MMGEMCollator(processor, stage=2)(items)
+    assert [len(b) for b in stage2["boxes"]] == [2, 0]
+    assert stage2["text_input_ids"].shape[0] == stage2["input_ids"].shape[0] == 4
+    kept_all = MMGEMCollator(processor, stage=2, unique_region_texts=False)(items)
+    assert [len(b) for b in kept_all["boxes"]] == [3, 1]
+    capped = MMGEMCollator(processor, stage=2, max_regions_per_image=1, unique_region_texts=False, seed=0)(items)
+    assert [len(b) for b in capped["boxes"]] == [1, 1]
+    with pytest.raises(ValueError, match="stage"):
+        MMGEMCollator(processor, stage=3)
+
+
+def test_stage1_from_scratch_logs_both_losses_and_writes_a_model_folder(stage1):
+    output, result = stage1
+    steps = [row for row in result.log_history if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    for row in steps:
+        assert row["loss"] == pytest.approx(row["loss_contrastive"] + row["loss_caption"], rel=1e-5)
+        assert row["logit_scale"] > 1
+    assert json.loads((output / "training_log.json").read_text()) == result.log_history
+    for name in ("config.json", "model.safetensors", "modeling_mmgem.py", "processor_config.json",
+                 "tokenizer.json", "modules.json"):  # fmt: skip
+        assert (output / name).is_file(), name
+    assert not (output / ".mmgem-final.tmp").exists()
+    loaded = AutoModel.from_pretrained(output, trust_remote_code=True)
+    assert type(loaded).__name__ == "MMGEMModel"
+    assert loaded.config.text_config.hidden_size == MODEL_PRESETS["tiny"]["text_config"]["hidden_size"]
+
+
+def test_stage2_adds_regions_and_changes_the_weights(stage1, dataset, tmp_path):
+    folder, _ = stage1
+    result = train(model=str(folder), data=str(dataset["train"]), output_dir=str(tmp_path), stage=2, max_steps=2,
+                   max_regions_per_image=2, **FAST)  # fmt: skip
+    assert all("loss_contrastive" in row for row in result.log_history if "loss" in row)
+    before, after = _weights(folder), _weights(tmp_path)
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_train_command_line(dataset, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    status = cli_main(["train", "--from-scratch", "tiny", "--data", str(dataset["train"]), "--output-dir",
+                       str(tmp_path), "--max-steps", "2", "--per_device_train_batch_size", "4", "--save_strategy",
+                       "no", "--torch-threads", "1", "--disable_tqdm", "true"])  # fmt: skip
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads)
+    assert status == 0
+    assert "Saved the trained MM-GEM" in capsys.readouterr().out
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    assert max(row["step"] for row in log) == 2
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_path):
+    options = dict(from_scratch="tiny", data=str(dataset["train"]), max_steps=4, save_strategy="steps", save_steps=2,
+                   **{k: v for k, v in FAST.items() if k != "save_strategy"})  # fmt: skip
+    train(output_dir=str(tmp_path / "full"), **options)
+    # A run that died after step 2: only checkpoint-2 survives.
+    interrupted = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", interrupted / "checkpoint-2")
+    result = train(output_dir=str(interrupted), resume_from_checkpoint="latest", **options)
+    assert [row["step"] for row in result.log_history if "loss" in row][-2:] == [3, 4]
+    full, resumed = _weights(tmp_path / "full"), _weights(interrupted)
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], msg=key)
+
+
+def test_lora_saves_a_merged_model_and_the_adapter(stage1, dataset, tmp_path):
+    folder, _ = stage1
+    train(model=str(folder), data=str(dataset["train"]), output_dir=str(tmp_path), max_steps=2, lora=True, lora_r=4,
+          learning_rate=1e-2, **FAST)  # fmt: skip
+    assert (tmp_path / "lora_adapter" / "adapter_config.json").is_file()
+    before, after = _weights(folder), _weights(tmp_path)
+    assert set(before) == set(after)  # merged: a plain MM-GEM again, no LoRA keys
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("language_model.model.layers") for k in changed)  # LoRA merged into the LM
+    assert not any(k.startswith("vision_model") for k in changed)  # vision tower frozen by default
+    AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_freezing_keeps_the_frozen_parts(stage1, dataset, tmp_path):
+    folder, _ = stage1
+    train(model=str(folder), data=str(dataset["train"]), output_dir=str(tmp_path), max_steps=2, freeze_vision=True,
+          freeze_projections=True, learning_rate=1e-2, **FAST)  # fmt: skip
+    before, after = _weights(folder), _weights(tmp_path)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("language_model.") for k in changed)
+
+
+def test_bad_records_fail_with_their_line_or_are_skipped(dataset, tmp_path):
+    lines = dataset["train"].read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["regions"][0]["box"] = [0, 0, 500, 500]  # outside the 32 x 32 image
+    data = dataset["train"].parent / "with_bad_record.jsonl"
+    data.write_text("\n".join([lines[0], json.dumps(bad)] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match="line 2"):
+        train(from_scratch="tiny", data=str(data), output_dir=str(tmp_path / "fail"), max_steps=1, **FAST)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        train(from_scratch="tiny", data=str(data), output_dir=str(tmp_path / "skip"), max_steps=1,
+              data_on_error="skip", **FAST)  # fmt: skip
+    assert (tmp_path / "skip" / "model.safetensors").is_file()
+
+
+def test_imagefolder_data(dataset, tmp_path):
+    from modeling_mmgem.data import export_imagefolder, load_jsonl_records
+
+    export_imagefolder(load_jsonl_records(dataset["train"]), tmp_path / "folder")
+    train(from_scratch="tiny", data=str(tmp_path / "folder"), output_dir=str(tmp_path / "out"), stage=2, max_steps=1,
+          **FAST)  # fmt: skip
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(model="x", from_scratch="tiny"), "exactly one of `model`"),
+        (dict(from_scratch="huge"), "`from_scratch`"),
+        (dict(from_scratch="tiny", stage=3), "`stage`"),
+        (dict(from_scratch="tiny", data_on_error="ignore"), "`data_on_error`"),
+        (dict(from_scratch="tiny", lora=True, freeze_vision=True), "`freeze_"),
+        (dict(from_scratch="tiny", data="missing.jsonl"), "`data` does not exist"),
+        (dict(from_scratch="tiny", resume_from_checkpoint="latest"), "no checkpoint"),
+        (dict(from_scratch="tiny", not_an_option=1), "Unknown training options"),
+    ],
+)
+def test_arguments_are_checked_before_work(dataset, tmp_path, options, message):
+    options = {"data": str(dataset["train"]), "output_dir": str(tmp_path / "out"), **options}
+    with pytest.raises(ValueError, match=message):
+        train(**options)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_stage2_needs_regions(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "caption": "white"}) + "\n")
+    with pytest.raises(ValueError, match="regions"):
+        train(from_scratch="tiny", data=str(tmp_path / "d.jsonl"), output_dir=str(tmp_path / "o"), stage=2, **FAST)
