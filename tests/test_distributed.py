@@ -1,0 +1,143 @@
+"""Distributed training: 2 CPU processes (gloo, DDP) give the loss and gradients of one process on the whole batch.
+
+The contrastive loss gathers embeddings from every rank with gradients, so each rank's negatives are the global
+batch; DDP then averages the gradients. With equal per-rank batches (same number of images, regions and caption
+tokens, so that the per-rank means average to the global mean) both must match a single process on the
+concatenated batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from modeling_mmgem.build import DEFAULT_CORPUS, tiny_mmgem
+from modeling_mmgem.modeling_mmgem import MMGEMModel
+
+from .conftest import random_images
+
+WORLD_SIZE = 2
+NUM_IMAGES = 4
+BOXES = [[[0, 0, 20, 20], [10, 10, 30, 30]]] * NUM_IMAGES
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    output = model(**batch)
+    output.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output.loss.detach(), grads
+
+
+def _worker(rank: int, folder: str, port: int) -> None:
+    """One DDP rank: its half of the batch, DDP-averaged gradients and the rank-averaged loss, saved by rank 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        model = MMGEMModel.from_pretrained(folder).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        batch = torch.load(Path(folder) / f"batch_rank{rank}.pt")
+        output = ddp(**batch)
+        output.loss.backward()
+        loss = output.loss.detach().clone()
+        dist.all_reduce(loss)
+        loss /= WORLD_SIZE
+        if rank == 0:
+            grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+            torch.save({"loss": loss, "grads": grads}, Path(folder) / "distributed.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _equal_length_texts(tokenizer, candidates: list[str], count: int) -> list[str]:
+    """`count` of the candidates that share the most common token length: then every rank holds as many caption
+    tokens as the other, and the per-rank token means of the caption loss average to the global mean."""
+    by_length: dict[int, list[str]] = {}
+    for text in candidates:
+        by_length.setdefault(len(tokenizer(text, add_special_tokens=False)["input_ids"]), []).append(text)
+    texts = max(by_length.values(), key=len)
+    assert len(texts) >= count
+    return texts[:count]
+
+
+def _batch(processor, images, captions, region_captions, start: int, stop: int) -> dict:
+    return dict(
+        processor(
+            images=images[start:stop],
+            text=captions[start:stop],
+            boxes=BOXES[start:stop],
+            region_text=region_captions[start:stop],
+        )
+    )
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path):
+    torch.manual_seed(0)
+    model, processor = tiny_mmgem()
+    captions = _equal_length_texts(processor.tokenizer, DEFAULT_CORPUS, NUM_IMAGES)
+    short = sorted({" ".join(text.split()[:4]) for text in DEFAULT_CORPUS})  # "a small red circle", ...
+    flat = _equal_length_texts(processor.tokenizer, short, 2 * NUM_IMAGES)
+    region_captions = [flat[2 * i : 2 * i + 2] for i in range(NUM_IMAGES)]
+    model.save_pretrained(tmp_path)
+    images = random_images(NUM_IMAGES, sizes=((32, 32),))
+    half = NUM_IMAGES // WORLD_SIZE
+    for rank in range(WORLD_SIZE):
+        batch = _batch(processor, images, captions, region_captions, rank * half, (rank + 1) * half)
+        torch.save(batch, tmp_path / f"batch_rank{rank}.pt")
+
+    mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD_SIZE, join=True)
+
+    single = MMGEMModel.from_pretrained(tmp_path).train()
+    expected_loss, expected_grads = _loss_and_grads(
+        single, _batch(processor, images, captions, region_captions, 0, NUM_IMAGES)
+    )
+    got = torch.load(tmp_path / "distributed.pt")
+    torch.testing.assert_close(got["loss"], expected_loss, atol=1e-5, rtol=1e-5)
+    assert set(got["grads"]) == set(expected_grads)
+    assert len(expected_grads) > 50  # the vision tower, the LM, the projections and the temperature all learn
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_mmgem_train_runs_under_torchrun_with_two_cpu_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m modeling_mmgem.cli train ...`: DDP on CPU (gloo); rank 0 writes the model."""
+    import json
+    import subprocess
+    import sys
+
+    from modeling_mmgem.synthetic import generate_dataset
+
+    paths = generate_dataset(tmp_path / "data", 8, 2, 2, image_size=32, seed=5, progress=False)
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "modeling_mmgem.cli", "train", "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir",
+        str(output), "--stage", "2", "--max-steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+        "--use_cpu", "true", "--ddp_backend", "gloo", "--torch-threads", "1", "--disable_tqdm", "true",
+        "--logging_steps", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("Saved the trained MM-GEM") == 1  # rank 0 only
+    log = json.loads((output / "training_log.json").read_text())
+    steps = [row for row in log if "loss" in row]
+    assert [row["step"] for row in steps] == [1, 2]
+    assert all("loss_contrastive" in row and "loss_caption" in row for row in steps)
+    # 2 processes x 2 images per device: each step saw 4 images.
+    assert log[-1]["epoch"] == pytest.approx(1.0)
+    assert (output / "model.safetensors").is_file()
