@@ -1,0 +1,363 @@
+"""Make an MM-GEM from a CLIP/SigLIP vision tower and a causal LM (or export a trained checkpoint) and publish it.
+
+    mmgem-convert --vision-model openai/clip-vit-large-patch14 \\
+        --language-model TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T --output-dir mmgem-vitl-tinyllama
+    mmgem-convert --from-checkpoint runs/stage2/checkpoint-5000 --output-dir my-mmgem --push-to-hub me/my-mmgem
+
+(or `python -m conversion.convert_mmgem ...`). The output folder is one complete Hub repo, written to a temporary
+sibling and renamed into place only after the model was reloaded in a fresh process: a failure leaves no output.
+
+Python API: [`convert`], [`export_checkpoint`], [`push_folder`].
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import (
+    checkpoint_kind,
+    load_merged_adapter,
+    load_model_folder,
+    load_state_dict_file,
+    parse_key_mapping,
+)
+from .components import Composition, compose, parse_dtype
+from .publish import (
+    CardInfo,
+    HubPushError,
+    check_output_dir,
+    check_push_access,
+    check_repo_id,
+    first_card_metadata,
+    hub_id_of,
+    infer_license,
+    publish,
+    push_folder,
+)
+
+logger = logging.getLogger("conversion")
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def _check_max_shard_size(max_shard_size: int | str) -> None:
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        if parse_size_to_int(max_shard_size) <= 0:
+            raise ValueError
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "`max_shard_size` must be a positive size such as '5GB' or '500MB', or an int (bytes); "
+            f"got {max_shard_size!r}."
+        ) from error
+
+
+def _prepare_push(push_to_hub: str | None, token: str | None) -> str | None:
+    """Before any work: a valid repo id and a token the Hub accepts (the token itself is never logged)."""
+    if push_to_hub is None:
+        return None
+    return check_push_access(push_to_hub, token)
+
+
+def _base_models(explicit: list[str] | None, *sources: str | None) -> list[str]:
+    if explicit:
+        return list(explicit)
+    return [hub_id for hub_id in (hub_id_of(s) for s in sources) if hub_id]
+
+
+def convert(
+    vision_model: str,
+    language_model: str,
+    output_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    pool_grid_size: int = 4,
+    projection_dim: int = 768,
+    projection_type: str = "mlp",
+    region_sampling_ratio: int | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    license: str | None = None,
+    base_models: list[str] | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    verify: bool = True,
+    **mmgem_kwargs: Any,
+) -> Path:
+    """Compose an MM-GEM from a vision tower and a causal LM and write it as a complete Hub folder.
+
+    Args:
+        vision_model: Hub id or local folder of a full CLIP / SigLIP model or of its vision tower alone.
+        language_model: Hub id or local folder of a causal LM (Llama family, Qwen2, ...) with its tokenizer.
+        output_dir: the folder to write (replaced only with `overwrite`, and only when it holds a model).
+        dtype: "float32", "float16" or "bfloat16"; None/"auto" keeps the components' dtype (upcast to float32 when
+            they differ).
+        pool_grid_size, projection_dim, projection_type, region_sampling_ratio: MM-GEM options (see MMGEMConfig);
+            `mmgem_kwargs` passes any other MMGEMConfig argument.
+        max_shard_size: largest safetensors shard ("5GB"); bigger models get an index.
+        license: model card license; default: the components' common license, else "other".
+        base_models: model card `base_model` ids; default: the components' Hub ids.
+        push_to_hub: also upload the folder to this repo (created if needed) in one commit.
+        private: create the repo private.
+        token: Hub token; default: HF_TOKEN or the login cache.
+        verify: reload the folder in a fresh process before declaring success (default; keep it on).
+
+    Returns:
+        `output_dir`.
+    """
+    output_dir = Path(output_dir)
+    torch_dtype = parse_dtype(dtype)
+    _check_max_shard_size(max_shard_size)
+    check_output_dir(output_dir, overwrite, [vision_model, language_model])
+    push_token = _prepare_push(push_to_hub, token)
+
+    composition = compose(
+        vision_model,
+        language_model,
+        dtype=torch_dtype,
+        pool_grid_size=pool_grid_size,
+        projection_dim=projection_dim,
+        projection_type=projection_type,
+        region_sampling_ratio=region_sampling_ratio,
+        **mmgem_kwargs,
+    )
+    notes = list(composition.notes)
+    card_info = CardInfo(
+        vision_model=vision_model,
+        language_model=language_model,
+        base_models=_base_models(base_models, vision_model, language_model),
+        license=license or infer_license([vision_model, language_model], notes),
+        dropped_keys=composition.dropped_keys,
+        notes=notes,
+        repo_id=push_to_hub,
+    )
+    publish(
+        composition,
+        output_dir,
+        card_info,
+        source_reference=composition.reference,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        verify=verify,
+    )
+    if push_to_hub:
+        push_folder(output_dir, push_to_hub, private=private, token=push_token)
+    return output_dir
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    vision_model: str | None = None,
+    language_model: str | None = None,
+    key_mapping: dict[str, str] | str | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    license: str | None = None,
+    base_models: list[str] | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    verify: bool = True,
+    **mmgem_kwargs: Any,
+) -> Path:
+    """Export a trained MM-GEM checkpoint as a complete Hub folder (same output as [`convert`]).
+
+    Args:
+        checkpoint: a local (a) folder saved by `MMGEMModel.save_pretrained` (a training output or a Trainer
+            `checkpoint-XXX`), (b) PEFT adapter folder on an MM-GEM base (merged with `merge_and_unload`), or (c) state
+            dict file (.safetensors, .bin, .pt, .pth; also wrapped as {"state_dict"|"model": ...}).
+        base_model: (b) the MM-GEM the adapter was trained on (default: the adapter's `base_model_name_or_path`);
+            (c) the MM-GEM whose architecture and processor the state dict fits; (a) where to find the processor when
+            the checkpoint has none (it is looked for in the checkpoint and its parent folder first).
+        vision_model, language_model: (c) instead of `base_model`: the components the state dict was trained from
+            (the architecture is composed as [`convert`] does, `mmgem_kwargs` giving the MM-GEM options).
+        key_mapping: (c) {regex: replacement} for the state dict's keys (applied in order with `re.sub`), as a
+            dict, a JSON string or a JSON file.
+        Other arguments: as for [`convert`].
+    """
+    checkpoint = Path(checkpoint)
+    output_dir = Path(output_dir)
+    kind = checkpoint_kind(checkpoint)
+    torch_dtype = parse_dtype(dtype)
+    mapping = parse_key_mapping(key_mapping)
+    if mapping is not None and kind != "state_dict":
+        raise ValueError("`key_mapping` applies to a state dict file only (`from_checkpoint` is a folder).")
+    _check_max_shard_size(max_shard_size)
+    check_output_dir(output_dir, overwrite, [str(checkpoint), base_model, vision_model, language_model])
+    push_token = _prepare_push(push_to_hub, token)
+
+    if kind == "model":
+        model, processor = load_model_folder(checkpoint, base_model, torch_dtype)
+    elif kind == "adapter":
+        model, processor = load_merged_adapter(checkpoint, base_model, torch_dtype)
+    else:
+        model, processor = load_state_dict_file(
+            checkpoint, mapping, torch_dtype, base_model, vision_model, language_model, **mmgem_kwargs
+        )
+    notes: list[str] = []
+    inherited = first_card_metadata([str(checkpoint), str(checkpoint.parent), base_model])
+    card_info = CardInfo(
+        vision_model=vision_model,
+        language_model=language_model,
+        base_models=base_models
+        or _base_models(None, base_model, vision_model, language_model)
+        or list(getattr(inherited, "base_model", None) or []),
+        license=license or getattr(inherited, "license", None) or infer_license([vision_model, language_model], notes),
+        checkpoint=checkpoint.name,
+        checkpoint_kind={"model": "saved model", "adapter": "LoRA adapter, merged", "state_dict": "state dict"}[kind],
+        notes=notes,
+        repo_id=push_to_hub,
+    )
+    holder = Composition(model, processor)
+    publish(holder, output_dir, card_info, max_shard_size=max_shard_size, overwrite=overwrite, verify=verify)
+    if push_to_hub:
+        push_folder(output_dir, push_to_hub, private=private, token=push_token)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmgem-convert",
+        description="Make an MM-GEM from a CLIP/SigLIP vision tower and a causal LM, or export a trained checkpoint, "
+        "as one complete Hugging Face Hub folder; optionally push it.",
+    )
+    sources = parser.add_argument_group("sources")
+    sources.add_argument("--vision-model", help="Hub id or folder: a full CLIP/SigLIP model or its vision tower.")
+    sources.add_argument("--language-model", help="Hub id or folder of a causal LM with its tokenizer.")
+    sources.add_argument(
+        "--from-checkpoint",
+        help="Export a trained checkpoint instead: a saved MM-GEM / Trainer checkpoint folder, a PEFT adapter folder "
+        "(merged), or a state dict file (.safetensors/.bin/.pt).",
+    )
+    sources.add_argument(
+        "--base-model", help="With --from-checkpoint: the MM-GEM (folder or Hub id) an adapter or state dict fits."
+    )
+    sources.add_argument(
+        "--key-mapping", help="With a state dict: JSON (or a JSON file) of regex -> replacement for its keys."
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", required=True, help="Folder to write (one complete Hub repo).")
+    output.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    output.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="Weights dtype (default auto: keep the components' own dtype).",
+    )
+    output.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="Largest safetensors shard.")
+    output.add_argument("--license", help="Model card license (default: the components' common license, or other).")
+    output.add_argument(
+        "--base-model-ids", nargs="+", help="Model card base_model ids (default: the components' Hub ids)."
+    )
+    output.add_argument(
+        "--skip-reload-check",
+        action="store_true",
+        help="Do not reload the result in a fresh process before declaring success (not recommended).",
+    )
+    mmgem = parser.add_argument_group("MM-GEM options (fresh compositions and state dicts built from components)")
+    mmgem.add_argument("--pool-grid-size", type=int, default=4, help="PoolAggregator grid side k (k*k visual tokens).")
+    mmgem.add_argument("--projection-dim", type=int, default=768, help="Size of the shared embedding space.")
+    mmgem.add_argument("--projection-type", default="mlp", choices=["mlp", "linear"], help="h1/h2/h3 type.")
+    mmgem.add_argument("--region-sampling-ratio", type=int, help="RoIAlign samples per cell and axis.")
+    hub = parser.add_argument_group("Hub")
+    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the folder to this repo in one commit.")
+    hub.add_argument("--private", action="store_true", help="Create the repo private.")
+    hub.add_argument(
+        "--push-only", action="store_true", help="Push an existing --output-dir (e.g. after a refused push)."
+    )
+    return parser
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    common = dict(
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        license=args.license,
+        base_models=args.base_model_ids,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        verify=not args.skip_reload_check,
+    )
+    options = dict(
+        pool_grid_size=args.pool_grid_size,
+        projection_dim=args.projection_dim,
+        projection_type=args.projection_type,
+        region_sampling_ratio=args.region_sampling_ratio,
+    )
+    if args.push_only:
+        if not args.push_to_hub:
+            parser.error("--push-only needs --push-to-hub REPO_ID.")
+        push_folder(args.output_dir, args.push_to_hub, private=args.private)
+    elif args.from_checkpoint:
+        extra = options if (args.vision_model and args.language_model) else {}
+        export_checkpoint(
+            args.from_checkpoint,
+            args.output_dir,
+            base_model=args.base_model,
+            vision_model=args.vision_model,
+            language_model=args.language_model,
+            key_mapping=args.key_mapping,
+            **common,
+            **extra,
+        )
+    else:
+        if not (args.vision_model and args.language_model):
+            parser.error("give --vision-model and --language-model, or --from-checkpoint.")
+        if args.base_model or args.key_mapping:
+            parser.error("--base-model and --key-mapping go with --from-checkpoint.")
+        convert(args.vision_model, args.language_model, args.output_dir, **common, **options)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the current `sys.stderr` (a StreamHandler would keep the stream it was created with)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
+def _show_progress_messages() -> None:
+    """The conversion's own step messages on stderr (not the HTTP client's request log)."""
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[mmgem-convert] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 success, 1 failure, 2 bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _show_progress_messages()
+    try:
+        _run(args, parser)
+    except ValueError as error:
+        print(f"mmgem-convert: error: {error}", file=sys.stderr)
+        return 2
+    except (HubPushError, RuntimeError, AssertionError, FileExistsError) as error:
+        print(f"mmgem-convert: failed: {error}", file=sys.stderr)
+        return 1
+    if args.push_to_hub:
+        print(f"Done: {args.output_dir} pushed to {args.push_to_hub}")
+    else:
+        print(f"Done: {args.output_dir}")
+    return 0
+
+
+__all__ = ["HubPushError", "check_repo_id", "convert", "export_checkpoint", "main", "push_folder"]
+
+if __name__ == "__main__":
+    sys.exit(main())

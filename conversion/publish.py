@@ -1,0 +1,532 @@
+"""Write an MM-GEM as one complete Hub folder (atomically, checked by a reload in a fresh process) and push it.
+
+The folder holds everything a Hub repo needs: `config.json` with `auto_map`, safetensors weights (sharded with an
+index when large), the remote-code files, the processor and tokenizer files, `generation_config.json`, the
+sentence-transformers files and a model card (`README.md`) made with `huggingface_hub.ModelCard`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+
+from modeling_mmgem.sentence_transformers_utils import write_sentence_transformers_files
+
+logger = logging.getLogger("conversion")
+
+VERIFY_SCRIPT = Path(__file__).with_name("verify_export.py")
+TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "configuration_mmgem.py",
+    "modeling_mmgem.py",
+    "processing_mmgem.py",
+    "loss_mmgem.py",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "README.md",
+)
+PAPER = "https://arxiv.org/abs/2405.19333"
+# Hub model ids as stored in the local cache: .../models--{org}--{name}/snapshots/{revision}
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
+
+
+class HubPushError(RuntimeError):
+    """The Hub refused or failed a push (the message never contains the token)."""
+
+
+# ---------------------------------------------------------------------------------------------- model card
+@dataclass
+class CardInfo:
+    """What the model card says about where the model came from."""
+
+    vision_model: str | None = None
+    language_model: str | None = None
+    base_models: list[str] = field(default_factory=list)
+    license: str | None = None
+    checkpoint: str | None = None  # None for a fresh (untrained) composition
+    checkpoint_kind: str | None = None
+    dropped_keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    repo_id: str | None = None
+
+
+def hub_id_of(path_or_id: str | None) -> str | None:
+    """The Hub id of a component: itself if it is an id, derived from a Hub cache snapshot path, else None."""
+    if not path_or_id:
+        return None
+    if Path(path_or_id).exists():
+        match = _CACHE_SNAPSHOT.search(Path(path_or_id).resolve().as_posix())
+        return f"{match['org']}/{match['name']}" if match else None
+    try:
+        validate_repo_id(path_or_id)
+    except HFValidationError:
+        return None
+    return path_or_id if "/" in path_or_id else None
+
+
+def card_metadata_of(path_or_id: str | None) -> ModelCardData | None:
+    """The metadata of a component's or base model's own README.md (local folders only; never downloads)."""
+    if not path_or_id or not (Path(path_or_id) / "README.md").is_file():
+        return None
+    try:
+        return ModelCard.load(Path(path_or_id) / "README.md").data
+    except Exception:  # noqa: BLE001 - a malformed card must not stop the conversion
+        return None
+
+
+def first_card_metadata(sources: list[str | None]) -> ModelCardData | None:
+    """The model card metadata of the first local source that has one (an earlier export keeps its base models)."""
+    for source in sources:
+        data = card_metadata_of(source)
+        if data is not None:
+            return data
+    return None
+
+
+def infer_license(sources: list[str | None], notes: list[str]) -> str:
+    """The components' common license (from their local model cards), else "other" with a note."""
+    licenses = {source: getattr(card_metadata_of(source), "license", None) for source in sources if source}
+    found = {value for value in licenses.values() if value}
+    if len(found) == 1 and all(licenses.values()):
+        return found.pop()
+    found_text = ", ".join(f"{source}: {value or 'unknown'}" for source, value in licenses.items())
+    notes.append(
+        f"License: set to 'other' because the components' licenses could not be read or differ ({found_text}); "
+        "the terms of both components apply."
+    )
+    return "other"
+
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+An **MM-GEM** ([Multi-Modal Generative Embedding Model]({{ paper }}), Ma et al. 2024): one vision tower and ONE causal
+language model that both embeds text (its hidden state at an appended `[EMB]` token) and writes captions from pooled
+visual tokens. Images, image regions and texts share one embedding space, and the same model captions images and
+regions.
+
+{% if untrained -%}
+> **Untrained composition.** This model was assembled from pretrained components; the MM-GEM projections (h1, h2,
+> h3), the temperature and the new `[EMB]` / `[CAP]` / `<image>` token embeddings are randomly initialised. Train it
+> (contrastive + captioning) before use: its embeddings and captions are meaningless until then.
+{%- else -%}
+Exported from the trained checkpoint `{{ checkpoint }}` ({{ checkpoint_kind }}).
+{%- endif %}
+
+## Components
+
+| Part | Source |
+|---|---|
+| Vision tower | {{ vision_model }} |
+| Language model (embedding + captioning) | {{ language_model }} |
+| PoolAggregator | {{ grid }}x{{ grid }} grid ({{ num_image_tokens }} visual tokens per image or region), 1x1 to embed |
+| Projections h1 / h2 / h3 | {{ projection_type }}, shared space of {{ projection_dim }} dimensions |
+| Image size / patch grid | {{ image_size }} px, {{ patch_grid }}x{{ patch_grid }} patches |
+| Weights dtype | {{ dtype }} |
+
+{% for note in notes -%}
+- {{ note }}
+{% endfor %}
+
+## Usage with transformers
+
+```python
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+image = Image.open("photo.jpg")
+
+with torch.no_grad():
+    # Image and text embeddings in one space (not normalised, as CLIP's get_*_features).
+    image_embeds = model.get_image_features(processor(images=[image])["pixel_values"]).pooler_output
+    texts = processor(text=["a photo of a dog", "a photo of a cat"])
+    text_embeds = model.get_text_features(**texts).pooler_output
+    scores = F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+
+    # Captioning (GenerationMixin: greedy, beam search, sampling).
+    generated = model.generate(**processor(images=[image]), max_new_tokens=30)
+    print(processor.decode_captions(generated))
+
+    # Regions: boxes in pixels of the original image (x0, y0, x1, y1).
+    regions = processor(images=[image], boxes=[[[10, 20, 200, 180]]])
+    region_embeds = model.get_image_features(regions["pixel_values"], boxes=regions["boxes"]).pooler_output
+    print(processor.decode_captions(model.generate(**regions, max_new_tokens=30)))
+```
+
+## Usage with sentence-transformers
+
+```python
+from PIL import Image
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("{{ repo_id }}", trust_remote_code=True)
+text_embeddings = model.encode(["a photo of a dog", "a photo of a cat"])
+image_embeddings = model.encode([Image.open("photo.jpg")])  # one modality per call
+print(model.similarity(image_embeddings, text_embeddings))
+```
+
+## Fine-tuning with LoRA (peft)
+
+```python
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+config = LoraConfig(
+    r=16,
+    lora_alpha=32,
+    # A regex on the language model only: plain ["q_proj", "v_proj"] would also match the vision attention.
+    target_modules=r"language_model\\..*\\.(q_proj|k_proj|v_proj|o_proj)",
+    modules_to_save=["image_projection", "visual_token_projection", "text_projection", "logit_scale"],
+    # The new [EMB] and [CAP] rows must train even though the embedding matrix is frozen.
+    trainable_token_indices={"embed_tokens": [{{ emb_token_id }}, {{ cap_token_id }}]},
+)
+model = get_peft_model(model, config)
+# ... train (e.g. transformers.Trainer on batches from processor(images=..., text=captions)), then:
+model.save_pretrained("my-adapter")
+```
+
+Merge the adapter and publish the result as a standalone model:
+
+```bash
+mmgem-convert --from-checkpoint my-adapter --base-model {{ repo_id }} --output-dir my-mmgem --push-to-hub you/my-mmgem
+```
+
+## How this model was made
+
+With `conversion/convert_mmgem.py` of the mmgem project: the components were loaded with their stock transformers
+classes, checked key by key (no missing key beyond MM-GEM's new modules; {{ dropped_count }} unused source keys
+dropped{% if dropped_summary %}: {{ dropped_summary }}{% endif %}), and the vision outputs and text-only language-model
+logits were checked equal to the source components' on random inputs, before and after reloading the saved folder in
+a fresh process with AutoModel, AutoProcessor and SentenceTransformer. transformers {{ transformers_version }},
+torch {{ torch_version }}.
+
+## Citation
+
+Ma et al., "Multi-Modal Generative Embedding Model", arXiv:2405.19333, 2024. {{ paper }}
+"""
+
+
+def build_model_card(model: Any, info: CardInfo, model_name: str) -> ModelCard:
+    """The README.md of the exported folder, through `ModelCard.from_template` (metadata + usage code)."""
+    import transformers
+
+    config = model.config
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="feature-extraction",
+        license=info.license or "other",
+        base_model=info.base_models or None,
+        tags=[
+            "mmgem",
+            "multimodal",
+            "image-text-retrieval",
+            "image-captioning",
+            "region-captioning",
+            "sentence-transformers",
+            "custom_code",
+        ],
+    )
+    dropped_prefixes = sorted({key.split(".")[0] for key in info.dropped_keys})
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        model_name=model_name,
+        paper=PAPER,
+        untrained=info.checkpoint is None,
+        checkpoint=info.checkpoint,
+        checkpoint_kind=info.checkpoint_kind,
+        vision_model=f"`{info.vision_model}`" if info.vision_model else "see the checkpoint",
+        language_model=f"`{info.language_model}`" if info.language_model else "see the checkpoint",
+        grid=config.pool_grid_size,
+        num_image_tokens=config.num_image_tokens,
+        projection_type=config.projection_type,
+        projection_dim=config.projection_dim,
+        image_size=config.vision_config.image_size,
+        patch_grid=config.patch_grid_size,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        notes=info.notes,
+        repo_id=info.repo_id or f"path/to/{model_name}",
+        emb_token_id=config.emb_token_id,
+        cap_token_id=config.cap_token_id,
+        dropped_count=len(info.dropped_keys),
+        dropped_summary=", ".join(f"`{p}`" for p in dropped_prefixes),
+        transformers_version=transformers.__version__,
+        torch_version=torch.__version__,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- references
+@torch.no_grad()
+def export_references(model: Any, processor: Any, source: Any | None = None, seed: int = 0) -> dict[str, Any]:
+    """Small tensors that the reloaded folder must reproduce. With `source` (a components `Reference`), the vision and
+    LM entries are the SOURCE components' outputs, so the reload is compared with the originals directly."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    image = (torch.rand(47, 61, 3, generator=generator) * 255).to(torch.uint8)  # not square: resize and crop run
+    text = "a photo of a red square on the left"
+    pixel_values = processor(images=[Image.fromarray(image.numpy())])["pixel_values"]
+    text_inputs = processor(text=[text])
+    refs: dict[str, Any] = {
+        "image": image,
+        "text": text,
+        "pixel_values": pixel_values,
+        "text_input_ids": text_inputs["input_ids"],
+        "dtype": str(dtype),
+        "image_embeds": model.get_image_features(pixel_values.to(dtype)).pooler_output.float(),
+        "text_embeds": model.get_text_features(**text_inputs).pooler_output.float(),
+        "vision_hidden": model.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state.float(),
+    }
+    if source is not None:
+        input_ids, vocab_size, logits = source.input_ids, source.vocab_size, source.logits
+    else:
+        vocab_size = model.config.text_config.vocab_size
+        input_ids = torch.randint(0, vocab_size, (2, 12), generator=generator)
+        logits = model.language_model(input_ids=input_ids, use_cache=False).logits
+    refs.update(lm_input_ids=input_ids, vocab_size=int(vocab_size), lm_logits=logits[..., :vocab_size].float())
+    return refs
+
+
+def verify_in_subprocess(folder: Path, references: dict[str, Any]) -> dict[str, Any]:
+    """Reload `folder` in a fresh Python (offline, without any token) and compare with `references`."""
+    logger.info("Reloading %s in a fresh process (AutoModel, AutoProcessor, SentenceTransformer)", folder.name)
+    with tempfile.TemporaryDirectory(prefix="mmgem-verify-") as scratch:
+        reference_file = Path(scratch) / "references.pt"
+        torch.save(references, reference_file)
+        env = {k: v for k, v in os.environ.items() if k not in TOKEN_ENV_VARS}
+        env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+        env["HF_TOKEN_PATH"] = str(Path(scratch) / "no-token")  # the check never needs, so never sees, a token
+        result = subprocess.run(
+            [sys.executable, str(VERIFY_SCRIPT), str(folder), str(reference_file)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"The exported folder failed its reload check in a fresh process:\n{tail}")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    logger.info(
+        "Reload check passed: %s (%s), vision max diff %.2g, LM max diff %.2g, sentence-transformers dim %d",
+        summary["class"],
+        summary["dtype"],
+        summary["vision_max_diff"],
+        summary["lm_max_diff"],
+        summary["sentence_transformers_dim"],
+    )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def check_output_dir(output_dir: Path, overwrite: bool, inputs: list[str | None]) -> None:
+    """ValueErrors (naming `output_dir`) before any work: existing output, or output overlapping an input."""
+    resolved = output_dir.resolve()
+    for source in inputs:
+        if source and Path(source).exists():
+            source_path = Path(source).resolve()
+            if resolved == source_path or resolved in source_path.parents:
+                raise ValueError(f"`output_dir` {str(output_dir)!r} would replace the input {source!r}.")
+    if output_dir.is_file():
+        raise ValueError(f"`output_dir` {str(output_dir)!r} is a file.")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise ValueError(f"`output_dir` {str(output_dir)!r} exists and is not empty; pass overwrite (--overwrite).")
+        if not (output_dir / "config.json").is_file():
+            raise ValueError(
+                f"`output_dir` {str(output_dir)!r} is not a model folder (no config.json): refusing to replace it "
+                "even with --overwrite."
+            )
+
+
+@contextlib.contextmanager
+def staging_folder(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `output_dir` that replaces it only if the block succeeds (else it is deleted)."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        yield staging
+        _move_into_place(staging, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:  # appeared while converting
+            raise FileExistsError(f"`output_dir` {output_dir} appeared during the conversion; nothing was replaced.")
+        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        output_dir.rename(old)
+        try:
+            staging.rename(output_dir)
+        except BaseException:
+            old.rename(output_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if output_dir.exists():
+            output_dir.rmdir()  # empty
+        staging.rename(output_dir)
+
+
+def write_folder(model: Any, processor: Any, folder: Path, card: ModelCard, max_shard_size: int | str) -> None:
+    """Every file of the Hub repo, in `folder`."""
+    logger.info("Saving the weights and remote code (shards of at most %s)", max_shard_size)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    logger.info("Saving the processor, the sentence-transformers files and the model card")
+    processor.save_pretrained(folder)
+    write_sentence_transformers_files(folder)
+    card.save(folder / "README.md")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    if missing or not has_weights:
+        raise RuntimeError(f"The exported folder lacks {missing + ([] if has_weights else ['model.safetensors'])}.")
+
+
+def publish(
+    holder: Any,
+    output_dir: Path,
+    card_info: CardInfo,
+    *,
+    source_reference: Any | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Write `holder.model` / `holder.processor` to `output_dir` atomically; the model is released (holder.model =
+    None) once saved, so the reload check in a fresh process does not run beside a second copy of the weights."""
+    references = export_references(holder.model, holder.processor, source_reference) if verify else None
+    model_name = card_info.repo_id.split("/")[-1] if card_info.repo_id else output_dir.name
+    card = build_model_card(holder.model, card_info, model_name)
+    with staging_folder(output_dir, overwrite) as staging:
+        write_folder(holder.model, holder.processor, staging, card, max_shard_size)
+        holder.model = None
+        gc.collect()
+        if verify:
+            verify_in_subprocess(staging, references)
+    logger.info("Wrote %s", output_dir)
+    return output_dir
+
+
+# ---------------------------------------------------------------------------------------------- pushing
+def resolve_token(token: str | None = None) -> str:
+    """The token to push with: given, else the usual places (HF_TOKEN, the login cache)."""
+    token = token or get_token()
+    if not token:
+        raise ValueError(
+            "`push_to_hub` needs a Hugging Face token with write access and none was found: set HF_TOKEN or run "
+            "`hf auth login`."
+        )
+    return token
+
+
+def check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"`push_to_hub` {repo_id!r} is not a valid repo id ('user/name'): {error}") from error
+
+
+def _push_error(error: Exception, repo_id: str, token: str) -> HubPushError:
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None)
+    server = getattr(error, "server_message", None) or ""
+    if isinstance(error, RepositoryNotFoundError):
+        message = (
+            f"The Hub has no repo {repo_id!r} that this token can see (HTTP {status}), and it was not created: check "
+            "the namespace (your user name or an organisation you belong to)."
+        )
+    elif status == 401:
+        message = "The Hub rejected the token (HTTP 401): check HF_TOKEN or run `hf auth login` again."
+    elif status == 403:
+        message = (
+            f"The Hub refused the push to {repo_id!r} (HTTP 403): the token has no write access to that repo or "
+            "namespace (a read-only token, or another user's namespace)."
+        )
+    else:
+        message = f"Pushing to {repo_id!r} failed: {type(error).__name__} {status or ''} {server}".strip()
+    return HubPushError(message.replace(token, "***"))
+
+
+def check_push_access(repo_id: str, token: str | None = None) -> str:
+    """Before a long conversion: a valid repo id and a token the Hub accepts. Returns the token."""
+    check_repo_id(repo_id)
+    token = resolve_token(token)
+    try:
+        HfApi(token=token).whoami()
+    except (HfHubHTTPError, OSError) as error:
+        raise _push_error(error, repo_id, token) from None
+    return token
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Create `repo_id` if needed and upload the exported `folder` in ONE commit. Returns the commit URL.
+
+    The token comes from `token` or the usual places (HF_TOKEN, `hf auth login`); it is never printed or written.
+
+    Raises:
+        ValueError: invalid repo id, no token, or `folder` is not an exported MM-GEM folder.
+        HubPushError: the Hub refused the push (bad token, no write access, unknown namespace, ...).
+    """
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
+        raise ValueError(f"`folder` {str(folder)!r} is not an exported MM-GEM folder (config.json and README.md).")
+    token = resolve_token(token)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files) / 1e6
+    api = HfApi(token=token)
+    logger.info("Uploading %d files (%.1f MB) to %s/%s in one commit", len(files), size, api.endpoint, repo_id)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            commit_message=commit_message or "Upload MM-GEM converted with mmgem",
+        )
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        raise _push_error(error, repo_id, token) from None
+    logger.info("Pushed to %s", commit.commit_url)
+    return commit.commit_url
