@@ -126,6 +126,19 @@ def new_token_ids(model: nn.Module) -> list[int]:
     return [int(token_id) for token_id in ids]
 
 
+def expose_tied_weights(model: nn.Module) -> None:
+    """Let PEFT see that `lm_head` is tied to the input embeddings when the language model ties them (e.g. SmolLM).
+
+    PEFT looks for tied weights only through a dict `_tied_weights_keys` on the top-level model, then collects the
+    children's entries; MMGEMModel inherits `None`, so PEFT would train the `[EMB]` / `[CAP]` rows for the input side
+    only and `merge_and_unload` would then change those rows of the tied `lm_head` too (different logits). An empty
+    dict (no ties of its own) makes PEFT tie the token adapter of `lm_head` to the embedding's. No-op when the class
+    already defines it.
+    """
+    if getattr(model, "_tied_weights_keys", None) is None:
+        model._tied_weights_keys = {}
+
+
 # ---------------------------------------------------------------------------------------------- config
 def mmgem_lora_config(
     model: nn.Module,
@@ -253,6 +266,7 @@ def apply_lora(
         raise ValueError(f"pass either `config` or config arguments {sorted(config_kwargs)}, not both.")
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    expose_tied_weights(model)
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
@@ -308,6 +322,7 @@ def load_lora_adapter(
     if isinstance(base, (str, Path)):
         base = AutoModel.from_pretrained(str(base), **{"trust_remote_code": True, **(model_kwargs or {})})
     base = _check_mmgem(base)
+    expose_tied_weights(base)
     peft_model = PeftModel.from_pretrained(
         base, str(adapter), adapter_name=adapter_name, is_trainable=is_trainable, **peft_kwargs
     )
@@ -337,6 +352,7 @@ __all__ = [
     "apply_lora",
     "count_parameters",
     "enable_gradient_checkpointing",
+    "expose_tied_weights",
     "freeze_vision_tower",
     "language_model_target_regex",
     "load_lora_adapter",

@@ -11,7 +11,7 @@ from peft import AutoPeftModel, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
-from modeling_mmgem.build import tiny_mmgem
+from modeling_mmgem.build import build_mmgem, tiny_configs, tiny_mmgem, train_tokenizer
 from modeling_mmgem.lora import (
     PROJECTION_MODULES,
     adapter_key_mismatch,
@@ -306,6 +306,46 @@ def test_merge_and_unload_gives_the_same_outputs_and_saves(trained, folder, batc
     assert generated.shape[0] == 1
 
 
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory):
+    """A tiny MM-GEM whose language model ties lm_head to the input embeddings (as SmolLM or Qwen2-0.5B do)."""
+    vision_config, text_config = tiny_configs()
+    text_config["tie_word_embeddings"] = True
+    torch.manual_seed(0)
+    model, processor = build_mmgem(vision_config, text_config, train_tokenizer(CAPTIONS * 4, 300), pool_grid_size=2)
+    path = tmp_path_factory.mktemp("tied") / "base"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def train_a_little(peft_model, batch, steps=3):
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(steps):
+        peft_model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return peft_model.eval()
+
+
+def test_tied_embeddings_train_save_reload_and_merge_consistently(tied_folder, tmp_path):
+    processor = AutoProcessor.from_pretrained(tied_folder, trust_remote_code=True)
+    batch = processor(images=random_images(4, seed=1), text=CAPTIONS)
+    base = load_base(tied_folder)
+    assert base.language_model.lm_head.weight is base.get_input_embeddings().weight
+    peft_model = train_a_little(apply_lora(base, r=4, dropout=0.0), batch)
+    # The [EMB] / [CAP] rows of the tied lm_head follow the trained embedding rows.
+    assert type(peft_model.get_base_model().language_model.lm_head).__name__ == "TrainableTokensWrapper"
+    expected = outputs(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = load_lora_adapter(tied_folder, tmp_path / "adapter")
+    assert_same_outputs(outputs(reloaded, batch), expected, atol=1e-6)
+    merged = reloaded.merge_and_unload()
+    assert merged.language_model.lm_head.weight is merged.get_input_embeddings().weight
+    assert_same_outputs(outputs(merged, batch), expected, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ hub
 def test_adapter_push_and_pull_by_repo_id(trained, folder, batch, fake_hub, tmp_path):
     from huggingface_hub import HfApi
@@ -327,3 +367,27 @@ def test_adapter_push_and_pull_by_repo_id(trained, folder, batch, fake_hub, tmp_
         assert_same_outputs(outputs(pulled, batch), expected, atol=1e-6)
         auto_model = AutoModel.from_pretrained("user/tiny-mmgem-lora", trust_remote_code=True)
         assert_same_outputs(outputs(auto_model, batch), expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_merged_model_and_adapter_export_with_the_conversion_script(trained, folder, batch, tmp_path, processor):
+    from sentence_transformers import SentenceTransformer
+
+    from conversion.convert_mmgem import export_checkpoint
+
+    peft_model, adapter_dir, _ = trained
+    expected = outputs(peft_model, batch)
+    merged = load_lora_adapter(folder, adapter_dir).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    processor.save_pretrained(tmp_path / "merged")
+    exports = {
+        "merged": export_checkpoint(tmp_path / "merged", tmp_path / "export-merged", verify=False),
+        # The script also takes the adapter itself (it merges it on the way); its base comes from adapter_config.json.
+        "adapter": export_checkpoint(adapter_dir, tmp_path / "export-adapter", verify=False),
+    }
+    for name, exported in exports.items():
+        reloaded = AutoModel.from_pretrained(exported, trust_remote_code=True)
+        assert_same_outputs(outputs(reloaded, batch), expected, atol=1e-5)
+        st = SentenceTransformer(str(exported), trust_remote_code=True)  # exported folders are ST models too
+        embeddings = st.encode(CAPTIONS, convert_to_tensor=True)
+        torch.testing.assert_close(embeddings, expected.text_embeds, atol=1e-5, rtol=0, msg=name)
