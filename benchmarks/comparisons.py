@@ -284,13 +284,14 @@ def checkpoint_loading(ctx: SuiteContext) -> list[Record]:
     ctx.cache["stock"] = base_dir
     weights = safetensors_bytes(ours_dir)
     dtype = str(bm.dtype).removeprefix("torch.")
+    types = (bm.config.text_config.model_type, bm.config.vision_config.model_type)
     runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
     sides = [("ours", ours_dir), ("baseline", base_dir)]
     for pair in range(1 if ctx.quick else 3):
         for side, path in sides if pair % 2 == 0 else sides[::-1]:
             runs[side].append(
                 measure_in_subprocess(
-                    side, path, str(bm.device), dtype, ctx.threads, ctx.workdir / "modules", ctx.plan.clock
+                    side, path, types, str(bm.device), dtype, ctx.threads, ctx.workdir / "modules", ctx.plan.clock
                 )
             )
     ours_s = median([r["seconds"] for r in runs["ours"]])

@@ -2,14 +2,20 @@
 
 Peak RSS of a load is defined as `VmHWM - RSS0`, read from `/proc/self/status` of the loading process:
 
-- `RSS0` is the resident set after the imports (torch, transformers, the model classes), after `gc.collect()`, and
-  on CUDA after the CUDA context exists; it is what the interpreter costs before any weight is touched.
+- `RSS0` is the resident set after the imports (torch, transformers and the modeling modules of the LM and the
+  vision tower, which transformers would otherwise import lazily inside `from_pretrained`: about 125 MB that have
+  nothing to do with the weights), after `gc.collect()`, and on CUDA after the CUDA context exists; it is what the
+  interpreter costs before any weight is touched. Importing MM-GEM's own remote code stays inside the measurement.
 - `VmHWM` is the resident-set high-water mark after the load. Just before the load it is reset to the current RSS
   by writing `5` to `/proc/self/clear_refs` (Linux >= 4.0), so import-time peaks do not count. Where the reset is
   refused, `ru_maxrss` semantics apply (the peak since the process started) and the record says so.
 
+- Right after `from_pretrained` every parameter and buffer is read once (summed): transformers may hand back tensors
+  backed by the memory-mapped safetensors file, whose pages become resident only when first used, so without the
+  read a lazy load would look free. The time reported covers `from_pretrained` plus that read.
+
 The ratio reported is that peak over the size of the `*.safetensors` files: 1.0 means the load never held more
-than one copy of the weights in memory (memory-mapped file pages that are resident count, as the kernel does).
+than one copy of the weights in memory (resident pages of the memory-mapped file count, as the kernel counts them).
 Run as `python -m benchmarks.loading --side ours|baseline ...` by the suite; it prints one JSON line.
 """
 
@@ -49,12 +55,32 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _import_model_classes(text_type: str, vision_type: str) -> None:
+    """Import the stock LM and vision classes both sides build, so the import is not counted as loading."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    getattr(transformers, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[text_type])
+    getattr(transformers, modeling_auto.MODEL_MAPPING_NAMES[vision_type])
+
+
+def _read_every_weight(models: list) -> None:
+    """Touch every parameter and buffer once, so lazily mapped weights become resident (see module docstring)."""
+    import torch
+
+    with torch.no_grad():
+        for model in models:
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.sum()
+
+
 def _worker(args: argparse.Namespace) -> dict:
     """Load one side once and measure it (runs in the child process)."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
+    _import_model_classes(args.text_type, args.vision_type)
     dtype = getattr(torch, args.dtype)
     device_kwargs = {} if args.device == "cpu" else {"device_map": args.device}
     if args.device.startswith("cuda"):
@@ -71,6 +97,7 @@ def _worker(args: argparse.Namespace) -> dict:
             AutoModelForCausalLM.from_pretrained(Path(args.path) / "language_model", dtype=dtype, **device_kwargs),
             AutoModel.from_pretrained(Path(args.path) / "vision_model", dtype=dtype, **device_kwargs),
         ]
+    _read_every_weight(models)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = now() - start
@@ -102,7 +129,14 @@ def safetensors_bytes(folder: Path) -> int:
 
 
 def measure_in_subprocess(
-    side: str, path: Path, device: str, dtype: str, threads: int, modules_cache: Path, clock: str = "wall"
+    side: str,
+    path: Path,
+    model_types: tuple[str, str],
+    device: str,
+    dtype: str,
+    threads: int,
+    modules_cache: Path,
+    clock: str = "wall",
 ) -> dict:
     """Run one load in a fresh interpreter and return its measurements."""
     env = dict(os.environ)
@@ -114,7 +148,8 @@ def measure_in_subprocess(
         OMP_NUM_THREADS=str(threads),
     )
     command = [sys.executable, "-m", "benchmarks.loading", "--side", side, "--path", str(path), "--device", device,
-               "--dtype", dtype, "--threads", str(threads), "--clock", clock]
+               "--dtype", dtype, "--threads", str(threads), "--clock", clock, "--text-type", model_types[0],
+               "--vision-type", model_types[1]]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"loading benchmark ({side}) failed:\n{result.stderr[-4000:]}")
@@ -129,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--text-type", default="llama", help="model_type of the language model")
+    parser.add_argument("--vision-type", default="clip_vision_model", help="model_type of the vision tower")
     print(json.dumps(_worker(parser.parse_args(argv))))
 
 

@@ -150,6 +150,18 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def warn_if_busy(args: argparse.Namespace, info: dict[str, Any]) -> None:
+    """Say so when other jobs compete for the CPU: wall-clock ratios then carry their noise."""
+    load = info.get("load_average_at_start")
+    cores = info.get("nproc") or 1
+    if args.device.type == "cpu" and args.clock == "wall" and load and load[0] > cores:
+        print(
+            f"warning: this machine is busy (load average {load[0]:.1f} on {cores} cores); wall-clock timings will "
+            "be noisy. `--clock cpu --threads 1` measures this process's CPU time instead.",
+            file=sys.stderr,
+        )
+
+
 def run_suite(args: argparse.Namespace) -> tuple[list[Record], dict[str, Any]]:
     """Build the model, run the selected steps with a progress bar, write the outputs after every step."""
     import transformers
@@ -161,6 +173,7 @@ def run_suite(args: argparse.Namespace) -> tuple[list[Record], dict[str, Any]]:
     output.mkdir(parents=True, exist_ok=True)
     info = machine_info(args)
     write_json_atomic(output / "machine.json", info)
+    warn_if_busy(args, info)
     records: list[Record] = []
     curve_data: dict[str, Any] = {}
     dtype = getattr(torch, args.dtype)
@@ -182,11 +195,12 @@ def run_suite(args: argparse.Namespace) -> tuple[list[Record], dict[str, Any]]:
             bar.update(1)
         bar.close()
     write_json_atomic(output / "results.json", [r.to_dict() for r in records])
-    title = f"MM-GEM {args.size} ({info.get('gpu', info['cpu'])}, {args.dtype})"
+    clock = "wall clock" if args.clock == "wall" else "CPU time"
+    title = f"MM-GEM {args.size} ({info.get('gpu', info['cpu'])}, {args.dtype}, {args.threads} threads, {clock})"
     pngs = curves.plot_curves(curve_data, output, title) if curve_data else []
     table = markdown_table(records)
     write_text_atomic(output / "table.md", table + "\n")
-    print(f"\n{title}, {SIZES[args.size].describe()}; {args.threads} threads\n")
+    print(f"\n{title}\n{SIZES[args.size].describe()}\n")
     print(table)
     if curve_data:
         print("\n" + curve_summary(curve_data))
