@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 # something. `{steps}` and `{records}` are filled per notebook.
 TINY_MODEL_CELL = """\
 if MODEL_PATH is None:
+    torch.set_num_threads(1)  # the tiny model's matrices are too small to gain from threads (and busy CI cores)
     # A tiny random MM-GEM (hidden size 32, 2 layers, 32 px images) with a tokenizer trained on the captions,
     # fitted for a few seconds with the joint loss (contrastive + captioning, images and regions).
     from modeling_mmgem.build import tiny_mmgem
