@@ -6,10 +6,9 @@ Peak RSS of a load is defined as `VmHWM - RSS0`, read from `/proc/self/status` o
   vision tower, which transformers would otherwise import lazily inside `from_pretrained`: about 125 MB that have
   nothing to do with the weights), after `gc.collect()`, and on CUDA after the CUDA context exists; it is what the
   interpreter costs before any weight is touched. Importing MM-GEM's own remote code stays inside the measurement.
-- `VmHWM` is the resident-set high-water mark after the load. Just before the load it is reset to the current RSS
-  by writing `5` to `/proc/self/clear_refs` (Linux >= 4.0), so import-time peaks do not count. Where the reset is
-  refused, `ru_maxrss` semantics apply (the peak since the process started) and the record says so.
-
+- `VmHWM` is the resident-set high-water mark after the load and the read below. Just before the load it is reset
+  to the current RSS by writing `5` to `/proc/self/clear_refs` (Linux >= 4.0), so import-time peaks do not count.
+  Where the reset is refused, `ru_maxrss` is used (the peak since the process started) and the record says so.
 - Right after `from_pretrained` every parameter and buffer is read once (summed): transformers may hand back tensors
   backed by the memory-mapped safetensors file, whose pages become resident only when first used, so without the
   read a lazy load would look free. The time reported covers `from_pretrained` plus that read.
