@@ -190,8 +190,12 @@ def export_checkpoint(
     kind = checkpoint_kind(checkpoint)
     torch_dtype = parse_dtype(dtype)
     mapping = parse_key_mapping(key_mapping)
-    if mapping is not None and kind != "state_dict":
-        raise ValueError("`key_mapping` applies to a state dict file only (`from_checkpoint` is a folder).")
+    if kind != "state_dict" and (mapping is not None or vision_model or language_model):
+        raise ValueError(
+            "`key_mapping`, `vision_model` and `language_model` apply to a state dict file only (`from_checkpoint` is "
+            "a saved model or adapter folder, which knows its architecture); use `base_models` to name the components "
+            "in the model card."
+        )
     _check_max_shard_size(max_shard_size)
     check_output_dir(output_dir, overwrite, [str(checkpoint), base_model, vision_model, language_model])
     push_token = _prepare_push(push_to_hub, token)
@@ -219,6 +223,7 @@ def export_checkpoint(
         repo_id=push_to_hub,
     )
     holder = Composition(model, processor)
+    del model  # the holder owns it: `publish` releases it before the reload check
     publish(holder, output_dir, card_info, max_shard_size=max_shard_size, overwrite=overwrite, verify=verify)
     if push_to_hub:
         push_folder(output_dir, push_to_hub, private=private, token=push_token)

@@ -48,6 +48,7 @@ REQUIRED_FILES = (
     "README.md",
 )
 PAPER = "https://arxiv.org/abs/2405.19333"
+DEFAULT_CAPTION_TOKENS = 64
 # Hub model ids as stored in the local cache: .../models--{org}--{name}/snapshots/{revision}
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
@@ -236,6 +237,16 @@ Ma et al., "Multi-Modal Generative Embedding Model", arXiv:2405.19333, 2024. {{ 
 """
 
 
+def _display_source(path_or_id: str | None) -> str:
+    """A component as the card shows it: a Hub link, or only the name of a local folder (no local paths in public)."""
+    if not path_or_id:
+        return "see the checkpoint"
+    hub_id = hub_id_of(path_or_id)
+    if hub_id:
+        return f"[{hub_id}](https://huggingface.co/{hub_id})"
+    return f"a local folder `{Path(path_or_id).name}`"
+
+
 def build_model_card(model: Any, info: CardInfo, model_name: str) -> ModelCard:
     """The README.md of the exported folder, through `ModelCard.from_template` (metadata + usage code)."""
     import transformers
@@ -265,8 +276,8 @@ def build_model_card(model: Any, info: CardInfo, model_name: str) -> ModelCard:
         untrained=info.checkpoint is None,
         checkpoint=info.checkpoint,
         checkpoint_kind=info.checkpoint_kind,
-        vision_model=f"`{info.vision_model}`" if info.vision_model else "see the checkpoint",
-        language_model=f"`{info.language_model}`" if info.language_model else "see the checkpoint",
+        vision_model=_display_source(info.vision_model),
+        language_model=_display_source(info.language_model),
         grid=config.pool_grid_size,
         num_image_tokens=config.num_image_tokens,
         projection_type=config.projection_type,
@@ -338,12 +349,14 @@ def verify_in_subprocess(folder: Path, references: dict[str, Any]) -> dict[str, 
         raise RuntimeError(f"The exported folder failed its reload check in a fresh process:\n{tail}")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     logger.info(
-        "Reload check passed: %s (%s), vision max diff %.2g, LM max diff %.2g, sentence-transformers dim %d",
+        "Reload check passed: %s (%s), vision max diff %.2g, LM max diff %.2g, sentence-transformers dim %d, "
+        "peak RSS of the check %s GiB",
         summary["class"],
         summary["dtype"],
         summary["vision_max_diff"],
         summary["lm_max_diff"],
         summary["sentence_transformers_dim"],
+        summary.get("peak_rss_gib"),
     )
     return summary
 
@@ -403,8 +416,19 @@ def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
         staging.rename(output_dir)
 
 
+def set_caption_length(model: Any, max_new_tokens: int = DEFAULT_CAPTION_TOKENS) -> None:
+    """Give `generate` a caption-sized default: without one, transformers falls back to a model-agnostic 20 tokens
+    (and warns at every call), short for MM-GEM's long captions. A length the generation config already sets is
+    kept."""
+    generation_config = model.generation_config
+    if generation_config.max_new_tokens is None and generation_config.max_length in (None, 20):
+        generation_config.max_new_tokens = max_new_tokens
+        generation_config._from_model_config = False  # now a real generation config, saved as such
+
+
 def write_folder(model: Any, processor: Any, folder: Path, card: ModelCard, max_shard_size: int | str) -> None:
     """Every file of the Hub repo, in `folder`."""
+    set_caption_length(model)
     logger.info("Saving the weights and remote code (shards of at most %s)", max_shard_size)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
     logger.info("Saving the processor, the sentence-transformers files and the model card")

@@ -93,6 +93,18 @@ def check_sentence_transformers(folder: str, refs: dict, results: dict) -> None:
     results["sentence_transformers_dim"] = int(text_embedding.shape[-1])
 
 
+def peak_rss_gib() -> float | None:
+    """This process's peak resident memory (VmHWM, Linux), or None where /proc is not available."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024**2, 2)  # kB -> GiB
+    except OSError:
+        return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     folder, references = argv if argv is not None else sys.argv[1:]
     refs = torch.load(references, weights_only=True)
@@ -103,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportCheckError as error:
         print(f"EXPORT CHECK FAILED: {error}", file=sys.stderr)
         return 1
+    results["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(results))
     return 0
 

@@ -156,11 +156,15 @@ def test_cli_writes_one_complete_hub_folder(pushed):
     config = json.loads((output / "config.json").read_text())
     assert {"AutoConfig", "AutoModel"} <= set(config["auto_map"])
     assert json.loads((output / "processor_config.json").read_text())["auto_map"]["AutoProcessor"]
+    generation = json.loads((output / "generation_config.json").read_text())
+    assert generation["max_new_tokens"] == 64 and generation["pad_token_id"] == config["text_config"]["pad_token_id"]
     assert _no_partial_left(output.parent)
 
 
-def test_model_card_metadata_and_usage(pushed):
+def test_model_card_metadata_and_usage(pushed, sources):
     card = ModelCard.load(pushed["output"] / "README.md")
+    assert str(sources["clip"].parent) not in card.content  # no local paths in a public card
+    assert "a local folder `clip`" in card.text
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "feature-extraction"
     assert card.data.license == "mit"  # both source cards say mit
@@ -400,7 +404,7 @@ def test_refuses_a_non_square_image_processor(sources, tmp_path):
         convert(str(folder), str(sources["llama"]), tmp_path / "out", **MMGEM_OPTIONS)
 
 
-def test_refuses_bad_options_before_loading(sources, tmp_path):
+def test_refuses_bad_options_before_loading(sources, pushed, tmp_path):
     args = (str(sources["clip"]), str(sources["llama"]), tmp_path / "out")
     with pytest.raises(ValueError, match="pool_grid_size"):
         convert(*args, pool_grid_size=5)  # the patch grid is 4x4
@@ -410,6 +414,12 @@ def test_refuses_bad_options_before_loading(sources, tmp_path):
         convert(*args, max_shard_size="lots")
     with pytest.raises(ValueError, match="valid repo id"):
         convert(*args, push_to_hub="not a repo")
+    with pytest.raises(ValueError, match="apply to a state dict file only"):
+        export_checkpoint(pushed["output"], tmp_path / "out", vision_model=str(sources["clip"]))
+    with pytest.raises(ValueError, match="holds a 'llama' model, not an MM-GEM"):
+        export_checkpoint(sources["llama"], tmp_path / "out")
+    with pytest.raises(ValueError, match="regex"):
+        export_checkpoint(sources["llama"] / "model.safetensors", tmp_path / "out", key_mapping='{"(": ""}')
 
 
 def test_existing_output_needs_overwrite(sources, pushed, tmp_path):
