@@ -10,7 +10,7 @@ MIN_TRANSFORMERS ?= 5.24.0
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
-.PHONY: venv test test-fast test-min lint demo bench experiments clean
+.PHONY: venv test test-fast test-min lint demo bench bench-quick bench-gpu experiments experiments-quick clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/run.py --size small
+
+bench-quick: venv
+	$(PY) benchmarks/run.py --size tiny --quick
+
+bench-gpu: venv
+	bash benchmarks/gpu.sh
 
 experiments: venv
 	$(PY) -m experiments.run
