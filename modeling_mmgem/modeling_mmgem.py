@@ -34,6 +34,11 @@ from .loss_mmgem import caption_loss, contrastive_loss
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
 
+# The name `generate` stores and reads the KV cache under: `cache` since transformers 5.24, `past_key_values` before.
+# Detected from GenerationMixin's own signature rather than the version number, so it follows the installed release.
+_GENERATION_INPUTS = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+_CACHE_NAME = "cache" if "cache" in _GENERATION_INPUTS else "past_key_values"
+
 
 # ---------------------------------------------------------------------------------------------------------- outputs
 @dataclass
@@ -79,8 +84,8 @@ class MMGEMOutput(ModelOutput):
         logits (`torch.FloatTensor` of shape `(num_sequences, sequence_length, vocab_size)`):
             Language-model logits over the caption sequence (`input_ids`).
         cache (`transformers.Cache`, *optional*):
-            The language model's KV cache, for `generate` (transformers also answers to its older name
-            `past_key_values`).
+            The language model's KV cache, for `generate`. The field is named after the installed transformers
+            (`cache` from 5.24, `past_key_values` before); both attribute names work on every release.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
             Language-model hidden states of the caption sequence, when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
@@ -95,7 +100,17 @@ class MMGEMOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    cache: Any | None = None
+    if _CACHE_NAME == "cache":
+        cache: Any | None = None  # transformers >= 5.24 maps reads of `past_key_values` onto it
+    else:
+        # transformers < 5.24 looks the cache up in model outputs as `past_key_values` (`key in outputs`).
+        past_key_values: Any | None = None
+
+        @property
+        def cache(self) -> Any | None:
+            """The KV cache under its transformers >= 5.24 name."""
+            return self.past_key_values
+
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -638,7 +653,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             output.logits = lm_output.logits
             output.hidden_states = lm_output.get("hidden_states")
             output.attentions = lm_output.get("attentions")
-            output.cache = lm_output.get(self._lm_cache_argument)
+            setattr(output, _CACHE_NAME, lm_output.get(self._lm_cache_argument))
             if labels is not None and return_loss:
                 if labels.shape != output.logits.shape[:2]:
                     raise ValueError(
