@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 # Lowest transformers release the fast tests are run against (keep in sync with setup.py).
-MIN_TRANSFORMERS ?= 5.24.0
+MIN_TRANSFORMERS ?= 5.18.0
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 

@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 # The lowest versions the fast tests run against in CI (see Makefile `test-min`).
 INSTALL_REQUIRES = [
     "torch>=2.4",
-    "transformers>=5.24.0,<6",
+    "transformers>=5.18.0,<6",  # 5.18: the first 5.x release that accepts huggingface_hub 2.x
     "sentence-transformers>=6.2.0",
     "peft>=0.21.0",
     "huggingface_hub>=2.4.0",
