@@ -48,9 +48,10 @@ def _check_max_shard_size(max_shard_size: int | str) -> None:
     from huggingface_hub.serialization._base import parse_size_to_int
 
     try:
-        if parse_size_to_int(max_shard_size) <= 0:
+        size = max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
+        if isinstance(size, bool) or size <= 0:
             raise ValueError
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, AttributeError) as error:
         raise ValueError(
             "`max_shard_size` must be a positive size such as '5GB' or '500MB', or an int (bytes); "
             f"got {max_shard_size!r}."
@@ -260,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "float16", "bfloat16"],
         help="Weights dtype (default auto: keep the components' own dtype).",
     )
-    output.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="Largest safetensors shard.")
+    output.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        type=lambda value: int(value) if value.isdigit() else value,
+        help="Largest safetensors shard: '5GB', '500MB' or bytes (default 5GB).",
+    )
     output.add_argument("--license", help="Model card license (default: the components' common license, or other).")
     output.add_argument(
         "--base-model-ids", nargs="+", help="Model card base_model ids (default: the components' Hub ids)."

@@ -8,6 +8,7 @@ sentence-transformers files and a model card (`README.md`) made with `huggingfac
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import gc
 import json
 import logging
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
@@ -48,6 +49,8 @@ REQUIRED_FILES = (
     "README.md",
 )
 PAPER = "https://arxiv.org/abs/2405.19333"
+# Remote files a push replaces even when this export does not have them (see `_stale_weight_deletions`).
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 DEFAULT_CAPTION_TOKENS = 64
 # Hub model ids as stored in the local cache: .../models--{org}--{name}/snapshots/{revision}
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
@@ -517,6 +520,20 @@ def check_push_access(repo_id: str, token: str | None = None) -> str:
     return token
 
 
+def _stale_weight_deletions(api: HfApi, repo_id: str, uploading: set[str]) -> list[Any]:
+    """Deletions of weight files an earlier push left that this one does not replace (a stale `model.safetensors`
+    next to a new sharded index would be loaded instead of it). Other files in the repo are left alone."""
+    existing = api.list_repo_files(repo_id, repo_type="model")
+    stale = [
+        path
+        for path in existing
+        if path not in uploading and any(fnmatch.fnmatch(path, pattern) for pattern in WEIGHT_FILE_PATTERNS)
+    ]
+    if stale:
+        logger.info("Deleting %d stale weight files from %s: %s", len(stale), repo_id, ", ".join(stale))
+    return [CommitOperationDelete(path_in_repo=path) for path in stale]
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -525,7 +542,8 @@ def push_folder(
     token: str | None = None,
     commit_message: str | None = None,
 ) -> str:
-    """Create `repo_id` if needed and upload the exported `folder` in ONE commit. Returns the commit URL.
+    """Create `repo_id` if needed (`create_repo(exist_ok=True)`) and upload the exported `folder` in ONE commit
+    (large files go through LFS / xet as with `upload_folder`). Returns the commit URL.
 
     The token comes from `token` or the usual places (HF_TOKEN, `hf auth login`); it is never printed or written.
 
@@ -538,16 +556,22 @@ def push_folder(
     if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
         raise ValueError(f"`folder` {str(folder)!r} is not an exported MM-GEM folder (config.json and README.md).")
     token = resolve_token(token)
-    files = [p for p in folder.rglob("*") if p.is_file()]
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in files) / 1e6
     api = HfApi(token=token)
     logger.info("Uploading %d files (%.1f MB) to %s/%s in one commit", len(files), size, api.endpoint, repo_id)
+    # `create_commit` with every file is `upload_folder`'s single-commit path. `upload_folder` itself, with hf_xet
+    # installed, streams large or slow uploads in several commits ("part N"); a published model is one commit.
+    operations: list[Any] = [
+        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=p) for p in files
+    ]
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
+        operations += _stale_weight_deletions(api, repo_id, {op.path_in_repo for op in operations})
+        commit = api.create_commit(
             repo_id=repo_id,
-            folder_path=folder,
             repo_type="model",
+            operations=operations,
             commit_message=commit_message or "Upload MM-GEM converted with mmgem",
         )
     except (HfHubHTTPError, OSError, ValueError) as error:

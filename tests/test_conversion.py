@@ -410,8 +410,9 @@ def test_refuses_bad_options_before_loading(sources, pushed, tmp_path):
         convert(*args, pool_grid_size=5)  # the patch grid is 4x4
     with pytest.raises(ValueError, match="dtype"):
         convert(*args, dtype="int8")
-    with pytest.raises(ValueError, match="max_shard_size"):
-        convert(*args, max_shard_size="lots")
+    for size in ("lots", 0, None):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            convert(*args, max_shard_size=size)
     with pytest.raises(ValueError, match="valid repo id"):
         convert(*args, push_to_hub="not a repo")
     with pytest.raises(ValueError, match="apply to a state dict file only"):
@@ -496,6 +497,20 @@ def test_push_only_after_a_refused_push(pushed, hub, capsys):
     assert status == 0, capsys.readouterr().err[-2000:]
     assert "config.json" in hub.files("user/again")
     assert hub.token not in "".join(capsys.readouterr())
+
+
+def test_push_replaces_stale_weights_only(pushed, hub, tmp_path):
+    earlier = tmp_path / "earlier"
+    shutil.copytree(pushed["output"], earlier)
+    (earlier / "model.safetensors").rename(earlier / "model-00001-of-00002.safetensors")
+    (earlier / "notes.md").write_text("kept")
+    with hub.patch(token=True):
+        push_folder(earlier, "user/replaced")
+        push_folder(pushed["output"], "user/replaced")
+    files = hub.files("user/replaced")
+    assert "model.safetensors" in files and "model-00001-of-00002.safetensors" not in files
+    assert files["notes.md"] == b"kept"
+    assert len(hub.commits("user/replaced")) == 3  # initial + one commit per push
 
 
 def test_unknown_repo(sources, hub, tmp_path):
