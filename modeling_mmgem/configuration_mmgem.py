@@ -186,5 +186,9 @@ class MMGEMConfig(PretrainedConfig):
 
 # `save_pretrained` writes `auto_map` and copies this file next to the weights.
 MMGEMConfig.register_for_auto_class()
+if __name__ == "modeling_mmgem.configuration_mmgem":
+    # Imported from the installed mmgem package (not as a Hub copy): the Auto classes know the type without
+    # `trust_remote_code`, so e.g. `MMGEMProcessor.from_pretrained(folder)` does not prompt for it.
+    AutoConfig.register("mmgem", MMGEMConfig, exist_ok=True)
 
 __all__ = ["MMGEMConfig"]

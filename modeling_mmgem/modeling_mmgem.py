@@ -24,7 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
@@ -33,6 +39,8 @@ from .configuration_mmgem import MMGEMConfig
 from .loss_mmgem import caption_loss, contrastive_loss
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
+# Caption length `generate` uses when neither the call nor the saved generation config sets one.
+DEFAULT_MAX_CAPTION_TOKENS = 64
 
 # The name `generate` stores and reads the KV cache under: `cache` since transformers 5.24, `past_key_values` before.
 # Detected from GenerationMixin's own signature rather than the version number, so it follows the installed release.
@@ -690,6 +698,11 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
                 _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
             kwargs["visual_tokens"] = self.get_visual_tokens(pixel_values, boxes)
+        length_given = any(k in kwargs for k in ("max_new_tokens", "max_length", "generation_config"))
+        config = self.generation_config
+        if not length_given and config.max_new_tokens is None and config.max_length in (None, 20):
+            # transformers' default total length (20, or prompt + 20) would cut captions after the K visual tokens.
+            kwargs["max_new_tokens"] = DEFAULT_MAX_CAPTION_TOKENS
         if input_ids is None and kwargs.get("inputs_embeds") is None:
             if kwargs.get("visual_tokens") is None:
                 raise ValueError("`generate` needs `pixel_values` (or `visual_tokens`) or `input_ids`.")
@@ -699,5 +712,9 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
 # `save_pretrained` writes `auto_map` and copies this file (and its relative imports) next to the weights.
 MMGEMModel.register_for_auto_class("AutoModel")
+if __name__ == "modeling_mmgem.modeling_mmgem":
+    # Imported from the installed mmgem package (not as a Hub copy): register with the Auto classes.
+    AutoModel.register(MMGEMConfig, MMGEMModel, exist_ok=True)
+    AutoModelForImageTextToText.register(MMGEMConfig, MMGEMModel, exist_ok=True)
 
 __all__ = ["MMGEMModel", "MMGEMPreTrainedModel", "MMGEMOutput", "MMGEMFeaturesOutput"]

@@ -215,8 +215,6 @@ class MMGEMProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self,
@@ -448,5 +446,12 @@ class MMGEMProcessor(ProcessorMixin):
 
 
 MMGEMProcessor.register_for_auto_class("AutoProcessor")
+if __name__ == "modeling_mmgem.processing_mmgem":
+    # Imported from the installed mmgem package (not as a Hub copy): register with AutoProcessor.
+    from transformers import AutoProcessor
+
+    from .configuration_mmgem import MMGEMConfig
+
+    AutoProcessor.register(MMGEMConfig, MMGEMProcessor, exist_ok=True)
 
 __all__ = ["MMGEMProcessor", "add_mmgem_special_tokens"]
