@@ -33,7 +33,7 @@ $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(MIN_VENV)/bin/pip install -q -e ".[dev]" "transformers==$(MIN_TRANSFORMERS)"
+	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
 test-min: $(MIN_VENV)/.installed
