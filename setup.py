@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "jinja2>=3.1",  # huggingface_hub's ModelCard templates (model cards of exported folders)
 ]
 
 EXTRAS = {
@@ -36,6 +37,11 @@ setup(
     packages=find_packages(include=["modeling_mmgem", "modeling_mmgem.*", "conversion", "conversion.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["mmgem=modeling_mmgem.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "mmgem=modeling_mmgem.cli:main",
+            "mmgem-convert=conversion.convert_mmgem:main",
+        ]
+    },
     license="Apache-2.0",
 )
