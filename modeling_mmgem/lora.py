@@ -11,6 +11,11 @@ Recipe (see the README section "LoRA fine-tuning"):
     peft_model = load_lora_adapter(folder, "adapter")          # zero missing / unexpected keys, or an error
     merged = peft_model.merge_and_unload()                     # a plain MMGEMModel again: save_pretrained / export
 
+Also `AutoModel.from_pretrained("adapter", trust_remote_code=True)` (transformers loads the base named in
+adapter_config.json, then the adapter) and `peft.AutoPeftModel.from_pretrained("adapter",
+import_allowlist=["transformers_modules", "modeling_mmgem"])` (PEFT imports the base class: the Hub copy of the code,
+or the installed package where mmgem is imported).
+
 What the config trains (everything else stays frozen):
 
 - LoRA on the linear layers of the language model's decoder (`language_model.model...`): the target is a regex that

@@ -281,7 +281,10 @@ def test_adapter_loads_through_auto_classes(trained, folder, batch):
     expected = outputs(peft_model, batch)
     auto_model = AutoModel.from_pretrained(adapter_dir, trust_remote_code=True)
     assert_same_outputs(outputs(auto_model, batch), expected, atol=1e-6)
-    auto_peft = AutoPeftModel.from_pretrained(adapter_dir, import_allowlist=["transformers_modules"])
+    # PEFT imports the base class named in adapter_config.json: the Hub copy of the code (transformers_modules) or,
+    # where mmgem is installed and imported, the package itself.
+    allow = ["transformers_modules", "modeling_mmgem"]
+    auto_peft = AutoPeftModel.from_pretrained(adapter_dir, import_allowlist=allow)
     assert_same_outputs(outputs(auto_peft, batch), expected, atol=1e-6)
 
 
