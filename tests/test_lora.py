@@ -26,6 +26,12 @@ from modeling_mmgem.lora import (
 )
 from tests.conftest import random_images
 
+# transformers 5.24 renamed TrainingArguments' gradient_checkpointing to activation_checkpointing (the old name warns).
+CHECKPOINTING_ARGUMENT = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing"
+)
 CAPTIONS = ["a small red circle on the left", "a large blue square", "a green star on the top", "a yellow triangle"]
 LM_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -100,7 +106,7 @@ def train_steps(peft_model, processor, output_dir, steps=8, gradient_checkpointi
         remove_unused_columns=False,  # the collator builds exactly the model inputs
         save_strategy="no",
         use_cpu=True,
-        activation_checkpointing=gradient_checkpointing,  # transformers' new name for gradient_checkpointing
+        **{CHECKPOINTING_ARGUMENT: gradient_checkpointing},
         disable_tqdm=True,
     )
     trainer = Trainer(model=peft_model, args=args, train_dataset=items, data_collator=collate)
