@@ -263,6 +263,9 @@ class MMGEMPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     # The Trainer must not pass `num_items_in_batch`: the joint loss normalises itself.
     accepts_loss_kwargs = False
+    # A dict (empty: tying lives in the language model, collected by `post_init`) so that PEFT also finds the
+    # language model's tied embeddings, e.g. to keep the `[EMB]`/`[CAP]` rows of a tied `lm_head` trainable.
+    _tied_weights_keys: dict[str, str] = {}
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only MM-GEM's own modules: the vision tower and the LM are initialised by their own classes.
@@ -698,6 +701,10 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
                 _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
             kwargs["visual_tokens"] = self.get_visual_tokens(pixel_values, boxes)
+        special_ids = [self.config.image_token_id, self.config.emb_token_id, self.config.cap_token_id]
+        if "suppress_tokens" not in kwargs and not self.generation_config.suppress_tokens:
+            # A caption never contains MM-GEM's special tokens; a generated `<image>` would also read as a placeholder.
+            kwargs["suppress_tokens"] = [i for i in special_ids if i is not None]
         length_given = any(k in kwargs for k in ("max_new_tokens", "max_length", "generation_config"))
         config = self.generation_config
         if not length_given and config.max_new_tokens is None and config.max_length in (None, 20):

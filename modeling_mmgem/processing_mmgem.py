@@ -250,12 +250,14 @@ class MMGEMProcessor(ProcessorMixin):
         return [bos] if bos is not None else []
 
     def _context_length(self, max_length: int | None) -> int | None:
+        """The longest sequence to build: an explicit `max_length`, else the smaller of the language model's context
+        and the tokenizer's `model_max_length` (which sentence-transformers' `max_seq_length` sets)."""
         if max_length is not None:
             return max_length
-        if self.max_length is not None:
-            return self.max_length
         model_max = getattr(self.tokenizer, "model_max_length", None)
-        return model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
+        model_max = model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
+        limits = [n for n in (self.max_length, model_max) if n is not None]
+        return min(limits) if limits else None
 
     def _tokenize_texts(self, texts: Sequence[str], argument: str) -> list[list[int]]:
         if isinstance(texts, str):

@@ -39,3 +39,13 @@ def fake_hub():
 
     with FakeHub() as hub:
         yield hub
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and two threads on busy shared cores slow them down by orders of
+    magnitude: run the in-process tests on one thread (subprocesses keep their own settings)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

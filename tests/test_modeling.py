@@ -380,3 +380,27 @@ def test_config_round_trip_keeps_sub_configs(tmp_path):
     loaded = MMGEMConfig.from_pretrained(tmp_path)
     assert loaded.vision_config.model_type == "siglip_vision_model" and loaded.text_config.model_type == "qwen2"
     assert loaded.pool_grid_size == 2 and loaded.projection_type == "linear" and loaded.num_image_tokens == 4
+
+
+def test_generate_never_emits_special_tokens(tiny, images):
+    """Even a model that prefers `<image>` / `[EMB]` / `[CAP]` writes captions without them (a generated
+    `<image>` would otherwise be taken for a placeholder on the next step)."""
+    model, processor = tiny
+    special = [model.config.image_token_id, model.config.emb_token_id, model.config.cap_token_id]
+
+    def favour_special_tokens(module, args, logits):
+        logits = logits.clone()
+        logits[..., special] += 1e4
+        return logits
+
+    handle = model.language_model.lm_head.register_forward_hook(favour_special_tokens)
+    try:
+        inputs = processor(images=images[:2])
+        with torch.no_grad():
+            cached = model.generate(**inputs, max_new_tokens=4)
+            uncached = model.generate(**inputs, max_new_tokens=4, use_cache=False)
+    finally:
+        handle.remove()
+    new_tokens = cached[:, inputs["input_ids"].shape[1] :]
+    assert new_tokens.shape[1] == 4 and not torch.isin(new_tokens, torch.tensor(special)).any()
+    assert torch.equal(cached, uncached)
