@@ -10,7 +10,7 @@ MIN_TRANSFORMERS ?= 5.18.0
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
-.PHONY: venv test test-fast test-min lint demo bench bench-quick bench-gpu experiments experiments-quick clean
+.PHONY: venv test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ lint: venv
 
 test: venv lint
 	$(PY) -m pytest $(PYTEST_FLAGS)
+	$(MAKE) test-notebooks
 	$(MAKE) test-min
+
+# The notebooks, executed top to bottom on a tiny model (pytest --nbmake).
+test-notebooks: venv
+	$(PY) -m pytest $(PYTEST_FLAGS) --nbmake notebooks/
+
+notebooks: venv
+	$(PY) notebooks/build_notebooks.py
 
 # The fast tests again, against the lowest transformers release that setup.py admits.
 $(MIN_VENV)/.installed: setup.py
