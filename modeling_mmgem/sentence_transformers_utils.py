@@ -105,13 +105,12 @@ def sentence_transformers_configs(
 
 def _library_versions() -> dict[str, str]:
     """Versions recorded in `config_sentence_transformers.json`, as `SentenceTransformer.save` records them."""
-    import sentence_transformers
-    import transformers
+    from importlib.metadata import version  # the installed versions, without importing the libraries
 
     return {
         "pytorch": torch.__version__,
-        "sentence_transformers": sentence_transformers.__version__,
-        "transformers": transformers.__version__,
+        "sentence_transformers": version("sentence-transformers"),
+        "transformers": version("transformers"),
     }
 
 
@@ -139,6 +138,10 @@ def _write_json_atomically(path: Path, content: Any) -> None:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(content, file, indent=2)
             file.write("\n")
+        # mkstemp creates the file readable by its owner only; give it the usual permissions of a new file.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
