@@ -112,7 +112,8 @@ def build_clip(
     spec: dict[str, Any], texts: Sequence[str], max_length: int = CLIP_CONTEXT
 ) -> tuple[CLIPModel, ClipProcessor]:
     """A random `CLIPModel` and its processor; the tokenizer is trained on `texts` like MM-GEM's."""
-    tokenizer = train_tokenizer(texts, vocab_size=spec.get("vocab_size", 512), model_max_length=max_length)
+    # The processor cuts texts to `max_length` itself; a larger tokenizer limit keeps it from warning about long texts.
+    tokenizer = train_tokenizer(texts, vocab_size=spec.get("vocab_size", 512), model_max_length=100_000)
     vision = CLIPVisionConfig(**{k: v for k, v in spec["vision_config"].items() if k != "model_type"})
     processor = ClipProcessor(image_processor_for(vision), tokenizer, max_length)
     model = CLIPModel(clip_config(spec, processor))
@@ -122,14 +123,12 @@ def build_clip(
 
 
 def train_clip(
-    spec: dict[str, Any], dataset: Any, texts: Sequence[str], output_dir: str | Path, training_options: dict[str, Any]
-) -> tuple[CLIPModel, ClipProcessor, dict[str, Any]]:
-    """Train a CLIP baseline with the HF Trainer on `dataset` items; nothing is saved (the run is evaluated live).
+    model: CLIPModel, processor: ClipProcessor, dataset: Any, output_dir: str | Path, training_options: dict[str, Any]
+) -> dict[str, Any]:
+    """Train `model` in place with the HF Trainer on `dataset` items; nothing is saved. Returns the train metrics.
 
-    `training_options` are the `TrainingArguments` values shared with the MM-GEM arm.
+    `training_options` are the `TrainingArguments` values shared with the MM-GEM arms.
     """
-    model, processor = build_clip(spec, texts)
     args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, **training_options)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=ClipCollator(processor))
-    output = trainer.train()
-    return model, processor, dict(output.metrics)
+    return dict(trainer.train().metrics)

@@ -37,7 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--report-dir", help="where REPORT.md, results.json and figures/ go (default: experiments/ for the full "
         "budget, else the output dir)",
     )  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=1, help="tasks run in parallel processes (1: in this process)")
+    parser.add_argument(
+        "--split", choices=("test", "val"), default="test",
+        help="evaluation split (development runs use val; the report's numbers come from test)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="tasks run in parallel worker processes (1: one after another in this "
+        "process); small models use two cores better as two single-threaded tasks than as one two-threaded task",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads per task (default cores / jobs)")
     parser.add_argument("--fresh", action="store_true", help="retrain everything instead of reusing results")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -116,18 +123,21 @@ def load_average() -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------------------- running
+Results = dict[str, dict[int, dict[str, Any]]]
+
+
 def run_tasks(budget: Any, output: Path, datasets: dict[str, Path], jobs: int, threads: int, fresh: bool,
-              progress: bool) -> tuple[dict[str, dict[int, dict[str, Any]]], list[dict[str, Any]]]:  # fmt: skip
+              progress: bool, split: str) -> tuple[Results, list[dict[str, Any]]]:  # fmt: skip
     """Run every task of the budget; returns `{arm: {seed: result}}` and a log of task durations."""
     from .runner import TaskRunner, run_task_in_worker
 
-    runner = TaskRunner(budget, output, datasets, threads, progress)
-    tasks = tasks_for(budget, runner.short_spec)
+    runner = TaskRunner(budget, output, datasets, threads, progress, split)
+    tasks = tasks_for(budget, runner.spec)
     if fresh:
         for task in tasks:
             for arm in runner.produced_arms(task):
                 runner.result_path(arm, task.seed).unlink(missing_ok=True)
-    results: dict[str, dict[int, dict[str, Any]]] = {}
+    results: Results = {}
     log: list[dict[str, Any]] = []
     start = time.perf_counter()
 
@@ -153,7 +163,7 @@ def run_tasks(budget: Any, output: Path, datasets: dict[str, Path], jobs: int, t
     else:
         paths = {k: str(v) for k, v in datasets.items()}
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_task_in_worker, budget, str(output), paths, threads, t) for t in pending]
+            futures = [pool.submit(run_task_in_worker, budget, str(output), paths, threads, split, t) for t in pending]
             for future in as_completed(futures):
                 task, produced, seconds = future.result()
                 record(task, produced, seconds, False)
@@ -171,24 +181,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from .report import write_report
-    from .runner import long_caption_visibility, prepare_datasets
+    from .runner import TaskRunner, long_caption_visibility, prepare_datasets
 
     context: dict[str, Any] = {"command": command.strip(), "budget": budget.as_dict(), "jobs": args.jobs,
                                "threads": threads, "load_before": load_average(), "environment": environment(),
-                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+                               "split": args.split, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
     print(f"Experiments, {budget.name} budget: {budget.note}\nOutput: {output}\nReport: {report_dir}", flush=True)
     began, cpu_began = time.perf_counter(), time.process_time() + children_cpu_seconds()
     datasets = prepare_datasets(budget, output / "data", progress=not args.no_progress)
-    results, log = run_tasks(budget, output, datasets, args.jobs, threads, args.fresh, not args.no_progress)
-    spec = experiment_architecture(budget.preset, budget.long_vocab_size)
+    results, log = run_tasks(
+        budget, output, datasets, args.jobs, threads, args.fresh, not args.no_progress, args.split
+    )
+    spec = experiment_architecture(budget.preset, budget.vocab_size)
+    texts = TaskRunner(budget, output, datasets, threads).training_texts()
     context["visibility"] = {
-        variant: long_caption_visibility(datasets[variant], budget.long_vocab_size, CLIP_CONTEXT - 2)
+        variant: long_caption_visibility(datasets[variant], texts, budget.vocab_size, CLIP_CONTEXT - 2, args.split)
         for variant in LONG_VARIANTS
     }
     context.update(
         results=results, task_log=log, wall_s=time.perf_counter() - began, load_after=load_average(),
-        cpu_s=time.process_time() + children_cpu_seconds() - cpu_began, long_spec=spec,
-        short_spec=experiment_architecture(budget.preset, budget.short_vocab_size),
+        cpu_s=time.process_time() + children_cpu_seconds() - cpu_began, spec=spec,
         arms=[a.__dict__ for a in arms_for(spec)], preambles=dict(LONG_VARIANTS),
     )  # fmt: skip
     report = write_report(report_dir, context)

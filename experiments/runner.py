@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .settings import LONG_VARIANTS, Budget, Task, default_grid, experiment_architecture
+from .settings import CLIP_CONTEXT, LONG_VARIANTS, Budget, Task, default_grid, experiment_architecture
 
 SHORT_TASKS = ("retrieval", "zero_shot")
 REGION_TASKS = ("region_captioning", "region_retrieval")
@@ -108,28 +108,45 @@ def _loss_summary(log_history: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------- runner
-class TaskRunner:
-    """Runs tasks of one budget; results go to `output/results/<arm>/seed<k>.json`."""
+def _cost(clock: Stopwatch, steps: int, batch_size: int, metrics: dict[str, Any], model: Any, **extra: Any):
+    return {
+        "train_wall_s": clock.wall, "train_cpu_s": clock.cpu, "steps": steps, "batch_size": batch_size,
+        "trainer_runtime_s": metrics.get("train_runtime"), "parameters": sum(p.numel() for p in model.parameters()),
+        **extra,
+    }  # fmt: skip
 
-    def __init__(self, budget: Budget, output: Path, datasets: dict[str, Path], threads: int, progress: bool = False):
+
+class TaskRunner:
+    """Runs tasks of one budget; results go to `output/results/<split>/<arm>/seed<k>.json`."""
+
+    def __init__(self, budget: Budget, output: Path, datasets: dict[str, Path], threads: int, progress: bool = False,
+                 split: str = "test"):  # fmt: skip
+        if split not in ("val", "test"):
+            raise ValueError(f"`split` must be 'val' or 'test'; got {split!r}.")
+        self.split = split
         self.budget = budget
         self.output = Path(output)
         self.datasets = {k: Path(v) for k, v in datasets.items()}
         self.threads = threads
         self.progress = progress
-        self.short_spec = experiment_architecture(budget.preset, budget.short_vocab_size)
-        self.long_spec = experiment_architecture(budget.preset, budget.long_vocab_size)
+        self.spec = experiment_architecture(budget.preset, budget.vocab_size)
+        self._texts: list[str] | None = None
 
     # ------------------------------------------------------------------ bookkeeping
     def result_path(self, arm: str, seed: int) -> Path:
-        return self.output / "results" / arm / f"seed{seed}.json"
+        return self.output / "results" / self.split / arm / f"seed{seed}.json"
 
     def task_fingerprint(self, task: Task) -> str:
-        return fingerprint(self.budget.as_dict(), asdict(task), self.short_spec, self.long_spec)
+        return fingerprint(self.budget.as_dict(), asdict(task), self.spec, self.split, LONG_VARIANTS)
 
     def produced_arms(self, task: Task) -> list[str]:
         if task.kind == "core":
-            return ["joint", f"pool_{default_grid(self.short_spec)}", "stage1", "stage1_more", "stage2"]
+            arms = ["joint", f"pool_{default_grid(self.spec)}", "stage1", "stage1_more", "stage2"]
+            for variant in LONG_VARIANTS:
+                arms += [f"long_{variant}_{m}{zs}" for zs in ("_zs", "") for m in ("mmgem77", "mmgem")]
+            return arms
+        if task.kind == "clip":
+            return [f"long_{variant}_clip{zs}" for variant in LONG_VARIANTS for zs in ("_zs", "")]
         return [task.arm]
 
     def cached(self, task: Task) -> dict[str, dict[str, Any]] | None:
@@ -155,58 +172,81 @@ class TaskRunner:
         work = self.output / "models" / task.arm / f"seed{task.seed}"
         if work.exists():
             shutil.rmtree(work)
-        method = {
-            "core": self._core, "single": self._single, "long_mmgem": self._long_mmgem, "long_clip": self._long_clip,
-        }[task.kind]  # fmt: skip
-        results = method(task, work)
+        work.mkdir(parents=True)
+        method = {"core": self._core, "single": self._single, "clip": self._clip}[task.kind]
+        results = json.loads(json.dumps(method(task, work)))  # independent copies of shared records
         base = {"fingerprint": self.task_fingerprint(task), "seed": task.seed, "task": asdict(task),
-                "threads": self.threads}  # fmt: skip
+                "threads": self.threads, "split": self.split}  # fmt: skip
         for arm, result in results.items():
             result.update(base, arm=arm)
             _write_json(self.result_path(arm, task.seed), result)
         shutil.rmtree(work, ignore_errors=True)  # model folders are not kept: results are
         return results
 
-    # ------------------------------------------------------------------ MM-GEM pieces
-    def _train_mmgem(self, task: Task, output: Path, spec: dict[str, Any] | None, data: Path, *, stage: int = 1,
-                     start: Path | None = None, steps: int, batch_size: int, learning_rate: float,
-                     long: bool = False) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-        """One `modeling_mmgem.train.train` call; returns the result and its cost."""
+    # ------------------------------------------------------------------ shared pieces
+    def training_texts(self) -> list[str]:
+        """Every training text of the run (captions, region captions, both variants' long descriptions).
+
+        One tokenizer is trained on them for every arm, so that the long fine-tunes start from stage-1 models that
+        already have tokens for the long descriptions' words, and CLIP and MM-GEM read the same token sequences.
+        """
+        if self._texts is None:
+            from modeling_mmgem.train import load_records, training_texts
+
+            texts = []
+            for index, root in enumerate(self.datasets.values()):
+                records = load_records(root / "train.jsonl")
+                if index == 0:
+                    texts += training_texts(records, use_long_caption=False)
+                texts += [r.long_caption for r in records if r.long_caption]
+            self._texts = texts
+        return self._texts
+
+    def _initial_model(self, task: Task, overrides: dict[str, Any], folder: Path) -> Path:
+        """A new MM-GEM (seeded init, the run's tokenizer) saved to `folder`, for `train(model=folder)`."""
         import transformers
 
+        from modeling_mmgem.train import build_from_scratch
+
+        spec = json.loads(json.dumps(self.spec))
+        spec.update(overrides)
+        transformers.set_seed(task.seed)
+        model, processor = build_from_scratch(spec, self.training_texts())
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        return folder
+
+    def _train(self, task: Task, start: Path, output: Path, data: Path, *, stage: int = 1, steps: int,
+               batch_size: int, learning_rate: float, long: bool = False) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+        """One `modeling_mmgem.train.train` call from a model folder; returns the result and its cost."""
         from modeling_mmgem.train import train
 
         options = training_options(self.budget, task.seed, steps, batch_size, learning_rate, self.threads)
-        source: dict[str, Any]
-        if start is None:
-            spec_path = output.parent / f"{output.name}.spec.json"
-            _write_json(spec_path, spec)
-            source = {"from_scratch": str(spec_path)}
-            # `train` builds the model before the Trainer seeds anything: seed here so that the seed sets the init.
-            transformers.set_seed(task.seed)
-        else:
-            source = {"model": str(start)}
         extra = {"max_regions_per_image": self.budget.max_regions_per_image} if stage == 2 else {}
         with Stopwatch() as clock:
             result = train(
-                **source, data=str(data / "train.jsonl"), output_dir=str(output), stage=stage,
+                model=str(start), data=str(data / "train.jsonl"), output_dir=str(output), stage=stage,
                 use_long_caption=long, torch_threads=self.threads, **extra, **options,
             )  # fmt: skip
-        cost = {
-            "train_wall_s": clock.wall, "train_cpu_s": clock.cpu, "steps": steps, "batch_size": batch_size,
-            "trainer_runtime_s": result.metrics.get("train_runtime"), "stage": stage,
-            "parameters": sum(p.numel() for p in result.model.parameters()),
-        }  # fmt: skip
+        cost = _cost(clock, steps, batch_size, result.metrics, result.model, stage=stage)
         return result, {"train": cost, "losses": _loss_summary(result.log_history)}
 
-    def _evaluate_mmgem(self, model: Any, processor: Any, data: Path, regions: bool) -> dict[str, Any]:
-        """Test-split metrics with `evaluate_model`; captioning is timed on its own (generation cost)."""
+    def _stage1(self, task: Task, work: Path, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Stage 1 from scratch on the image-caption pairs."""
+        b = self.budget
+        start = self._initial_model(task, overrides, work / "init")
+        return self._train(task, start, work / "stage1", self.datasets["strict"], steps=b.steps,
+                           batch_size=b.batch_size, learning_rate=b.learning_rate)  # fmt: skip
+
+    def _evaluate_short(self, model: Any, processor: Any, regions: bool) -> dict[str, Any]:
+        """Split metrics with `evaluate_model`; captioning is timed on its own (generation cost)."""
         from modeling_mmgem.evaluate import evaluate_model, templates_for
         from modeling_mmgem.synthetic import load_labels
         from modeling_mmgem.train import load_records
 
+        data = self.datasets["strict"]
         labels = load_labels(data)
-        records = load_records(data / "test.jsonl")
+        records = load_records(data / f"{self.split}.jsonl")
         common = dict(
             classes=labels["classes"], templates=templates_for(labels), batch_size=self.budget.eval_batch_size,
             max_new_tokens=self.budget.max_new_tokens, progress=self.progress,
@@ -230,47 +270,12 @@ class TaskRunner:
             "eval_wall_s": clock.wall + generation.wall,
         }  # fmt: skip
 
-    def _short_spec(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        spec = json.loads(json.dumps(self.short_spec))
-        spec.update(overrides)
-        return spec
-
-    # ------------------------------------------------------------------ task kinds
-    def _single(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
-        data = self.datasets["strict"]
-        b = self.budget
-        trained, record = self._train_mmgem(
-            task, work / "stage1", self._short_spec(task.overrides), data, steps=b.steps, batch_size=b.batch_size,
-            learning_rate=b.learning_rate,
-        )  # fmt: skip
-        record.update(self._evaluate_mmgem(trained.model, trained.processor, data, regions=False))
-        return {task.arm: record}
-
-    def _core(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
-        """The joint arm (stage 1), then from its checkpoint: more stage 1, or stage 2, for the same steps."""
-        data = self.datasets["strict"]
-        b = self.budget
-        stage1, joint = self._train_mmgem(
-            task, work / "stage1", self._short_spec({}), data, steps=b.steps, batch_size=b.batch_size,
-            learning_rate=b.learning_rate,
-        )  # fmt: skip
-        joint.update(self._evaluate_mmgem(stage1.model, stage1.processor, data, regions=True))
-        results = {"joint": joint, f"pool_{default_grid(self.short_spec)}": joint, "stage1": joint}
-        for arm, stage in (("stage1_more", 1), ("stage2", 2)):
-            continued, record = self._train_mmgem(
-                task, work / arm, None, data, stage=stage, start=work / "stage1", steps=b.extra_steps,
-                batch_size=b.batch_size, learning_rate=b.extra_learning_rate,
-            )  # fmt: skip
-            record.update(self._evaluate_mmgem(continued.model, continued.processor, data, regions=True))
-            record["train"]["stage1_steps"] = b.steps
-            results[arm] = record
-        return {arm: json.loads(json.dumps(r)) for arm, r in results.items()}
-
-    def _evaluate_long(self, model: Any, processor: Any, data: Path) -> dict[str, Any]:
+    def _evaluate_long(self, model: Any, processor: Any, variant: str) -> dict[str, Any]:
+        """Retrieval between the split's images and their long descriptions (`evaluate_model`, all arms)."""
         from modeling_mmgem.evaluate import evaluate_model
         from modeling_mmgem.train import load_records
 
-        records = long_caption_records(load_records(data / "test.jsonl"))
+        records = long_caption_records(load_records(self.datasets[variant] / f"{self.split}.jsonl"))
         with Stopwatch() as clock:
             result = evaluate_model(
                 model, processor, records, tasks=("retrieval",), batch_size=self.budget.eval_batch_size,
@@ -278,49 +283,106 @@ class TaskRunner:
             )  # fmt: skip
         return {"metrics": dict(result.metrics), "eval_wall_s": clock.wall}
 
-    def _long_mmgem(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
-        data = self.datasets[task.variant]
-        spec = json.loads(json.dumps(self.long_spec))
-        spec["text_config"].update(task.overrides)
-        b = self.budget
-        trained, record = self._train_mmgem(
-            task, work / "model", spec, data, steps=b.long_steps, batch_size=b.long_batch_size,
-            learning_rate=b.learning_rate, long=True,
-        )  # fmt: skip
-        record.update(self._evaluate_long(trained.model, trained.processor, data))
+    # ------------------------------------------------------------------ task kinds
+    def _single(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
+        trained, record = self._stage1(task, work, task.overrides)
+        record.update(self._evaluate_short(trained.model, trained.processor, regions=False))
         return {task.arm: record}
 
-    def _long_clip(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
+    def _core(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
+        """The joint stage-1 model, then from it: more stage 1 or stage 2 (claim 3), long fine-tunes (claim 4)."""
+        b = self.budget
+        stage1, joint = self._stage1(task, work, {})
+        joint.update(self._evaluate_short(stage1.model, stage1.processor, regions=True))
+        results = {"joint": joint, f"pool_{default_grid(self.spec)}": joint, "stage1": joint}
+        for arm, stage in (("stage1_more", 1), ("stage2", 2)):
+            continued, record = self._train(
+                task, work / "stage1", work / arm, self.datasets["strict"], stage=stage, steps=b.extra_steps,
+                batch_size=b.batch_size, learning_rate=b.extra_learning_rate,
+            )  # fmt: skip
+            record.update(self._evaluate_short(continued.model, continued.processor, regions=True))
+            results[arm] = record
+        results.update(self._long_mmgem(task, work, stage1, joint["train"]))
+        return results
+
+    def _cut_to_clip_context(self, source: Path, folder: Path) -> Path:
+        """A copy of a saved MM-GEM whose LLM context (and so the processor's truncation) is CLIP's 77 tokens."""
+        from modeling_mmgem.train import load_model
+
+        model, processor = load_model(str(source))
+        model.config.text_config.max_position_embeddings = CLIP_CONTEXT
+        processor.max_length = CLIP_CONTEXT
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        return folder
+
+    def _long_mmgem(self, task: Task, work: Path, stage1: Any, stage1_cost: dict[str, Any]) -> dict[str, Any]:
+        """Zero-shot and fine-tuned long-description retrieval of the joint model, full context and cut to 77."""
+        b = self.budget
+        results = {}
+        cut = self._cut_to_clip_context(work / "stage1", work / "stage1_77")
+        for variant in LONG_VARIANTS:
+            processor = stage1.processor
+            for name, length in (("mmgem", processor.max_length), ("mmgem77", CLIP_CONTEXT)):
+                saved, processor.max_length = processor.max_length, length
+                try:
+                    results[f"long_{variant}_{name}_zs"] = {"train": dict(stage1_cost),
+                                                            **self._evaluate_long(stage1.model, processor, variant)}
+                finally:
+                    processor.max_length = saved  # fmt: skip
+            for name, start in (("mmgem", work / "stage1"), ("mmgem77", cut)):
+                tuned, record = self._train(
+                    task, start, work / f"long_{variant}_{name}", self.datasets[variant], steps=b.long_steps,
+                    batch_size=b.long_batch_size, learning_rate=b.extra_learning_rate, long=True,
+                )  # fmt: skip
+                record["stage1_train"] = stage1_cost
+                record.update(self._evaluate_long(tuned.model, tuned.processor, variant))
+                results[f"long_{variant}_{name}"] = record
+                shutil.rmtree(work / f"long_{variant}_{name}", ignore_errors=True)
+        return results
+
+    def _clip(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
+        """The CLIP baseline: stage 1 on the image-caption pairs (same budget as MM-GEM), then long fine-tunes."""
+        import copy
+
         import transformers
 
         from modeling_mmgem.data import ImageCaptionDataset
-        from modeling_mmgem.train import load_records, training_texts
+        from modeling_mmgem.train import load_records
 
-        from .clip_baseline import train_clip
+        from .clip_baseline import build_clip, train_clip
 
-        data = self.datasets[task.variant]
         b = self.budget
-        records = load_records(data / "train.jsonl")
-        dataset = ImageCaptionDataset(records, use_long_caption=True, with_regions=False)
-        options = training_options(b, task.seed, b.long_steps, b.long_batch_size, b.learning_rate, self.threads)
         transformers.set_seed(task.seed)  # the same seeding as the MM-GEM arms: init, then data order
+        model, processor = build_clip(self.spec, self.training_texts())
+        records = load_records(self.datasets["strict"] / "train.jsonl")
+        short = ImageCaptionDataset(records, use_long_caption=False, with_regions=False)
+        options = training_options(b, task.seed, b.steps, b.batch_size, b.learning_rate, self.threads)
         with Stopwatch() as clock:
-            model, processor, metrics = train_clip(
-                self.long_spec, dataset, training_texts(records, use_long_caption=True), work / "clip", options
-            )
-        record = {
-            "train": {"train_wall_s": clock.wall, "train_cpu_s": clock.cpu, "steps": b.long_steps,
-                      "batch_size": b.long_batch_size, "trainer_runtime_s": metrics.get("train_runtime"), "stage": 1,
-                      "parameters": sum(p.numel() for p in model.parameters())},
-        }  # fmt: skip
-        record.update(self._evaluate_long(model, processor, data))
-        return {task.arm: record}
+            metrics = train_clip(model, processor, short, work / "stage1", options)
+        stage1_cost = _cost(clock, b.steps, b.batch_size, metrics, model, stage=1)
+        results = {}
+        for variant in LONG_VARIANTS:
+            results[f"long_{variant}_clip_zs"] = {"train": dict(stage1_cost),
+                                                  **self._evaluate_long(model, processor, variant)}  # fmt: skip
+            tuned = copy.deepcopy(model)
+            records = load_records(self.datasets[variant] / "train.jsonl")
+            long = ImageCaptionDataset(records, use_long_caption=True, with_regions=False)
+            options = training_options(b, task.seed, b.long_steps, b.long_batch_size, b.extra_learning_rate,
+                                       self.threads)  # fmt: skip
+            with Stopwatch() as clock:
+                metrics = train_clip(tuned, processor, long, work / f"long_{variant}", options)
+            results[f"long_{variant}_clip"] = {
+                "train": _cost(clock, b.long_steps, b.long_batch_size, metrics, tuned, stage=1),
+                "stage1_train": stage1_cost, **self._evaluate_long(tuned, processor, variant),
+            }  # fmt: skip
+        return results
 
 
-def run_task_in_worker(budget: Budget, output: str, datasets: dict[str, str], threads: int, task: Task):
+def run_task_in_worker(budget: Budget, output: str, datasets: dict[str, str], threads: int, split: str, task: Task):
     """Entry point of a worker process: run one task, return its results."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    runner = TaskRunner(budget, Path(output), {k: Path(v) for k, v in datasets.items()}, threads)
+    runner = TaskRunner(budget, Path(output), {k: Path(v) for k, v in datasets.items()}, threads, split=split)
     with Stopwatch() as clock:
         results = runner.run(task)
     return task, results, clock.wall
@@ -332,21 +394,22 @@ def _token_at(ends: Sequence[int], char: int) -> int:
     return next((i for i, end in enumerate(ends) if end > char), len(ends))
 
 
-def long_caption_visibility(root: Path, vocab_size: int, limit: int) -> dict[str, float]:
+def long_caption_visibility(root: Path, texts: Sequence[str], vocab_size: int, limit: int,
+                            split: str = "test") -> dict[str, float]:  # fmt: skip
     """How much of the test split's long descriptions a text encoder cut at `limit` text tokens sees.
 
-    The tokenizer is the long-text arms' own (trained on the variant's training texts). Per description: the token
+    The tokenizer is the run's own (trained on `texts`, every training text). Per description: the token
     at which the details start (the sentence "There is/are ..."), and which objects are fully described (their
     "It is <size> and <colour>, ... placed ..." sentence ends) within the first `limit` tokens.
     """
     import re
 
     from modeling_mmgem.build import train_tokenizer
-    from modeling_mmgem.train import load_records, training_texts
+    from modeling_mmgem.train import load_records
 
-    tokenizer = train_tokenizer(training_texts(load_records(root / "train.jsonl"), True), vocab_size=vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     starts, lengths, seen_objects, total_objects, blind = [], [], 0, 0, 0
-    for record in load_records(root / "test.jsonl"):
+    for record in load_records(root / f"{split}.jsonl"):
         text = record.long_caption
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ends = [end for _, end in encoding["offset_mapping"]]
