@@ -188,13 +188,12 @@ def verdict_long(table: dict[str, dict[str, Stat]], variants: Sequence[str]) -> 
             per_variant[variant] = UNCLEAR
             continue
         delta, se = difference(ours, clip)
-        beyond = delta > LONG_MARGIN and (math.isnan(se) or delta - 2 * se > 0)
         if math.isnan(se):
             status = UNCLEAR
-        elif beyond:
+        elif delta > LONG_MARGIN and delta - 2 * se > 0:
             status = HELD
-        elif delta < LONG_MARGIN and not (delta - 2 * se > LONG_MARGIN):
-            status = NOT_HELD if delta + 2 * se < LONG_MARGIN else UNCLEAR
+        elif delta + 2 * se < LONG_MARGIN:
+            status = NOT_HELD
         else:
             status = UNCLEAR
         per_variant[variant] = status
@@ -425,7 +424,7 @@ def write_report(report_dir: str | os.PathLike[str], context: dict[str, Any]) ->
     verdicts = {"objectives": (v1, r1), "pool": (v2, r2), "stages": (v3, r3), "long": (v4, r4)}
 
     keys = ("command", "budget", "jobs", "threads", "environment", "wall_s", "cpu_s", "load_before", "load_after",
-            "visibility", "task_log")  # fmt: skip
+            "visibility", "task_log", "regenerated", "started", "split")  # fmt: skip
     summary = {key: context.get(key) for key in keys}
     summary["verdicts"] = {k: {"verdict": v, "reason": r} for k, (v, r) in verdicts.items()}
     summary["long_verdict_per_variant"] = per_variant
@@ -504,6 +503,10 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
     load = f"{context['load_before']} before, {context['load_after']} after" if context["load_before"] else "n/a"
     add(f"- Command: `{context['command']}` (`make experiments` runs `python -m experiments.run`; `--quick` is the "
         "10-minute variant).")  # fmt: skip
+    if context.get("regenerated"):
+        again = context["regenerated"]
+        add(f"- This report was regenerated from that run's saved results by `{again['command']}` on "
+            f"{again['started']}; the times below are the original run's.")  # fmt: skip
     add(f"- Wall time: **{_minutes(context['wall_s'])}** for the whole run, {_minutes(context.get('cpu_s', 0))} of "
         f"CPU time (all threads; target: {budget['target_minutes']:.0f} "
         f"min on 2 quiet cores); {context['jobs']} task(s) at a time, {context['threads']} torch thread(s) "

@@ -14,6 +14,7 @@ settings reuses them (`--fresh` retrains everything).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -203,9 +204,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         cpu_s=time.process_time() + children_cpu_seconds() - cpu_began, spec=spec,
         arms=[a.__dict__ for a in arms_for(spec)], preambles=dict(LONG_VARIANTS),
     )  # fmt: skip
+    if any(not entry["cached"] for entry in log) or not log:
+        _write_run_info(output / "run_info.json", context)
+    else:
+        _reuse_run_info(output / "run_info.json", context)
     report = write_report(report_dir, context)
-    print(f"Wrote {report} ({context['wall_s'] / 60:.1f} min)")
+    print(f"Wrote {report} ({(time.perf_counter() - began) / 60:.1f} min)")
     return 0
+
+
+RUN_KEYS = ("command", "jobs", "threads", "load_before", "load_after", "environment", "started", "wall_s", "cpu_s",
+            "task_log", "budget", "split")  # fmt: skip
+
+
+def _write_run_info(path: Path, context: dict[str, Any]) -> None:
+    """Record how the results were computed, for a later report regenerated from them."""
+    path.write_text(json.dumps({k: context[k] for k in RUN_KEYS}, indent=1, default=str) + "\n")
+
+
+def _reuse_run_info(path: Path, context: dict[str, Any]) -> None:
+    """Every result came from an earlier run: report that run's command, time and machine, and say so."""
+    if not path.is_file():
+        return
+    info = json.loads(path.read_text())
+    if info.get("budget") != context["budget"] or info.get("split") != context["split"]:
+        return
+    context["regenerated"] = {k: context[k] for k in ("command", "started")}
+    context.update({k: info[k] for k in RUN_KEYS})
 
 
 if __name__ == "__main__":

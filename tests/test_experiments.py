@@ -49,12 +49,18 @@ def test_micro_run_reports_every_arm(micro_run):
 
 
 def test_rerun_reuses_results(micro_run):
-    """A second run with the same settings trains nothing (every task comes from its result file)."""
+    """A second run with the same settings trains nothing and reports the first run's command and times."""
+    results = sorted((micro_run / "work" / "results").rglob("*.json"))
+    stamps = [path.stat().st_mtime_ns for path in results]
+    first = json.loads((micro_run / "report" / "results.json").read_text())
     argv = ["--budget", "micro", "--output-dir", str(micro_run / "work"), "--report-dir", str(micro_run / "again"),
             "--no-progress", "--jobs", "1"]  # fmt: skip
     assert main(argv) == 0
+    assert [path.stat().st_mtime_ns for path in results] == stamps
     summary = json.loads((micro_run / "again" / "results.json").read_text())
-    assert all(entry["cached"] for entry in summary["task_log"])
+    assert summary["regenerated"]["command"].endswith("--jobs 1") and "again" in summary["regenerated"]["command"]
+    assert summary["wall_s"] == first["wall_s"] and summary["command"] == first["command"]
+    assert "regenerated from that run's saved results" in (micro_run / "again" / "REPORT.md").read_text()
 
 
 def test_tasks_cover_arms_once_per_seed():
