@@ -28,15 +28,6 @@ TEXTS = ["a small red circle on the left", "a large blue square", "a green star 
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and stay fast when the CI machine's cores are busy."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny MM-GEM saved with save_pretrained, plus the sentence-transformers files."""
