@@ -51,6 +51,7 @@ class DemoConfig:
     architecture_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the preset (sub-dicts too)
     threads: int = 2
     batch_size: int = 64
+    stage2_batch_size: int | None = None  # default: batch_size
     stage1_steps: int = 400
     stage2_steps: int = 300
     stage1_learning_rate: float = 1e-3
@@ -94,7 +95,7 @@ def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any
     from .train import train
 
     common = dict(
-        data=str(data), per_device_train_batch_size=config.batch_size, warmup_steps=config.warmup_steps,
+        data=str(data), warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay, save_strategy="no", torch_threads=config.threads, seed=config.seed,
         logging_steps=5, dataloader_num_workers=0,
     )  # fmt: skip
@@ -106,13 +107,14 @@ def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any
     print(f"\n== Stage 1: image-caption pairs, {config.stage1_steps} steps, from scratch ({config.preset} preset)")
     stage1 = train(
         from_scratch=from_scratch, output_dir=str(output / "stage1"), stage=1, max_steps=config.stage1_steps,
-        learning_rate=config.stage1_learning_rate, **common,
+        learning_rate=config.stage1_learning_rate, per_device_train_batch_size=config.batch_size, **common,
     )  # fmt: skip
     histories["stage 1"] = stage1.log_history
     print(f"\n== Stage 2: regions added, {config.stage2_steps} steps")
     stage2 = train(
         model=str(output / "stage1"), output_dir=str(output / "stage2"), stage=2, max_steps=config.stage2_steps,
-        learning_rate=config.stage2_learning_rate, max_regions_per_image=config.max_regions_per_image, **common,
+        learning_rate=config.stage2_learning_rate, max_regions_per_image=config.max_regions_per_image,
+        per_device_train_batch_size=config.stage2_batch_size or config.batch_size, **common,
     )  # fmt: skip
     histories["stage 2"] = stage2.log_history
     return stage2.model, stage2.processor, histories
@@ -227,8 +229,9 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
     mark = time.perf_counter()
     labels = json.loads(paths["labels"].read_text())
     records = load_jsonl_records(paths["test"])
+    templates, reduction = templates_for(labels)
     result = evaluate_model(
-        model, processor, records, classes=labels["classes"], templates=templates_for(labels),
+        model, processor, records, classes=labels["classes"], templates=templates, template_reduction=reduction,
         batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, progress=progress,
     )  # fmt: skip
     write_metrics(result.metrics, output / "metrics.json")

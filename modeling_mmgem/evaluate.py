@@ -10,8 +10,11 @@ Metrics (flat keys, the same in `metrics.json` and in the demo's `demo-output/me
   A retrieved caption (image) counts when its text equals the query's own caption (after `normalize_text`): many
   images of a split can share a caption, and any of them is a right answer.
 - `zero_shot/accuracy`: classification of the records that have a label (their `label` field, or for the synthetic
-  shapes the class of single-object images) among the classes of labels.json; each class is embedded as the mean
-  of its normalised prompt embeddings (prompt ensembling, as CLIP).
+  shapes the class of single-object images) among the classes of labels.json. A class's score is, with
+  `template_reduction="mean"`, the cosine with the mean of its normalised prompt embeddings (prompt ensembling, as
+  CLIP); with `"max"`, its best prompt's cosine. "max" suits templates that enumerate a nuisance attribute, such as
+  the sizes of the synthetic shapes ("a small {}", "a large {}"): an object is small OR large, and the average of
+  the two descriptions matches neither. `templates_for` picks "max" for those.
 - `caption/{bleu4,cider,exact_match}`: greedy captions of the images against the record's caption
   (definitions in `modeling_mmgem.metrics`).
 - `region_caption/{bleu4,cider,exact_match}`: the same for each region box against its caption.
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 from .metrics import caption_metrics, recall_at_k, same_text_relevance
 
 TASKS = ("retrieval", "zero_shot", "captioning", "region_captioning", "region_retrieval")
+TEMPLATE_REDUCTIONS = ("mean", "max")
 RECALL_KS = (1, 5, 10)
 DEFAULT_TEMPLATES = ("a {}", "a photo of a {}")
 
@@ -131,21 +135,34 @@ def default_label(record: Any) -> str | None:
     return None
 
 
-def templates_for(labels: dict[str, Any] | None, templates: Sequence[str] | None = None) -> list[str]:
-    """Prompt templates: the given ones, else labels.json's "templates", else one per size of the synthetic shapes
-    ("a small {}", "a large {}", the way the captions describe single objects), else :data:`DEFAULT_TEMPLATES`."""
+def templates_for(
+    labels: dict[str, Any] | None, templates: Sequence[str] | None = None, reduction: str | None = None
+) -> tuple[list[str], str]:
+    """Prompt templates and how to reduce them (see the module docstring).
+
+    Templates: the given ones, else labels.json's "templates", else one per size of the synthetic shapes
+    ("a small {}", "a large {}", the way their captions describe single objects; reduction "max"), else
+    :data:`DEFAULT_TEMPLATES`. Reduction: the given one, else labels.json's "template_reduction", else "max" for the
+    size templates and "mean" otherwise.
+    """
+    default_reduction = "mean"
     if templates:
         chosen = list(templates)
     elif labels and labels.get("templates"):
         chosen = list(labels["templates"])
+        default_reduction = labels.get("template_reduction", "mean")
     elif labels and labels.get("sizes"):
         chosen = [f"a {size} {{}}" for size in labels["sizes"]]
+        default_reduction = "max"
     else:
         chosen = list(DEFAULT_TEMPLATES)
     for template in chosen:
         if template.count("{}") != 1:
             raise ValueError(f"`templates` entries need exactly one '{{}}' for the class name; got {template!r}.")
-    return chosen
+    reduction = reduction or default_reduction
+    if reduction not in TEMPLATE_REDUCTIONS:
+        raise ValueError(f"`template_reduction` must be one of {TEMPLATE_REDUCTIONS}; got {reduction!r}.")
+    return chosen, reduction
 
 
 # ---------------------------------------------------------------------------------------------------------- tasks
@@ -161,16 +178,19 @@ def _retrieval(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: 
 
 def _zero_shot(
     model: Any, processor: Any, images: Sequence[Any], labels: Sequence[str], classes: Sequence[str],
-    templates: Sequence[str], batch_size: int, progress: bool,
+    templates: Sequence[str], reduction: str, batch_size: int, progress: bool,
 ) -> tuple[dict[str, float], list[tuple[str, str]]]:  # fmt: skip
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
     prompts = [template.format(c) for c in classes for template in templates]
-    prompt_embeds = embed_texts(model, processor, prompts, batch_size, progress)
-    class_embeds = F.normalize(prompt_embeds.view(len(classes), len(templates), -1).mean(dim=1), dim=-1)
+    prompt_embeds = embed_texts(model, processor, prompts, batch_size, progress).view(len(classes), len(templates), -1)
     image_embeds = embed_images(model, processor, images, batch_size, progress)
-    predicted = (image_embeds @ class_embeds.t()).argmax(dim=-1).tolist()
+    if reduction == "mean":
+        scores = image_embeds @ F.normalize(prompt_embeds.mean(dim=1), dim=-1).t()  # [N, classes]
+    else:
+        scores = torch.einsum("nd,ctd->nct", image_embeds, prompt_embeds).amax(dim=-1)  # [N, classes]
+    predicted = scores.argmax(dim=-1).tolist()
     pairs = [(label, classes[p]) for label, p in zip(labels, predicted)]
     accuracy = sum(a == b for a, b in pairs) / len(pairs)
     return {"zero_shot/accuracy": accuracy, "zero_shot/num_examples": len(pairs)}, pairs
@@ -193,6 +213,7 @@ def evaluate_model(
     tasks: Sequence[str] = TASKS,
     classes: Sequence[str] | None = None,
     templates: Sequence[str] = DEFAULT_TEMPLATES,
+    template_reduction: str = "mean",
     label_fn: Callable[[Any], str | None] = default_label,
     batch_size: int = 64,
     max_new_tokens: int = 32,
@@ -208,6 +229,7 @@ def evaluate_model(
         tasks: a subset of :data:`TASKS`.
         classes: zero-shot class names (default: the labels found in `records`).
         templates: zero-shot prompt templates, each with one `{}`.
+        template_reduction: "mean" (prompt ensembling) or "max" (best prompt) per class.
         label_fn: a record's zero-shot label, or None to leave it out.
         batch_size: images or texts per forward.
         max_new_tokens, num_beams: caption decoding.
@@ -217,6 +239,8 @@ def evaluate_model(
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         raise ValueError(f"`tasks` must be a subset of {TASKS}; got unknown {unknown}.")
+    if template_reduction not in TEMPLATE_REDUCTIONS:
+        raise ValueError(f"`template_reduction` must be one of {TEMPLATE_REDUCTIONS}; got {template_reduction!r}.")
     if not records:
         raise ValueError("`records` is empty: nothing to evaluate.")
     model.eval()
@@ -238,7 +262,7 @@ def evaluate_model(
             class_list = list(classes) if classes else sorted({label for _, label in labelled})
             zs_metrics, result.zero_shot = _zero_shot(
                 model, processor, [p[0] for p in labelled], [p[1] for p in labelled], class_list, templates,
-                batch_size, progress,
+                template_reduction, batch_size, progress,
             )  # fmt: skip
             metrics.update(zs_metrics)
     limit = len(records) if max_caption_images is None else min(max_caption_images, len(records))
@@ -321,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="metrics JSON file to write")
     parser.add_argument("--labels", help="labels.json with the zero-shot 'classes' (default: next to --data)")
     parser.add_argument("--templates", nargs="+", help="zero-shot prompt templates, each with one {}")
+    parser.add_argument(
+        "--template-reduction", choices=TEMPLATE_REDUCTIONS, help="per class: mean prompt embedding or best prompt"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="what to evaluate")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -348,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.data).exists():
         raise ValueError(f"`--data` does not exist: {args.data}.")
     labels = _load_labels(args.labels, args.data)
-    templates = templates_for(labels, args.templates)
+    templates, reduction = templates_for(labels, args.templates, args.template_reduction)
     from .train import load_model, load_records
 
     records = load_records(args.data, args.data_on_error)
@@ -356,9 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate_model(
         model.to(device), processor, records, tasks=args.tasks, classes=(labels or {}).get("classes"),
-        templates=templates, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        max_caption_images=args.max_caption_images, progress=not args.no_progress,
-    )  # fmt: skip
+        templates=templates, template_reduction=reduction, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, max_caption_images=args.max_caption_images,
+        progress=not args.no_progress,
+)  # fmt: skip
     print(format_table(result.metrics, title=f"MM-GEM {args.model} on {args.data}"))
     if args.output:
         print(f"Wrote {write_metrics(result.metrics, args.output)}")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from modeling_mmgem.cli import main as cli_main
 from modeling_mmgem.data import ImageRecord, RegionRecord
-from modeling_mmgem.evaluate import evaluate_model, format_table, templates_for
+from modeling_mmgem.evaluate import DEFAULT_TEMPLATES, evaluate_model, format_table, templates_for
 from modeling_mmgem.metrics import (
     bleu,
     caption_metrics,
@@ -185,11 +185,38 @@ def test_zero_shot_labels_must_be_classes_and_tasks_checked():
 
 
 def test_templates_choice():
-    assert templates_for({"sizes": ["small", "large"]}) == ["a small {}", "a large {}"]
-    assert templates_for({"templates": ["x {}"]}, None) == ["x {}"]
-    assert templates_for(None, ["my {}"]) == ["my {}"]
+    assert templates_for({"sizes": ["small", "large"]}) == (["a small {}", "a large {}"], "max")
+    assert templates_for({"templates": ["x {}"]}, None) == (["x {}"], "mean")
+    assert templates_for(None, ["my {}"], "max") == (["my {}"], "max")
+    assert templates_for(None) == (list(DEFAULT_TEMPLATES), "mean")
     with pytest.raises(ValueError, match="templates"):
         templates_for(None, ["no placeholder"])
+    with pytest.raises(ValueError, match="template_reduction"):
+        templates_for(None, None, "median")
+
+
+def test_template_reduction_max_scores_a_class_by_its_best_prompt():
+    """Class A's prompts point at two opposite objects; the image matches one of them exactly. The mean of A's
+    prompts is ~0 (it loses to B's lukewarm single direction), the best prompt wins."""
+
+    class Model(StubModel):
+        def get_text_features(self, input_ids, attention_mask=None):
+            table = torch.tensor([[1.0, 0, 0], [-1.0, 0, 0], [0.6, 0.8, 0]])  # A-small, A-large, B
+            return _Output(table[input_ids[:, 0]])
+
+    class Processor(StubProcessor):
+        def __call__(self, images=None, text=None, boxes=None, truncation=False):
+            if text is not None:
+                ids = [[2 if t.endswith("B") else 0 if t.startswith("x") else 1] for t in text]
+                return _BatchDict(input_ids=torch.tensor(ids), attention_mask=torch.ones(len(ids), 1))
+            return super().__call__(images=images)
+
+    record = _records()[0]  # red image -> image embedding [1, 0, 0]
+    record.metadata["label"] = "A"
+    kwargs = dict(tasks=("zero_shot",), classes=["A", "B"], templates=["x {}", "y {}"], progress=False)
+    with_max = evaluate_model(Model(), Processor(), [record], template_reduction="max", **kwargs)
+    with_mean = evaluate_model(Model(), Processor(), [record], template_reduction="mean", **kwargs)
+    assert with_max.metrics["zero_shot/accuracy"] == 1.0 and with_mean.metrics["zero_shot/accuracy"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- command line
