@@ -247,9 +247,10 @@ class TaskRunner:
         data = self.datasets["strict"]
         labels = load_labels(data)
         records = load_records(data / f"{self.split}.jsonl")
+        templates, reduction = templates_for(labels)
         common = dict(
-            classes=labels["classes"], templates=templates_for(labels), batch_size=self.budget.eval_batch_size,
-            max_new_tokens=self.budget.max_new_tokens, progress=self.progress,
+            classes=labels["classes"], templates=templates, template_reduction=reduction,
+            batch_size=self.budget.eval_batch_size, max_new_tokens=self.budget.max_new_tokens, progress=self.progress,
         )  # fmt: skip
         with Stopwatch() as clock:
             metrics = dict(evaluate_model(model, processor, records, tasks=SHORT_TASKS, **common).metrics)
