@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "ruff>=0.6"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
     "notebooks": ["nbmake>=1.5", "ipykernel>=6", "nbformat>=5.9"],
 }
 

@@ -8,8 +8,11 @@ concatenated batch.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,12 @@ from modeling_mmgem.modeling_mmgem import MMGEMModel
 from .conftest import random_images
 
 WORLD_SIZE = 2
+# Gloo binds to the address the hostname resolves to; on a sandboxed machine that address may not be reachable from
+# itself, and a rank then waits for its peer until the 30-minute default timeout. Pin the loopback device and fail
+# within minutes instead.
+LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+RENDEZVOUS_TIMEOUT = timedelta(seconds=120)
+SPAWN_DEADLINE_S = 300
 NUM_IMAGES = 4
 BOXES = [[[0, 0, 20, 20], [10, 10, 30, 30]]] * NUM_IMAGES
 
@@ -42,9 +51,11 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
 
 def _worker(rank: int, folder: str, port: int) -> None:
     """One DDP rank: its half of the batch, DDP-averaged gradients and the rank-averaged loss, saved by rank 0."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A hung rank prints every thread's stack and exits, so a failure says where it stopped.
+    faulthandler.dump_traceback_later(SPAWN_DEADLINE_S - 15, exit=True)
+    os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=RENDEZVOUS_TIMEOUT)
     try:
         model = MMGEMModel.from_pretrained(folder).train()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -57,8 +68,24 @@ def _worker(rank: int, folder: str, port: int) -> None:
         if rank == 0:
             grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
             torch.save({"loss": loss, "grads": grads}, Path(folder) / "distributed.pt")
+        # Free DDP's reducer while its process group still exists: torn down afterwards (at the function's return)
+        # it can hang in gloo.
+        del ddp, output
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _spawn_with_deadline(folder: str) -> None:
+    """Run the ranks; a rank error is re-raised, and ranks still running after the deadline are killed (a hang
+    fails the test instead of holding the suite)."""
+    context = mp.start_processes(_worker, args=(folder, _free_port()), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD_SIZE} gloo ranks did not finish within {SPAWN_DEADLINE_S} s")
 
 
 def _equal_length_texts(tokenizer, candidates: list[str], count: int) -> list[str]:
@@ -98,7 +125,7 @@ def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path
         batch = _batch(processor, images, captions, region_captions, rank * half, (rank + 1) * half)
         torch.save(batch, tmp_path / f"batch_rank{rank}.pt")
 
-    mp.spawn(_worker, args=(str(tmp_path), _free_port()), nprocs=WORLD_SIZE, join=True)
+    _spawn_with_deadline(str(tmp_path))
 
     single = MMGEMModel.from_pretrained(tmp_path).train()
     expected_loss, expected_grads = _loss_and_grads(
@@ -124,14 +151,15 @@ def test_mmgem_train_runs_under_torchrun_with_two_cpu_processes(tmp_path):
     paths = generate_dataset(tmp_path / "data", 8, 2, 2, image_size=32, seed=5, progress=False)
     output = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()),
         "-m", "modeling_mmgem.cli", "train", "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir",
         str(output), "--stage", "2", "--max-steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no",
-        "--use_cpu", "true", "--ddp_backend", "gloo", "--torch-threads", "1", "--disable_tqdm", "true",
-        "--logging_steps", "1",
+        "--use_cpu", "true", "--ddp_backend", "gloo", "--ddp_timeout", "120", "--torch-threads", "1",
+        "--disable_tqdm", "true", "--logging_steps", "1",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    env = {**os.environ, **LOOPBACK_ENV, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SPAWN_DEADLINE_S)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("Saved the trained MM-GEM") == 1  # rank 0 only
     log = json.loads((output / "training_log.json").read_text())
