@@ -40,7 +40,7 @@ TARGETS: dict[str, float] = {
 class DemoConfig:
     """Everything the demo's result depends on (recorded in `summary.json`)."""
 
-    num_train: int = 4000
+    num_train: int = 12000
     num_val: int = 200
     num_test: int = 300
     image_size: int = 64
@@ -52,8 +52,8 @@ class DemoConfig:
     threads: int = 2
     batch_size: int = 64
     stage2_batch_size: int | None = None  # default: batch_size
-    stage1_steps: int = 400
-    stage2_steps: int = 300
+    stage1_steps: int = 250
+    stage2_steps: int = 1000
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 5e-4
     warmup_steps: float = 0.1

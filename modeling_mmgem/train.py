@@ -58,7 +58,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
             "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         },
         "text_config": {
-            "model_type": "llama", "hidden_size": 192, "intermediate_size": 384, "num_hidden_layers": 4,
+            "model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
         },
         "pool_grid_size": 4, "projection_dim": 128, "vocab_size": 400,
