@@ -151,12 +151,12 @@ def test_mmgem_train_runs_under_torchrun_with_two_cpu_processes(tmp_path):
     paths = generate_dataset(tmp_path / "data", 8, 2, 2, image_size=32, seed=5, progress=False)
     output = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", LOOPBACK_ENV["MASTER_ADDR"], "--master_port", str(_free_port()),
         "-m", "modeling_mmgem.cli", "train", "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir",
         str(output), "--stage", "2", "--max-steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no",
-        "--use_cpu", "true", "--ddp_backend", "gloo", "--ddp_timeout", "120", "--torch-threads", "1",
-        "--disable_tqdm", "true", "--logging_steps", "1",
+        "--use_cpu", "true", "--ddp_backend", "gloo", "--ddp_timeout", str(int(RENDEZVOUS_TIMEOUT.total_seconds())),
+        "--torch-threads", "1", "--disable_tqdm", "true", "--logging_steps", "1",
     ]  # fmt: skip
     env = {**os.environ, **LOOPBACK_ENV, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SPAWN_DEADLINE_S)
