@@ -52,7 +52,7 @@ test-fast: venv
 	$(PY) -m pytest $(PYTEST_FLAGS) -m fast
 
 demo: venv
-	$(PY) -m modeling_mmgem.demo --output-dir demo-output
+	$(PY) -m mmgem.demo --output-dir demo-output
 
 bench: venv
 	$(PY) benchmarks/run.py --size small

@@ -34,12 +34,12 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_mmgem", "modeling_mmgem.*", "conversion", "conversion.*"]),
+    packages=find_packages(include=["modeling_mmgem", "mmgem", "mmgem.*", "conversion", "conversion.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
-            "mmgem=modeling_mmgem.cli:main",
+            "mmgem=mmgem.cli:main",
             "mmgem-convert=conversion.convert_mmgem:main",
         ]
     },

@@ -207,7 +207,7 @@ def sentence_transformer(ctx: SuiteContext) -> Any:
     folder = ctx.saved_checkpoint()
     model_kwargs = {"dtype": bm.dtype}
     try:
-        from modeling_mmgem.sentence_transformers_utils import write_sentence_transformers_files
+        from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
     except ImportError:  # the integration module is optional here: build the same pipeline from ST's own modules
         from sentence_transformers.base.modules import Normalize, Transformer
 

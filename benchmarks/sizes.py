@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from modeling_mmgem.build import DEFAULT_CORPUS, image_processor_for, train_tokenizer
+from mmgem.build import DEFAULT_CORPUS, image_processor_for, train_tokenizer
 from modeling_mmgem.configuration_mmgem import MMGEMConfig
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modeling_mmgem.build import DEFAULT_CORPUS
+from mmgem.build import DEFAULT_CORPUS
 
 from .sizes import BenchModel
 

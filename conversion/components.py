@@ -22,7 +22,7 @@ from huggingface_hub.errors import GatedRepoError, HFValidationError, Repository
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from modeling_mmgem.build import image_processor_for
+from mmgem.build import image_processor_for
 from modeling_mmgem.configuration_mmgem import MMGEMConfig
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens

@@ -29,7 +29,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Mo
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from modeling_mmgem.sentence_transformers_utils import write_sentence_transformers_files
+from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 
 logger = logging.getLogger("conversion")
 

@@ -5,11 +5,11 @@ It is built to differ from the MM-GEM arm only where CLIP differs by design:
 - vision tower: the same `clip_vision_model` config as MM-GEM (CLIP pools the CLS token, MM-GEM the patch mean);
 - text encoder: a CLIP text transformer with the hidden size, depth, heads and MLP width of MM-GEM's LLM, but
   learned absolute positions for 77 tokens, so texts are cut to `<bos> 75 tokens <eot>` as CLIP's tokenizer does;
-- tokenizer: the project's byte-level BPE (`modeling_mmgem.build.train_tokenizer`) trained on the same texts with the
+- tokenizer: the project's byte-level BPE (`mmgem.build.train_tokenizer`) trained on the same texts with the
   same vocabulary size as the MM-GEM arm, plus one end-of-text token CLIP pools at;
 - training: the HF Trainer with the same `TrainingArguments` values (steps, batch, learning-rate schedule, seed) as
-  the MM-GEM arm, on the same dataset items (`modeling_mmgem.data.ImageCaptionDataset`);
-- evaluation: `ClipProcessor` gives `modeling_mmgem.evaluate.evaluate_model` the calls it makes on an MM-GEM
+  the MM-GEM arm, on the same dataset items (`mmgem.data.records.ImageCaptionDataset`);
+- evaluation: `ClipProcessor` gives `mmgem.evaluation.evaluate.evaluate_model` the calls it makes on an MM-GEM
   processor, so CLIP is scored by the very same retrieval code.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature, CLIPConfig, CLIPModel, CLIPVisionConfig, Trainer, TrainingArguments
 
-from modeling_mmgem.build import image_processor_for, train_tokenizer
+from mmgem.build import image_processor_for, train_tokenizer
 
 CLIP_CONTEXT = 77  # CLIP's text length, special tokens included
 EOT_TOKEN = "<|endoftext|>"
@@ -31,7 +31,7 @@ EOT_TOKEN = "<|endoftext|>"
 class ClipProcessor:
     """Images and texts to `CLIPModel` inputs: `<bos> text <eot>`, cut to `max_length` tokens, right padded.
 
-    Callable like `MMGEMProcessor` for what `modeling_mmgem.evaluate` needs: `processor(text=[...],
+    Callable like `MMGEMProcessor` for what `mmgem.evaluation.evaluate` needs: `processor(text=[...],
     truncation=True)` and `processor(images=[...])["pixel_values"]`; with both, a training batch.
     """
 

@@ -526,7 +526,7 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
     add("")
 
     add("## Setup\n")
-    add(f"- **Data**: `modeling_mmgem.synthetic.generate_dataset` (seed {budget['data_seed']}): {budget['num_train']} "
+    add(f"- **Data**: `mmgem.synthetic.generate_dataset` (seed {budget['data_seed']}): {budget['num_train']} "
         f"training, {budget['num_val']} validation and {budget['num_test']} test images of {budget['image_size']} px "
         f"with 1 to {budget['max_objects']} coloured shapes, no held-out colour-shape pairs (composition is not what "
         "these claims are about). All arms use the same files. Two copies differ only in the generic opening of the "
@@ -538,12 +538,12 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
         f"{llm['num_hidden_layers']} layers, hidden {llm['hidden_size']}, {llm['num_attention_heads']} heads; "
         f"projection {spec['projection_dim']}, "
         f"{spec.get('projection_type', 'mlp')} projections; pool grid {grid}x{grid}; one byte-level BPE tokenizer "
-        f"(`modeling_mmgem.build.train_tokenizer`, vocabulary {spec['vocab_size']}) trained on every training text "
+        f"(`mmgem.build.train_tokenizer`, vocabulary {spec['vocab_size']}) trained on every training text "
         "(captions, region captions, both variants' long descriptions), shared by all arms and by CLIP"
         + (f"; {mmgem_params.mean / 1e6:.2f} M parameters" if mmgem_params.n else "")
         + (". The demo preset's widths, image size and patch grid, with 2 layers per tower instead of 4, to fit the "
            "time budget." if budget["preset"] == "demo" else f" (the `{budget['preset']}` preset)."))  # fmt: skip
-    add(f"- **Training**: `modeling_mmgem.train.train` (HF Trainer, `MMGEMCollator`), AdamW, peak learning rate "
+    add(f"- **Training**: `mmgem.training.train.train` (HF Trainer, `MMGEMCollator`), AdamW, peak learning rate "
         f"{budget['learning_rate']:g}, cosine schedule, {budget['warmup']:g} warm-up, weight decay "
         f"{budget['weight_decay']:g}, gradient clipping 1.0. Short-caption arms: {budget['steps']} steps of "
         f"{budget['batch_size']} images from scratch. Stage arms: {budget['extra_steps']} further steps at learning "
@@ -552,12 +552,12 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
         f"arm; a CLIP trained the same way) fine-tuned on the long descriptions for {budget['long_steps']} steps of "
         f"{budget['long_batch_size']} images at learning rate {budget['extra_learning_rate']:g}. The seed sets the "
         "initialisation (set before the model is built) and the data order.")  # fmt: skip
-    add(f"- **Evaluation**: `modeling_mmgem.evaluate.evaluate_model` on the {context.get('split', 'test')} split for "
+    add(f"- **Evaluation**: `mmgem.evaluation.evaluate.evaluate_model` on the {context.get('split', 'test')} split for "
         "every arm, the CLIP "
         "baseline included (through a processor adapter): retrieval R@k counts a retrieved caption as right when its "
         "text equals the query's (duplicated captions), zero-shot accuracy on single-object images, greedy captions "
         f"(up to {budget['max_new_tokens']} new tokens) scored with BLEU-4, CIDEr-D and exact match "
-        "(`modeling_mmgem.metrics`), region captioning and region retrieval on the test boxes. Generation time is "
+        "(`mmgem.evaluation.metrics`), region captioning and region retrieval on the test boxes. Generation time is "
         "the wall time of captioning the test images (vision tower, pooling and greedy decoding, batch "
         f"{budget['eval_batch_size']}).")  # fmt: skip
     add("- **Honesty**: the arms share data, budget, seeds, optimiser and evaluation code; no setting was chosen by "

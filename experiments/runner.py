@@ -1,7 +1,7 @@
 """Train and evaluate one task of the experiments with the project's own code, and record what it cost.
 
-Every MM-GEM arm goes through `modeling_mmgem.train.train` (HF Trainer, `MMGEMCollator`) and
-`modeling_mmgem.evaluate.evaluate_model`; the CLIP baseline through the HF Trainer with the same options and the same
+Every MM-GEM arm goes through `mmgem.training.train.train` (HF Trainer, `MMGEMCollator`) and
+`mmgem.evaluation.evaluate.evaluate_model`; the CLIP baseline through the HF Trainer with the same options and the same
 `evaluate_model` (see `experiments.clip_baseline`). Results are JSON files, one per arm and seed, keyed by a
 fingerprint of everything they depend on, so an interrupted run resumes where it stopped.
 """
@@ -33,7 +33,7 @@ def prepare_datasets(budget: Budget, folder: Path, progress: bool = True) -> dic
 
     A folder is reused when its stamp matches the settings; generation is deterministic and atomic.
     """
-    from modeling_mmgem.synthetic import generate_dataset
+    from mmgem.synthetic import generate_dataset
 
     roots = {}
     for variant, preamble in LONG_VARIANTS.items():
@@ -191,7 +191,7 @@ class TaskRunner:
         already have tokens for the long descriptions' words, and CLIP and MM-GEM read the same token sequences.
         """
         if self._texts is None:
-            from modeling_mmgem.train import load_records, training_texts
+            from mmgem.training.train import load_records, training_texts
 
             texts = []
             for index, root in enumerate(self.datasets.values()):
@@ -206,7 +206,7 @@ class TaskRunner:
         """A new MM-GEM (seeded init, the run's tokenizer) saved to `folder`, for `train(model=folder)`."""
         import transformers
 
-        from modeling_mmgem.train import build_from_scratch
+        from mmgem.training.train import build_from_scratch
 
         spec = json.loads(json.dumps(self.spec))
         spec.update(overrides)
@@ -218,8 +218,8 @@ class TaskRunner:
 
     def _train(self, task: Task, start: Path, output: Path, data: Path, *, stage: int = 1, steps: int,
                batch_size: int, learning_rate: float, long: bool = False) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-        """One `modeling_mmgem.train.train` call from a model folder; returns the result and its cost."""
-        from modeling_mmgem.train import train
+        """One `mmgem.training.train.train` call from a model folder; returns the result and its cost."""
+        from mmgem.training.train import train
 
         options = training_options(self.budget, task.seed, steps, batch_size, learning_rate, self.threads)
         extra = {"max_regions_per_image": self.budget.max_regions_per_image} if stage == 2 else {}
@@ -240,9 +240,9 @@ class TaskRunner:
 
     def _evaluate_short(self, model: Any, processor: Any, regions: bool) -> dict[str, Any]:
         """Split metrics with `evaluate_model`; captioning is timed on its own (generation cost)."""
-        from modeling_mmgem.evaluate import evaluate_model, templates_for
-        from modeling_mmgem.synthetic import load_labels
-        from modeling_mmgem.train import load_records
+        from mmgem.evaluation.evaluate import evaluate_model, templates_for
+        from mmgem.synthetic import load_labels
+        from mmgem.training.train import load_records
 
         data = self.datasets["strict"]
         labels = load_labels(data)
@@ -273,8 +273,8 @@ class TaskRunner:
 
     def _evaluate_long(self, model: Any, processor: Any, variant: str) -> dict[str, Any]:
         """Retrieval between the split's images and their long descriptions (`evaluate_model`, all arms)."""
-        from modeling_mmgem.evaluate import evaluate_model
-        from modeling_mmgem.train import load_records
+        from mmgem.evaluation.evaluate import evaluate_model
+        from mmgem.training.train import load_records
 
         records = long_caption_records(load_records(self.datasets[variant] / f"{self.split}.jsonl"))
         with Stopwatch() as clock:
@@ -308,7 +308,7 @@ class TaskRunner:
 
     def _cut_to_clip_context(self, source: Path, folder: Path) -> Path:
         """A copy of a saved MM-GEM whose LLM context (and so the processor's truncation) is CLIP's 77 tokens."""
-        from modeling_mmgem.train import load_model
+        from mmgem.training.train import load_model
 
         model, processor = load_model(str(source))
         model.config.text_config.max_position_embeddings = CLIP_CONTEXT
@@ -348,8 +348,8 @@ class TaskRunner:
 
         import transformers
 
-        from modeling_mmgem.data import ImageCaptionDataset
-        from modeling_mmgem.train import load_records
+        from mmgem.data.records import ImageCaptionDataset
+        from mmgem.training.train import load_records
 
         from .clip_baseline import build_clip, train_clip
 
@@ -405,8 +405,8 @@ def long_caption_visibility(root: Path, texts: Sequence[str], vocab_size: int, l
     """
     import re
 
-    from modeling_mmgem.build import train_tokenizer
-    from modeling_mmgem.train import load_records
+    from mmgem.build import train_tokenizer
+    from mmgem.training.train import load_records
 
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     starts, lengths, seen_objects, total_objects, blind = [], [], 0, 0, 0

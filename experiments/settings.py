@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from modeling_mmgem.synthetic import PREAMBLE_MIN_WORDS
-from modeling_mmgem.train import MODEL_PRESETS
+from mmgem.synthetic import PREAMBLE_MIN_WORDS
+from mmgem.training.train import MODEL_PRESETS
 
 # Long-caption variants. "strict": the dataset default, whose generic opening is longer than CLIP's 77 tokens, so a
 # 77-token text encoder sees no detail at all (the paper's premise pushed to its extreme). "mild": a shorter

@@ -1,8 +1,9 @@
-"""mmgem: MM-GEM (arXiv 2405.19333) as a Hugging Face model.
+"""modeling_mmgem: MM-GEM (arXiv 2405.19333) as a Hugging Face model.
 
-The remote-code files (`configuration_mmgem.py`, `modeling_mmgem.py`, `processing_mmgem.py` and the
-`loss_mmgem.py` they import) are what `save_pretrained` copies next to the weights; the rest of the package
-(building, data, training, evaluation) runs where mmgem is installed.
+This folder holds exactly the remote code that `save_pretrained` copies next to the weights
+(`configuration_mmgem.py`, `modeling_mmgem.py`, `processing_mmgem.py` and the `loss_mmgem.py` they import): it
+imports only the standard library, torch and transformers. The library around it (building, data, training,
+evaluation, integrations) is the `mmgem` package, which imports this one, never the reverse.
 
 The public names are imported lazily, so that light tools (the dataset generator, the CLI's help) start without
 importing torch and transformers.

@@ -29,9 +29,9 @@ if MODEL_PATH is None:
     torch.set_num_threads(1)  # the tiny model's matrices are too small to gain from threads (and busy CI cores)
     # A tiny random MM-GEM (hidden size 32, 2 layers, 32 px images) with a tokenizer trained on the captions,
     # fitted for a few seconds with the joint loss (contrastive + captioning, images and regions).
-    from modeling_mmgem.build import tiny_mmgem
-    from modeling_mmgem.collator import MMGEMCollator
-    from modeling_mmgem.data import ImageCaptionDataset
+    from mmgem.build import tiny_mmgem
+    from mmgem.data.collator import MMGEMCollator
+    from mmgem.data.records import ImageCaptionDataset
 
     texts = [r.caption for r in train_records] + [region.caption for r in train_records for region in r.regions]
     model, processor = tiny_mmgem(texts=texts, initializer_range=0.2)  # a wider init lets the tiny model learn fast
@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoProcessor
 
-from modeling_mmgem.data import load_jsonl_records
-from modeling_mmgem.synthetic import generate_dataset
+from mmgem.data.records import load_jsonl_records
+from mmgem.synthetic import generate_dataset
 
 torch.manual_seed(0)
 WORK = Path(tempfile.mkdtemp(prefix="mmgem-quickstart-"))"""
@@ -73,11 +73,11 @@ import matplotlib.pyplot as plt
 import torch
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
-from modeling_mmgem.collator import MMGEMCollator
-from modeling_mmgem.data import ImageCaptionDataset, load_jsonl_records
-from modeling_mmgem.evaluate import evaluate_model, format_table
-from modeling_mmgem.lora import apply_lora, count_parameters, load_lora_adapter
-from modeling_mmgem.synthetic import generate_dataset
+from mmgem.data.collator import MMGEMCollator
+from mmgem.data.records import ImageCaptionDataset, load_jsonl_records
+from mmgem.evaluation.evaluate import evaluate_model, format_table
+from mmgem.integrations.lora import apply_lora, count_parameters, load_lora_adapter
+from mmgem.synthetic import generate_dataset
 
 torch.manual_seed(0)
 WORK = Path(tempfile.mkdtemp(prefix="mmgem-lora-"))"""
@@ -225,7 +225,7 @@ one shape each; the model's learned temperature turns similarities into probabil
     (
         "code",
         """\
-from modeling_mmgem.synthetic import load_labels, zero_shot_examples
+from mmgem.synthetic import load_labels, zero_shot_examples
 
 classes = load_labels(data["root"])["classes"]
 labelled = zero_shot_examples(test_records)[:8]
@@ -318,7 +318,7 @@ encoded as images. Regions do not fit sentence-transformers' inputs: `encode_reg
     (
         "code",
         """\
-from modeling_mmgem.sentence_transformers_utils import encode_regions, load_sentence_transformer
+from mmgem.integrations.sentence_transformers import encode_regions, load_sentence_transformer
 
 st = load_sentence_transformer(MODEL_PATH)  # SentenceTransformer(MODEL_PATH, trust_remote_code=True)
 st_texts = st.encode(captions, convert_to_tensor=True)

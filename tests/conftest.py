@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_mmgem.build import tiny_mmgem
+from mmgem.build import tiny_mmgem
 
 
 def random_images(count: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((40, 50), (32, 32), (64, 48))):

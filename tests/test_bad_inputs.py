@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from mmgem.build import image_processor_for, tiny_configs, train_tokenizer
 from modeling_mmgem import MMGEMConfig, MMGEMProcessor
-from modeling_mmgem.build import image_processor_for, tiny_configs, train_tokenizer
 
 from .conftest import random_images
 

@@ -21,7 +21,7 @@ from conversion import HubPushError, convert, export_checkpoint, main, push_fold
 from conversion import publish as publish_module
 from conversion.components import compose
 from conversion.publish import hub_id_of
-from modeling_mmgem.build import DEFAULT_CORPUS, train_tokenizer
+from mmgem.build import DEFAULT_CORPUS, train_tokenizer
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from tests.hub_server import FakeHub
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_mmgem.data import (
+from mmgem.data.records import (
     ImageCaptionDataset,
     ImageRecord,
     RegionRecord,
@@ -19,7 +19,7 @@ from modeling_mmgem.data import (
     load_imagefolder_records,
     load_jsonl_records,
 )
-from modeling_mmgem.synthetic import generate_dataset, zero_shot_examples
+from mmgem.synthetic import generate_dataset, zero_shot_examples
 
 GOOD = {"image": "images/a.png", "caption": "a red circle", "regions": [{"box": [1, 2, 10, 12], "caption": "a dot"}]}
 

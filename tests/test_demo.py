@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from modeling_mmgem.cli import main as cli_main
-from modeling_mmgem.demo import TARGETS
+from mmgem.cli import main as cli_main
+from mmgem.demo import TARGETS
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from modeling_mmgem.build import DEFAULT_CORPUS, tiny_mmgem
+from mmgem.build import DEFAULT_CORPUS, tiny_mmgem
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 
 from .conftest import random_images
@@ -141,19 +141,19 @@ def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path
 
 @pytest.mark.slow
 def test_mmgem_train_runs_under_torchrun_with_two_cpu_processes(tmp_path):
-    """`torchrun --nproc_per_node 2 -m modeling_mmgem.cli train ...`: DDP on CPU (gloo); rank 0 writes the model."""
+    """`torchrun --nproc_per_node 2 -m mmgem.cli train ...`: DDP on CPU (gloo); rank 0 writes the model."""
     import json
     import subprocess
     import sys
 
-    from modeling_mmgem.synthetic import generate_dataset
+    from mmgem.synthetic import generate_dataset
 
     paths = generate_dataset(tmp_path / "data", 8, 2, 2, image_size=32, seed=5, progress=False)
     output = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", LOOPBACK_ENV["MASTER_ADDR"], "--master_port", str(_free_port()),
-        "-m", "modeling_mmgem.cli", "train", "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir",
+        "-m", "mmgem.cli", "train", "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir",
         str(output), "--stage", "2", "--max-steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no",
         "--use_cpu", "true", "--ddp_backend", "gloo", "--ddp_timeout", str(int(RENDEZVOUS_TIMEOUT.total_seconds())),
         "--torch-threads", "1", "--disable_tqdm", "true", "--logging_steps", "1",

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_mmgem.cli import main as cli_main
-from modeling_mmgem.data import ImageRecord, RegionRecord
-from modeling_mmgem.evaluate import DEFAULT_TEMPLATES, evaluate_model, format_table, templates_for
-from modeling_mmgem.metrics import (
+from mmgem.cli import main as cli_main
+from mmgem.data.records import ImageRecord, RegionRecord
+from mmgem.evaluation.evaluate import DEFAULT_TEMPLATES, evaluate_model, format_table, templates_for
+from mmgem.evaluation.metrics import (
     bleu,
     caption_metrics,
     cider,
@@ -222,8 +222,8 @@ def test_template_reduction_max_scores_a_class_by_its_best_prompt():
 # ---------------------------------------------------------------------------------------------- command line
 @pytest.fixture(scope="module")
 def tiny_folder_and_data(tmp_path_factory):
-    from modeling_mmgem.build import tiny_mmgem
-    from modeling_mmgem.synthetic import generate_dataset
+    from mmgem.build import tiny_mmgem
+    from mmgem.synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("evaluate")
     paths = generate_dataset(root / "data", 4, 2, 6, image_size=32, seed=1, progress=False)

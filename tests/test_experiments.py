@@ -14,7 +14,7 @@ from experiments.clip_baseline import CLIP_CONTEXT, ClipProcessor, build_clip
 from experiments.report import HELD, NOT_HELD, UNCLEAR, Stat, verdict_long, verdict_objectives
 from experiments.run import main
 from experiments.settings import BUDGETS, arms_for, experiment_architecture, pool_grids, tasks_for
-from modeling_mmgem.build import DEFAULT_CORPUS, tiny_mmgem
+from mmgem.build import DEFAULT_CORPUS, tiny_mmgem
 
 
 @pytest.fixture(scope="module")

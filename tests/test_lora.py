@@ -11,8 +11,8 @@ from peft import AutoPeftModel, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoProcessor, Trainer, TrainingArguments
 
-from modeling_mmgem.build import build_mmgem, tiny_configs, tiny_mmgem, train_tokenizer
-from modeling_mmgem.lora import (
+from mmgem.build import build_mmgem, tiny_configs, tiny_mmgem, train_tokenizer
+from mmgem.integrations.lora import (
     PROJECTION_MODULES,
     adapter_key_mismatch,
     apply_lora,

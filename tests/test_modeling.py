@@ -17,8 +17,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from mmgem.build import tiny_mmgem
 from modeling_mmgem import MMGEMConfig, MMGEMModel
-from modeling_mmgem.build import tiny_mmgem
 
 from .conftest import random_images
 

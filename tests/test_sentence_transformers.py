@@ -13,8 +13,8 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 from transformers import AutoModel, AutoProcessor
 
-from modeling_mmgem.build import tiny_mmgem
-from modeling_mmgem.sentence_transformers_utils import (
+from mmgem.build import tiny_mmgem
+from mmgem.integrations.sentence_transformers import (
     MODALITY_CONFIG,
     SENTENCE_TRANSFORMERS_FILES,
     encode_regions,

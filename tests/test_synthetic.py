@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_mmgem.synthetic import (
+from mmgem.synthetic import (
     BACKGROUND_COLOURS,
     COLOURS,
     SHAPES,

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from modeling_mmgem.cli import main as cli_main
-from modeling_mmgem.train import MODEL_PRESETS, train
+from mmgem.cli import main as cli_main
+from mmgem.training.train import MODEL_PRESETS, train
 
 pytestmark = pytest.mark.fast
 
@@ -21,7 +21,7 @@ FAST = dict(per_device_train_batch_size=4, logging_steps=1, save_strategy="no", 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from modeling_mmgem.synthetic import generate_dataset
+    from mmgem.synthetic import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("data") / "shapes", 12, 2, 2, image_size=32, seed=3, progress=False)
 
@@ -41,8 +41,8 @@ def _weights(folder):
 def test_collator_stages_region_sampling_and_repeated_texts():
     from PIL import Image
 
-    from modeling_mmgem.build import tiny_mmgem
-    from modeling_mmgem.collator import MMGEMCollator
+    from mmgem.build import tiny_mmgem
+    from mmgem.data.collator import MMGEMCollator
 
     _, processor = tiny_mmgem()
     image = Image.new("RGB", (32, 32), "white")
@@ -158,7 +158,7 @@ def test_bad_records_fail_with_their_line_or_are_skipped(dataset, tmp_path):
 
 
 def test_imagefolder_data(dataset, tmp_path):
-    from modeling_mmgem.data import export_imagefolder, load_jsonl_records
+    from mmgem.data.records import export_imagefolder, load_jsonl_records
 
     export_imagefolder(load_jsonl_records(dataset["train"]), tmp_path / "folder")
     train(from_scratch="tiny", data=str(tmp_path / "folder"), output_dir=str(tmp_path / "out"), stage=2, max_steps=1,

@@ -7,7 +7,7 @@ compositional generalisation: some (colour, shape) pairs never occur in training
 Layout written by :func:`generate_dataset`::
 
     output_dir/
-        train.jsonl  val.jsonl  test.jsonl   one JSON record per line (read them with `modeling_mmgem.data`)
+        train.jsonl  val.jsonl  test.jsonl   one JSON record per line (read them with `mmgem.data.records`)
         labels.json                          class names for zero-shot classification and the held-out pairs
         images/train_00000.png ...           RGB PNGs; records name them relative to the .jsonl file
 
@@ -24,7 +24,7 @@ Boxes are integer pixels with exclusive right/bottom edges (as `PIL.Image.getbbo
 `0 <= x0 < x1 <= width`. They are the tight bounding boxes of the drawn pixels. Objects, regions and the short
 caption all list the objects left to right (by box centre, ties top to bottom), so captions are learnable.
 
-Run it as `python -m modeling_mmgem.synthetic --output-dir data/shapes`.
+Run it as `python -m mmgem.synthetic --output-dir data/shapes`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
-    from .data import ImageRecord
+    from mmgem.data.records import ImageRecord
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 
@@ -574,7 +574,7 @@ def zero_shot_examples(records: Iterable[ImageRecord]) -> list[tuple[ImageRecord
     """The records usable for zero-shot classification, with their label.
 
     Those are the records with exactly one object; the label is its class name ("colour shape"), one of
-    labels.json's "classes". Records must come from :func:`modeling_mmgem.data.load_jsonl_records`, which keeps
+    labels.json's "classes". Records must come from :func:`mmgem.data.records.load_jsonl_records`, which keeps
     the "objects" field in `ImageRecord.metadata`.
     """
     examples = []
@@ -586,7 +586,7 @@ def zero_shot_examples(records: Iterable[ImageRecord]) -> list[tuple[ImageRecord
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: `python -m modeling_mmgem.synthetic --output-dir DIR [--num-train N ...]`."""
+    """Command line: `python -m mmgem.synthetic --output-dir DIR [--num-train N ...]`."""
     parser = argparse.ArgumentParser(description="Generate the synthetic shapes image-caption dataset.")
     parser.add_argument("--output-dir", required=True, help="folder to create (must be absent or empty)")
     parser.add_argument("--num-train", type=int, default=1000)

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .metrics import normalize_text  # noqa: E402
+from mmgem.evaluation.metrics import normalize_text  # noqa: E402
 
 LOSS_KEYS = ("loss_contrastive", "loss_caption")
 

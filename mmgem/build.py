@@ -11,9 +11,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
-from .configuration_mmgem import MMGEMConfig
-from .modeling_mmgem import MMGEMModel
-from .processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens
+from modeling_mmgem.configuration_mmgem import MMGEMConfig
+from modeling_mmgem.modeling_mmgem import MMGEMModel
+from modeling_mmgem.processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 

@@ -1,12 +1,12 @@
 """The end-to-end demo (`make demo`): MM-GEM trained from scratch on 2 CPU cores in about ten minutes.
 
-    python -m modeling_mmgem.demo --output-dir demo-output
+    python -m mmgem.demo --output-dir demo-output
 
-1. generates the synthetic shapes dataset (`modeling_mmgem.synthetic`) into `OUT/data`;
+1. generates the synthetic shapes dataset (`mmgem.synthetic`) into `OUT/data`;
 2. builds a small MM-GEM from scratch (a 4-layer ViT on 64 px images, a 4-layer Llama, a BPE tokenizer trained on
    the training captions) and trains stage 1 (image-caption pairs) then stage 2 (regions too) with the HF Trainer
-   (`modeling_mmgem.train`), into `OUT/stage1` and `OUT/stage2`;
-3. evaluates on the held-out test split (`modeling_mmgem.evaluate`): `OUT/metrics.json`, same keys as
+   (`mmgem.training.train`), into `OUT/stage1` and `OUT/stage2`;
+3. evaluates on the held-out test split (`mmgem.evaluation.evaluate`): `OUT/metrics.json`, same keys as
    `mmgem evaluate`;
 4. exports a Hub-ready folder with a model card to `OUT/model` through the conversion code, then reloads it with
    `AutoModel` and `SentenceTransformer` and checks that they give the trained model's embeddings;
@@ -72,7 +72,7 @@ QUICK = dict(num_train=24, num_val=8, num_test=12, image_size=32, preset="tiny",
 # ---------------------------------------------------------------------------------------------------------- steps
 def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
     """Generate the dataset, or reuse `folder` when it was generated with the same settings."""
-    from .synthetic import generate_dataset
+    from mmgem.synthetic import generate_dataset
 
     settings = dict(
         num_train=config.num_train, num_val=config.num_val, num_test=config.num_test, image_size=config.image_size,
@@ -92,7 +92,7 @@ def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
 
 def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any, dict[str, list[dict]]]:
     """Stage 1 from scratch, then stage 2 from stage 1; returns the final model, processor and both logs."""
-    from .train import train
+    from mmgem.training.train import train
 
     common = dict(
         data=str(data), warmup_steps=config.warmup_steps,
@@ -122,7 +122,7 @@ def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any
 
 def write_architecture(config: DemoConfig, path: Path) -> Path:
     """The preset with `architecture_overrides` applied, as the JSON file `mmgem train --from-scratch` reads."""
-    from .train import scratch_spec
+    from mmgem.training.train import scratch_spec
 
     spec = scratch_spec(config.preset)
     for key, value in config.architecture_overrides.items():
@@ -148,7 +148,7 @@ def check_reload(folder: Path, model: Any, processor: Any, records: Sequence[Any
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel, AutoProcessor
 
-    from .evaluate import embed_images, embed_texts
+    from mmgem.evaluation.evaluate import embed_images, embed_texts
 
     images = [r.load_image() for r in records[:4]]
     texts = [r.caption for r in records[:4]]
@@ -209,9 +209,9 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, progress:
 
 
 def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any]:
-    from .data import load_jsonl_records
-    from .evaluate import evaluate_model, format_table, templates_for, write_metrics
-    from .plots import plot_loss_curves, plot_retrieval_grid
+    from mmgem.data.records import load_jsonl_records
+    from mmgem.evaluation.evaluate import evaluate_model, format_table, templates_for, write_metrics
+    from mmgem.plots import plot_loss_curves, plot_retrieval_grid
 
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

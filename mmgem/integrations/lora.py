@@ -2,7 +2,7 @@
 
 Recipe (see the README section "LoRA fine-tuning"):
 
-    from modeling_mmgem.lora import apply_lora, load_lora_adapter
+    from mmgem.integrations.lora import apply_lora, load_lora_adapter
 
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
     peft_model = apply_lora(model, r=16, alpha=32)             # LoRA on the LM, heads and new tokens trained

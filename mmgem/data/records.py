@@ -2,7 +2,7 @@
 
 Two sources give the same :class:`ImageRecord` list:
 
-- :func:`load_jsonl_records`: the project's JSON Lines format (written by `modeling_mmgem.synthetic`), one record a
+- :func:`load_jsonl_records`: the project's JSON Lines format (written by `mmgem.synthetic`), one record a
   line: `{"image": path relative to the .jsonl file, "caption": str, "long_caption": str (optional),
   "regions": [{"box": [x0, y0, x1, y1], "caption": str}, ...] (optional), ...}`; other keys are kept in
   `ImageRecord.metadata`.

@@ -16,7 +16,7 @@ Metrics (flat keys, the same in `metrics.json` and in the demo's `demo-output/me
   the sizes of the synthetic shapes ("a small {}", "a large {}"): an object is small OR large, and the average of
   the two descriptions matches neither. `templates_for` picks "max" for those.
 - `caption/{bleu4,cider,exact_match}`: greedy captions of the images against the record's caption
-  (definitions in `modeling_mmgem.metrics`).
+  (definitions in `mmgem.evaluation.metrics`).
 - `region_caption/{bleu4,cider,exact_match}`: the same for each region box against its caption.
 - `region_retrieval/R@1` (region -> text: each region ranks the split's distinct region captions) and
   `region_retrieval/text_to_region_R@1` (each distinct region caption ranks all regions of the split; a region with
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .metrics import caption_metrics, recall_at_k, same_text_relevance
+from mmgem.evaluation.metrics import caption_metrics, recall_at_k, same_text_relevance
 
 TASKS = ("retrieval", "zero_shot", "captioning", "region_captioning", "region_retrieval")
 TEMPLATE_REDUCTIONS = ("mean", "max")
@@ -129,7 +129,7 @@ def default_label(record: Any) -> str | None:
         return label
     objects = record.metadata.get("objects") or []
     if len(objects) == 1 and {"colour", "shape"} <= set(objects[0]):
-        from .synthetic import class_name
+        from mmgem.synthetic import class_name
 
         return class_name(objects[0]["colour"], objects[0]["shape"])
     return None
@@ -221,7 +221,7 @@ def evaluate_model(
     max_caption_images: int | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Evaluate an MMGEMModel on records (from `modeling_mmgem.data`); see the module docstring for the metrics.
+    """Evaluate an MMGEMModel on records (from `mmgem.data.records`); see the module docstring for the metrics.
 
     Args:
         model, processor: the model (put in eval mode here) and its processor.
@@ -376,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"`--data` does not exist: {args.data}.")
     labels = _load_labels(args.labels, args.data)
     templates, reduction = templates_for(labels, args.templates, args.template_reduction)
-    from .train import load_model, load_records
+    from mmgem.training.train import load_model, load_records
 
     records = load_records(args.data, args.data_on_error)
     model, processor = load_model(args.model)

@@ -1,6 +1,6 @@
 """Turn dataset items into MM-GEM training batches.
 
-Items are what `modeling_mmgem.data.ImageCaptionDataset` yields: `{"image": PIL image, "caption": str, "regions":
+Items are what `mmgem.data.records.ImageCaptionDataset` yields: `{"image": PIL image, "caption": str, "regions":
 [{"box": [x0, y0, x1, y1] in pixels, "caption": str}, ...]}`. Stage 1 uses images and captions (image-text
 contrastive + image captioning); stage 2 adds the regions to both objectives (region-text contrastive + region
 captioning), as in the paper's second training stage.
@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import BatchFeature
 
-from .metrics import normalize_text
+from mmgem.evaluation.metrics import normalize_text
 
 STAGES = (1, 2)
 

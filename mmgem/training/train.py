@@ -5,11 +5,11 @@ Command line (every `transformers.TrainingArguments` option is accepted as well,
 
     mmgem train --model FOLDER --data train.jsonl --output-dir OUT [--stage 2] [--max-steps N] [--lora]
     mmgem train --from-scratch demo --data train.jsonl --output-dir OUT       # new model, tokenizer trained on data
-    torchrun --nproc_per_node 2 -m modeling_mmgem.cli train ...               # DDP (gloo on CPU)
+    torchrun --nproc_per_node 2 -m mmgem.cli train ...               # DDP (gloo on CPU)
 
 Python::
 
-    from modeling_mmgem.train import train
+    from mmgem.training.train import train
     result = train(model="stage1", data="train.jsonl", output_dir="stage2", stage=2, max_steps=500)
 
 `OUT` ends up a model folder (weights, config, processor, remote code, sentence-transformers files) that
@@ -33,7 +33,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from .collator import STAGES, MMGEMCollator
+from mmgem.data.collator import STAGES, MMGEMCollator
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -173,7 +173,7 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
 # ---------------------------------------------------------------------------------------------------------- data
 def load_records(data: str | os.PathLike[str], on_error: str = "fail") -> list[Any]:
     """Records of a .jsonl file or of an imagefolder (a folder with `metadata.jsonl`)."""
-    from .data import load_imagefolder_records, load_jsonl_records
+    from mmgem.data.records import load_imagefolder_records, load_jsonl_records
 
     path = Path(data)
     if path.is_dir():
@@ -202,7 +202,7 @@ def scratch_spec(from_scratch: str) -> dict[str, Any]:
 
 def build_from_scratch(spec: dict[str, Any], texts: Sequence[str]) -> tuple[Any, Any]:
     """A new MM-GEM and processor: a byte-level BPE tokenizer trained on `texts`, random weights."""
-    from .build import build_mmgem, train_tokenizer
+    from mmgem.build import build_mmgem, train_tokenizer
 
     spec = dict(spec)
     vocab_size = spec.pop("vocab_size", 512)
@@ -214,8 +214,8 @@ def build_from_scratch(spec: dict[str, Any], texts: Sequence[str]) -> tuple[Any,
 
 def load_model(path: str) -> tuple[Any, Any]:
     """An MM-GEM model and processor from a folder or Hub id (the installed classes, not remote code)."""
-    from .modeling_mmgem import MMGEMModel
-    from .processing_mmgem import MMGEMProcessor
+    from modeling_mmgem.modeling_mmgem import MMGEMModel
+    from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
     # trust_remote_code only silences transformers' prompt: the processor's sub-loaders read the folder's config.json
     # (model_type "mmgem"); the classes used are the installed ones either way.
@@ -239,15 +239,15 @@ def resolve_checkpoint(args: MMGEMTrainingArguments) -> str | None:
 
 def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoint: str | None) -> tuple[Any, Any]:
     """The model to train (frozen parts and LoRA applied) and its processor."""
-    from .modeling_mmgem import MMGEMModel
-    from .processing_mmgem import MMGEMProcessor
+    from modeling_mmgem.modeling_mmgem import MMGEMModel
+    from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
     if args.model is not None:
         model, processor = load_model(args.model)
     elif checkpoint is not None and (Path(checkpoint) / "config.json").is_file() and not args.lora:
         # Resuming a from-scratch run: the checkpoint holds the tokenizer and architecture (weights are loaded by
         # the Trainer), so a re-trained tokenizer can never disagree with the saved embeddings.
-        from .modeling_mmgem import MMGEMConfig
+        from modeling_mmgem.modeling_mmgem import MMGEMConfig
 
         model = MMGEMModel(MMGEMConfig.from_pretrained(checkpoint))
         processor = MMGEMProcessor.from_pretrained(checkpoint, trust_remote_code=True)
@@ -256,7 +256,7 @@ def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoi
             scratch_spec(args.from_scratch), training_texts(records, args.use_long_caption)
         )
     if args.lora:
-        from .lora import apply_lora
+        from mmgem.integrations.lora import apply_lora
 
         vision = {"no": False, "lora": "lora", "full": "full"}[args.lora_vision]
         model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, train_vision=vision)
@@ -361,7 +361,7 @@ def save_final_model(trainer: MMGEMTrainer, args: MMGEMTrainingArguments, proces
         processor.save_pretrained(staging)
         (staging / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         if not args.lora or args.merge_lora:
-            from .sentence_transformers_utils import write_sentence_transformers_files
+            from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 
             write_sentence_transformers_files(staging)
         _publish(staging, output)
@@ -399,7 +399,7 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     checkpoint = resolve_checkpoint(args)
-    from .data import ImageCaptionDataset
+    from mmgem.data.records import ImageCaptionDataset
 
     records = load_records(args.data, args.data_on_error)
     if not records:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 # subcommand -> (module with a `main(argv)`, one-line description)
 COMMANDS = {
-    "train": ("modeling_mmgem.train", "train MM-GEM (stage 1 or 2, full or LoRA) with the HF Trainer"),
-    "evaluate": ("modeling_mmgem.evaluate", "retrieval, zero-shot, caption and region metrics on a .jsonl split"),
-    "generate-data": ("modeling_mmgem.synthetic", "write the synthetic shapes dataset (train/val/test .jsonl)"),
-    "demo": ("modeling_mmgem.demo", "the end-to-end demo: data, training from scratch, evaluation, export"),
+    "train": ("mmgem.training.train", "train MM-GEM (stage 1 or 2, full or LoRA) with the HF Trainer"),
+    "evaluate": ("mmgem.evaluation.evaluate", "retrieval, zero-shot, caption and region metrics on a .jsonl split"),
+    "generate-data": ("mmgem.synthetic", "write the synthetic shapes dataset (train/val/test .jsonl)"),
+    "demo": ("mmgem.demo", "the end-to-end demo: data, training from scratch, evaluation, export"),
 }
 
 

@@ -1,0 +1,1 @@
+"""Training data: records of every supported format, datasets and the batch collator."""

@@ -1,0 +1,1 @@
+"""Training MM-GEM with the Hugging Face Trainer."""
