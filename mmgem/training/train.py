@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.data_loader import IterableDatasetShard
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mmgem.data.collator import STAGES, MMGEMCollator
+from mmgem.data.sources import DataSourceArguments
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -67,7 +69,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class MMGEMTrainingArguments(TrainingArguments):
+class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
     """`transformers.TrainingArguments` plus MM-GEM's own options (defaults changed where noted).
 
     Exactly one of `model` (a saved MM-GEM folder or Hub id) and `from_scratch` (a preset name from
@@ -84,7 +86,11 @@ class MMGEMTrainingArguments(TrainingArguments):
         },
     )
     data: str | None = field(
-        default=None, metadata={"help": "Training data: a .jsonl file, or an imagefolder with metadata.jsonl."}
+        default=None,
+        metadata={
+            "help": "Training data: a .jsonl file, an imagefolder, or sources in the published layouts (webdataset "
+            "shards, datasets, LLaVA, COCO, Karpathy, Visual Genome, RefCOCO, GRIT), several joined with '::'."
+        },
     )
     stage: int = field(default=1, metadata={"help": "1: image-caption pairs; 2: adds region boxes and captions."})
     data_on_error: str = field(
@@ -147,8 +153,9 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
             )
     if args.data is None:
         raise ValueError("`data` is required: a .jsonl file or an imagefolder with metadata.jsonl.")
-    if not Path(args.data).exists():
-        raise ValueError(f"`data` does not exist: {args.data}.")
+    from mmgem.data.sources import check_data_arguments
+
+    check_data_arguments(args)
     if args.stage not in STAGES:
         raise ValueError(f"`stage` must be 1 or 2; got {args.stage!r}.")
     if args.data_on_error not in ON_ERROR_CHOICES:
@@ -306,6 +313,15 @@ class MMGEMTrainer(Trainer):
                     self._term_counts[name] = self._term_counts.get(name, 0) + 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    def get_train_dataloader(self) -> Any:
+        # A streaming dataset reads its own part per rank (`mmgem.data.sources`); accelerate's IterableDatasetShard
+        # would split it again, so it is made a pass-through (as transformers does for rank-aware samplers).
+        loader = super().get_train_dataloader()
+        shard = getattr(loader, "dataset", None)
+        if isinstance(shard, IterableDatasetShard) and getattr(shard.dataset, "splits_by_rank", False):
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             for name in sorted(self._term_sums):
@@ -400,8 +416,14 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
         torch.set_num_threads(args.torch_threads)
     checkpoint = resolve_checkpoint(args)
     from mmgem.data.records import ImageCaptionDataset
+    from mmgem.data.sources import streaming_training_data, uses_streaming
 
-    records = load_records(args.data, args.data_on_error)
+    if uses_streaming(args):
+        # `records` are then the texts of the first samples (for a tokenizer trained on the data).
+        dataset, records = streaming_training_data(args)
+    else:
+        records = load_records(args.data, args.data_on_error)
+        dataset = None
     if not records:
         raise ValueError(f"`data` {args.data} holds no usable record.")
     if args.stage == 2 and not any(r.regions for r in records):
@@ -409,7 +431,8 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
     # Seed before building: a model built from scratch (and LoRA's init) is then reproducible, as the Trainer's data.
     set_seed(args.seed)
     model, processor = prepare_model(args, records, checkpoint)
-    dataset = ImageCaptionDataset(records, use_long_caption=args.use_long_caption, with_regions=args.stage == 2)
+    if dataset is None:
+        dataset = ImageCaptionDataset(records, use_long_caption=args.use_long_caption, with_regions=args.stage == 2)
     collator = MMGEMCollator(
         processor, args.stage, args.max_regions_per_image, seed=args.seed, unique_region_texts=args.unique_region_texts
     )
