@@ -16,6 +16,8 @@ COMMANDS = {
     "evaluate": ("mmgem.evaluation.evaluate", "retrieval, zero-shot, caption and region metrics on a .jsonl split"),
     "generate-data": ("mmgem.synthetic", "write the synthetic shapes dataset (train/val/test .jsonl)"),
     "demo": ("mmgem.demo", "the end-to-end demo: data, training from scratch, evaluation, export"),
+    "index": ("mmgem.search.indexer", "embed an image folder or webdataset shards into a searchable index"),
+    "search": ("mmgem.search.searcher", "search an index by text, image or image region"),
 }
 
 

@@ -1,0 +1,214 @@
+"""Search an index by text, by image or by an image region: the Python API and `mmgem search`.
+
+Python::
+
+    from mmgem.search import ImageSearch
+    search = ImageSearch("my-index")                      # loads the model the index was built with
+    for hit in search.text("a red car", k=5):
+        print(hit.path, hit.score)
+    search.image("query.jpg")                             # images like this one
+    search.image("query.jpg", region=(10, 20, 120, 90))   # images with a region like this box
+
+Command line::
+
+    mmgem search --index INDEX "a red car" [--k 10] [--json]
+    mmgem search --index INDEX --image query.jpg [--region x0,y0,x1,y1] [--target images|regions|all]
+
+Scores are cosine similarities. A text query scores each image by its image embedding and, when the index holds
+captions, also by its caption's embedding: `(1 - caption_weight) * image + caption_weight * caption` (default
+weight 0.5 when captions exist), computed exactly for the candidates the two ANN searches return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmgem.search.sources import load_image
+from mmgem.search.store import Hit, VectorStore, faiss_threads, group_by_path
+
+TARGETS = ("images", "regions", "all")
+DEFAULT_CAPTION_WEIGHT = 0.5
+CANDIDATE_FACTOR = 4  # each ANN returns k * this candidates before grouping by image
+
+
+def parse_box(text: str | Sequence[float]) -> tuple[float, float, float, float]:
+    """`x0,y0,x1,y1` (pixels of the query image) -> a tuple of 4 floats."""
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"`--region` must be x0,y0,x1,y1 (4 numbers, pixels of the query image); got {text!r}.")
+    return tuple(values)  # type: ignore[return-value]
+
+
+class ImageSearch:
+    """Text, image and region search over an index folder, with the model it was built with."""
+
+    def __init__(
+        self, index: str | os.PathLike[str], model: Any = None, processor: Any = None, device: str | None = None
+    ) -> None:
+        self.store = VectorStore(index)
+        if model is None:
+            from mmgem.training.train import load_model
+
+            model, processor = load_model(self.store.meta["model"]["name_or_path"])
+            model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from mmgem.search.indexer import model_fingerprint
+
+        if model_fingerprint(model, "")["fingerprint"] != self.store.meta["model"]["fingerprint"]:
+            raise ValueError(f"`model` is not the model the index {index} was built with "
+                             f"({self.store.meta['model']['name_or_path']}).")  # fmt: skip
+        self.model, self.processor = model.eval(), processor
+        self._rows_by_path: dict[str, dict[str, int]] = {}
+        for row, item in enumerate(self.store.items):
+            if item["kind"] != "region":
+                self._rows_by_path.setdefault(item["path"], {})[item["kind"]] = row
+
+    @property
+    def has_captions(self) -> bool:
+        return self.store.count("caption") > 0
+
+    # ------------------------------------------------------------------------------------------- embedding
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length text embeddings [N, D]."""
+        inputs = self.processor(text=list(texts), truncation=True).to(self.model.device)
+        return F.normalize(self.model.get_text_features(**inputs).pooler_output.float(), dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def embed_image(self, image: Any, region: Sequence[float] | None = None) -> np.ndarray:
+        """The unit-length embedding [1, D] of an image (PIL, array or path), or of one `region` box of it."""
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(str(image))
+        boxes = [[list(region)]] if region is not None else None
+        inputs = self.processor(images=[image], boxes=boxes)
+        kwargs = {"pixel_values": inputs["pixel_values"].to(self.model.device)}
+        if boxes is not None:
+            kwargs["boxes"] = [b.to(self.model.device) for b in inputs["boxes"]]
+        return F.normalize(self.model.get_image_features(**kwargs).pooler_output.float(), dim=-1).cpu().numpy()
+
+    # ------------------------------------------------------------------------------------------- search
+    def vectors(self, query: np.ndarray, k: int = 10, target: str = "images", exact: bool = False) -> list[Hit]:
+        """The `k` best images (one hit per image) for a query vector [D] among `target` rows."""
+        if target not in TARGETS:
+            raise ValueError(f"`target` must be one of {TARGETS}; got {target!r}.")
+        kinds = {"images": ["image"], "regions": ["region"], "all": ["image", "region"]}[target]
+        with faiss_threads(1):
+            hits = [h for kind in kinds for h in self.store.search(query, kind, k * CANDIDATE_FACTOR, exact)[0]]
+        return group_by_path(hits, k)
+
+    def text(
+        self, query: str, k: int = 10, caption_weight: float | None = None, target: str = "images", exact: bool = False
+    ) -> list[Hit]:
+        """The `k` images that best match a text (through their image embedding, and their caption if indexed)."""
+        if not isinstance(query, str) or not query.strip():
+            raise ValueError(f"the text query must be a non-empty string; got {query!r}.")
+        weight = (DEFAULT_CAPTION_WEIGHT if self.has_captions else 0.0) if caption_weight is None else caption_weight
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
+        if weight > 0 and not self.has_captions:
+            raise ValueError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`).")
+        vector = self.embed_text([query])[0]  # [D]
+        if weight == 0.0 or target != "images":
+            return self.vectors(vector, k, target, exact)
+        with faiss_threads(1):
+            candidates = {h.path for kind in ("image", "caption")
+                          for h in self.store.search(vector, kind, k * CANDIDATE_FACTOR, exact)[0]}  # fmt: skip
+        return sorted((self._fused_hit(path, vector, weight) for path in candidates), key=lambda h: -h.score)[:k]
+
+    def _fused_hit(self, path: str, vector: np.ndarray, weight: float) -> Hit:
+        rows = self._rows_by_path[path]
+        image_score = float(self.store.vectors[rows["image"]] @ vector)
+        caption_score = float(self.store.vectors[rows["caption"]] @ vector) if "caption" in rows else image_score
+        item = {**self.store.items[rows["image"]], "image_score": image_score, "caption_score": caption_score}
+        return Hit(rows["image"], (1 - weight) * image_score + weight * caption_score, item)
+
+    def image(
+        self, image: Any, k: int = 10, region: Sequence[float] | None = None, target: str | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:  # fmt: skip
+        """The `k` images most like an image, or with `region` like that box of it (default target: regions)."""
+        target = target or ("regions" if region is not None else "images")
+        if target in ("regions", "all") and self.store.count("region") == 0:
+            raise ValueError("the index holds no regions (built with `--region-grids 0`); use target 'images'.")
+        return self.vectors(self.embed_image(image, region)[0], k, target, exact)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def hit_record(hit: Hit) -> dict[str, Any]:
+    """The JSON form of a hit: path, score, kind, and box / caption where the item has them."""
+    record = {"path": hit.path, "score": round(hit.score, 6), "kind": hit.item["kind"]}
+    for key in ("box", "caption", "image_score", "caption_score", "text"):
+        if hit.item.get(key) is not None:
+            record[key] = hit.item[key]
+    return record
+
+
+def format_hits(hits: Sequence[Hit]) -> str:
+    """A plain-text table: rank, score, path (and the matched box for region hits)."""
+    lines = [f"{'rank':>4}  {'score':>7}  path", f"{'-' * 4}  {'-' * 7}  {'-' * 40}"]
+    for rank, hit in enumerate(hits, 1):
+        box = hit.item.get("box")
+        where = f"  box {','.join(f'{v:g}' for v in box)}" if box else ""
+        lines.append(f"{rank:>4}  {hit.score:7.4f}  {hit.path}{where}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmgem search", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("query", nargs="?", help="the text to search for")
+    parser.add_argument("--index", required=True, help="an index folder written by `mmgem index`")
+    parser.add_argument("--image", help="search with this image instead of a text")
+    parser.add_argument("--region", help="with --image: x0,y0,x1,y1 box (pixels) to search with")
+    parser.add_argument("--target", choices=TARGETS, help="rows to match: whole images, indexed regions, or both")
+    parser.add_argument("--k", "-k", type=int, default=10, help="number of results (default 10)")
+    parser.add_argument("--caption-weight", type=float, help="text queries: weight of caption similarity (0..1)")
+    parser.add_argument("--exact", action="store_true", help="score every vector instead of the ANN")
+    parser.add_argument("--model", help="the model folder, if it moved since indexing")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if (args.query is None) == (args.image is None):
+        raise ValueError("give either a text query or `--image` (not both).")
+    if args.region is not None and args.image is None:
+        raise ValueError("`--region` needs `--image`.")
+    if args.image is not None and not Path(args.image).is_file():
+        raise ValueError(f"`--image` file does not exist: {args.image}.")
+    if args.k < 1:
+        raise ValueError(f"`--k` must be a positive int; got {args.k}.")
+    if not (Path(args.index) / "meta.json").is_file():
+        raise ValueError(f"`--index` {args.index} is not an mmgem index (no meta.json); build one with `mmgem index`.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`mmgem search ...`."""
+    args = build_parser().parse_args(argv)
+    _check_args(args)
+    region = parse_box(args.region) if args.region is not None else None
+    model = processor = None
+    if args.model:
+        from mmgem.training.train import load_model
+
+        model, processor = load_model(args.model)
+    search = ImageSearch(args.index, model, processor, args.device)
+    if args.image is not None:
+        hits = search.image(args.image, k=args.k, region=region, target=args.target, exact=args.exact)
+    else:
+        hits = search.text(args.query, k=args.k, caption_weight=args.caption_weight, target=args.target or "images",
+                           exact=args.exact)  # fmt: skip
+    print(json.dumps([hit_record(h) for h in hits], indent=2) if args.json else format_hits(hits))
+    return 0
