@@ -30,6 +30,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, Repository
 from huggingface_hub.utils import validate_repo_id
 
 from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
+from modeling_mmgem.utils_mmgem import DEFAULT_MAX_CAPTION_TOKENS
 
 logger = logging.getLogger("conversion")
 
@@ -51,7 +52,6 @@ REQUIRED_FILES = (
 PAPER = "https://arxiv.org/abs/2405.19333"
 # Remote files a push replaces even when this export does not have them (see `_stale_weight_deletions`).
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
-DEFAULT_CAPTION_TOKENS = 64
 # Hub model ids as stored in the local cache: .../models--{org}--{name}/snapshots/{revision}
 _CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
@@ -419,7 +419,7 @@ def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
         staging.rename(output_dir)
 
 
-def set_caption_length(model: Any, max_new_tokens: int = DEFAULT_CAPTION_TOKENS) -> None:
+def set_caption_length(model: Any, max_new_tokens: int = DEFAULT_MAX_CAPTION_TOKENS) -> None:
     """Give `generate` a caption-sized default: without one, transformers falls back to a model-agnostic 20 tokens
     (and warns at every call), short for MM-GEM's long captions. A length the generation config already sets is
     kept."""

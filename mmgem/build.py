@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from modeling_mmgem.configuration_mmgem import MMGEMConfig
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens
+from modeling_mmgem.utils_mmgem import pil_image_processor_class
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 
@@ -49,9 +49,8 @@ def image_processor_for(vision_config: PretrainedConfig) -> Any:
     """The PIL-backed image processor matching a CLIP or SigLIP vision config (no torchvision needed)."""
     size = vision_config.image_size
     if vision_config.model_type.startswith("siglip"):
-        cls = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
-        return cls(size={"height": size, "width": size})
-    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+        return pil_image_processor_class("SiglipImageProcessor")(size={"height": size, "width": size})
+    cls = pil_image_processor_class("CLIPImageProcessor")
     return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 

@@ -17,9 +17,8 @@ its siblings through single-dot relative imports.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +36,13 @@ from transformers.utils import ModelOutput
 
 from .configuration_mmgem import MMGEMConfig
 from .loss_mmgem import caption_loss, contrastive_loss
+from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, box_problem, cache_argument
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
-# Caption length `generate` uses when neither the call nor the saved generation config sets one.
-DEFAULT_MAX_CAPTION_TOKENS = 64
-
-# The name `generate` stores and reads the KV cache under: `cache` since transformers 5.24, `past_key_values` before.
-# Detected from GenerationMixin's own signature rather than the version number, so it follows the installed release.
-_GENERATION_INPUTS = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-_CACHE_NAME = "cache" if "cache" in _GENERATION_INPUTS else "past_key_values"
+# What the caption rows of `forward` (`input_ids`) are: one per image, one per region, or one per image then one
+# per region (the layout MMGEMProcessor gives for a training batch with regions).
+CaptionRows = Literal["images", "regions", "images_and_regions"]
+CAPTION_ROWS = ("images", "regions", "images_and_regions")
 
 
 # ---------------------------------------------------------------------------------------------------------- outputs
@@ -108,7 +105,7 @@ class MMGEMOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    if _CACHE_NAME == "cache":
+    if CACHE_NAME == "cache":
         cache: Any | None = None  # transformers >= 5.24 maps reads of `past_key_values` onto it
     else:
         # transformers < 5.24 looks the cache up in model outputs as `past_key_values` (`key in outputs`).
@@ -231,14 +228,10 @@ def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> 
         image_boxes = torch.as_tensor(image_boxes, dtype=torch.float32)
         if image_boxes.ndim != 2 or image_boxes.shape[-1] != 4:
             raise ValueError(f"{expected}; boxes[{i}] has shape {tuple(image_boxes.shape)}.")
-        if not torch.isfinite(image_boxes).all():
-            raise ValueError(f"{expected}; boxes[{i}] contains NaN or inf.")
-        x0, y0, x1, y1 = image_boxes.unbind(-1)
-        eps = 1e-4  # tolerate rounding of boxes that touch the border
-        if ((x0 < -eps) | (y0 < -eps) | (x1 > 1 + eps) | (y1 > 1 + eps)).any():
-            raise ValueError(f"{expected}; boxes[{i}] lies (partly) outside the image: {image_boxes.tolist()}.")
-        if ((x1 <= x0) | (y1 <= y0)).any():
-            raise ValueError(f"{expected}; boxes[{i}] has a box of zero or negative area: {image_boxes.tolist()}.")
+        # Tolerate rounding of boxes that touch the border.
+        problem = box_problem(image_boxes, 1.0, 1.0, "image (normalised frame)", tolerance=1e-4)
+        if problem:
+            raise ValueError(f"{expected}; boxes[{i}] {problem}: {image_boxes.tolist()}.")
         flat.append(image_boxes.clamp(0, 1))
         index.append(torch.full((image_boxes.shape[0],), i, dtype=torch.long))
     if not flat or sum(b.shape[0] for b in flat) == 0:
@@ -306,9 +299,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             set(getattr(self.vision_model, "_no_split_modules", None) or [])
             | set(getattr(self.language_model, "_no_split_modules", None) or [])
         )
-        forward_parameters = inspect.signature(self.language_model.forward).parameters
-        # transformers >= 5.24 names the KV cache `cache`; earlier 5.x releases call it `past_key_values`.
-        self._lm_cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
+        self._lm_cache_argument = cache_argument(self.language_model.forward)
         # `register_for_auto_class` records one auto class; the model also serves AutoModelForImageTextToText.
         auto_map = dict(getattr(config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForImageTextToText", f"modeling_mmgem.{type(self).__name__}")
@@ -375,10 +366,13 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             vectors.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[1])
         return self.image_projection(torch.cat(vectors)), region_index
 
-    def _visual_tokens(self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool) -> torch.Tensor:
-        """h2 visual tokens [B (+R), K, H_lm] of the images (if `include_images`) then of the regions."""
+    def _visual_tokens(
+        self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool, include_regions: bool = True
+    ) -> torch.Tensor:
+        """h2 visual tokens [B (+R), K, H_lm] of the images (if `include_images`) then of the regions (if `boxes`
+        and `include_regions`)."""
         tokens = [self.pool_aggregator.pool_grid(feature_map)] if include_images else []
-        if boxes is not None:
+        if boxes is not None and include_regions:
             flat_boxes, region_index = _flatten_boxes(boxes, feature_map.shape[0], feature_map.device)
             tokens.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[0])
         return self.visual_token_projection(torch.cat(tokens))
@@ -532,19 +526,32 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             )
         return inputs_embeds.masked_scatter(placeholders[..., None], visual_tokens.to(inputs_embeds.dtype))
 
-    def _caption_sources(self, num_rows: int, batch_size: int, boxes: BoxesInput) -> bool:
-        """Whether caption rows are images then regions (True) or regions only (False); validates the count."""
+    @staticmethod
+    def _check_caption_rows(
+        caption_rows: CaptionRows | None, num_rows: int, batch_size: int, boxes: BoxesInput
+    ) -> CaptionRows:
+        """The layout of the caption rows (`caption_rows`, which is required with `boxes`), checked against the
+        number of caption sequences."""
+        if caption_rows is None:
+            if boxes is not None:
+                raise ValueError(
+                    "`caption_rows` must say what the caption sequences of `input_ids` are when `boxes` are given: "
+                    "'images', 'regions' or 'images_and_regions' (MMGEMProcessor sets it)."
+                )
+            caption_rows = "images"
+        if caption_rows not in CAPTION_ROWS:
+            raise ValueError(f"`caption_rows` must be one of {CAPTION_ROWS}; got {caption_rows!r}.")
+        if caption_rows != "images" and boxes is None:
+            raise ValueError(f"`caption_rows={caption_rows!r}` needs `boxes`.")
         num_regions = 0 if boxes is None else sum(len(b) for b in boxes)
-        if boxes is None and num_rows == batch_size:
-            return True
-        if boxes is not None and num_rows == num_regions:
-            return False
-        if boxes is not None and num_rows == batch_size + num_regions:
-            return True
-        raise ValueError(
-            f"`input_ids` has {num_rows} caption sequences for {batch_size} images and {num_regions} regions; "
-            "expected one per image, one per region, or one per image followed by one per region."
-        )
+        expected = {"images": batch_size, "regions": num_regions, "images_and_regions": batch_size + num_regions}
+        if num_rows != expected[caption_rows]:
+            raise ValueError(
+                f"`input_ids` has {num_rows} caption sequences with `<image>` placeholders, but "
+                f"`caption_rows={caption_rows!r}` with {batch_size} images and {num_regions} regions needs "
+                f"{expected[caption_rows]}."
+            )
+        return caption_rows
 
     def _default_caption_prompt(self, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """`<bos> <image>*K [CAP]` for each row: the prompt `generate` uses when none is given."""
@@ -573,14 +580,15 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_loss: bool = True,
+        caption_rows: CaptionRows | None = None,
         **kwargs: Any,
     ) -> MMGEMOutput:
         r"""
         The joint training step, and the captioning forward that `generate` calls.
 
         Args:
-            input_ids (`[N, L]`, *optional*): caption sequences `<bos> <image>*K [CAP] caption <eos>`, one per image
-                (then one per region with `boxes`), or one per region only.
+            input_ids (`[N, L]`, *optional*): caption sequences `<bos> <image>*K [CAP] caption <eos>`: one per image,
+                one per region, or one per image then one per region, as `caption_rows` says.
             attention_mask (`[N, L]`, *optional*): mask of `input_ids`.
             position_ids (`[N, L]`, *optional*): derived from `attention_mask` when missing (left padding works).
             pixel_values (`[B, 3, H, W]`, *optional*): images; one vision forward feeds both objectives.
@@ -596,6 +604,10 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             use_cache (`bool`, *optional*): return the KV cache.
             logits_to_keep (`int` or tensor): as in transformers' causal LMs.
             return_loss (`bool`, defaults to `True`): compute the losses whose inputs are present.
+            caption_rows (`str`, *optional*): what the caption sequences with `<image>` placeholders are:
+                `"images"` (the default without `boxes`), `"regions"` (regions of image 0 first) or
+                `"images_and_regions"` (one per image, then one per region). Required with `boxes`; MMGEMProcessor
+                sets it.
         """
         cache = cache if cache is not None else past_key_values
         has_captions = input_ids is not None or inputs_embeds is not None
@@ -622,10 +634,9 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         )
         if needs_visual_tokens and pixel_values is None:
             raise ValueError("`input_ids` contains `<image>` placeholders but `pixel_values` is missing.")
-        include_images = True
         if needs_visual_tokens:
             num_rows = int((input_ids == self.config.image_token_id).any(dim=1).sum())
-            include_images = self._caption_sources(num_rows, batch_size, boxes)
+            caption_rows = self._check_caption_rows(caption_rows, num_rows, batch_size, boxes)
 
         # One vision forward feeds both objectives.
         feature_map = None
@@ -648,7 +659,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
         if has_captions:
             if needs_visual_tokens:
-                visual_tokens = self._visual_tokens(feature_map, boxes, include_images)
+                with_images, with_regions = caption_rows != "regions", caption_rows != "images"
+                visual_tokens = self._visual_tokens(feature_map, boxes, with_images, with_regions)
             embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
             if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
@@ -664,7 +676,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             output.logits = lm_output.logits
             output.hidden_states = lm_output.get("hidden_states")
             output.attentions = lm_output.get("attentions")
-            setattr(output, _CACHE_NAME, lm_output.get(self._lm_cache_argument))
+            setattr(output, CACHE_NAME, lm_output.get(self._lm_cache_argument))
             if labels is not None and return_loss:
                 if labels.shape != output.logits.shape[:2]:
                     raise ValueError(
@@ -696,6 +708,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         (`max_new_tokens`, `num_beams`, `do_sample`, `generation_config`, ...) are those of `generate`; like a causal
         LM, the returned ids start with the prompt (use `MMGEMProcessor.decode_captions`).
         """
+        kwargs.pop("caption_rows", None)  # the prompt rows are the images, or the regions with `boxes`
         if pixel_values is not None and kwargs.get("visual_tokens") is None:
             if boxes is not None:
                 boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes

@@ -6,15 +6,19 @@ own dependencies (numpy, PIL).
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 from transformers import BatchFeature, ProcessorMixin
-from transformers.image_utils import load_image
+
+from .utils_mmgem import box_problem
 
 EMB_TOKEN = "[EMB]"
 CAP_TOKEN = "[CAP]"
@@ -64,26 +68,65 @@ def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[s
 
 
 # ---------------------------------------------------------------------------------------------- images and boxes
-def _to_rgb_image(image: Any, index: int) -> Image.Image:
-    """PIL image (any mode), numpy array or torch tensor (HW, HWC or CHW; uint8 or float in [0, 1]), or an image
-    file path / URL / base64 string -> RGB PIL."""
+# PIL modes that carry an alpha channel (premultiplied "La" / "RGBa" included); "P", "L" and "RGB" images may carry
+# a transparent colour in `info["transparency"]` instead.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+# Single-channel modes with more than 8 bits: PIL's own conversion to RGB clips them instead of rescaling.
+_WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def load_rgb_image(image: Any, index: int = 0) -> Image.Image:
+    """The one image loader of MM-GEM: anything it accepts as an image -> an RGB PIL image.
+
+    Accepted: a PIL image in any mode; a numpy array or torch tensor (HW, HWC or CHW with C in 1, 3, 4; uint8, or
+    float in [0, 1]); an image file path, an http(s) URL, or a base64 / `data:image/...` string. Transparency is
+    composited onto white (never left to turn black), 16-bit and float grey images are rescaled to 8 bits, and the
+    pixels are kept as stored (no EXIF rotation: region boxes are pixel coordinates of the stored image, as the data
+    records read them). The processor, the sentence-transformers integration and the data records all load images
+    here, so an image gives the same pixels, and the same embeddings, whichever way it comes in.
+
+    Args:
+        image: the image.
+        index: its position in the caller's list, for error messages (`images[index]`).
+    """
     if isinstance(image, (str, os.PathLike)):
-        # sentence-transformers hands image paths over as strings.
-        image = _load_image_reference(os.fspath(image), index)
+        image = _open_image_reference(os.fspath(image), index)
     if isinstance(image, Image.Image):
-        if image.mode in ("RGBA", "LA", "P") and "transparency" in image.info or image.mode in ("RGBA", "LA"):
-            # Composite transparent images on white rather than letting the alpha channel turn black.
-            background = Image.new("RGB", image.size, (255, 255, 255))
-            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-            return background
-        return image.convert("RGB")
+        return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if not isinstance(image, np.ndarray):
         raise ValueError(
-            f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path; "
+            f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
             f"got {type(image).__name__}."
         )
+    return _pil_to_rgb(Image.fromarray(_array_to_uint8(image, index)))
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited onto white, wide grey modes rescaled to 8 bits."""
+    if image.mode in _WIDE_GREY_MODES:
+        grey = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey  # float images are taken to be in [0, 1]
+        elif grey.max(initial=0.0) > 255:
+            grey = grey / 257.0  # 16-bit range (65535 -> 255)
+        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")  # PIL: no La -> RGBA
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "LAB":  # PIL's plain conversion copies the channels; a colour transform is needed
+        return ImageCms.applyTransform(image, _lab_to_srgb())
+    return image.convert("RGB")
+
+
+def _lab_to_srgb() -> Any:
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+
+
+def _array_to_uint8(image: np.ndarray, index: int) -> np.ndarray:
+    """An HW / HWC / CHW array (uint8, or float in [0, 1]) -> an HW or HWC uint8 array for `Image.fromarray`."""
     array = image
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)  # CHW -> HWC
@@ -101,23 +144,41 @@ def _to_rgb_image(image: Any, index: int) -> Image.Image:
         if array.max(initial=0.0) <= 1.0:
             array = array * 255.0  # float images are taken to be in [0, 1]
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    pil = Image.fromarray(array)
-    return _to_rgb_image(pil, index)
+    return np.ascontiguousarray(array)
 
 
-def _load_image_reference(reference: str, index: int) -> Image.Image:
-    """A local image file (opened with PIL, so transparency is handled as for PIL inputs), or a URL / base64 string."""
+def _open_image_reference(reference: str, index: int) -> Image.Image:
+    """A local image file, an http(s) URL or a base64 / `data:image/...` string, opened and read with PIL."""
+    is_url = reference.startswith(("http://", "https://"))
     try:
-        if os.path.isfile(reference):
-            with Image.open(reference) as opened:
-                opened.load()
-                return opened.copy()
-        return load_image(reference)
-    except Exception as error:  # PIL and the URL loader raise many types; name the argument instead
+        if is_url:
+            with urllib.request.urlopen(reference) as response:
+                data = response.read()
+        elif os.path.isfile(reference):
+            with open(reference, "rb") as file:
+                data = file.read()
+        elif reference.startswith("data:image/") or _looks_like_base64(reference):
+            data = base64.b64decode(reference.split(",", 1)[1] if reference.startswith("data:") else reference)
+        else:
+            raise ValueError(
+                f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
+                f"{reference[:200]!r} is not an existing file, an http(s) URL or base64 image data."
+            )
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            return opened.copy()
+    except ValueError:
+        raise
+    except Exception as error:  # urllib, base64 and PIL raise many types; name the argument instead
         raise ValueError(
             f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
             f"{reference[:200]!r} could not be loaded: {error}"
         ) from error
+
+
+def _looks_like_base64(reference: str) -> bool:
+    """A long string of base64 characters only (a path of that shape would have to exist to be read as one)."""
+    return len(reference) > 64 and all(c.isalnum() or c in "+/=\n" for c in reference)
 
 
 def _size_dict(value: Any) -> dict[str, int]:
@@ -168,23 +229,14 @@ def boxes_to_model_frame(image_processor: Any, boxes: Any, width: int, height: i
         f"`boxes[{index}]` must be a list of [x0, y0, x1, y1] in pixels of the original image "
         f"({width}x{height}) with 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height"
     )
-    try:
-        array = np.asarray(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{expected}; got {boxes!r}.") from error
+    problem = box_problem(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, width, height, "image")
+    if problem:
+        raise ValueError(f"{expected}; a box {problem}: {boxes!r}.")
+    array = np.asarray(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
     if array.size == 0:
         return torch.zeros(0, 4)
-    if array.ndim == 1:
-        array = array[None]
-    if array.ndim != 2 or array.shape[1] != 4:
-        raise ValueError(f"{expected}; got shape {array.shape}.")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{expected}; got NaN or inf: {array.tolist()}.")
+    array = array.reshape(-1, 4)
     x0, y0, x1, y1 = array.T
-    if (x0 < 0).any() or (y0 < 0).any() or (x1 > width).any() or (y1 > height).any():
-        raise ValueError(f"{expected}; a box lies outside the image: {array.tolist()}.")
-    if ((x1 <= x0) | (y1 <= y0)).any():
-        raise ValueError(f"{expected}; a box has zero or negative area: {array.tolist()}.")
     sx, sy, ox, oy, fw, fh = image_frame_transform(image_processor, width, height)
     frame = np.stack([(x0 * sx - ox) / fw, (y0 * sy - oy) / fh, (x1 * sx - ox) / fw, (y1 * sy - oy) / fh], axis=1)
     frame = np.clip(frame, 0.0, 1.0)
@@ -203,9 +255,9 @@ class MMGEMProcessor(ProcessorMixin):
         - `processor(text=...)`: embedding inputs `<bos> text [EMB]` (`input_ids`, `attention_mask`) for
           `get_text_features`.
         - `processor(images=...)`: `pixel_values` plus the caption prompt `<bos> <image>*K [CAP]` for `generate`;
-          with `boxes`, also normalised `boxes` and one prompt per region.
+          with `boxes`, also normalised `boxes`, one prompt per region and `caption_rows="regions"`.
         - `processor(images=..., text=captions)`: a training batch for `forward` (contrastive and caption loss);
-          with `boxes` and `region_text`, regions join both objectives.
+          with `boxes` and `region_text`, regions join both objectives (`caption_rows="images_and_regions"`).
 
     Args:
         image_processor: a transformers image processor (CLIP or SigLIP).
@@ -335,7 +387,7 @@ class MMGEMProcessor(ProcessorMixin):
             images = [images]
         if len(images) == 0:
             raise ValueError("`images` must contain at least one image.")
-        pil_images = [_to_rgb_image(image, i) for i, image in enumerate(images)]
+        pil_images = [load_rgb_image(image, i) for i, image in enumerate(images)]
         frame_boxes = None
         if boxes is not None:
             if not isinstance(boxes, (list, tuple)) or len(boxes) != len(pil_images):
@@ -400,6 +452,8 @@ class MMGEMProcessor(ProcessorMixin):
         data: dict[str, Any] = {"pixel_values": pixel_values}
         if frame_boxes is not None:
             data["boxes"] = frame_boxes
+            # Tells `MMGEMModel.forward` which visual tokens the caption sequences take.
+            data["caption_rows"] = "images_and_regions" if text_data else "regions"
         if not text_data:
             num_rows = pixel_values.shape[0] if frame_boxes is None else sum(len(b) for b in frame_boxes)
             text_data = self.caption_prompt(num_rows)

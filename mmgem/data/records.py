@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import shutil
 import warnings
@@ -33,6 +32,9 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from modeling_mmgem.processing_mmgem import load_rgb_image
+from modeling_mmgem.utils_mmgem import box_problem
 
 OnError = Literal["fail", "skip"]
 MAX_REPORTED_PROBLEMS = 20
@@ -74,19 +76,13 @@ class ImageRecord:
             raise ValueError("An ImageRecord needs an image_path or an image.")
 
     def load_image(self) -> Image.Image:
-        """The image as an RGB PIL image (a fresh copy: callers may modify it)."""
-        if self.image is not None:
-            return self.image.convert("RGB")
-        with Image.open(self.image_path) as image:
-            return image.convert("RGB")
+        """The image as an RGB PIL image (a fresh copy: callers may modify it), loaded as the processor loads
+        images (transparency composited onto white)."""
+        return load_rgb_image(self.image if self.image is not None else self.image_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Validation shared by both sources
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _text_problem(record: dict[str, Any], key: str, required: bool) -> str | None:
@@ -103,16 +99,16 @@ def _text_problem(record: dict[str, Any], key: str, required: bool) -> str | Non
 
 def _box_problem(box: Any, image_size: tuple[int, int] | None) -> str | None:
     """Why `box` is not a valid box inside an image of `image_size` (None: size unknown), or None."""
-    if not isinstance(box, list | tuple) or len(box) != 4 or not all(_is_number(v) for v in box):
-        return f"box {box!r} is not 4 numbers (expected [x0, y0, x1, y1] in pixels)"
-    x0, y0, x1, y1 = box
-    if x1 <= x0 or y1 <= y0:
-        return f"box {list(box)} has zero or negative area (expected x0 < x1 and y0 < y1)"
-    if image_size is not None:
-        width, height = image_size
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            return f"box {list(box)} is outside the {width}x{height} image (expected {_BOX_RULE})"
-    return None
+    width, height = image_size if image_size is not None else (None, None)
+    if isinstance(box, list | tuple) and len(box) == 4:
+        problem = box_problem(list(box), width, height, f"{width}x{height} image")
+        box = list(box)
+    else:
+        problem = "is not 4 numbers"
+    if problem is None:
+        return None
+    hints = {"is not 4 numbers": "[x0, y0, x1, y1] in pixels", "has zero or negative area": "x0 < x1 and y0 < y1"}
+    return f"box {box!r} {problem} (expected {hints.get(problem, _BOX_RULE)})"
 
 
 def _region_problems(regions: Any, image_size: tuple[int, int] | None) -> list[str]:

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modeling_mmgem.utils_mmgem import enable_activation_checkpointing
+
 PROJECTION_MODULES = ("image_projection", "visual_token_projection", "text_projection", "logit_scale")
 NEW_TOKEN_ID_NAMES = ("emb_token_id", "cap_token_id")
 VISION_TRAINING_MODES = (False, "lora", "full")
@@ -279,11 +281,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant gradient checkpointing on the vision tower and the language model (works with frozen inputs and
     LoRA, no `enable_input_require_grads` needed); the KV cache is turned off, as it must be during training."""
     model = _check_mmgem(model)
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 name; the old one warns
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_activation_checkpointing(model, {"use_reentrant": False})
     model.config.text_config.use_cache = False
 
 

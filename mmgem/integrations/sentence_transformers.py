@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
+
+from modeling_mmgem.processing_mmgem import load_rgb_image
 
 # The modality config of sentence-transformers' `Transformer` module for MM-GEM: which model method embeds each
 # modality, and which field of its output holds the embedding. `module_output_name="sentence_embedding"` means no
@@ -226,15 +227,6 @@ def _model_and_processor(model: Any, processor: Any | None) -> tuple[Any, Any, i
     return inner, processor if processor is not None else first.processor, getattr(model, "truncate_dim", None)
 
 
-def _load_rgb(image: Any, index: int) -> Any:
-    if isinstance(image, (str, os.PathLike)):
-        if not Path(image).is_file():
-            raise ValueError(f"`images[{index}]` is a path that does not exist: {image}.")
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    return image
-
-
 def encode_regions(
     model: Any,
     images: Sequence[Any],
@@ -281,7 +273,8 @@ def encode_regions(
     chunks = []
     with torch.inference_mode():
         for start in tqdm(starts, desc="Region batches", disable=not show):
-            batch_images = [_load_rgb(image, start + i) for i, image in enumerate(images[start : start + batch_size])]
+            chunk = images[start : start + batch_size]
+            batch_images = [load_rgb_image(image, start + i) for i, image in enumerate(chunk)]
             inputs = processor(images=batch_images, boxes=list(boxes[start : start + batch_size]))
             frame_boxes = [b.to(device) for b in inputs["boxes"]]
             features = mmgem.get_image_features(inputs["pixel_values"].to(device), boxes=frame_boxes).pooler_output

@@ -1,0 +1,115 @@
+"""What the MM-GEM model, processor and library share: box validation, the default caption length, and the
+differences between the transformers releases MM-GEM supports (all of them kept here, in one place).
+
+This file is remote code: it travels to the Hub with the model and processor files (they import it with a
+single-dot relative import), so it imports only the standard library, torch and transformers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from transformers import GenerationMixin
+
+# Caption length `generate` uses when neither the call nor the saved generation config sets one (transformers'
+# model-agnostic default of 20 tokens in total would cut captions right after the K visual tokens).
+DEFAULT_MAX_CAPTION_TOKENS = 64
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+def box_problem(
+    boxes: Any,
+    width: float | None = 1.0,
+    height: float | None = 1.0,
+    frame: str = "image",
+    tolerance: float = 0.0,
+) -> str | None:
+    """Why `boxes` are not valid xyxy boxes of a `width x height` frame, or None when they are.
+
+    The one box check of MM-GEM: the data records (pixel boxes of the original image), the processor (the same,
+    before it maps them to the model's frame) and the model (boxes normalised to the `1 x 1` frame of
+    `pixel_values`) all call it. A valid box has 4 finite numbers `x0, y0, x1, y1` with `0 <= x0 < x1 <= width` and
+    `0 <= y0 < y1 <= height` (right and bottom edges exclusive, as `PIL.Image.getbbox`).
+
+    Args:
+        boxes: one box (4 numbers) or several (`[R, 4]`: nested lists, numpy array or tensor).
+        width, height: size of the frame; None skips the bounds check (e.g. the image size is unknown).
+        frame: how the problem names the frame (`"32x24 image"` gives "... is outside the 32x24 image").
+        tolerance: how far a box may cross the frame's border (rounding of boxes that touch it).
+
+    Returns:
+        A phrase to follow the boxes' name in an error message (e.g. "has zero or negative area"), or None.
+    """
+    if isinstance(boxes, (list, tuple)) and any(_has_non_number(item) for item in boxes):
+        return "is not 4 numbers"
+    try:
+        array = torch.as_tensor(boxes, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return "is not 4 numbers"
+    if array.ndim == 1 and array.numel():
+        array = array[None]
+    if array.numel() == 0:
+        return None  # no box: nothing to check
+    if array.ndim != 2 or array.shape[-1] != 4:
+        return f"is not 4 numbers per box (shape {tuple(array.shape)})"
+    if not torch.isfinite(array).all():
+        return "contains NaN or inf"
+    x0, y0, x1, y1 = array.unbind(-1)
+    if ((x1 <= x0) | (y1 <= y0)).any():
+        return "has zero or negative area"
+    if width is not None and height is not None:
+        low, right, bottom = -tolerance, width + tolerance, height + tolerance
+        if ((x0 < low) | (y0 < low) | (x1 > right) | (y1 > bottom)).any():
+            return f"is outside the {frame}"
+    return None
+
+
+def _has_non_number(value: Any) -> bool:
+    """Whether (nested lists of) numbers hold something else: a string, a boolean, None or an empty list."""
+    if isinstance(value, (list, tuple)):
+        return len(value) == 0 or any(_has_non_number(item) for item in value)
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- transformers releases
+# The name `generate` stores and reads the KV cache under: `cache` since transformers 5.24, `past_key_values`
+# before. Read from GenerationMixin's own signature rather than the version number, so it follows the release.
+_GENERATION_INPUTS = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+CACHE_NAME = "cache" if "cache" in _GENERATION_INPUTS else "past_key_values"
+
+
+def cache_argument(forward: Callable[..., Any]) -> str:
+    """The keyword a language model's `forward` takes its KV cache under (`cache` from 5.24, `past_key_values`
+    before; a remote-code LM may still use the old name on a new release)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def enable_activation_checkpointing(model: Any, kwargs: dict[str, Any]) -> None:
+    """Gradient checkpointing under the release's name (`activation_checkpointing_enable` from 5.24; the old
+    `gradient_checkpointing_enable` warns there)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def pil_image_processor_class(name: str) -> type:
+    """The PIL-backed image processor class `name` (e.g. "CLIPImageProcessor"): `<name>Pil` where the release has
+    separate PIL and torchvision backends, else `<name>` itself (which is PIL-backed there)."""
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+__all__ = [
+    "CACHE_NAME",
+    "DEFAULT_MAX_CAPTION_TOKENS",
+    "box_problem",
+    "cache_argument",
+    "enable_activation_checkpointing",
+    "pil_image_processor_class",
+]
