@@ -79,11 +79,11 @@ def load_rgb_image(image: Any, index: int = 0) -> Image.Image:
     """The one image loader of MM-GEM: anything it accepts as an image -> an RGB PIL image.
 
     Accepted: a PIL image in any mode; a numpy array or torch tensor (HW, HWC or CHW with C in 1, 3, 4; uint8, or
-    float in [0, 1]); an image file path, an http(s) URL, or a base64 / `data:image/...` string. Transparency is
-    composited onto white (never left to turn black), 16-bit and float grey images are rescaled to 8 bits, and the
-    pixels are kept as stored (no EXIF rotation: region boxes are pixel coordinates of the stored image, as the data
-    records read them). The processor, the sentence-transformers integration and the data records all load images
-    here, so an image gives the same pixels, and the same embeddings, whichever way it comes in.
+    float in [0, 1]); an image file path, an http(s) URL, or a base64 / `data:image/...` string; encoded image bytes.
+    Transparency is composited onto white (never left to turn black), 16-bit and float grey images are rescaled to 8
+    bits, and the pixels are kept as stored (no EXIF rotation: region boxes are pixel coordinates of the stored image,
+    as the data records read them). The processor, the sentence-transformers integration and the data records all
+    load images here, so an image gives the same pixels, and the same embeddings, whichever way it comes in.
 
     Args:
         image: the image.
@@ -91,6 +91,8 @@ def load_rgb_image(image: Any, index: int = 0) -> Image.Image:
     """
     if isinstance(image, (str, os.PathLike)):
         image = _open_image_reference(os.fspath(image), index)
+    elif isinstance(image, (bytes, bytearray)):
+        image = _open_image_bytes(bytes(image), index, "the given bytes")
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
@@ -164,16 +166,24 @@ def _open_image_reference(reference: str, index: int) -> Image.Image:
                 f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
                 f"{reference[:200]!r} is not an existing file, an http(s) URL or base64 image data."
             )
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return opened.copy()
     except ValueError:
         raise
-    except Exception as error:  # urllib, base64 and PIL raise many types; name the argument instead
+    except Exception as error:  # urllib, base64 and the file system raise many types; name the argument instead
         raise ValueError(
             f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
             f"{reference[:200]!r} could not be loaded: {error}"
         ) from error
+    return _open_image_bytes(data, index, repr(reference[:200]))
+
+
+def _open_image_bytes(data: bytes, index: int, source: str) -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, ...), decoded now: the result does not depend on a file staying open."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            return opened.copy()
+    except Exception as error:  # PIL raises many types for broken files; name the argument instead
+        raise ValueError(f"`images[{index}]`: {source} is not a readable image: {error}") from error
 
 
 def _looks_like_base64(reference: str) -> bool:

@@ -19,7 +19,6 @@ training collator consumes (`{"image": RGB PIL image, "caption": str, "regions":
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import random
@@ -28,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmgem.data.formats import RawSample, Shard, Source, SourceOptions
@@ -40,6 +39,7 @@ from mmgem.data.records import (
     _build_record,
     _check_policy,
 )
+from modeling_mmgem.processing_mmgem import load_rgb_image
 
 SOURCE_SEPARATOR = "::"
 SKIP_REPORT_EVERY = 1000
@@ -176,11 +176,8 @@ def steps_for_samples(num_samples: int, per_device_batch: int, world_size: int, 
 def _open_image(value: Any) -> tuple[Image.Image | None, str | None]:
     """A loaded RGB image from a path, encoded bytes or a PIL image, or None and the problem."""
     try:
-        if isinstance(value, Image.Image):
-            return value.convert("RGB"), None
-        with Image.open(io.BytesIO(value) if isinstance(value, bytes) else value) as image:
-            return image.convert("RGB"), None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+        return load_rgb_image(value), None
+    except ValueError as error:
         return None, f"cannot read the image ({error}; expected a JPEG, PNG, WebP or other PIL-readable image)"
 
 
