@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100"],
     "notebooks": ["nbmake>=1.5", "ipykernel>=6", "nbformat>=5.9"],
     "search": ["faiss-cpu>=1.15", "webdataset>=1.0"],  # mmgem index / mmgem search
 }

@@ -13,8 +13,12 @@ Python API: [`convert`], [`export_checkpoint`], [`push_folder`].
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -348,13 +352,32 @@ def _show_progress_messages() -> None:
     logger.propagate = False
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (`kill`, a job scheduler's stop) into SystemExit, so the staging folder and the reload-check
+    process are cleaned up as for Ctrl-C. (SIGKILL cannot be caught: the next conversion removes its leftovers.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 success, 1 failure, 2 bad arguments)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _show_progress_messages()
     try:
-        _run(args, parser)
+        with _sigterm_as_exit():
+            _run(args, parser)
     except ValueError as error:
         print(f"mmgem-convert: error: {error}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import gc
+import glob
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from modeling_mmgem.utils_mmgem import DEFAULT_MAX_CAPTION_TOKENS
 logger = logging.getLogger("conversion")
 
 VERIFY_SCRIPT = Path(__file__).with_name("verify_export.py")
+PARENT_PID_ENV = "MMGEM_VERIFY_PARENT_PID"
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 REQUIRED_FILES = (
     "config.json",
@@ -50,6 +52,17 @@ REQUIRED_FILES = (
     "README.md",
 )
 PAPER = "https://arxiv.org/abs/2405.19333"
+# What an export writes (see `write_folder`), as patterns of paths inside the folder: a push carries these only.
+EXPORT_FILE_PATTERNS = (
+    "*.json",  # configs, tokenizer, processor, sentence-transformers modules, weight indexes
+    "*.safetensors",
+    "*.py",  # the remote code (top level only: see `export_files`)
+    "README.md",
+    "*.jinja",  # chat templates
+    "*.model",  # sentencepiece tokenizers
+    "*.txt",  # merges / vocab files of some tokenizers
+    "*.tiktoken",
+)
 # Remote files a push replaces even when this export does not have them (see `_stale_weight_deletions`).
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 # Hub model ids as stored in the local cache: .../models--{org}--{name}/snapshots/{revision}
@@ -341,6 +354,7 @@ def verify_in_subprocess(folder: Path, references: dict[str, Any]) -> dict[str, 
         env = {k: v for k, v in os.environ.items() if k not in TOKEN_ENV_VARS}
         env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
         env["HF_TOKEN_PATH"] = str(Path(scratch) / "no-token")  # the check never needs, so never sees, a token
+        env[PARENT_PID_ENV] = str(os.getpid())  # the check exits as soon as the conversion is gone (even SIGKILLed)
         result = subprocess.run(
             [sys.executable, str(VERIFY_SCRIPT), str(folder), str(reference_file)],
             capture_output=True,
@@ -385,11 +399,52 @@ def check_output_dir(output_dir: Path, overwrite: bool, inputs: list[str | None]
             )
 
 
+def _leftover_owner(entry: Path, prefix: str) -> int | None:
+    """The process id a `.NAME.partial-PID-*` / `.NAME.old-PID-*` folder was made by (None: unknown)."""
+    owner = entry.name[len(prefix) :].split("-", 1)[0]
+    return int(owner) if owner.isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_leftovers(output_dir: Path) -> list[Path]:
+    """Remove what killed conversions into `output_dir` left next to it; returns what was removed or restored.
+
+    A conversion writes into `.NAME.partial-PID-*` and moves the previous output aside as `.NAME.old-PID-*` while it
+    swaps; a SIGKILL leaves them behind. Those of live processes (a conversion running now) are kept. When the kill
+    came between the two renames of the swap, the output is missing and its `.old-` copy is moved back instead.
+    """
+    handled = []
+    for kind in ("old", "partial"):  # restore a previous output before anything else is deleted
+        prefix = f".{output_dir.name}.{kind}-"
+        for entry in sorted(output_dir.parent.glob(f"{glob.escape(prefix)}*")):
+            owner = _leftover_owner(entry, prefix)
+            if not entry.is_dir() or (owner is not None and owner != os.getpid() and _process_alive(owner)):
+                continue
+            if kind == "old" and not output_dir.exists():
+                entry.rename(output_dir)
+                logger.warning("Restored %s from %s (a conversion was killed while replacing it)", output_dir, entry)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+                logger.info("Removed %s, left by a killed conversion", entry.name)
+            handled.append(entry)
+    return handled
+
+
 @contextlib.contextmanager
 def staging_folder(output_dir: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary sibling of `output_dir` that replaces it only if the block succeeds (else it is deleted)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    clean_leftovers(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-{os.getpid()}-", dir=output_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
@@ -405,7 +460,7 @@ def _move_into_place(staging: Path, output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:  # appeared while converting
             raise FileExistsError(f"`output_dir` {output_dir} appeared during the conversion; nothing was replaced.")
-        old = output_dir.with_name(f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         output_dir.rename(old)
         try:
             staging.rename(output_dir)
@@ -534,6 +589,34 @@ def _stale_weight_deletions(api: HfApi, repo_id: str, uploading: set[str]) -> li
     return [CommitOperationDelete(path_in_repo=path) for path in stale]
 
 
+def export_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """(files of `folder` a push carries, what is left out).
+
+    Only regular files an export writes (`EXPORT_FILE_PATTERNS`; `.py` files at the top level only): never a
+    symlink (its target may lie anywhere), nothing hidden (`.env`, `.git/`, `.cache/`), no stray notes or logs.
+    """
+    carried, skipped = [], set()
+    root = folder.resolve()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        hidden = next((part for part in relative.parts if part.startswith(".") or part == "__pycache__"), None)
+        if hidden is not None:
+            skipped.add(hidden)  # a hidden folder is named once, not file by file
+        elif path.is_dir() and not path.is_symlink():
+            continue
+        elif path.is_symlink() or not path.resolve().is_relative_to(root) or not _written_by_export(relative):
+            skipped.add(relative.as_posix())
+        else:
+            carried.append(path)
+    return carried, sorted(skipped)
+
+
+def _written_by_export(relative: Path) -> bool:
+    if relative.suffix == ".py" and len(relative.parts) > 1:
+        return False
+    return any(fnmatch.fnmatch(relative.name, pattern) for pattern in EXPORT_FILE_PATTERNS)
+
+
 def push_folder(
     folder: str | Path,
     repo_id: str,
@@ -556,7 +639,9 @@ def push_folder(
     if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
         raise ValueError(f"`folder` {str(folder)!r} is not an exported MM-GEM folder (config.json and README.md).")
     token = resolve_token(token)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files, skipped = export_files(folder)
+    if skipped:
+        logger.warning("Not pushing %d file(s) the export did not write: %s", len(skipped), ", ".join(skipped[:20]))
     size = sum(p.stat().st_size for p in files) / 1e6
     api = HfApi(token=token)
     logger.info("Uploading %d files (%.1f MB) to %s/%s in one commit", len(files), size, api.endpoint, repo_id)

@@ -12,12 +12,35 @@ SentenceTransformer. It prints one JSON line of results and exits non-zero with 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
+import time
 
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from transformers import AutoModel, AutoProcessor
+PARENT_PID_ENV = "MMGEM_VERIFY_PARENT_PID"
+
+
+def exit_with_parent(poll_seconds: float = 0.2) -> None:
+    """Exit as soon as the conversion that started this check is gone, even when it was SIGKILLed (which no
+    handler sees): a watcher thread compares the parent's id with the one the conversion passed in."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(expected):
+            time.sleep(poll_seconds)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+exit_with_parent()  # before the heavy imports below, which alone take seconds
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 
 class ExportCheckError(AssertionError):

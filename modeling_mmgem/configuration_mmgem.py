@@ -161,9 +161,42 @@ class MMGEMConfig(PretrainedConfig):
             )
         self.check_token_ids()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict[str, Any], dict]:
+        """As `PretrainedConfig.get_config_dict`, but a folder or repo that is not an MM-GEM model is refused.
+
+        transformers returns an empty dict for a folder without `config.json` (e.g. one whose final save was
+        interrupted), which would build the default towers: a 7B-sized Llama and a CLIP ViT-L. Refusing here stops
+        `MMGEMConfig.from_pretrained` and `MMGEMModel.from_pretrained` before anything is built.
+        """
+        try:
+            config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        except ValueError as error:  # a config.json that is not JSON
+            raise ValueError(f"{pretrained_model_name_or_path}: config.json is not valid JSON ({error}).") from error
+        if not config_dict:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not an MM-GEM model: it has no config.json (an interrupted save "
+                "leaves such a folder; save or export the model again)."
+            )
+        model_type = config_dict.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not an MM-GEM model: its config.json has model_type "
+                f"{model_type!r}, expected {cls.model_type!r}."
+            )
+        return config_dict, kwargs
+
     def check_token_ids(self) -> None:
         """Raise a ValueError if a special-token id is set but lies outside the language model's vocabulary."""
         vocab_size = self.text_config.vocab_size
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self.text_config, name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(isinstance(v, int) and 0 <= v < vocab_size for v in values):
+                raise ValueError(
+                    f"`text_config.{name}` must be None or an int in [0, {vocab_size}) (the text_config vocabulary), "
+                    f"got {value!r}."
+                )
         for name in ("emb_token_id", "cap_token_id", "image_token_id"):
             token_id = getattr(self, name)
             if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < vocab_size):

@@ -503,14 +503,14 @@ def test_push_replaces_stale_weights_only(pushed, hub, tmp_path):
     earlier = tmp_path / "earlier"
     shutil.copytree(pushed["output"], earlier)
     (earlier / "model.safetensors").rename(earlier / "model-00001-of-00002.safetensors")
-    (earlier / "notes.md").write_text("kept")
     with hub.patch(token=True):
         push_folder(earlier, "user/replaced")
+        HfApi().upload_file(path_or_fileobj=b"kept", path_in_repo="notes.md", repo_id="user/replaced")
         push_folder(pushed["output"], "user/replaced")
     files = hub.files("user/replaced")
     assert "model.safetensors" in files and "model-00001-of-00002.safetensors" not in files
     assert files["notes.md"] == b"kept"
-    assert len(hub.commits("user/replaced")) == 3  # initial + one commit per push
+    assert len(hub.commits("user/replaced")) == 4  # initial + one commit per push + the notes
 
 
 def test_unknown_repo(sources, hub, tmp_path):

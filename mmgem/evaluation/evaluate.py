@@ -341,6 +341,9 @@ def write_metrics(metrics: dict[str, float], path: str | os.PathLike[str]) -> Pa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmgem evaluate", description="Evaluate an MM-GEM model on a .jsonl split.")
     parser.add_argument("--model", required=True, help="MM-GEM model folder or Hub id")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow Python code shipped in the --model folder to run"
+    )
     parser.add_argument("--data", required=True, help="evaluation split (.jsonl, or an imagefolder)")
     parser.add_argument("--output", help="metrics JSON file to write")
     parser.add_argument("--labels", help="labels.json with the zero-shot 'classes' (default: next to --data)")
@@ -379,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mmgem.training.train import load_model, load_records
 
     records = load_records(args.data, args.data_on_error)
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate_model(
         model.to(device), processor, records, tasks=args.tasks, classes=(labels or {}).get("classes"),

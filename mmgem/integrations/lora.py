@@ -311,8 +311,9 @@ def load_lora_adapter(
     """Load a saved MM-GEM LoRA adapter (folder or Hub repo id) onto its base model, checking every key.
 
     Args:
-        base: the base MMGEMModel, or its folder / repo id (loaded with `AutoModel.from_pretrained(...,
-            trust_remote_code=True, **model_kwargs)`).
+        base: the base MMGEMModel, or its folder / repo id (loaded with `AutoModel.from_pretrained(base,
+            **model_kwargs)`: the installed classes; code from the repo runs only with `trust_remote_code=True` in
+            `model_kwargs`).
         adapter: the adapter folder or Hub repo id (`peft_model.save_pretrained` / `push_to_hub`).
         is_trainable: load for further training (default: inference mode).
         adapter_name: name given to the adapter.
@@ -323,7 +324,9 @@ def load_lora_adapter(
     from transformers import AutoModel
 
     if isinstance(base, (str, Path)):
-        base = AutoModel.from_pretrained(str(base), **{"trust_remote_code": True, **(model_kwargs or {})})
+        import modeling_mmgem  # noqa: F401  (registers the installed classes: no remote code needed)
+
+        base = AutoModel.from_pretrained(str(base), **(model_kwargs or {}))
     base = _check_mmgem(base)
     expose_tied_weights(base)
     peft_model = PeftModel.from_pretrained(

@@ -187,16 +187,24 @@ def write_sentence_transformers_files(
 
 
 def load_sentence_transformer(model_name_or_path: str | Path, **kwargs: Any) -> Any:
-    """`SentenceTransformer(model_name_or_path, trust_remote_code=True, **kwargs)`: a saved MM-GEM folder or Hub repo.
+    """`SentenceTransformer(model_name_or_path, **kwargs)`: a saved MM-GEM folder or Hub repo, with this project's
+    installed classes.
 
-    A folder saved by `save_pretrained` without the sentence-transformers files gets them first (locally only).
+    No code from the folder or repo runs unless `trust_remote_code=True` is passed (the installed classes need none:
+    importing them registers MM-GEM with transformers' Auto classes). A folder saved by `save_pretrained` without
+    the sentence-transformers files gets them first (locally only).
     """
     from sentence_transformers import SentenceTransformer
 
+    import modeling_mmgem  # noqa: F401  (registers the installed classes with the Auto classes)
+
     path = Path(model_name_or_path)
-    if path.is_dir() and not (path / "modules.json").exists():
-        write_sentence_transformers_files(path)
-    kwargs.setdefault("trust_remote_code", True)
+    if path.is_dir():
+        from mmgem.loading import check_model_folder
+
+        check_model_folder(path, "model_name_or_path", bool(kwargs.get("trust_remote_code")))
+        if not (path / "modules.json").exists():
+            write_sentence_transformers_files(path)
     return SentenceTransformer(str(model_name_or_path), **kwargs)
 
 

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from accelerate.data_loader import IterableDatasetShard
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from mmgem.data.collator import STAGES, MMGEMCollator
 from mmgem.data.sources import DataSourceArguments
@@ -40,6 +39,8 @@ from mmgem.data.sources import DataSourceArguments
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
 FINAL_TMP_NAME = ".mmgem-final.tmp"
+# Options that hold credentials: never pickled into training_args.bin (see MMGEMTrainingArguments.__getstate__).
+SECRET_ARGUMENTS = ("hub_token",)
 
 # From-scratch architectures. "tiny" is for tests (seconds); "demo" is the model `make demo` trains on 2 CPU cores.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -85,6 +86,10 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
             "vision_config, text_config, MM-GEM options and vocab_size; the tokenizer is trained on the data."
         },
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow Python code shipped in the --model folder or repo to run (MM-GEM needs none)."},
+    )
     data: str | None = field(
         default=None,
         metadata={
@@ -126,6 +131,15 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1: share of all steps)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Images per device and step."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling (the Trainer's `training_args.bin` in OUT and every checkpoint) stores: the options without
+        any secret. `--hub_token` stays usable in this process but is never written to a file."""
+        state = dict(self.__dict__)
+        for name in SECRET_ARGUMENTS:
+            if state.get(name) is not None:
+                state[name] = None
+        return state
 
 
 @dataclass
@@ -219,28 +233,72 @@ def build_from_scratch(spec: dict[str, Any], texts: Sequence[str]) -> tuple[Any,
     return build_mmgem(vision_config, text_config, tokenizer, **spec)
 
 
-def load_model(path: str) -> tuple[Any, Any]:
-    """An MM-GEM model and processor from a folder or Hub id (the installed classes, not remote code)."""
-    from modeling_mmgem.modeling_mmgem import MMGEMModel
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
+def load_model(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """An MM-GEM model and processor from a folder or Hub id (the installed classes; see `mmgem.loading`)."""
+    from mmgem.loading import load_model as load_checked
 
-    # trust_remote_code only silences transformers' prompt: the processor's sub-loaders read the folder's config.json
-    # (model_type "mmgem"); the classes used are the installed ones either way.
-    return MMGEMModel.from_pretrained(path), MMGEMProcessor.from_pretrained(path, trust_remote_code=True)
+    return load_checked(path, trust_remote_code=trust_remote_code, argument="model")
+
+
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def checkpoint_problem(folder: str | os.PathLike[str]) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed from (None: it is complete).
+
+    The Trainer writes `trainer_state.json` last, so a checkpoint killed while being written lacks it, or holds a
+    truncated one, or lacks its weights.
+    """
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in CHECKPOINT_WEIGHTS):
+        return "no weights"
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "no readable trainer_state.json (it was being written when the run stopped)"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json has no global_step"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+    """The newest `checkpoint-N` of `output_dir` that is complete; incomplete newer ones are skipped (and named)."""
+    import logging
+    import re
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = {
+        int(match.group(1)): entry
+        for entry in folder.iterdir()
+        if entry.is_dir() and (match := re.fullmatch(r"checkpoint-(\d+)", entry.name))
+    }
+    for step in sorted(steps, reverse=True):
+        problem = checkpoint_problem(steps[step])
+        if problem is None:
+            return str(steps[step])
+        logging.getLogger(__name__).warning("Skipping incomplete checkpoint %s: %s", steps[step], problem)
+    return None
 
 
 def resolve_checkpoint(args: MMGEMTrainingArguments) -> str | None:
-    """`resume_from_checkpoint` as a folder: "latest"/"last"/"true" picks the newest `checkpoint-*` of OUT."""
+    """`resume_from_checkpoint` as a folder: "latest"/"last"/"true" picks the newest complete `checkpoint-*` of OUT."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
     if str(value).lower() in ("latest", "last", "true"):
-        checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        checkpoint = last_complete_checkpoint(args.output_dir)
         if checkpoint is None:
-            raise ValueError(f"`resume_from_checkpoint={value}`: no checkpoint-* folder in {args.output_dir}.")
+            raise ValueError(
+                f"`resume_from_checkpoint={value}`: no complete checkpoint-* folder in {args.output_dir}."
+            )
         return checkpoint
     if not Path(value).is_dir():
         raise ValueError(f"`resume_from_checkpoint` folder does not exist: {value}.")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise ValueError(f"`resume_from_checkpoint` {value} is incomplete: {problem}.")
     return str(value)
 
 
@@ -250,14 +308,14 @@ def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoi
     from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
     if args.model is not None:
-        model, processor = load_model(args.model)
+        model, processor = load_model(args.model, args.trust_remote_code)
     elif checkpoint is not None and (Path(checkpoint) / "config.json").is_file() and not args.lora:
         # Resuming a from-scratch run: the checkpoint holds the tokenizer and architecture (weights are loaded by
         # the Trainer), so a re-trained tokenizer can never disagree with the saved embeddings.
         from modeling_mmgem.modeling_mmgem import MMGEMConfig
 
         model = MMGEMModel(MMGEMConfig.from_pretrained(checkpoint))
-        processor = MMGEMProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+        processor = MMGEMProcessor.from_pretrained(checkpoint)
     else:
         model, processor = build_from_scratch(
             scratch_spec(args.from_scratch), training_texts(records, args.use_long_caption)

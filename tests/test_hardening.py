@@ -1,0 +1,229 @@
+"""Hostile folders and interrupted saves: no code from a model folder runs without opt-in, a folder that is not an
+MM-GEM model is refused before anything is built, config and tokenizer must agree, the test suite collects with
+the dev extra only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgem.build import tiny_mmgem
+from mmgem.loading import check_model_folder, load_model
+
+pytestmark = pytest.mark.fast
+
+REPO = Path(__file__).resolve().parents[1]
+# transformers runs a folder's code from a copy in its modules cache: the marker path must be absolute.
+EVIL_CODE = """
+from pathlib import Path
+Path(MARKER).write_text("remote code ran")
+from transformers import PreTrainedTokenizerFast, CLIPImageProcessor
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+class EvilImageProcessor(CLIPImageProcessor):
+    pass
+"""
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A clean saved tiny MM-GEM folder (module-scoped: copy it before changing it)."""
+    torch.manual_seed(0)
+    model, processor = tiny_mmgem()
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def copy_of(saved: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(saved, tmp_path / "model"))
+
+
+def edit_json(path: Path, **changes) -> None:
+    content = json.loads(path.read_text())
+    content.update(changes)
+    path.write_text(json.dumps(content))
+
+
+@pytest.fixture()
+def marker(tmp_path):
+    return tmp_path / "EXECUTED"
+
+
+def evil_code(marker: Path) -> str:
+    return EVIL_CODE.replace("MARKER", repr(str(marker)))
+
+
+@pytest.fixture()
+def hostile(saved, tmp_path, marker):
+    """A model folder whose copies of the remote code were tampered with, and whose tokenizer and image-processor
+    configs point `auto_map` at a file of its own."""
+    folder = copy_of(saved, tmp_path)
+    for name in ("configuration_mmgem.py", "processing_mmgem.py"):
+        with open(folder / name, "a") as file:
+            file.write(f"\n__import__('pathlib').Path({str(marker)!r}).write_text('ran')\n")
+    (folder / "evil.py").write_text(evil_code(marker))
+    edit_json(
+        folder / "tokenizer_config.json", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    )
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    processor_config["image_processor"]["auto_map"] = {"AutoImageProcessor": "evil.EvilImageProcessor"}
+    (folder / "processor_config.json").write_text(json.dumps(processor_config))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- 1. remote code
+def test_library_loader_refuses_folder_code_without_opt_in(hostile, marker):
+    with pytest.raises(ValueError, match=r"trust-remote-code.*") as error:
+        load_model(hostile)
+    assert "tokenizer_config.json: AutoTokenizer -> evil.EvilTokenizer" in str(error.value)
+    assert not marker.exists()
+
+
+def test_train_and_evaluate_refuse_folder_code(hostile, tmp_path, marker):
+    from mmgem.evaluation.evaluate import main as evaluate_main
+    from mmgem.synthetic import generate_dataset
+    from mmgem.training.train import train
+
+    data = generate_dataset(tmp_path / "data", 4, 2, 2, image_size=32, seed=1, progress=False)
+    with pytest.raises(ValueError, match="trust-remote-code"):
+        train(model=str(hostile), data=str(data["train"]), output_dir=str(tmp_path / "out"), max_steps=1)
+    with pytest.raises(ValueError, match="trust-remote-code"):
+        evaluate_main(["--model", str(hostile), "--data", str(data["test"])])
+    assert not marker.exists()
+
+
+def test_opting_in_runs_the_folder_code(hostile, marker):
+    # The opt-in does what it says: it is the only way the folder's code runs.
+    load_model(hostile, trust_remote_code=True)
+    assert marker.exists()
+
+
+def test_sentence_transformers_loader_needs_no_remote_code(saved, hostile, marker):
+    from mmgem.integrations.sentence_transformers import load_sentence_transformer
+
+    with pytest.raises(ValueError, match="trust-remote-code"):
+        load_sentence_transformer(hostile, device="cpu")
+    assert not marker.exists()
+    st = load_sentence_transformer(saved, device="cpu")  # the installed classes, no opt-in
+    model, processor = tiny_mmgem()  # any model: only the loading path is under test here
+    assert st.encode(["a red circle"]).shape == (1, model.config.projection_dim)
+
+
+def test_lora_base_loader_uses_the_installed_classes(saved, tmp_path):
+    from mmgem.integrations.lora import apply_lora, load_lora_adapter
+    from modeling_mmgem.modeling_mmgem import MMGEMModel
+
+    base = copy_of(saved, tmp_path)
+    model = MMGEMModel.from_pretrained(base)
+    apply_lora(model, r=2).save_pretrained(tmp_path / "adapter")
+    # config.json's AutoModel entry now points at a file of the folder that must not run.
+    (base / "evil.py").write_text(evil_code(tmp_path / "EXECUTED") + "\nclass EvilModel:\n    pass\n")
+    edit_json(base / "config.json", auto_map={"AutoModel": "evil.EvilModel", "AutoConfig": "evil.EvilModel"})
+    loaded = load_lora_adapter(base, tmp_path / "adapter")
+    assert type(loaded.get_base_model()) is MMGEMModel
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+# ---------------------------------------------------------------------------------------------- 2. not a model
+def test_folder_without_config_is_refused_before_building(saved, tmp_path, monkeypatch):
+    from modeling_mmgem.modeling_mmgem import MMGEMConfig, MMGEMModel
+
+    folder = copy_of(saved, tmp_path)
+    (folder / "config.json").unlink()
+    built = []
+    monkeypatch.setattr(MMGEMModel, "__init__", lambda *a, **k: built.append(1))
+    for load in (MMGEMModel.from_pretrained, MMGEMConfig.from_pretrained, load_model):
+        with pytest.raises(ValueError, match="no config.json"):
+            load(folder)
+    assert not built
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ({"config.json": "{not json"}, r"config.json is not a readable JSON"),
+        ({"config.json": json.dumps({"model_type": "llama"})}, "model_type 'llama'"),
+        ({"tokenizer.json": None}, "has no tokenizer"),
+    ],
+)
+def test_damaged_folders_name_the_problem(saved, tmp_path, damage, match):
+    folder = copy_of(saved, tmp_path)
+    for name, content in damage.items():
+        if content is None:
+            (folder / name).unlink()
+        else:
+            (folder / name).write_text(content)
+    with pytest.raises(ValueError, match=match):
+        check_model_folder(folder)
+    with pytest.raises(ValueError, match=match):
+        load_model(folder)
+
+
+def test_wrong_model_type_refused_by_the_hub_config_class(saved, tmp_path):
+    from modeling_mmgem.configuration_mmgem import MMGEMConfig
+
+    folder = copy_of(saved, tmp_path)
+    edit_json(folder / "config.json", model_type="llama")
+    with pytest.raises(ValueError, match="not an MM-GEM model"):
+        MMGEMConfig.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------- 7. token ids
+def test_config_and_tokenizer_must_agree(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    ordinary = 10  # an ordinary BPE token of the tiny tokenizer
+    edit_json(folder / "config.json", emb_token_id=ordinary)
+    with pytest.raises(ValueError, match=rf"emb_token_id` is 10 .*\[EMB\] is {config['emb_token_id']}"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("name, value", [("eos_token_id", 99999), ("pad_token_id", 5000), ("bos_token_id", -1)])
+def test_text_config_ids_outside_the_vocabulary(saved, tmp_path, name, value):
+    from modeling_mmgem.modeling_mmgem import MMGEMModel
+
+    folder = copy_of(saved, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"][name] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"text_config.{name}"):
+        MMGEMModel.from_pretrained(folder)
+
+
+def test_loaded_model_matches_the_saved_one(saved):
+    from modeling_mmgem.modeling_mmgem import MMGEMModel
+
+    model, processor = load_model(saved)
+    reference = MMGEMModel.from_pretrained(saved)
+    inputs = processor(text=["a red circle"])
+    with torch.no_grad():
+        assert torch.equal(
+            model.get_text_features(**inputs).pooler_output, reference.get_text_features(**inputs).pooler_output
+        )
+
+
+# ---------------------------------------------------------------------------------------------- 10. collection
+def test_suite_collects_without_the_notebooks_extra():
+    """`pip install -e .[dev]` (no nbformat) must collect every test module: run the collection with nbformat
+    made unimportable."""
+    blocker = (
+        "import sys, pytest\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('nbformat', 'nbmake'):\n"
+        "            raise ModuleNotFoundError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:nbmake', 'tests/test_notebooks.py']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode in (0, 5), result.stdout[-2000:] + result.stderr[-2000:]
+    assert "error" not in result.stdout.lower().split("\n")[-2], result.stdout[-2000:]
