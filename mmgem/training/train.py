@@ -291,7 +291,7 @@ def resolve_checkpoint(args: MMGEMTrainingArguments) -> str | None:
         checkpoint = last_complete_checkpoint(args.output_dir)
         if checkpoint is None:
             raise ValueError(
-                f"`resume_from_checkpoint={value}`: no complete checkpoint-* folder in {args.output_dir}."
+                f"`resume_from_checkpoint={value}`: no checkpoint-* folder in {args.output_dir} is complete."
             )
         return checkpoint
     if not Path(value).is_dir():
