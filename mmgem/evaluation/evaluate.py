@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow Python code shipped in the --model folder to run"
     )
-    parser.add_argument("--data", required=True, help="evaluation split (.jsonl, or an imagefolder)")
+    parser.add_argument("--data", help="evaluation split (.jsonl, or an imagefolder); or use --benchmark")
     parser.add_argument("--output", help="metrics JSON file to write")
     parser.add_argument("--labels", help="labels.json with the zero-shot 'classes' (default: next to --data)")
     parser.add_argument("--templates", nargs="+", help="zero-shot prompt templates, each with one {}")
@@ -359,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-on-error", choices=("fail", "skip"), default="fail")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments
+
+    add_benchmark_arguments(parser)
     return parser
 
 
@@ -375,6 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("batch_size", "max_new_tokens", "num_beams"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {getattr(args, name)}.")
+    if args.benchmark:
+        from mmgem.evaluation.cli_benchmarks import run_benchmark_command
+
+        return run_benchmark_command(args)
+    if not args.data:
+        raise ValueError("`--data` is required (an evaluation .jsonl or imagefolder), unless `--benchmark` is given.")
     if not Path(args.data).exists():
         raise ValueError(f"`--data` does not exist: {args.data}.")
     labels = _load_labels(args.labels, args.data)

@@ -1,0 +1,698 @@
+"""Standard benchmarks from local copies in their published layouts: `mmgem evaluate --benchmark NAME --data-dir DIR`.
+
+- `coco`: retrieval on the Karpathy 5k test; `dataset_coco.json`, `val2014/`; image->text and text->image R@1/5/10.
+- `flickr30k`: the same on the Karpathy 1k test; `dataset_flickr30k.json`, `flickr30k-images/`.
+- `imagenet`: zero-shot top-1/top-5; `val/<wnid>/*.JPEG` (or the 1,000 class folders at the top), OpenAI's class
+  names and 80 templates by default. `imagefolder`: any `<class name>/*` folders ("a photo of a {}.").
+- Long-text retrieval, R@1 both ways: `urban1k` (`image/<n>.jpg` + `caption/<n>.txt`), `docci`
+  (`docci_descriptions.jsonlines` + `images/`, split "test"), `dci` (`annotations/*.json` with `image`,
+  `short_caption`, `extra_caption`, the text being both captions joined; images in `photos/`), `sharegpt4v-1k` (the
+  first 1,000 entries of a ShareGPT4V conversation JSON, images relative to it).
+- `coco-captions`: captioning on the Karpathy 5k test (layout of `coco`): BLEU-4, METEOR, CIDEr-D, SPICE.
+- `refcocog`: region captioning (CIDEr, METEOR, BLEU-4) and region<->text R@1 on the umd "val" split:
+  `refs(umd).p` + `instances.json` + `train2014/`, or parquet files with `image`, `bbox` (xywh), `answer`.
+
+Retrieval follows the CLIP papers: every image has its 5 captions (Karpathy), an image->text query is right when
+any of its captions is in the top k, a text->image query when its image is. Captions are scored with
+`pycocoevalcap`: its PTB tokenizer (Java), BLEU, CIDEr-D and METEOR (Java, bundled jar); SPICE runs only when its
+Stanford CoreNLP jars are already in pycocoevalcap's `spice/lib` (they are a download, never fetched here). The
+metrics that ran are listed under `<benchmark>/caption_metrics`.
+
+Region boxes and a processor with a center crop: an image is padded to a square (centered, with black) before the
+processor sees it, boxes shifted alike, so that no box is cut away by the crop.
+
+Embeddings (and generated captions) are cached per model and content (:class:`EmbeddingCache`): tasks that share an
+image set embed it once, and with `--cache-dir` across runs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mmgem.evaluation.metrics import recall_at_k
+
+RECALL_KS = (1, 5, 10)
+KARPATHY_CAPTIONS = 5
+SHAREGPT4V_COUNT = 1000
+QUERY_BLOCK = 1024  # queries ranked at once (bounds the memory of a 25k x 5k similarity)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+def open_image(value: Any) -> Image.Image:
+    """An RGB image from a path, encoded bytes or a PIL image (the project's one image loader)."""
+    from modeling_mmgem.processing_mmgem import load_rgb_image
+
+    return load_rgb_image(value)
+
+
+def pad_to_square(image: Image.Image, boxes: Sequence[Sequence[float]] = ()) -> tuple[Image.Image, list[list[float]]]:
+    """The image centered on a black square canvas and its pixel boxes shifted alike (nothing is cropped later)."""
+    side = max(image.size)
+    if image.width == image.height:
+        return image, [list(b) for b in boxes]
+    dx, dy = (side - image.width) // 2, (side - image.height) // 2
+    canvas = Image.new("RGB", (side, side))
+    canvas.paste(image, (dx, dy))
+    return canvas, [[b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy] for b in boxes]
+
+
+def _identity(value: Any) -> str:
+    if isinstance(value, str | Path):
+        return str(value)
+    if isinstance(value, bytes):
+        return hashlib.sha256(value).hexdigest()
+    return hashlib.sha256(value.tobytes()).hexdigest()
+
+
+def content_key(*parts: Any) -> str:
+    """A short hash of images (paths, bytes or PIL images), texts and settings."""
+    encoded = json.dumps(parts, default=_identity, sort_keys=True).encode()
+    return hashlib.sha256(encoded).hexdigest()[:24]
+
+
+def model_fingerprint(model: Any) -> str:
+    """Identifies the weights (a hash of every parameter's sum and shape): caches never mix two models."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            digest.update(f"{name}{tuple(parameter.shape)}{float(parameter.double().sum()):.10e}".encode())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------- cache
+class EmbeddingCache:
+    """Embeddings and generated captions of one model, computed once per content (in memory, and on disk when
+    `cache_dir` is set). `computed` counts the items actually computed (for tests and logs)."""
+
+    def __init__(self, model: Any, processor: Any, cache_dir: str | Path | None = None, batch_size: int = 64,
+                 progress: bool = True, max_new_tokens: int = 32, num_beams: int = 1) -> None:  # fmt: skip
+        self.model, self.processor = model, processor
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.batch_size, self.progress = batch_size, progress
+        self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
+        self.fingerprint = model_fingerprint(model)
+        self.memory: dict[str, Any] = {}
+        self.computed = {"images": 0, "texts": 0, "regions": 0, "captions": 0}
+
+    def _cached(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
+        name = f"{kind}-{self.fingerprint}-{key}"
+        if name in self.memory:
+            return self.memory[name]
+        path = self.cache_dir / f"{name}.pt" if self.cache_dir else None
+        if path is not None and path.is_file():
+            value = torch.load(path, weights_only=True)
+        else:
+            value = compute()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_suffix(".tmp")
+                torch.save(value, temporary)
+                temporary.replace(path)
+        self.memory[name] = value
+        return value
+
+    def _chunks(self, items: Sequence[Any], description: str):
+        starts = range(0, len(items), self.batch_size)
+        for start in tqdm(starts, desc=description, disable=not self.progress, leave=False):
+            yield items[start : start + self.batch_size]
+
+    @torch.no_grad()
+    def images(self, images: Sequence[Any]) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] (images loaded batch by batch)."""
+
+        def compute() -> torch.Tensor:
+            rows = []
+            for chunk in self._chunks(list(images), "Embedding images"):
+                pixels = self.processor(images=[open_image(v) for v in chunk])["pixel_values"].to(self.model.device)
+                rows.append(
+                    F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+                )
+                self.computed["images"] += len(chunk)
+            return torch.cat(rows).cpu()
+
+        return self._cached("images", content_key(list(images)), compute)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D]."""
+
+        def compute() -> torch.Tensor:
+            rows = []
+            for chunk in self._chunks(list(texts), "Embedding texts"):
+                inputs = self.processor(text=list(chunk), truncation=True).to(self.model.device)
+                rows.append(F.normalize(self.model.get_text_features(**inputs).pooler_output.float(), dim=-1))
+                self.computed["texts"] += len(chunk)
+            return torch.cat(rows).cpu()
+
+        return self._cached("texts", content_key(list(texts)), compute)
+
+    def _region_inputs(self, chunk: Sequence[tuple[Any, list[list[float]]]]) -> dict[str, Any]:
+        padded = [pad_to_square(open_image(image), boxes) for image, boxes in chunk]
+        inputs = self.processor(images=[p[0] for p in padded], boxes=[p[1] for p in padded])
+        return {
+            "pixel_values": inputs["pixel_values"].to(self.model.device),
+            "boxes": [b.to(self.model.device) for b in inputs["boxes"]],
+        }
+
+    @torch.no_grad()
+    def regions(self, images: Sequence[Any], boxes: Sequence[list[list[float]]]) -> torch.Tensor:
+        """L2-normalised region embeddings [sum R_i, D], in the order of `images` then their boxes."""
+
+        def compute() -> torch.Tensor:
+            rows = []
+            for chunk in self._chunks(list(zip(images, boxes)), "Embedding regions"):
+                output = self.model.get_image_features(**self._region_inputs(chunk))
+                rows.append(F.normalize(output.pooler_output.float(), dim=-1))
+                self.computed["regions"] += sum(len(b) for _, b in chunk)
+            return torch.cat(rows).cpu()
+
+        return self._cached("regions", content_key(list(images), [list(map(tuple, b)) for b in boxes]), compute)
+
+    @torch.no_grad()
+    def captions(self, images: Sequence[Any], boxes: Sequence[list[list[float]]] | None = None) -> list[str]:
+        """Greedy (or beam) captions of the images, or of each region (in the order of `regions`)."""
+
+        def compute() -> list[str]:
+            captions: list[str] = []
+            pairs = list(zip(images, boxes)) if boxes is not None else [(image, None) for image in images]
+            for chunk in self._chunks(pairs, "Captioning regions" if boxes is not None else "Captioning images"):
+                if boxes is not None:
+                    inputs = self._region_inputs(chunk)
+                else:
+                    pixels = self.processor(images=[open_image(v) for v, _ in chunk])["pixel_values"]
+                    inputs = {"pixel_values": pixels.to(self.model.device)}
+                generated = self.model.generate(
+                    **inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False
+                )
+                captions += self.processor.decode_captions(generated)
+                self.computed["captions"] += len(chunk) if boxes is None else sum(len(b) for _, b in chunk)
+            return captions
+
+        settings = (self.max_new_tokens, self.num_beams)
+        region_key = [list(map(tuple, b)) for b in boxes] if boxes is not None else []
+        return self._cached("captions", content_key(list(images), region_key, str(settings)), compute)
+
+
+# ---------------------------------------------------------------------------------------------------------- metrics
+def blocked_recall(queries: torch.Tensor, items: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> dict:
+    """Recall@k of `queries` [Q, D] against `items` [N, D] with `relevant` [Q, N], QUERY_BLOCK queries at a time."""
+    totals = dict.fromkeys(ks, 0.0)
+    for start in range(0, queries.shape[0], QUERY_BLOCK):
+        block = slice(start, start + QUERY_BLOCK)
+        scores = recall_at_k(queries[block] @ items.t(), relevant[block], ks)
+        for k in ks:
+            totals[k] += scores[k] * queries[block].shape[0]
+    return {k: totals[k] / queries.shape[0] for k in ks}
+
+
+def coco_caption_scores(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True, spice: bool = True
+) -> dict[str, Any]:
+    """pycocoevalcap's PTB tokenisation, BLEU-4, CIDEr-D, METEOR and (when installed) SPICE.
+
+    Returns the scores (fractions, as pycocoevalcap computes them) and `ran`, the metrics that ran; a metric whose
+    Java tool cannot start is left out with its reason under `skipped`.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if len(candidates) != len(references) or not candidates:
+        raise ValueError(f"need one reference list per candidate; got {len(candidates)} and {len(references)}.")
+    # One tokenizer run (a Java start) for references and candidates together.
+    texts = {f"g{i}": [{"caption": r} for r in refs] for i, refs in enumerate(references)}
+    texts.update({f"r{i}": [{"caption": c}] for i, c in enumerate(candidates)})
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their statistics
+        tokenized = PTBTokenizer().tokenize(texts)
+        gts = {i: tokenized[f"g{i}"] for i in range(len(references))}
+        # An empty candidate (e.g. only punctuation) would break the scorers' asserts: it scores as ".".
+        res = {i: [tokenized[f"r{i}"][0] or "."] for i in range(len(candidates))}
+        scores: dict[str, Any] = {"bleu4": float(Bleu(4).compute_score(gts, res)[0][3])}
+        scores["cider"] = float(Cider().compute_score(gts, res)[0])
+    ran, skipped = ["bleu4", "cider"], {}
+    for name, scorer, wanted in (("meteor", _meteor, meteor), ("spice", _spice, spice)):
+        if not wanted:
+            skipped[name] = "not requested"
+            continue
+        try:
+            value = scorer(gts, res)
+        except (OSError, RuntimeError, ValueError, BrokenPipeError) as error:
+            skipped[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
+            continue
+        scores[name] = value
+        ran.append(name)
+    scores["ran"] = ran
+    scores["skipped"] = skipped
+    return scores
+
+
+def _meteor(gts: dict, res: dict) -> float:
+    import shutil
+
+    if shutil.which("java") is None:
+        raise RuntimeError("METEOR needs Java (not found on PATH)")
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    finally:
+        with meteor.lock:
+            meteor.meteor_p.stdin.close()
+            meteor.meteor_p.kill()
+            meteor.meteor_p.wait()
+
+
+def _spice(gts: dict, res: dict) -> float:
+    import shutil
+
+    import pycocoevalcap.spice as spice_package
+
+    lib = Path(spice_package.__file__).parent / "lib"
+    if shutil.which("java") is None:
+        raise RuntimeError("SPICE needs Java (not found on PATH)")
+    if not (lib / "stanford-corenlp-3.6.0.jar").is_file() or not (lib / "stanford-corenlp-3.6.0-models.jar").is_file():
+        raise RuntimeError(
+            f"SPICE needs Stanford CoreNLP 3.6.0 (stanford-corenlp-3.6.0.jar and -models.jar) in {lib}, a download "
+            "this project never starts"
+        )
+    from pycocoevalcap.spice.spice import Spice
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return float(Spice().compute_score(gts, res)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------- tasks
+@dataclass
+class RetrievalTask:
+    """Images and texts, `text_image[j]` the image of text j; `ks` the recall cut-offs."""
+
+    name: str
+    images: list[Any]
+    texts: list[str]
+    text_image: list[int]
+    ks: tuple[int, ...] = RECALL_KS
+
+    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
+        image_embeds, text_embeds = cache.images(self.images), cache.texts(self.texts)
+        owner = torch.tensor(self.text_image)
+        relevant = owner[None, :] == torch.arange(len(self.images))[:, None]  # [images, texts]
+        metrics: dict[str, Any] = {
+            f"{self.name}/num_images": len(self.images),
+            f"{self.name}/num_texts": len(self.texts),
+        }
+        for direction, (queries, items, rel) in {
+            "image_to_text": (image_embeds, text_embeds, relevant),
+            "text_to_image": (text_embeds, image_embeds, relevant.t()),
+        }.items():
+            for k, value in blocked_recall(queries, items, rel, self.ks).items():
+                metrics[f"{self.name}/{direction}/R@{k}"] = value
+        return metrics
+
+
+@dataclass
+class ZeroShotTask:
+    """Images with class indices; a class is the mean of its normalised prompt embeddings."""
+
+    name: str
+    images: list[Any]
+    labels: list[int]
+    classes: list[str]
+    templates: list[str]
+
+    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
+        prompts = [template.format(c) for c in self.classes for template in self.templates]
+        prompt_embeds = cache.texts(prompts).view(len(self.classes), len(self.templates), -1)
+        class_embeds = F.normalize(prompt_embeds.mean(dim=1), dim=-1)  # [classes, D]
+        scores = cache.images(self.images) @ class_embeds.t()  # [N, classes]
+        top = scores.topk(min(5, len(self.classes)), dim=-1).indices  # [N, 5]
+        labels = torch.tensor(self.labels)[:, None]
+        return {
+            f"{self.name}/top1": float((top[:, :1] == labels).any(dim=1).double().mean()),
+            f"{self.name}/top5": float((top == labels).any(dim=1).double().mean()),
+            f"{self.name}/num_images": len(self.images),
+            f"{self.name}/num_classes": len(self.classes),
+        }
+
+
+@dataclass
+class CaptioningTask:
+    """Images with their reference captions."""
+
+    name: str
+    images: list[Any]
+    references: list[list[str]]
+
+    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
+        generated = cache.captions(self.images)
+        scores = coco_caption_scores(generated, self.references)
+        metrics: dict[str, Any] = {f"{self.name}/{k}": scores[k] for k in scores["ran"]}
+        metrics[f"{self.name}/caption_metrics"] = scores["ran"]
+        if scores["skipped"]:
+            metrics[f"{self.name}/skipped_metrics"] = scores["skipped"]
+        metrics[f"{self.name}/num_images"] = len(self.images)
+        return metrics
+
+
+@dataclass
+class RegionTask:
+    """Referring expressions: regions (image, pixel box) with their sentences; captioning and region<->text R@1."""
+
+    name: str
+    images: list[Any]  # one entry per distinct image
+    boxes: list[list[list[float]]]  # per image, its regions' boxes
+    sentences: list[list[str]] = field(default_factory=list)  # per region (flat, images in order), its sentences
+
+    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
+        metrics: dict[str, Any] = {f"{self.name}/num_regions": len(self.sentences)}
+        generated = cache.captions(self.images, self.boxes)
+        scores = coco_caption_scores(generated, self.sentences)
+        metrics.update({f"{self.name}/region_caption/{k}": scores[k] for k in scores["ran"]})
+        metrics[f"{self.name}/caption_metrics"] = scores["ran"]
+        if scores["skipped"]:
+            metrics[f"{self.name}/skipped_metrics"] = scores["skipped"]
+        texts = [s for sentences in self.sentences for s in sentences]
+        owner = torch.tensor([r for r, sentences in enumerate(self.sentences) for _ in sentences])
+        relevant = torch.arange(len(self.sentences))[:, None] == owner[None, :]  # [regions, texts]
+        region_embeds, text_embeds = cache.regions(self.images, self.boxes), cache.texts(texts)
+        metrics[f"{self.name}/region_to_text/R@1"] = blocked_recall(region_embeds, text_embeds, relevant, (1,))[1]
+        metrics[f"{self.name}/text_to_region/R@1"] = blocked_recall(text_embeds, region_embeds, relevant.t(), (1,))[1]
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------- loaders
+@dataclass
+class BenchmarkOptions:
+    """What a loader may need besides the folder."""
+
+    split: str | None = None
+    limit: int | None = None  # the first N images (or regions): a quick check, not a comparable number
+    classes: str | None = None  # a file of class names (JSON list / {folder: name} / one per line)
+    templates: str | None = None  # a file of prompt templates (JSON list / one per line)
+
+
+def _find(folder: Path, names: Sequence[str], what: str) -> Path:
+    for name in names:
+        for candidate in (folder / name, folder / "annotations" / name, folder / "karpathy" / name):
+            if candidate.is_file():
+                return candidate
+    raise ValueError(f"`--data-dir` {folder}: no {what} ({' or '.join(names)}) in it or in annotations/.")
+
+
+def _check_images(name: str, paths: Sequence[Any]) -> None:
+    missing = [p for p in paths if isinstance(p, str | Path) and not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"{name}: {len(missing)} of {len(paths)} images are missing, e.g. {missing[0]}.")
+
+
+def _limit(items: list, options: BenchmarkOptions) -> list:
+    return items[: options.limit] if options.limit else items
+
+
+def _karpathy(folder: Path, dataset: str, options: BenchmarkOptions):
+    from mmgem.data.formats.coco import karpathy_images
+
+    path = _find(folder, [f"dataset_{dataset}.json"], f"Karpathy split file for {dataset}")
+    split = options.split or "test"
+    images = _limit(karpathy_images(json.loads(path.read_text(encoding="utf-8")), folder, {split}, str(path)), options)
+    if not images:
+        raise ValueError(f"{path}: no image of split {split!r}.")
+    _check_images(dataset, [i.path for i in images])
+    return images
+
+
+def load_retrieval_karpathy(name: str, folder: Path, options: BenchmarkOptions) -> RetrievalTask:
+    dataset = "coco" if name == "coco" else "flickr30k"
+    images = _karpathy(folder, dataset, options)
+    texts, owners = [], []
+    for index, image in enumerate(images):
+        captions = image.captions[:KARPATHY_CAPTIONS]
+        if not captions:
+            raise ValueError(f"{name}: image {image.path.name} has no caption.")
+        texts += captions
+        owners += [index] * len(captions)
+    return RetrievalTask(name, [str(i.path) for i in images], texts, owners)
+
+
+def load_coco_captions(name: str, folder: Path, options: BenchmarkOptions) -> CaptioningTask:
+    images = _karpathy(folder, "coco", options)
+    return CaptioningTask(name, [str(i.path) for i in images], [i.captions for i in images])
+
+
+def _read_list(path: str, what: str) -> Any:
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"{what} file {path} is empty.") from None
+        return lines
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def load_zero_shot(name: str, folder: Path, options: BenchmarkOptions) -> ZeroShotTask:
+    from mmgem.evaluation.templates import IMAGENET_CLASSES, IMAGENET_TEMPLATES
+
+    root = (
+        folder / (options.split or "val")
+        if name == "imagenet" and (folder / (options.split or "val")).is_dir()
+        else folder
+    )
+    folders = _class_folders(root)
+    if not folders:
+        raise ValueError(f"`--data-dir` {root}: no class folders.")
+    if options.classes:
+        given = _read_list(options.classes, "`--classes`")
+        if isinstance(given, dict):
+            unknown = [f.name for f in folders if f.name not in given]
+            if unknown:
+                raise ValueError(f"`--classes` {options.classes} names no class for folders {unknown[:5]}.")
+            classes = [given[f.name] for f in folders]
+        else:
+            classes = list(given)
+    elif name == "imagenet" and len(folders) == len(IMAGENET_CLASSES) and all(_WNID.match(f.name) for f in folders):
+        classes = list(IMAGENET_CLASSES)  # sorted WordNet ids = class index order
+    elif name == "imagenet":
+        raise ValueError(
+            f"imagenet: {root} has {len(folders)} class folders, expected the 1,000 WordNet-id folders (n01440764, "
+            "...); pass `--classes` for another layout or use `--benchmark imagefolder`."
+        )
+    else:
+        classes = [f.name.replace("_", " ") for f in folders]
+    if len(classes) != len(folders):
+        raise ValueError(f"`--classes` has {len(classes)} names for {len(folders)} class folders.")
+    if options.templates:
+        templates = list(_read_list(options.templates, "`--templates`"))
+    else:
+        templates = list(IMAGENET_TEMPLATES) if name == "imagenet" else ["a photo of a {}."]
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"`--templates` entries need exactly one '{{}}' for the class name; got {bad[0]!r}.")
+    images, labels = [], []
+    for label, class_folder in enumerate(folders):
+        files = sorted(p for p in class_folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images += [str(p) for p in files]
+        labels += [label] * len(files)
+    if options.limit:  # every class, evenly: the first N images would all be of the first classes
+        step = max(1, len(images) // options.limit)
+        images, labels = images[::step][: options.limit], labels[::step][: options.limit]
+    if not images:
+        raise ValueError(f"`--data-dir` {root}: the class folders hold no image ({IMAGE_SUFFIXES}).")
+    return ZeroShotTask(name, images, labels, classes, templates)
+
+
+def _long_task(name: str, pairs: list[tuple[Any, str]], options: BenchmarkOptions) -> RetrievalTask:
+    pairs = _limit(pairs, options)
+    if not pairs:
+        raise ValueError(f"{name}: no image-text pair found.")
+    _check_images(name, [p for p, _ in pairs])
+    return RetrievalTask(name, [p for p, _ in pairs], [t for _, t in pairs], list(range(len(pairs))), (1, 5, 10))
+
+
+def load_urban1k(name: str, folder: Path, options: BenchmarkOptions) -> RetrievalTask:
+    images = {p.stem: p for p in (folder / "image").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    captions = {p.stem: p for p in (folder / "caption").glob("*.txt")}
+    if not images or set(images) != set(captions):
+        raise ValueError(
+            f"urban1k: expected `image/<name>.jpg` and `caption/<name>.txt` pairs in {folder}; "
+            f"{len(images)} images, {len(captions)} captions, {len(set(images) ^ set(captions))} unmatched."
+        )
+    keys = sorted(images, key=lambda k: (len(k), k))
+    return _long_task(name, [(str(images[k]), captions[k].read_text(encoding="utf-8").strip()) for k in keys], options)
+
+
+def load_docci(name: str, folder: Path, options: BenchmarkOptions) -> RetrievalTask:
+    path = _find(folder, ["docci_descriptions.jsonlines", "docci_descriptions.jsonl"], "DOCCI descriptions")
+    split = options.split or "test"
+    pairs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("split") == split:
+                pairs.append((str(folder / "images" / row["image_file"]), row["description"]))
+    return _long_task(name, pairs, options)
+
+
+def load_dci(name: str, folder: Path, options: BenchmarkOptions) -> RetrievalTask:
+    annotations = folder / "annotations" if (folder / "annotations").is_dir() else folder
+    photos = folder / "photos" if (folder / "photos").is_dir() else folder
+    pairs = []
+    for path in sorted(annotations.glob("*.json")):
+        row = json.loads(path.read_text(encoding="utf-8"))
+        text = " ".join(t.strip() for t in (row.get("short_caption"), row.get("extra_caption")) if t and t.strip())
+        pairs.append((str(photos / row["image"]), text))
+    return _long_task(name, pairs, options)
+
+
+def load_sharegpt4v(name: str, folder: Path, options: BenchmarkOptions) -> RetrievalTask:
+    from mmgem.data.formats.conversations import first_gpt_turn
+
+    files = sorted(folder.glob("*.json"), key=lambda p: ("share-captioner" not in p.name, p.name))
+    if not files:
+        raise ValueError(f"sharegpt4v-1k: no ShareGPT4V conversation JSON in {folder}.")
+    entries = json.loads(files[0].read_text(encoding="utf-8"))[:SHAREGPT4V_COUNT]
+    return _long_task(name, [(str(folder / e["image"]), first_gpt_turn(e)) for e in entries], options)
+
+
+def load_refcocog(name: str, folder: Path, options: BenchmarkOptions) -> RegionTask:
+    from mmgem.data.formats import SourceOptions
+    from mmgem.data.formats.hf import table_files
+    from mmgem.data.formats.refcoco import find_refs_pickle, parquet_references, refer_references
+
+    split = options.split or "val"
+    refs = find_refs_pickle(folder)
+    if refs is not None:
+        root = next((folder / d for d in ("train2014", "images") if (folder / d).is_dir()), folder)
+        references = refer_references(refs, root, split)
+    else:
+        files = [f for f in table_files(folder) if split in f.name] or table_files(folder)
+        if not files:
+            raise ValueError(f"refcocog: no refs(umd).p + instances.json nor parquet files in {folder}.")
+        references = [r for f in files for r in parquet_references(str(f), SourceOptions(image_root=str(folder)))]
+    references = _limit([r for r in references if r.box is not None and r.sentences], options)
+    if not references:
+        raise ValueError(f"refcocog: no reference of split {split!r} in {folder}.")
+    _check_images(name, [r.image for r in references])
+    order: dict[Any, int] = {}
+    images: list[Any] = []
+    boxes: list[list[list[float]]] = []
+    grouped: list[list[list[str]]] = []
+    for reference in references:
+        key = reference.image_key if reference.image_key is not None else _identity(reference.image)
+        if key not in order:
+            order[key] = len(images)
+            images.append(reference.image)
+            boxes.append([])
+            grouped.append([])
+        boxes[order[key]].append(reference.box)
+        grouped[order[key]].append(reference.sentences)
+    return RegionTask(name, images, boxes, [s for per_image in grouped for s in per_image])
+
+
+BENCHMARKS: dict[str, Callable[[str, Path, BenchmarkOptions], Any]] = {
+    "coco": load_retrieval_karpathy,
+    "flickr30k": load_retrieval_karpathy,
+    "imagenet": load_zero_shot,
+    "imagefolder": load_zero_shot,
+    "urban1k": load_urban1k,
+    "docci": load_docci,
+    "dci": load_dci,
+    "sharegpt4v-1k": load_sharegpt4v,
+    "coco-captions": load_coco_captions,
+    "refcocog": load_refcocog,
+}
+
+
+def load_benchmark(name: str, data_dir: str | Path, options: BenchmarkOptions | None = None) -> Any:
+    """The task of benchmark `name` read from `data_dir` (a ValueError names what is missing)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"`--benchmark` must be one of {sorted(BENCHMARKS)}; got {name!r}.")
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise ValueError(f"`--data-dir` {data_dir} is not a folder (benchmark {name}).")
+    return BENCHMARKS[name](name, folder, options or BenchmarkOptions())
+
+
+def run_benchmarks(tasks: Sequence[Any], cache: EmbeddingCache) -> dict[str, Any]:
+    """Every task's metrics in one flat dict (`<benchmark>/<metric>`), sharing the cache."""
+    cache.model.eval()
+    metrics: dict[str, Any] = {}
+    for task in tqdm(tasks, desc="Benchmarks", disable=not cache.progress or len(tasks) < 2):
+        metrics.update(task.run(cache))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------- tables
+def _percent(metrics: dict[str, Any], key: str) -> str:
+    value = metrics.get(key)
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _table(header: list[str], row: list[str]) -> str:
+    widths = [max(len(h), len(v)) for h, v in zip(header, row)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+    return "\n".join(lines)
+
+
+def format_benchmark_tables(metrics: dict[str, Any], model_name: str = "MM-GEM") -> str:
+    """The results as the papers lay them out (percentages; CIDEr x 100), one table per family present."""
+    tables = []
+    retrieval = [b for b in ("flickr30k", "coco") if f"{b}/image_to_text/R@1" in metrics]
+    if retrieval:
+        header, row = ["Model"], [model_name]
+        for bench in retrieval:
+            label = "Flickr30K" if bench == "flickr30k" else "COCO"
+            for direction, arrow in (("image_to_text", "I→T"), ("text_to_image", "T→I")):
+                for k in RECALL_KS:
+                    header.append(f"{label} {arrow} R@{k}")
+                    row.append(_percent(metrics, f"{bench}/{direction}/R@{k}"))
+        tables.append("Zero-shot retrieval (Karpathy test)\n" + _table(header, row))
+    for bench in ("imagenet", "imagefolder"):
+        if f"{bench}/top1" in metrics:
+            label = "ImageNet" if bench == "imagenet" else "ImageFolder"
+            tables.append("Zero-shot classification\n" + _table(
+                ["Model", f"{label} top-1", f"{label} top-5"],
+                [model_name, _percent(metrics, f"{bench}/top1"), _percent(metrics, f"{bench}/top5")],
+            ))  # fmt: skip
+    long = [b for b in ("urban1k", "docci", "dci", "sharegpt4v-1k") if f"{b}/image_to_text/R@1" in metrics]
+    if long:
+        names = {"urban1k": "Urban1k", "docci": "DOCCI", "dci": "DCI", "sharegpt4v-1k": "ShareGPT4V-1k"}
+        header, row = ["Model"], [model_name]
+        for bench in long:
+            header += [f"{names[bench]} I2T", f"{names[bench]} T2I"]
+            row += [_percent(metrics, f"{bench}/image_to_text/R@1"), _percent(metrics, f"{bench}/text_to_image/R@1")]
+        tables.append("Long-text retrieval (R@1)\n" + _table(header, row))
+    if "coco-captions/bleu4" in metrics:
+        keys = [("B@4", "bleu4"), ("M", "meteor"), ("C", "cider"), ("S", "spice")]
+        tables.append("COCO captioning (Karpathy test)\n" + _table(
+            ["Model"] + [k for k, _ in keys], [model_name] + [_percent(metrics, f"coco-captions/{m}") for _, m in keys]
+        ))  # fmt: skip
+    if "refcocog/region_to_text/R@1" in metrics:
+        keys = [("CIDEr", "region_caption/cider"), ("METEOR", "region_caption/meteor"),
+                ("Region→Text R@1", "region_to_text/R@1"), ("Text→Region R@1", "text_to_region/R@1")]  # fmt: skip
+        tables.append("RefCOCOg region captioning and retrieval\n" + _table(
+            ["Model"] + [k for k, _ in keys], [model_name] + [_percent(metrics, f"refcocog/{m}") for _, m in keys]
+        ))  # fmt: skip
+    return "\n\n".join(tables)
