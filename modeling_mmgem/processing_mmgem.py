@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import time
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from PIL import Image, ImageCms
 from transformers import BatchFeature, ProcessorMixin
 
-from .utils_mmgem import box_problem
+from .utils_mmgem import box_problem, image_size_problem, input_limit, too_many_boxes
 
 EMB_TOKEN = "[EMB]"
 CAP_TOKEN = "[CAP]"
@@ -75,7 +76,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 _WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
-def load_rgb_image(image: Any, index: int = 0) -> Image.Image:
+def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) -> Image.Image:
     """The one image loader of MM-GEM: anything it accepts as an image -> an RGB PIL image.
 
     Accepted: a PIL image in any mode; a numpy array or torch tensor (HW, HWC or CHW with C in 1, 3, 4; uint8, or
@@ -85,24 +86,56 @@ def load_rgb_image(image: Any, index: int = 0) -> Image.Image:
     as the data records read them). The processor, the sentence-transformers integration and the data records all
     load images here, so an image gives the same pixels, and the same embeddings, whichever way it comes in.
 
+    Limits (see `utils_mmgem.INPUT_LIMITS`, each overridable with an environment variable): an image may have at most
+    `MMGEM_MAX_IMAGE_PIXELS` pixels and an aspect ratio of `MMGEM_MAX_ASPECT_RATIO` (checked from the file header,
+    before decoding: no decompression bomb is decoded), an encoded image at most `MMGEM_MAX_IMAGE_BYTES`, and a URL
+    download takes at most `MMGEM_IMAGE_URL_TIMEOUT` seconds in all.
+
+    Arrays and tensors: uint8 (or another integer type with values in [0, 255]) or float in [0, 1]; other ranges,
+    complex, boolean and object arrays are refused rather than guessed at. The layout of a 3-D input follows its
+    library's convention where both readings are possible (e.g. 3 x H x 3): channels first for torch tensors (as
+    `pixel_values` and torchvision), channels last for numpy arrays (as PIL and matplotlib).
+
     Args:
         image: the image.
         index: its position in the caller's list, for error messages (`images[index]`).
+        allow_references: whether strings and paths may be opened (files, URLs, base64). sentence-transformers
+            turns any text that ends in `.png` or starts with `http` into an image reference; its MM-GEM module
+            config sets this to False so that a text is never read as a file or fetched.
     """
     if isinstance(image, (str, os.PathLike)):
+        if not allow_references:
+            raise ValueError(
+                f"`images[{index}]` is a string ({os.fspath(image)[:100]!r}) and this call does not open files or "
+                "URLs: give the image as a PIL image or array. (sentence-transformers reads texts that end in an "
+                'image extension or start with http as images; to embed such a text, pass it as {"text": ...}.)'
+            )
         image = _open_image_reference(os.fspath(image), index)
     elif isinstance(image, (bytes, bytearray)):
         image = _open_image_bytes(bytes(image), index, "the given bytes")
     if isinstance(image, Image.Image):
+        _check_image_size(image.width, image.height, index)
         return _pil_to_rgb(image)
+    channels_first = isinstance(image, torch.Tensor)
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        if image.is_floating_point() and image.dtype not in (torch.float32, torch.float64):
+            image = image.float()  # bf16 / fp16: numpy has no bf16
+        if image.is_complex():
+            raise TypeError(f"`images[{index}]` is a complex tensor; expected uint8 or float pixel values.")
+        image = image.numpy()
     if not isinstance(image, np.ndarray):
-        raise ValueError(
+        raise TypeError(
             f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
             f"got {type(image).__name__}."
         )
-    return _pil_to_rgb(Image.fromarray(_array_to_uint8(image, index)))
+    return _pil_to_rgb(Image.fromarray(_array_to_uint8(image, index, channels_first)))
+
+
+def _check_image_size(width: int, height: int, index: int) -> None:
+    problem = image_size_problem(width, height)
+    if problem:
+        raise ValueError(f"`images[{index}]` {problem}.")
 
 
 def _pil_to_rgb(image: Image.Image) -> Image.Image:
@@ -127,10 +160,16 @@ def _lab_to_srgb() -> Any:
     return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
 
 
-def _array_to_uint8(image: np.ndarray, index: int) -> np.ndarray:
-    """An HW / HWC / CHW array (uint8, or float in [0, 1]) -> an HW or HWC uint8 array for `Image.fromarray`."""
+def _array_to_uint8(image: np.ndarray, index: int, channels_first: bool = False) -> np.ndarray:
+    """An HW / HWC / CHW array (uint8, or float in [0, 1]) -> an HW or HWC uint8 array for `Image.fromarray`.
+
+    `channels_first` decides a 3-D shape that reads both ways (first and last axes both 1, 3 or 4)."""
     array = image
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    if array.dtype.kind not in "uif":
+        raise TypeError(
+            f"`images[{index}]` has dtype {array.dtype}; expected uint8 (0-255) or float (0-1) pixel values."
+        )
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and (channels_first or array.shape[-1] not in (1, 3, 4)):
         array = array.transpose(1, 2, 0)  # CHW -> HWC
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -139,27 +178,46 @@ def _array_to_uint8(image: np.ndarray, index: int) -> np.ndarray:
             f"`images[{index}]` must have shape [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4); "
             f"got {tuple(image.shape)}."
         )
-    if array.dtype != np.uint8:
+    _check_image_size(array.shape[1], array.shape[0], index)
+    if array.dtype.kind in "ui" and array.dtype != np.uint8:
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"`images[{index}]` is an integer array with values in [{low}, {high}]; expected 0-255 (uint8)."
+            )
+        array = array.astype(np.uint8)
+    elif array.dtype.kind == "f":
         array = np.asarray(array, dtype=np.float32)
         if not np.isfinite(array).all():
             raise ValueError(f"`images[{index}]` contains NaN or inf.")
-        if array.max(initial=0.0) <= 1.0:
-            array = array * 255.0  # float images are taken to be in [0, 1]
-        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            # One bright pixel must not switch the whole image to another scale: refuse instead of guessing.
+            raise ValueError(
+                f"`images[{index}]` is a float array with values in [{low:g}, {high:g}]; float images must be in "
+                "[0, 1] (give uint8 for 0-255 values)."
+            )
+        array = np.rint(array * 255.0).astype(np.uint8)
     return np.ascontiguousarray(array)
 
 
 def _open_image_reference(reference: str, index: int) -> Image.Image:
     """A local image file, an http(s) URL or a base64 / `data:image/...` string, opened and read with PIL."""
     is_url = reference.startswith(("http://", "https://"))
+    max_bytes = int(input_limit("max_image_bytes"))
     try:
         if is_url:
-            with urllib.request.urlopen(reference) as response:
-                data = response.read()
+            data = _download(reference, max_bytes, input_limit("image_url_timeout"), index)
         elif os.path.isfile(reference):
+            if os.path.getsize(reference) > max_bytes:
+                raise ValueError(
+                    f"`images[{index}]`: {reference[:200]!r} has more than {max_bytes:,} bytes (MMGEM_MAX_IMAGE_BYTES)."
+                )
             with open(reference, "rb") as file:
                 data = file.read()
         elif reference.startswith("data:image/") or _looks_like_base64(reference):
+            if len(reference) * 3 // 4 > max_bytes:
+                raise ValueError(f"`images[{index}]`: the base64 image has more than {max_bytes:,} bytes.")
             data = base64.b64decode(reference.split(",", 1)[1] if reference.startswith("data:") else reference)
         else:
             raise ValueError(
@@ -176,14 +234,38 @@ def _open_image_reference(reference: str, index: int) -> Image.Image:
     return _open_image_bytes(data, index, repr(reference[:200]))
 
 
+def _download(url: str, max_bytes: int, timeout: float, index: int) -> bytes:
+    """The body of `url`, read in chunks within `timeout` seconds in all (a server that never answers, or drips
+    bytes, cannot hold the caller) and at most `max_bytes` long."""
+    deadline = time.monotonic() + timeout
+    chunks, size = [], 0
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        while chunk := response.read(65536):
+            size += len(chunk)
+            if size > max_bytes:
+                raise ValueError(f"`images[{index}]`: {url[:200]!r} sends more than {max_bytes:,} bytes.")
+            if time.monotonic() > deadline:
+                raise ValueError(f"`images[{index}]`: {url[:200]!r} took more than {timeout:g} s to download.")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _open_image_bytes(data: bytes, index: int, source: str) -> Image.Image:
-    """Encoded image bytes (PNG, JPEG, ...), decoded now: the result does not depend on a file staying open."""
+    """Encoded image bytes (PNG, JPEG, ...), decoded now: the result does not depend on a file staying open.
+
+    The size limits are checked on the header, before any pixel is decoded."""
+    max_bytes = int(input_limit("max_image_bytes"))
+    if len(data) > max_bytes:
+        raise ValueError(f"`images[{index}]`: {source} has more than {max_bytes:,} bytes (MMGEM_MAX_IMAGE_BYTES).")
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return opened.copy()
-    except Exception as error:  # PIL raises many types for broken files; name the argument instead
+            size_problem = image_size_problem(*opened.size)
+            if size_problem is None:
+                opened.load()
+                return opened.copy()
+    except Exception as error:  # PIL raises many types for broken files (truncated, bombs); name the argument
         raise ValueError(f"`images[{index}]`: {source} is not a readable image: {error}") from error
+    raise ValueError(f"`images[{index}]`: {source} {size_problem}.")
 
 
 def _looks_like_base64(reference: str) -> bool:
@@ -240,6 +322,8 @@ def boxes_to_model_frame(image_processor: Any, boxes: Any, width: int, height: i
         f"({width}x{height}) with 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height"
     )
     problem = box_problem(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, width, height, "image")
+    if problem is None and hasattr(boxes, "__len__"):
+        problem = too_many_boxes(len(boxes))
     if problem:
         raise ValueError(f"{expected}; a box {problem}: {boxes!r}.")
     array = np.asarray(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
@@ -253,6 +337,20 @@ def boxes_to_model_frame(image_processor: Any, boxes: Any, width: int, height: i
     if ((frame[:, 2] <= frame[:, 0]) | (frame[:, 3] <= frame[:, 1])).any():
         raise ValueError(f"{expected}; a box lies entirely in the part the center crop removes: {array.tolist()}.")
     return torch.tensor(frame, dtype=torch.float32)
+
+
+def _as_text_list(texts: Any, argument: str, allow_empty: bool = False) -> list[str]:
+    """`texts` as a list of strings: one string or a list / tuple of strings, else a TypeError naming `argument`."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"`{argument}` must be a string or a list of strings; got {type(texts).__name__}.")
+    if not texts and not allow_empty:
+        raise ValueError(f"`{argument}` must hold at least one string; got an empty {type(texts).__name__}.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"`{argument}[{i}]` must be a non-empty string; got {type(text).__name__} {text!r}.")
+    return list(texts)
 
 
 # ---------------------------------------------------------------------------------------------- processor
@@ -322,13 +420,22 @@ class MMGEMProcessor(ProcessorMixin):
         return min(limits) if limits else None
 
     def _tokenize_texts(self, texts: Sequence[str], argument: str) -> list[list[int]]:
-        if isinstance(texts, str):
-            texts = [texts]
+        """Token ids of each text, read as plain text: a user's "<image>", "[EMB]" or "</s>" is spelled out in
+        ordinary tokens (`split_special_tokens`), never turned into a control token."""
+        texts = _as_text_list(texts, argument)
+        control_ids = set(self.tokenizer.all_special_ids) | set(self._special_ids().values())
         token_lists = []
         for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
+            if not text.strip():
                 raise ValueError(f"`{argument}[{i}]` must be a non-empty string; got {text!r}.")
-            token_lists.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            tokens = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if control_ids.intersection(tokens):
+                # A tokenizer that ignores `split_special_tokens` (some slow ones): refuse rather than pass it on.
+                raise ValueError(
+                    f"`{argument}[{i}]` contains a control token of the tokenizer (e.g. <image>, [EMB], [CAP], bos, "
+                    f"eos, pad) that this tokenizer cannot spell out as text: {text[:200]!r}."
+                )
+            token_lists.append(tokens)
         return token_lists
 
     def _fit(self, tokens: list[int], room: int | None, truncation: bool, argument: str, index: int) -> list[int]:
@@ -392,12 +499,14 @@ class MMGEMProcessor(ProcessorMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self._pad(label_rows, IGNORE_INDEX)}
 
     # ------------------------------------------------------------------ images
-    def _prepare_images(self, images: Any, boxes: Any | None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    def _prepare_images(
+        self, images: Any, boxes: Any | None, allow_references: bool = True
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:
             raise ValueError("`images` must contain at least one image.")
-        pil_images = [load_rgb_image(image, i) for i, image in enumerate(images)]
+        pil_images = [load_rgb_image(image, i, allow_references) for i, image in enumerate(images)]
         frame_boxes = None
         if boxes is not None:
             if not isinstance(boxes, (list, tuple)) or len(boxes) != len(pil_images):
@@ -458,7 +567,10 @@ class MMGEMProcessor(ProcessorMixin):
             embedding = self.embedding_inputs(texts, truncation, max_length)
             text_data = {"text_input_ids": embedding["input_ids"], "text_attention_mask": embedding["attention_mask"]}
             text_data.update(self.caption_targets(texts, truncation, max_length))
-        pixel_values, frame_boxes = self._prepare_images(images, boxes)
+        # sentence-transformers' module config sets `images_kwargs={"allow_image_references": False}`: see
+        # `load_rgb_image`.
+        allow_references = bool((kwargs.get("images_kwargs") or {}).get("allow_image_references", True))
+        pixel_values, frame_boxes = self._prepare_images(images, boxes, allow_references)
         data: dict[str, Any] = {"pixel_values": pixel_values}
         if frame_boxes is not None:
             data["boxes"] = frame_boxes
@@ -474,7 +586,17 @@ class MMGEMProcessor(ProcessorMixin):
     def _training_texts(images: Any, text: Any, boxes: Any, region_text: Any) -> list[str]:
         """Image captions then region captions, checked against the image and box counts before any work."""
         num_images = len(images) if isinstance(images, (list, tuple)) else 1
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = _as_text_list(text, "text")
+        if region_text is not None:
+            if not isinstance(region_text, (list, tuple)) or not all(
+                isinstance(per_image, (list, tuple)) for per_image in region_text
+            ):
+                raise TypeError(
+                    "`region_text` must be a list with, per image, a list of region captions; got "
+                    f"{type(region_text).__name__} {str(region_text)[:100]!r}."
+                )
+            for i, per_image in enumerate(region_text):
+                _as_text_list(list(per_image), f"region_text[{i}]", allow_empty=True)
         if len(texts) != num_images:
             raise ValueError(f"`text` must hold one caption per image ({num_images}); got {len(texts)}.")
         if boxes is None:

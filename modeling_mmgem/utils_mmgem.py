@@ -8,6 +8,7 @@ single-dot relative import), so it imports only the standard library, torch and 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,61 @@ from transformers import GenerationMixin
 # Caption length `generate` uses when neither the call nor the saved generation config sets one (transformers'
 # model-agnostic default of 20 tokens in total would cut captions right after the K visual tokens).
 DEFAULT_MAX_CAPTION_TOKENS = 64
+
+
+# ---------------------------------------------------------------------------------------------- input limits
+# Caps on what one input may cost, each overridable with an environment variable (read at every call). A small
+# file can decode to a huge image (a 300 KB PNG of 1 x 100,000 pixels resizes to 1.4 GB for a 224 px tower), and
+# region pooling copies the feature map once per box.
+INPUT_LIMITS = {
+    "max_image_pixels": ("MMGEM_MAX_IMAGE_PIXELS", 64_000_000),  # width * height of one image (8000 x 8000)
+    "max_aspect_ratio": ("MMGEM_MAX_ASPECT_RATIO", 32.0),  # long side / short side
+    "max_boxes_per_image": ("MMGEM_MAX_BOXES_PER_IMAGE", 512),
+    "image_url_timeout": ("MMGEM_IMAGE_URL_TIMEOUT", 10.0),  # seconds for a whole image download
+    "max_image_bytes": ("MMGEM_MAX_IMAGE_BYTES", 64 * 2**20),  # an encoded image (file, URL, base64, bytes)
+}
+
+
+def input_limit(name: str) -> float:
+    """The current value of the input limit `name` (see `INPUT_LIMITS`): its environment variable, else the
+    default."""
+    variable, default = INPUT_LIMITS[name]
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"The environment variable {variable} must be a positive number; got {value!r}.") from None
+    if number <= 0:
+        raise ValueError(f"The environment variable {variable} must be a positive number; got {value!r}.")
+    return number
+
+
+def image_size_problem(width: int, height: int) -> str | None:
+    """Why a `width x height` image is refused (too many pixels, too elongated, empty), or None."""
+    if width < 1 or height < 1:
+        return f"is empty ({width}x{height} pixels)"
+    max_pixels, max_ratio = input_limit("max_image_pixels"), input_limit("max_aspect_ratio")
+    if width * height > max_pixels:
+        return (
+            f"has {width}x{height} = {width * height:,} pixels, more than the {int(max_pixels):,} allowed "
+            "(MMGEM_MAX_IMAGE_PIXELS); resize it first"
+        )
+    if max(width, height) / min(width, height) > max_ratio:
+        return (
+            f"is {width}x{height} pixels, an aspect ratio above the {max_ratio:g} allowed (MMGEM_MAX_ASPECT_RATIO): "
+            "the resize to the model's input would make it huge; crop it first"
+        )
+    return None
+
+
+def too_many_boxes(count: int) -> str | None:
+    """Why `count` boxes for one image are refused, or None."""
+    limit = int(input_limit("max_boxes_per_image"))
+    if count > limit:
+        return f"has {count} boxes, more than the {limit} allowed per image (MMGEM_MAX_BOXES_PER_IMAGE)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- boxes
@@ -108,7 +164,11 @@ def pil_image_processor_class(name: str) -> type:
 __all__ = [
     "CACHE_NAME",
     "DEFAULT_MAX_CAPTION_TOKENS",
+    "INPUT_LIMITS",
     "box_problem",
+    "image_size_problem",
+    "input_limit",
+    "too_many_boxes",
     "cache_argument",
     "enable_activation_checkpointing",
     "pil_image_processor_class",

@@ -135,7 +135,8 @@ def test_images_in_any_mode_and_layout(tiny):
 @pytest.mark.parametrize("text", ["", "   ", None])
 def test_empty_text(tiny, text):
     _, processor = tiny
-    with pytest.raises(ValueError, match=r"`text\[1\]` must be a non-empty string"):
+    error = TypeError if text is None else ValueError
+    with pytest.raises(error, match=r"`text\[1\]` must be a non-empty string"):
         processor(text=["a red circle", text])
 
 

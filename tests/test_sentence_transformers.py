@@ -142,17 +142,19 @@ def test_image_embeddings_equal_normalised_get_image_features(st, reference):
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
 
 
-def test_image_paths_are_images(st, reference, tmp_path):
-    images = random_images(3, seed=4)
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(str(tmp_path / f"image_{i}.png"))
-        image.save(paths[-1])
-    expected = image_features(reference, images)
-    np.testing.assert_allclose(st.encode(paths), expected.numpy(), atol=ATOL)
-    np.testing.assert_allclose(st.encode(paths[0]), expected[0].numpy(), atol=ATOL)
-    # A string that is not an existing image file is a text, as for any sentence-transformers model.
-    np.testing.assert_allclose(st.encode(str(tmp_path / "missing.png")), st.encode([str(tmp_path / "missing.png")])[0])
+def test_strings_are_never_opened_as_files_or_urls(st, reference, tmp_path):
+    # sentence-transformers reads a string ending in .png that names an existing file (or an http URL ending in
+    # .png) as an image; the module config makes the processor refuse it instead of reading the file.
+    secret = tmp_path / "secret.png"
+    random_images(1, seed=4)[0].save(secret)
+    with pytest.raises(ValueError, match="does not open files or URLs"):
+        st.encode([str(secret)])
+    with pytest.raises(ValueError, match="does not open files or URLs"):
+        st.encode(["http://127.0.0.1:9/never-fetched.png"])
+    # Such a string embeds as a text when marked as one, and a string that names no file is a text anyway.
+    as_text = st.encode([{"text": str(secret)}])
+    reference_text = text_features(reference, [str(secret)]).numpy()
+    np.testing.assert_allclose(as_text, reference_text, atol=ATOL)
     assert st.encode([str(tmp_path / "missing.png")]).shape == (1, 32)
 
 

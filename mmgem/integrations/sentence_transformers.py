@@ -7,8 +7,9 @@ model method per modality (`modality_config`) and a `Normalize` module follows. 
     image -> MMGEMModel.get_image_features(pixel_values).pooler_output
     then  -> L2 normalisation
 
-so `SentenceTransformer(folder_or_repo, trust_remote_code=True)` encodes strings and images (PIL images, and image
-paths/URLs, which sentence-transformers detects by their extension) into one normalised space, and `similarity`,
+so `SentenceTransformer(folder_or_repo, trust_remote_code=True)` encodes strings and images (PIL images or arrays;
+strings are never opened as files or fetched as URLs, even those that end in `.png`: see `PROCESSING_KWARGS`) into
+one normalised space, and `similarity`,
 `encode_query` / `encode_document`, `batch_size`, `show_progress_bar`, `convert_to_tensor`, `truncate_dim`, the
 evaluators, `save` and `push_to_hub` all work as for any other model. The files are small JSON files written next
 to the transformers files ([`write_sentence_transformers_files`]), so one folder or Hub repo serves both libraries.
@@ -45,6 +46,8 @@ MODALITY_CONFIG: dict[str, dict[str, str]] = {
     "text": {"method": "get_text_features", "method_output_name": "pooler_output"},
     "image": {"method": "get_image_features", "method_output_name": "pooler_output"},
 }
+# Processor options sentence-transformers passes at every call: images must come as images, never as strings.
+PROCESSING_KWARGS: dict[str, dict[str, Any]] = {"image": {"allow_image_references": False}}
 SIMILARITY_FUNCTIONS = ("cosine", "dot", "euclidean", "manhattan")
 NORMALIZE_FOLDER = "1_Normalize"
 # Written last: sentence-transformers recognises a folder as its own by `modules.json`, so an interrupted write never
@@ -89,6 +92,9 @@ def sentence_transformers_configs(
             "transformer_task": "feature-extraction",
             "modality_config": MODALITY_CONFIG,
             "module_output_name": "sentence_embedding",
+            # sentence-transformers reads any text ending in an image extension (or an http URL of one) as an image
+            # reference; the processor then refuses such strings instead of opening files or fetching URLs.
+            "processing_kwargs": PROCESSING_KWARGS,
         },
         f"{NORMALIZE_FOLDER}/config.json": {
             "module_input_name": "sentence_embedding",
