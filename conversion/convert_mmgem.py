@@ -22,15 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import (
+if not __package__:  # run as a file, `python conversion/convert_mmgem.py`: import the project from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion.checkpoints import (  # noqa: E402 (after the path set-up above)
     checkpoint_kind,
     load_merged_adapter,
     load_model_folder,
     load_state_dict_file,
     parse_key_mapping,
 )
-from .components import Composition, compose, parse_dtype
-from .publish import (
+from conversion.components import Composition, compose, parse_dtype  # noqa: E402
+from conversion.publish import (  # noqa: E402
     CardInfo,
     HubPushError,
     check_output_dir,
@@ -42,6 +45,8 @@ from .publish import (
     publish,
     push_folder,
 )
+from mmgem.cli import HelpFormatter  # noqa: E402
+from mmgem.errors import debug_requested, one_line  # noqa: E402
 
 logger = logging.getLogger("conversion")
 
@@ -236,9 +241,10 @@ def export_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "mmgem-convert") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mmgem-convert",
+        prog=prog,
+        formatter_class=HelpFormatter,
         description="Make an MM-GEM from a CLIP/SigLIP vision tower and a causal LM, or export a trained checkpoint, "
         "as one complete Hugging Face Hub folder; optionally push it.",
     )
@@ -370,25 +376,38 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0 success, 1 failure, 2 bad arguments)."""
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "mmgem-convert") -> int:
+    """Console entry point; returns the exit status (0 success, 1 failure, 2 bad arguments).
+
+    Every `ValueError` is a bad argument here (the conversion checks its inputs before it writes anything); with
+    `MMGEM_DEBUG=1` (or `mmgem --debug convert`) errors keep their traceback.
+    """
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     _show_progress_messages()
     try:
         with _sigterm_as_exit():
             _run(args, parser)
     except ValueError as error:
-        print(f"mmgem-convert: error: {error}", file=sys.stderr)
+        if debug_requested():
+            raise
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except (HubPushError, RuntimeError, AssertionError, FileExistsError) as error:
-        print(f"mmgem-convert: failed: {error}", file=sys.stderr)
+        if debug_requested():
+            raise
+        print(f"{prog}: failed: {one_line(error)}", file=sys.stderr)
         return 1
     if args.push_to_hub:
         print(f"Done: {args.output_dir} pushed to {args.push_to_hub}")
     else:
         print(f"Done: {args.output_dir}")
     return 0
+
+
+def mmgem_main(argv: list[str] | None = None) -> int:
+    """`mmgem convert ...`: the same command under the `mmgem` entry point."""
+    return main(argv, prog="mmgem convert")
 
 
 __all__ = ["HubPushError", "check_repo_id", "convert", "export_checkpoint", "main", "push_folder"]

@@ -1,44 +1,109 @@
-"""The `mmgem` command: `train`, `evaluate`, `generate-data` and `demo` subcommands.
+"""The `mmgem` command: one subcommand per task (`mmgem --help` lists them, `mmgem COMMAND --help` their options).
 
-Each subcommand has its own options (`mmgem train --help`); the heavy imports happen only once a subcommand runs,
+Adding a subcommand is one entry in `COMMANDS`: `"name": Command("package.module", "one-line description")`. The
+module provides `main(argv) -> int` (or another function, named as `"package.module:function"`) and, for the
+help and its tests, `build_parser()`; `command_parser(name, description)` gives a parser whose usage line reads
+`mmgem NAME` and whose help shows every option's default. The module is imported only when its subcommand runs,
 so `mmgem --help` is instant.
+
+Errors: a user mistake (an `mmgem.errors.MMGEMUserError`, or a `ValueError` / `FileNotFoundError` raised while the
+options and inputs are checked, see `mmgem.errors.checking_user_input`) is printed as one line
+`mmgem COMMAND: error: ...` with exit status 2; `mmgem --debug COMMAND ...` (or `MMGEM_DEBUG=1`) shows the traceback.
+Anything else is a failure and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-# subcommand -> (module with a `main(argv)`, one-line description)
-COMMANDS = {
-    "train": ("mmgem.training.train", "train MM-GEM (stage 1 or 2, full or LoRA) with the HF Trainer"),
-    "evaluate": ("mmgem.evaluation.evaluate", "retrieval, zero-shot, caption and region metrics on a .jsonl split"),
-    "generate-data": ("mmgem.synthetic", "write the synthetic shapes dataset (train/val/test .jsonl)"),
-    "demo": ("mmgem.demo", "the end-to-end demo: data, training from scratch, evaluation, export"),
-    "index": ("mmgem.search.indexer", "embed an image folder or webdataset shards into a searchable index"),
-    "search": ("mmgem.search.searcher", "search an index by text, image or image region"),
+from mmgem.errors import DEBUG_VARIABLE, debug_requested, is_user_error, one_line
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `target` is `"package.module"` (its `main(argv)` runs) or `"package.module:function"`."""
+
+    target: str
+    description: str
+
+    @property
+    def module(self) -> str:
+        return self.target.partition(":")[0]
+
+    def load(self) -> Callable[[list[str]], int | None]:
+        module, _, function = self.target.partition(":")
+        return getattr(importlib.import_module(module), function or "main")
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("mmgem.training.train", "train MM-GEM (stage 1 or 2, full or LoRA) with the HF Trainer"),
+    "evaluate": Command("mmgem.evaluation.evaluate", "retrieval, zero-shot, caption and region metrics on a split"),
+    "generate-data": Command("mmgem.synthetic", "write the synthetic shapes dataset (train/val/test .jsonl)"),
+    "demo": Command("mmgem.demo", "the end-to-end demo: data, training from scratch, evaluation, export"),
+    "convert": Command("conversion.convert_mmgem:mmgem_main", "compose, export and publish an MM-GEM Hub folder"),
+    "index": Command("mmgem.search.indexer", "embed an image folder or webdataset shards into a searchable index"),
+    "search": Command("mmgem.search.searcher", "search an index by text, image or image region"),
 }
+DEBUG_FLAG = "--debug"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and `(default: ...)` after every option whose help does not already give it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text.lower():
+            return help_text
+        return super()._get_help_string(action)
+
+
+def command_parser(name: str, description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """The argument parser of `mmgem NAME` (usage line `usage: mmgem NAME ...`, defaults shown in the help)."""
+    kwargs.setdefault("formatter_class", HelpFormatter)
+    return argparse.ArgumentParser(prog=f"mmgem {name}", description=description, **kwargs)
 
 
 def usage() -> str:
-    lines = ["usage: mmgem COMMAND [options]   (mmgem COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<14} {description}" for name, (_, description) in COMMANDS.items()]
+    lines = [
+        f"usage: mmgem [{DEBUG_FLAG}] COMMAND [options]   (mmgem COMMAND --help for its options)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<14} {command.description}" for name, command in COMMANDS.items()]
+    lines += ["", f"{DEBUG_FLAG}: show the full traceback of an error (also MMGEM_DEBUG=1)"]
     return "\n".join(lines)
 
 
+def run_command(name: str, argv: Sequence[str], debug: bool = False) -> int:
+    """Run subcommand `name`: a user mistake becomes one line on stderr and exit status 2 (unless `debug`)."""
+    try:
+        return int(COMMANDS[name].load()(list(argv)) or 0)
+    except Exception as error:
+        if debug or not is_user_error(error):
+            raise
+        print(f"mmgem {name}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `mmgem COMMAND ...`; returns the exit status."""
+    """Run `mmgem [--debug] COMMAND ...`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    while argv and argv[0] == DEBUG_FLAG:
+        os.environ[DEBUG_VARIABLE] = "1"  # for the commands that report their own errors (mmgem convert)
+        argv.pop(0)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"mmgem: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        print(f"mmgem: error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    return run_command(command, rest, debug_requested())
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from typing import Any
 
 import torch
 
+from mmgem.cli import command_parser
+from mmgem.errors import checking_user_input
+
 # Targets of the demo on the held-out split (metric key, minimum).
 TARGETS: dict[str, float] = {
     "text_to_image/R@1": 0.8,
@@ -273,12 +276,12 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmgem demo", description=__doc__.split("\n\n")[0])
+    parser = command_parser("demo", __doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="demo-output", help="where everything is written")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default 2)")
-    parser.add_argument("--stage1-steps", type=int)
-    parser.add_argument("--stage2-steps", type=int)
-    parser.add_argument("--num-train", type=int)
+    parser.add_argument("--threads", type=int, help=f"torch CPU threads (default {DemoConfig.threads})")
+    parser.add_argument("--stage1-steps", type=int, help=f"stage-1 training steps (default {DemoConfig.stage1_steps})")
+    parser.add_argument("--stage2-steps", type=int, help=f"stage-2 training steps (default {DemoConfig.stage2_steps})")
+    parser.add_argument("--num-train", type=int, help=f"training images (default {DemoConfig.num_train})")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds; the targets are not met)")
     parser.add_argument("--no-progress", action="store_true", help="hide the evaluation progress bars")
     return parser
@@ -287,12 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = DemoConfig(**QUICK) if args.quick else DemoConfig()
-    for name in ("threads", "stage1_steps", "stage2_steps", "num_train"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {value}.")
-            setattr(config, name, value)
+    with checking_user_input():
+        for name in ("threads", "stage1_steps", "stage2_steps", "num_train"):
+            value = getattr(args, name)
+            if value is not None:
+                if value < 1:
+                    raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {value}.")
+                setattr(config, name, value)
     run_demo(args.output_dir, config, progress=not args.no_progress)
     return 0
 

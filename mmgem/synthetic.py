@@ -45,6 +45,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from mmgem.cli import command_parser
+from mmgem.errors import checking_user_input
+
 if TYPE_CHECKING:
     from mmgem.data.records import ImageRecord
 
@@ -585,26 +588,34 @@ def zero_shot_examples(records: Iterable[ImageRecord]) -> list[tuple[ImageRecord
     return examples
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: `python -m mmgem.synthetic --output-dir DIR [--num-train N ...]`."""
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes image-caption dataset.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = command_parser("generate-data", "Generate the synthetic shapes image-caption dataset.")
     parser.add_argument("--output-dir", required=True, help="folder to create (must be absent or empty)")
-    parser.add_argument("--num-train", type=int, default=1000)
-    parser.add_argument("--num-val", type=int, default=200)
-    parser.add_argument("--num-test", type=int, default=200)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-objects", type=int, default=4)
-    parser.add_argument("--single-object-fraction", type=float, default=0.3)
-    parser.add_argument("--num-heldout-pairs", type=int, default=4)
+    parser.add_argument("--num-train", type=int, default=1000, help="images in train.jsonl")
+    parser.add_argument("--num-val", type=int, default=200, help="images in val.jsonl")
+    parser.add_argument("--num-test", type=int, default=200, help="images in test.jsonl")
+    parser.add_argument("--image-size", type=int, default=64, help="side of the square images, in pixels")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same dataset)")
+    parser.add_argument("--max-objects", type=int, default=4, help="most shapes drawn in one image")
+    parser.add_argument("--single-object-fraction", type=float, default=0.3,
+                        help="share of images with exactly one shape (the zero-shot classification split)")
+    parser.add_argument("--num-heldout-pairs", type=int, default=4,
+                        help="colour-shape pairs never seen together in train (compositional test)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: `mmgem generate-data --output-dir DIR [--num-train N ...]`."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    paths = generate_dataset(
-        args.output_dir, args.num_train, args.num_val, args.num_test, args.image_size, args.seed,
-        max_objects=args.max_objects, single_object_fraction=args.single_object_fraction,
-        num_heldout_pairs=args.num_heldout_pairs, overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+    with checking_user_input():  # generate_dataset checks every argument before it draws anything
+        paths = generate_dataset(
+            args.output_dir, args.num_train, args.num_val, args.num_test, args.image_size, args.seed,
+            max_objects=args.max_objects, single_object_fraction=args.single_object_fraction,
+            num_heldout_pairs=args.num_heldout_pairs, overwrite=args.overwrite, progress=not args.no_progress,
+        )  # fmt: skip
     print(f"Wrote {paths['root']}")
     return 0
 

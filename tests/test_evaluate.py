@@ -254,9 +254,9 @@ def test_evaluate_command_writes_all_metrics(tiny_folder_and_data, tmp_path, cap
     assert "Image -> text R@1" in printed and "Region caption" in printed
 
 
-def test_evaluate_command_checks_arguments(tiny_folder_and_data, tmp_path):
+def test_evaluate_command_checks_arguments(tiny_folder_and_data, tmp_path, capsys):
     folder, paths = tiny_folder_and_data
-    with pytest.raises(ValueError, match="--data"):
-        cli_main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl")])
-    with pytest.raises(ValueError, match="--batch-size"):
-        cli_main(["evaluate", "--model", str(folder), "--data", str(paths["test"]), "--batch-size", "0"])
+    assert cli_main(["evaluate", "--model", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "mmgem evaluate: error: `--data` does not exist" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--model", str(folder), "--data", str(paths["test"]), "--batch-size", "0"]) == 2
+    assert "`--batch-size` must be a positive int" in capsys.readouterr().err

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmgem.cli import command_parser
+from mmgem.errors import checking_user_input
 from mmgem.evaluation.metrics import caption_metrics, recall_at_k, same_text_relevance
 
 TASKS = ("retrieval", "zero_shot", "captioning", "region_captioning", "region_retrieval")
@@ -339,7 +341,7 @@ def write_metrics(metrics: dict[str, float], path: str | os.PathLike[str]) -> Pa
 
 # ---------------------------------------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmgem evaluate", description="Evaluate an MM-GEM model on a .jsonl split.")
+    parser = command_parser("evaluate", "Evaluate an MM-GEM model on a .jsonl split (or an imagefolder).")
     parser.add_argument("--model", required=True, help="MM-GEM model folder or Hub id")
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow Python code shipped in the --model folder to run"
@@ -352,11 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--template-reduction", choices=TEMPLATE_REDUCTIONS, help="per class: mean prompt embedding or best prompt"
     )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="what to evaluate")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64, help="images or texts per forward pass")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width of the captions (1: greedy)")
     parser.add_argument("--max-caption-images", type=int, help="caption only the first N images")
-    parser.add_argument("--data-on-error", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--data-on-error", choices=("fail", "skip"), default="fail",
+                        help="bad records: stop with the list of problems, or skip them with a warning")  # fmt: skip
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments
@@ -375,22 +378,26 @@ def _load_labels(labels: str | None, data: str) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`mmgem evaluate ...`: print the table and write the JSON metrics."""
     args = build_parser().parse_args(argv)
-    for name in ("batch_size", "max_new_tokens", "num_beams"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {getattr(args, name)}.")
+    with checking_user_input():
+        for name in ("batch_size", "max_new_tokens", "num_beams"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {getattr(args, name)}.")
     if args.benchmark:
         from mmgem.evaluation.cli_benchmarks import run_benchmark_command
 
         return run_benchmark_command(args)
-    if not args.data:
-        raise ValueError("`--data` is required (an evaluation .jsonl or imagefolder), unless `--benchmark` is given.")
-    if not Path(args.data).exists():
-        raise ValueError(f"`--data` does not exist: {args.data}.")
-    labels = _load_labels(args.labels, args.data)
-    templates, reduction = templates_for(labels, args.templates, args.template_reduction)
-    from mmgem.training.train import load_model, load_records
+    with checking_user_input():
+        if not args.data:
+            raise ValueError(
+                "`--data` is required (an evaluation .jsonl or imagefolder), unless `--benchmark` is given."
+            )
+        if not Path(args.data).exists():
+            raise ValueError(f"`--data` does not exist: {args.data}.")
+        labels = _load_labels(args.labels, args.data)
+        templates, reduction = templates_for(labels, args.templates, args.template_reduction)
+        from mmgem.training.train import load_model, load_records
 
-    records = load_records(args.data, args.data_on_error)
+        records = load_records(args.data, args.data_on_error)
     model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate_model(

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmgem.cli import command_parser
+from mmgem.errors import checking_user_input
 from mmgem.search.sources import ImageSource, iter_folder, iter_shards, resolve_images
 from mmgem.search.store import VectorStore, faiss_threads
 from modeling_mmgem.processing_mmgem import image_frame_transform
@@ -222,28 +224,28 @@ def parse_grids(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmgem index", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = command_parser("index", __doc__)
     parser.add_argument("--model", required=True, help="MM-GEM folder or Hub id")
     parser.add_argument("--images", required=True, help="image folder (recursive) or webdataset shards (.tar, {..})")
     parser.add_argument("--output", required=True, help="index folder (created, or extended on a rerun)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
     parser.add_argument("--captions", action="store_true", help="also caption each image and index the caption")
     parser.add_argument("--caption-tokens", type=int, help="caption length limit (default: the model's)")
     parser.add_argument("--region-grids", default=",".join(map(str, DEFAULT_REGION_GRIDS)),
                         help="grid sizes of the region boxes indexed per image, e.g. 2,3 (0: no regions)")  # fmt: skip
     parser.add_argument("--exact", action="store_true", help="a flat (exact) FAISS index instead of HNSW")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`mmgem index ...`."""
     args = build_parser().parse_args(argv)
-    grids = parse_grids(args.region_grids)
-    _check_options(args.batch_size, grids, args.caption_tokens)
-    resolve_images(args.images)  # bad `--images` fails before the model loads
+    with checking_user_input():
+        grids = parse_grids(args.region_grids)
+        _check_options(args.batch_size, grids, args.caption_tokens)
+        resolve_images(args.images)  # bad `--images` fails before the model loads
     from mmgem.training.train import load_model
 
     model, processor = load_model(args.model)

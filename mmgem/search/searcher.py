@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmgem.cli import command_parser
+from mmgem.errors import checking_user_input
 from mmgem.search.sources import load_image
 from mmgem.search.store import Hit, VectorStore, faiss_threads, group_by_path
 
@@ -165,8 +167,7 @@ def format_hits(hits: Sequence[Hit]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmgem search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = command_parser("search", __doc__)
     parser.add_argument("query", nargs="?", help="the text to search for")
     parser.add_argument("--index", required=True, help="an index folder written by `mmgem index`")
     parser.add_argument("--image", help="search with this image instead of a text")
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-weight", type=float, help="text queries: weight of caption similarity (0..1)")
     parser.add_argument("--exact", action="store_true", help="score every vector instead of the ANN")
     parser.add_argument("--model", help="the model folder, if it moved since indexing")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -197,8 +198,9 @@ def _check_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """`mmgem search ...`."""
     args = build_parser().parse_args(argv)
-    _check_args(args)
-    region = parse_box(args.region) if args.region is not None else None
+    with checking_user_input():
+        _check_args(args)
+        region = parse_box(args.region) if args.region is not None else None
     model = processor = None
     if args.model:
         from mmgem.training.train import load_model

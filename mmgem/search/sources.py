@@ -7,7 +7,6 @@ Every image has a stable key, stored as the item's `path`: the absolute file pat
 from __future__ import annotations
 
 import glob
-import io
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from modeling_mmgem.processing_mmgem import load_rgb_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -32,9 +33,7 @@ class ImageSource:
 
 
 def _open_rgb(data: bytes | str | os.PathLike[str]) -> Image.Image:
-    image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-    image.load()
-    return image.convert("RGB")
+    return load_rgb_image(data)  # as the processor loads images: transparency onto white
 
 
 def is_shard(path: str) -> bool:

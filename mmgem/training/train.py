@@ -20,6 +20,7 @@ logged losses: `loss`, `loss_contrastive`, `loss_caption`, `logit_scale`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -33,8 +34,11 @@ import torch
 from accelerate.data_loader import IterableDatasetShard
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
+from mmgem.cli import HelpFormatter
 from mmgem.data.collator import STAGES, MMGEMCollator
-from mmgem.data.sources import DataSourceArguments
+from mmgem.data.records import ImageCaptionDataset
+from mmgem.data.sources import DataSourceArguments, streaming_training_data, uses_streaming
+from mmgem.errors import checking_user_input
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -468,24 +472,22 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
         A :class:`TrainResult` with the output folder, the trained (merged, with LoRA) model and processor, the
         Trainer's log history and the training metrics.
     """
-    args = make_arguments(args, **kwargs) if kwargs or args is None else args
-    check_arguments(args)
+    with checking_user_input():  # the options and the data are checked before any work starts
+        args = make_arguments(args, **kwargs) if kwargs or args is None else args
+        check_arguments(args)
+        checkpoint = resolve_checkpoint(args)
+        if uses_streaming(args):
+            # `records` are then the texts of the first samples (for a tokenizer trained on the data).
+            dataset, records = streaming_training_data(args)
+        else:
+            records = load_records(args.data, args.data_on_error)
+            dataset = None
+        if not records:
+            raise ValueError(f"`data` {args.data} holds no usable record.")
+        if args.stage == 2 and not any(r.regions for r in records):
+            raise ValueError(f"`stage=2` trains on regions, but no record of `data` {args.data} has any.")
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
-    checkpoint = resolve_checkpoint(args)
-    from mmgem.data.records import ImageCaptionDataset
-    from mmgem.data.sources import streaming_training_data, uses_streaming
-
-    if uses_streaming(args):
-        # `records` are then the texts of the first samples (for a tokenizer trained on the data).
-        dataset, records = streaming_training_data(args)
-    else:
-        records = load_records(args.data, args.data_on_error)
-        dataset = None
-    if not records:
-        raise ValueError(f"`data` {args.data} holds no usable record.")
-    if args.stage == 2 and not any(r.regions for r in records):
-        raise ValueError(f"`stage=2` trains on regions, but no record of `data` {args.data} has any.")
     # Seed before building: a model built from scratch (and LoRA's init) is then reproducible, as the Trainer's data.
     set_seed(args.seed)
     model, processor = prepare_model(args, records, checkpoint)
@@ -508,16 +510,69 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
     )
 
 
+# The options `mmgem train --help` shows, by group; every other TrainingArguments option is accepted too and listed
+# by `mmgem train --help-trainer`.
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "from_scratch", "freeze_vision", "freeze_language_model", "freeze_projections"),
+    "data": ("data", "data_on_error", "use_long_caption", *(f.name for f in fields(DataSourceArguments))),
+    "stages and losses": ("stage", "max_regions_per_image", "unique_region_texts"),
+    "LoRA": ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_vision", "merge_lora"),
+    "training (the Trainer's options that matter most; MM-GEM changes some defaults)": (
+        "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+        "learning_rate", "lr_scheduler_type", "warmup_steps", "save_steps", "logging_steps", "logging_first_step",
+        "seed", "bf16", "resume_from_checkpoint", "report_to", "remove_unused_columns", "torch_threads",
+    ),
+}  # fmt: skip
+HELP_TRAINER_FLAG = "--help-trainer"
+
+
+def build_parser(show_trainer_options: bool = False) -> HfArgumentParser:
+    """The parser of `mmgem train`: MM-GEM's options grouped first; the Trainer's other options are accepted but
+    listed only with `show_trainer_options` (`mmgem train --help-trainer`)."""
+    parser = HfArgumentParser(
+        MMGEMTrainingArguments,
+        prog="mmgem train",
+        usage="mmgem train (--model FOLDER | --from-scratch PRESET) --data DATA --output-dir OUT [options]",
+        description="Train MM-GEM (stage 1 or 2, full or LoRA) with the Hugging Face Trainer.",
+        epilog="Every transformers.TrainingArguments option is accepted as well (--fsdp, --deepspeed, "
+        f"--save_total_limit, --eval_strategy, ...): `mmgem train {HELP_TRAINER_FLAG}` lists them all.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(HELP_TRAINER_FLAG, action="store_true", help="show every TrainingArguments option and exit")
+    group_of = {name: title for title, names in OPTION_GROUPS.items() for name in names}
+    groups = {title: parser.add_argument_group(title) for title in OPTION_GROUPS}
+    trainer_group = parser.add_argument_group("all other TrainingArguments options") if show_trainer_options else None
+    for action in list(parser._optionals._group_actions):
+        if action.dest in ("help", "help_trainer"):
+            continue
+        target = groups.get(group_of.get(action.dest)) or trainer_group
+        if target is None:
+            action.help = argparse.SUPPRESS  # accepted, listed by --help-trainer
+            continue
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's `--no_X` for a True default
+            action.help = f"turn off --{action.dest.replace('_', '-')}"
+        parser._optionals._group_actions.remove(action)  # argparse has no public way to regroup an option
+        target._group_actions.append(action)
+    for title, group in groups.items():
+        group._group_actions.sort(key=lambda action: OPTION_GROUPS[title].index(action.dest))
+    return parser
+
+
 def parse_arguments(argv: Sequence[str] | None = None) -> MMGEMTrainingArguments:
     """Command-line options (`--option value`, dashes or underscores) -> `MMGEMTrainingArguments`."""
-    parser = HfArgumentParser(MMGEMTrainingArguments, description="Train MM-GEM (stage 1 or 2) with the HF Trainer.")
-    (args,) = parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))
-    return args
+    # The first output is the dataclass; a namespace with `--help-trainer` (not a field) follows it.
+    return build_parser().parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`mmgem train ...`: parse the options, train, print where the model is."""
-    result = train(parse_arguments(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if HELP_TRAINER_FLAG in argv:
+        build_parser(show_trainer_options=True).print_help()
+        return 0
+    with checking_user_input():
+        args = parse_arguments(argv)  # TrainingArguments checks its own options in __post_init__
+    result = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"Saved the trained MM-GEM to {result.output_dir}")
     return 0
