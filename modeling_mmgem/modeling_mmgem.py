@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_mmgem import MMGEMConfig
 from .loss_mmgem import caption_loss, contrastive_loss
-from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, box_problem, cache_argument
+from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, box_problem, cache_argument, too_many_boxes
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
 # What the caption rows of `forward` (`input_ids`) are: one per image, one per region, or one per image then one
@@ -230,6 +230,7 @@ def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> 
             raise ValueError(f"{expected}; boxes[{i}] has shape {tuple(image_boxes.shape)}.")
         # Tolerate rounding of boxes that touch the border.
         problem = box_problem(image_boxes, 1.0, 1.0, "image (normalised frame)", tolerance=1e-4)
+        problem = problem or too_many_boxes(image_boxes.shape[0])
         if problem:
             raise ValueError(f"{expected}; boxes[{i}] {problem}: {image_boxes.tolist()}.")
         flat.append(image_boxes.clamp(0, 1))
@@ -237,6 +238,30 @@ def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> 
     if not flat or sum(b.shape[0] for b in flat) == 0:
         raise ValueError(f"{expected}; got no box at all.")
     return torch.cat(flat).to(device), torch.cat(index).to(device)
+
+
+def _skip_value_checks() -> bool:
+    """Whether value checks (which read tensor values on the host) must be skipped: under torch.compile or
+    tracing, where the traced graph must not branch on values; the eager public entry points check them."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return compiling or torch.jit.is_tracing()
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, argument: str) -> None:
+    """A ValueError naming `argument` for an empty batch or token ids outside `[0, vocab_size)`.
+
+    Without it a bad id is an IndexError (CPU) or a device-side assert (CUDA) deep inside the embedding lookup.
+    """
+    if ids.shape[0] == 0:
+        raise ValueError(f"`{argument}` has no rows (batch size 0); give at least one sequence.")
+    if _skip_value_checks() or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"`{argument}` holds token ids in [{low}, {high}], outside the vocabulary [0, {vocab_size}) "
+            "(tokenize with this model's processor)."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------- models
@@ -338,6 +363,12 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 f"`pixel_values` must be a float tensor of shape [batch, {channels}, {size}, {size}] "
                 f"(use MMGEMProcessor to prepare images); got {shape}."
             )
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"`pixel_values` must be a float tensor (use MMGEMProcessor); got {pixel_values.dtype}.")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("`pixel_values` has no images (batch size 0); give at least one image.")
+        if not _skip_value_checks() and not torch.isfinite(pixel_values).all():
+            raise ValueError("`pixel_values` contains NaN or inf (use MMGEMProcessor to prepare images).")
 
     def _vision_feature_map(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the vision tower once: patch tokens [B, g*g, C] and the feature map [B, C, g, g]."""
@@ -429,6 +460,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             input_ids [B, L'], attention_mask [B, L'], lengths [B] (the `[EMB]` position is lengths - 1).
         """
         emb_id = self._require_token_id("emb_token_id")
+        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
+            check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
         if (
             not isinstance(input_ids, torch.Tensor)
             or input_ids.ndim != 2

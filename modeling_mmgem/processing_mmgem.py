@@ -258,14 +258,28 @@ def _open_image_bytes(data: bytes, index: int, source: str) -> Image.Image:
     if len(data) > max_bytes:
         raise ValueError(f"`images[{index}]`: {source} has more than {max_bytes:,} bytes (MMGEM_MAX_IMAGE_BYTES).")
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            size_problem = image_size_problem(*opened.size)
-            if size_problem is None:
-                opened.load()
-                return opened.copy()
-    except Exception as error:  # PIL raises many types for broken files (truncated, bombs); name the argument
+        opened = Image.open(io.BytesIO(data))  # the header only
+    except Image.DecompressionBombError:  # PIL refuses headers of over twice its own limit in `open` itself
+        opened = None
+    except Exception as error:  # PIL raises many types for broken files; name the argument instead
         raise ValueError(f"`images[{index}]`: {source} is not a readable image: {error}") from error
-    raise ValueError(f"`images[{index}]`: {source} {size_problem}.")
+    size = _header_size(data) if opened is None else opened.size
+    size_problem = image_size_problem(*size) if size is not None else "claims more pixels than PIL decodes"
+    if size_problem is not None:
+        raise ValueError(f"`images[{index}]`: {source} {size_problem}.")
+    try:
+        with opened:
+            opened.load()
+            return opened.copy()
+    except Exception as error:  # PIL raises many types for broken files (truncated ones...); name the argument
+        raise ValueError(f"`images[{index}]`: {source} is not a readable image: {error}") from error
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, for images PIL refuses to open at all (over twice its limit)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
 
 
 def _looks_like_base64(reference: str) -> bool:

@@ -41,8 +41,9 @@ def _check_records(records: list[dict], expected_names: set[str]) -> None:
 
 
 def _run(tmp_path, only: str) -> tuple[list[dict], dict]:
-    args = parse_args(["--size", "tiny", "--quick", "--reps", "1", "--threads", "1", "--only", only,
-                       "--output", str(tmp_path)])
+    args = parse_args(
+        ["--size", "tiny", "--quick", "--reps", "1", "--threads", "1", "--only", only, "--output", str(tmp_path)]
+    )
     records, _ = run_suite(args)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk == [r.to_dict() for r in records]

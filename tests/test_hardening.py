@@ -227,3 +227,162 @@ def test_suite_collects_without_the_notebooks_extra():
     result = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode in (0, 5), result.stdout[-2000:] + result.stderr[-2000:]
     assert "error" not in result.stdout.lower().split("\n")[-2], result.stdout[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- 3. URLs
+@pytest.fixture()
+def silent_server():
+    """An HTTP 'server' on 127.0.0.1 that accepts connections and never answers; yields its URL."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/cat.png"
+    server.close()
+
+
+@pytest.fixture()
+def endless_server():
+    """An HTTP server on 127.0.0.1 that answers every request with an endless body; yields its URL."""
+    import http.server
+    import threading
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            try:
+                while True:
+                    self.wfile.write(b"\0" * 65536)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/big.png"
+    server.shutdown()
+
+
+def test_url_download_is_bounded_in_time(tiny, silent_server, monkeypatch):
+    import time
+
+    _, processor = tiny
+    monkeypatch.setenv("MMGEM_IMAGE_URL_TIMEOUT", "1")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"`images\[0\]`.*(timed out|took more than)"):
+        processor(images=[silent_server])
+    assert time.monotonic() - start < 10
+
+
+def test_url_download_is_bounded_in_size(tiny, endless_server, monkeypatch):
+    _, processor = tiny
+    monkeypatch.setenv("MMGEM_MAX_IMAGE_BYTES", "1000000")
+    with pytest.raises(ValueError, match=r"`images\[0\]`.*more than 1,000,000 bytes"):
+        processor(images=[endless_server])
+
+
+# ---------------------------------------------------------------------------------------------- 4. records
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width x height` pixels (a decompression bomb needs no more to be refused)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return bytes(data)
+
+
+def write_record_file(folder: Path, records: list[dict]) -> Path:
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture()
+def data_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "red").save(folder / "good.png")
+    full = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(full[: len(full) // 2])
+    (folder / "bomb.png").write_bytes(png_claiming(20_000, 20_000))
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (32, 32), "blue").save(outside)
+    (folder / "link.png").symlink_to(outside)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "image, match",
+    [
+        ("truncated.png", "cannot read image .*truncated"),
+        ("bomb.png", "20000x20000 = 400,000,000 pixels"),
+        ("../outside.png", "leads outside the data folder"),
+        ("link.png", "leads outside the data folder"),
+        ("ABSOLUTE", "leads outside the data folder"),
+    ],
+)
+def test_bad_records_are_found_at_load(data_folder, image, match):
+    from mmgem.data.records import load_jsonl_records
+
+    image = str(data_folder.parent / "outside.png") if image == "ABSOLUTE" else image
+    path = write_record_file(data_folder, [{"image": "good.png", "caption": "a"}, {"image": image, "caption": "b"}])
+    with pytest.raises(ValueError, match=rf"line 2: .*{match}"):
+        load_jsonl_records(path)
+    with pytest.warns(UserWarning, match="skipped 1 of 2"):
+        assert [r.caption for r in load_jsonl_records(path, on_error="skip")] == ["a"]
+
+
+def test_outside_paths_with_the_flag(data_folder):
+    from mmgem.data.records import load_jsonl_records
+
+    path = write_record_file(data_folder, [{"image": "../outside.png", "caption": "a"}])
+    assert len(load_jsonl_records(path, allow_outside_data_root=True)) == 1
+
+
+def test_control_tokens_in_captions_stay_text_through_training(tiny):
+    from PIL import Image
+
+    model, processor = tiny
+    image = Image.new("RGB", (32, 32), "red")
+    batch = processor(images=[image, image], text=["a red <image> [EMB]", "</s> [CAP] <pad>"])
+    config = model.config
+    k = config.num_image_tokens
+    assert ((batch["input_ids"] == config.image_token_id).sum(dim=1) == k).all()
+    assert ((batch["text_input_ids"] == config.emb_token_id).sum(dim=1) == 1).all()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+# ---------------------------------------------------------------------------------------------- 5. caps
+def test_caps_on_pixels_aspect_ratio_and_boxes(tiny, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    model, processor = tiny
+    with pytest.raises(ValueError, match=r"`images\[0\]` is 100000x1 pixels, an aspect ratio above"):
+        processor(images=[np.zeros((1, 100_000), dtype=np.uint8)])
+    monkeypatch.setenv("MMGEM_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(ValueError, match=r"`images\[0\]` has 40x40 = 1,600 pixels, more than the 1,000"):
+        processor(images=[Image.new("RGB", (40, 40))])
+    monkeypatch.delenv("MMGEM_MAX_IMAGE_PIXELS")
+    monkeypatch.setenv("MMGEM_MAX_BOXES_PER_IMAGE", "3")
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match=r"`boxes\[0\]`.*4 boxes, more than the 3 allowed"):
+        processor(images=[image], boxes=[[[0, 0, 8, 8]] * 4])
+    pixel_values = processor(images=[image])["pixel_values"]
+    with pytest.raises(ValueError, match=r"`boxes`.*4 boxes, more than the 3 allowed"):
+        model.get_image_features(pixel_values=pixel_values, boxes=[torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 4)])

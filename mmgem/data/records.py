@@ -20,7 +20,6 @@ and a bad box usually means a wrong coordinate convention for the whole record.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -30,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from modeling_mmgem.processing_mmgem import load_rgb_image
-from modeling_mmgem.utils_mmgem import box_problem
+from modeling_mmgem.utils_mmgem import box_problem, too_many_boxes
 
 OnError = Literal["fail", "skip"]
 MAX_REPORTED_PROBLEMS = 20
@@ -117,7 +116,7 @@ def _region_problems(regions: Any, image_size: tuple[int, int] | None) -> list[s
         return []
     if not isinstance(regions, list):
         return [f'"regions" is a {type(regions).__name__} (expected a list of {{"box", "caption"}} objects)']
-    problems = []
+    problems = [f'"regions" {too_many_boxes(len(regions))}'] if too_many_boxes(len(regions)) else []
     for index, region in enumerate(regions):
         if not isinstance(region, dict):
             problems.append(f'region {index} is a {type(region).__name__} (expected {{"box": [...], "caption": str}})')
@@ -197,18 +196,32 @@ def _check_policy(on_error: str) -> None:
 # JSON Lines
 
 
-def _image_file(value: Any, base: Path) -> tuple[str | None, tuple[int, int] | None, str | None]:
-    """Resolve and open (header only) a record's "image": (absolute path, (width, height), problem)."""
+def _image_file(
+    value: Any, base: Path, allow_outside: bool = False
+) -> tuple[str | None, tuple[int, int] | None, str | None]:
+    """Resolve, confine and fully decode a record's "image": (absolute path, (width, height), problem).
+
+    The image is decoded here, as training will (the loader's size limits included), so that a truncated file or a
+    decompression bomb is reported with its line now instead of stopping training at its first batch. A path
+    outside `base` (absolute, `../`, or a symlink leading out) is refused unless `allow_outside`.
+    """
     if not isinstance(value, str) or not value.strip():
         return None, None, f'missing "image" (expected a path relative to the .jsonl file), got {value!r}'
     path = base / value
+    if not allow_outside and not path.resolve().is_relative_to(base):
+        return (
+            None,
+            None,
+            (
+                f"image path {value!r} leads outside the data folder {base} (expected a path inside it; pass "
+                "allow_outside_data_root / --allow-outside-data-root to read it anyway)"
+            ),
+        )
     if not path.is_file():
         return None, None, f"image file not found: {path} (expected an existing image file)"
     try:
-        # PIL reads only the header here: cheap even for large images.
-        with Image.open(path) as image:
-            size = image.size
-    except (UnidentifiedImageError, OSError) as error:
+        size = load_rgb_image(str(path)).size
+    except ValueError as error:
         return None, None, f"cannot read image {path} ({error}; expected a PNG, JPEG or other PIL-readable image)"
     return str(path), size, None
 
@@ -225,13 +238,17 @@ def _parse_line(text: str) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def load_jsonl_records(
-    path: str | os.PathLike[str], on_error: OnError = "fail", max_reported: int = MAX_REPORTED_PROBLEMS
+    path: str | os.PathLike[str],
+    on_error: OnError = "fail",
+    max_reported: int = MAX_REPORTED_PROBLEMS,
+    allow_outside_data_root: bool = False,
 ) -> list[ImageRecord]:
     """Read and validate a JSON Lines file of image records (format in the module docstring).
 
-    Blank lines are ignored. Checked per record: valid JSON object; "image" names a readable image file (relative
-    paths are taken from the .jsonl file's folder); "caption" a non-empty string; "long_caption", if present, a
-    non-empty string; "regions", if present, a list of {"box": 4 numbers with positive area inside the image,
+    Blank lines are ignored. Checked per record: valid JSON object; "image" names an image file inside the
+    .jsonl file's folder (paths are relative to it) that decodes completely within the image size limits;
+    "caption" a non-empty string; "long_caption", if present, a non-empty string; "regions", if present, a list
+    (at most MMGEM_MAX_BOXES_PER_IMAGE long) of {"box": 4 numbers with positive area inside the image,
     "caption": non-empty string}.
 
     Args:
@@ -240,6 +257,7 @@ def load_jsonl_records(
             `max_reported` of them); "skip" drops every record with a problem, a bad region dropping its whole
             record, and warns with the count and the first problems.
         max_reported: how many problems the error or warning lists.
+        allow_outside_data_root: accept images outside the .jsonl file's folder (absolute or `../` paths).
 
     Returns:
         The valid records, in file order, with absolute `image_path`s and 1-based `line_number`s.
@@ -255,7 +273,7 @@ def load_jsonl_records(
             if not text.strip():
                 continue
             total += 1
-            record, record_problems = _jsonl_record(text, base, line_number)
+            record, record_problems = _jsonl_record(text, base, line_number, allow_outside_data_root)
             if record is not None:
                 records.append(record)
             else:
@@ -264,11 +282,13 @@ def load_jsonl_records(
     return _apply_policy(str(path), total, records, problems, bad, on_error, max_reported)
 
 
-def _jsonl_record(text: str, base: Path, line_number: int) -> tuple[ImageRecord | None, list[str]]:
+def _jsonl_record(
+    text: str, base: Path, line_number: int, allow_outside: bool = False
+) -> tuple[ImageRecord | None, list[str]]:
     raw, problem = _parse_line(text)
     if raw is None:
         return None, [problem]
-    image_path, size, image_problem = _image_file(raw.get("image"), base)
+    image_path, size, image_problem = _image_file(raw.get("image"), base, allow_outside)
     extra = [image_problem] if image_problem else []
     return _build_record(raw, image_path, size, line_number, extra)
 
@@ -332,9 +352,10 @@ def _decode_image(value: dict[str, Any]) -> tuple[Image.Image | None, str, str |
     path = value.get("path") or ""
     name = Path(path).name or "<bytes>"
     try:
-        image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else path)
-        image.load()  # read the pixels now: the record must not depend on the file staying open
-    except (UnidentifiedImageError, OSError) as error:
+        # Decoded now, within the loader's size limits: the record must not depend on the file staying open, and a
+        # truncated file or a decompression bomb is reported with its row instead of stopping training.
+        image = load_rgb_image(value["bytes"] if value.get("bytes") else path)
+    except ValueError as error:
         return None, name, f"cannot read image {path} ({error}; expected a PIL-readable image)"
     return image, name, None
 

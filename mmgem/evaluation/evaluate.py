@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-caption-images", type=int, help="caption only the first N images")
     parser.add_argument("--data-on-error", choices=("fail", "skip"), default="fail",
                         help="bad records: stop with the list of problems, or skip them with a warning")  # fmt: skip
+    parser.add_argument(
+        "--allow-outside-data-root", action="store_true", help="accept image paths outside the --data folder"
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments
@@ -397,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         templates, reduction = templates_for(labels, args.templates, args.template_reduction)
         from mmgem.training.train import load_model, load_records
 
-        records = load_records(args.data, args.data_on_error)
+        records = load_records(args.data, args.data_on_error, args.allow_outside_data_root)
     model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate_model(

@@ -62,7 +62,11 @@ def grid_boxes(image_processor: Any, width: int, height: int, grids: Sequence[in
 
 @torch.no_grad()
 def encode_batch(
-    model: Any, processor: Any, images: Sequence[Any], region_grids: Sequence[int] = (), captions: bool = False,
+    model: Any,
+    processor: Any,
+    images: Sequence[Any],
+    region_grids: Sequence[int] = (),
+    captions: bool = False,
     max_new_tokens: int | None = None,
 ) -> tuple[torch.Tensor, list[list[list[float]]], torch.Tensor, list[str] | None, torch.Tensor | None]:
     """One vision pass: image embeddings [B, D], grid boxes, their region embeddings [sum R, D] (images' boxes in
@@ -257,8 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
     )  # fmt: skip
     rate = summary["added"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
-    print(f"Indexed {summary['added']} new images ({rate:.1f} images/s), skipped {summary['skipped']} already "
-          f"indexed, {len(summary['failed'])} unreadable; {args.output} holds {summary['total_rows']} vectors.")
+    print(
+        f"Indexed {summary['added']} new images ({rate:.1f} images/s), skipped {summary['skipped']} already "
+        f"indexed, {len(summary['failed'])} unreadable; {args.output} holds {summary['total_rows']} vectors."
+    )
     for failure in summary["failed"][:20]:
         print(f"  unreadable: {failure}", file=sys.stderr)
     return 0

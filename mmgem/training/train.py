@@ -105,6 +105,10 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
     data_on_error: str = field(
         default="fail", metadata={"help": "Bad records (missing image, box outside image, ...): 'fail' or 'skip'."}
     )
+    allow_outside_data_root: bool = field(
+        default=False,
+        metadata={"help": "Accept image paths outside the --data file's folder (absolute or ../ paths)."},
+    )
     use_long_caption: bool = field(default=False, metadata={"help": "Train on each record's long_caption."})
     max_regions_per_image: int | None = field(
         default=None, metadata={"help": "Stage 2: regions sampled per image and step (default all)."}
@@ -196,14 +200,16 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def load_records(data: str | os.PathLike[str], on_error: str = "fail") -> list[Any]:
+def load_records(
+    data: str | os.PathLike[str], on_error: str = "fail", allow_outside_data_root: bool = False
+) -> list[Any]:
     """Records of a .jsonl file or of an imagefolder (a folder with `metadata.jsonl`)."""
     from mmgem.data.records import load_imagefolder_records, load_jsonl_records
 
     path = Path(data)
     if path.is_dir():
         return load_imagefolder_records(path, on_error=on_error)
-    return load_jsonl_records(path, on_error=on_error)
+    return load_jsonl_records(path, on_error=on_error, allow_outside_data_root=allow_outside_data_root)
 
 
 def training_texts(records: Sequence[Any], use_long_caption: bool = False) -> list[str]:
@@ -480,7 +486,7 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
             # `records` are then the texts of the first samples (for a tokenizer trained on the data).
             dataset, records = streaming_training_data(args)
         else:
-            records = load_records(args.data, args.data_on_error)
+            records = load_records(args.data, args.data_on_error, args.allow_outside_data_root)
             dataset = None
         if not records:
             raise ValueError(f"`data` {args.data} holds no usable record.")
