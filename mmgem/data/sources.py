@@ -86,8 +86,8 @@ class DataSourceArguments:
 
 
 def split_sources(value: str | None) -> list[str]:
-    """`"a::b"` -> `["a", "b"]` (empty entries are not allowed)."""
-    if value is None:
+    """`"a::b"` -> `["a", "b"]` (None or "" -> []; empty entries are not allowed)."""
+    if value is None or value == "":
         return []
     parts = value.split(SOURCE_SEPARATOR)
     if any(not part.strip() for part in parts):
@@ -107,8 +107,8 @@ def _per_source(value: str | None, count: int, flag: str) -> list[str | None]:
 
 
 def parse_weights(value: str | None, count: int) -> list[float]:
-    """`--data-weights` -> one positive weight per source (default equal)."""
-    if value is None:
+    """`--data-weights` -> one positive weight per source (default equal; "" too)."""
+    if value is None or value == "":
         return [1.0] * count
     parts = split_sources(value)
     try:

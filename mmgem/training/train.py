@@ -567,7 +567,11 @@ def build_parser(show_trainer_options: bool = False) -> HfArgumentParser:
 def parse_arguments(argv: Sequence[str] | None = None) -> MMGEMTrainingArguments:
     """Command-line options (`--option value`, dashes or underscores) -> `MMGEMTrainingArguments`."""
     # The first output is the dataclass; a namespace with `--help-trainer` (not a field) follows it.
-    return build_parser().parse_args_into_dataclasses(args=list(sys.argv[1:] if argv is None else argv))[0]
+    # `--args_file FILE` (repeatable) reads options from a file of command-line flags, e.g. the recipes'; flags
+    # given on the command line after it win.
+    return build_parser().parse_args_into_dataclasses(
+        args=list(sys.argv[1:] if argv is None else argv), args_file_flag="--args_file", look_for_args_file=False
+    )[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
