@@ -567,11 +567,22 @@ def build_parser(show_trainer_options: bool = False) -> HfArgumentParser:
 def parse_arguments(argv: Sequence[str] | None = None) -> MMGEMTrainingArguments:
     """Command-line options (`--option value`, dashes or underscores) -> `MMGEMTrainingArguments`."""
     # The first output is the dataclass; a namespace with `--help-trainer` (not a field) follows it.
-    # `--args_file FILE` (repeatable) reads options from a file of command-line flags, e.g. the recipes'; flags
-    # given on the command line after it win.
-    return build_parser().parse_args_into_dataclasses(
-        args=list(sys.argv[1:] if argv is None else argv), args_file_flag="--args_file", look_for_args_file=False
-    )[0]
+    argv = expand_args_files(list(sys.argv[1:] if argv is None else argv))
+    return build_parser().parse_args_into_dataclasses(args=argv)[0]
+
+
+def expand_args_files(argv: list[str]) -> list[str]:
+    """`--args_file FILE` (repeatable): the flags written in FILE (whitespace-separated, e.g. the recipes'), placed
+    before the command line's other options, which therefore win."""
+    pre = argparse.ArgumentParser(add_help=False)  # `-h` stays with the real parser
+    pre.add_argument("--args_file", "--args-file", action="append", default=[])
+    known, rest = pre.parse_known_args(argv)
+    file_args: list[str] = []
+    for path in known.args_file:
+        if not Path(path).is_file():
+            raise ValueError(f"`--args_file` {path} does not exist.")
+        file_args += Path(path).read_text(encoding="utf-8").split()
+    return file_args + rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
