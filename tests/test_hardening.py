@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.audit_inputs import png_claiming
 from mmgem.build import tiny_mmgem
 from mmgem.loading import check_model_folder, load_model
 
@@ -286,23 +287,6 @@ def test_url_download_is_bounded_in_size(tiny, endless_server, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- 4. records
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims `width x height` pixels (a decompression bomb needs no more to be refused)."""
-    import io
-    import struct
-    import zlib
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("L", (1, 1)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    header = struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:29] = header
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
-    return bytes(data)
-
-
 def write_record_file(folder: Path, records: list[dict]) -> Path:
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

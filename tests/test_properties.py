@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
+from benchmarks.audit_inputs import expected_pixels  # noqa: E402  (the documented reading of an array image)
+
 pytestmark = pytest.mark.fast
 
 BOUNDED = settings(
@@ -52,21 +54,6 @@ def arrays(draw):
     else:
         elements = None
     return draw(hnp.arrays(dtype, shape, elements=elements))
-
-
-def expected_pixels(processor, array: np.ndarray, channels_first: bool) -> torch.Tensor:
-    """The documented reading of a valid array, computed independently of the loader."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and (channels_first or array.shape[-1] not in (1, 3, 4)):
-        array = array.transpose(1, 2, 0)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.dtype.kind == "f":
-        array = np.rint(array.astype(np.float32) * 255.0)
-    image = Image.fromarray(np.ascontiguousarray(array.astype(np.uint8)))
-    if image.mode in ("RGBA", "LA"):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    return processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")["pixel_values"]
 
 
 def valid_array(array: np.ndarray) -> bool:
