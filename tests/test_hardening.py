@@ -102,6 +102,17 @@ def test_train_and_evaluate_refuse_folder_code(hostile, tmp_path, marker):
     assert not marker.exists()
 
 
+def test_the_opt_in_flags_are_in_the_help(capsys):
+    from mmgem.cli import main
+
+    for command, flags in (("train", ["--trust-remote-code", "--allow-outside-data-root"]),
+                           ("evaluate", ["--trust-remote-code", "--allow-outside-data-root"])):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert all(flag in text or flag.replace("-", "_") in text for flag in flags), text[-2000:]
+
+
 def test_opting_in_runs_the_folder_code(hostile, marker):
     # The opt-in does what it says: it is the only way the folder's code runs.
     load_model(hostile, trust_remote_code=True)

@@ -519,8 +519,13 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
 # The options `mmgem train --help` shows, by group; every other TrainingArguments option is accepted too and listed
 # by `mmgem train --help-trainer`.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
-    "model": ("model", "from_scratch", "freeze_vision", "freeze_language_model", "freeze_projections"),
-    "data": ("data", "data_on_error", "use_long_caption", *(f.name for f in fields(DataSourceArguments))),
+    "model": (
+        "model", "from_scratch", "trust_remote_code", "freeze_vision", "freeze_language_model", "freeze_projections",
+    ),
+    "data": (
+        "data", "data_on_error", "allow_outside_data_root", "use_long_caption",
+        *(f.name for f in fields(DataSourceArguments)),
+    ),
     "stages and losses": ("stage", "max_regions_per_image", "unique_region_texts"),
     "LoRA": ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_vision", "merge_lora"),
     "training (the Trainer's options that matter most; MM-GEM changes some defaults)": (
