@@ -30,9 +30,10 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks import comparisons, curves
-from benchmarks.report import Record, markdown_table, write_json_atomic, write_text_atomic
+from benchmarks.report import Record, markdown_table
 from benchmarks.sizes import SIZES, build_bench_model
 from benchmarks.timing import CLOCKS, TimingPlan
+from mmgem.files import write_json_atomic, write_text_atomic
 
 COMPARISONS: dict[str, Callable[[comparisons.SuiteContext], list[Record]]] = {
     "image_embedding": comparisons.image_embedding,

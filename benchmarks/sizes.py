@@ -6,27 +6,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoConfig
 
-from mmgem.build import DEFAULT_CORPUS, image_processor_for, train_tokenizer
+from mmgem.build import DEFAULT_CORPUS, build_mmgem, train_tokenizer
+from mmgem.presets import architecture
 from modeling_mmgem.configuration_mmgem import MMGEMConfig
 from modeling_mmgem.modeling_mmgem import MMGEMModel
-from modeling_mmgem.processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens
+from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
 
 @dataclass(frozen=True)
 class SizeSpec:
-    """One model size and the workload shapes measured on it.
+    """One model size (an architecture of the preset registry `mmgem.presets`) and the workload shapes measured.
 
-    The vocabulary of the language model (`vocab_size`) may exceed the benchmark tokenizer's: the extra rows only
-    make the embedding table and `lm_head` as large as in the real model, which matters for decode speed.
+    The vocabulary of the language model (`text["vocab_size"]`) may exceed the benchmark tokenizer's: the extra
+    rows only make the embedding table and `lm_head` as large as in the real model, which matters for decode speed.
     """
 
     name: str
-    vision: dict[str, Any]
-    text: dict[str, Any]
-    pool_grid_size: int
-    projection_dim: int
+    architecture: dict[str, Any]
     image_batch: int  # image embedding, ST image encode
     text_batch: int  # text embedding, ST text encode
     text_length: int  # tokens per text, [EMB] included
@@ -34,6 +31,22 @@ class SizeSpec:
     caption_length: int  # caption tokens in the training step
     decode_tokens: int  # new tokens for the per-token decode time
     curve_batches: tuple[int, ...] = field(default=(1, 2, 4, 8, 16))
+
+    @property
+    def vision(self) -> dict[str, Any]:
+        return self.architecture["vision_config"]
+
+    @property
+    def text(self) -> dict[str, Any]:
+        return self.architecture["text_config"]
+
+    @property
+    def pool_grid_size(self) -> int:
+        return self.architecture["pool_grid_size"]
+
+    @property
+    def projection_dim(self) -> int:
+        return self.architecture["projection_dim"]
 
     @property
     def context(self) -> int:
@@ -53,81 +66,23 @@ class SizeSpec:
         )
 
 
-def _vit(hidden: int, layers: int, heads: int, patch: int, image: int, intermediate: int) -> dict[str, Any]:
-    return dict(
-        model_type="clip_vision_model",
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate,
-        patch_size=patch,
-        image_size=image,
-    )
-
-
-def _llama(
-    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, context: int
-) -> dict[str, Any]:
-    return dict(
-        model_type="llama",
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=intermediate,
-        vocab_size=vocab,
-        max_position_embeddings=context,
-        rms_norm_eps=1e-5,
-    )
-
-
 SIZES: dict[str, SizeSpec] = {
     # The unit-test size: seconds for the whole suite.
     "tiny": SizeSpec(
-        name="tiny",
-        vision=_vit(32, 2, 4, 8, 32, 64),
-        text=_llama(32, 2, 4, 2, 64, 512, 256),
-        pool_grid_size=2,
-        projection_dim=32,
-        image_batch=4,
-        text_batch=4,
-        text_length=24,
-        caption_batch=2,
-        caption_length=12,
-        decode_tokens=8,
-        curve_batches=(1, 2, 4, 8),
+        name="tiny", architecture=architecture("tiny", text_config={"vocab_size": 512}), image_batch=4,
+        text_batch=4, text_length=24, caption_batch=2, caption_length=12, decode_tokens=8, curve_batches=(1, 2, 4, 8),
     ),
     # A few minutes for the whole suite on 2 CPU cores; same shape ratios as the paper model, much thinner.
     "small": SizeSpec(
-        name="small",
-        vision=_vit(256, 6, 4, 16, 128, 1024),
-        text=_llama(512, 6, 8, 2, 1376, 8192, 1024),
-        pool_grid_size=4,
-        projection_dim=256,
-        image_batch=8,
-        text_batch=8,
-        text_length=32,
-        caption_batch=4,
-        caption_length=24,
-        decode_tokens=16,
-        curve_batches=(1, 2, 4, 8, 16),
+        name="small", architecture=architecture("small"), image_batch=8, text_batch=8, text_length=32,
+        caption_batch=4, caption_length=24, decode_tokens=16, curve_batches=(1, 2, 4, 8, 16),
     ),
     # The paper's instance: CLIP ViT-L/14 at 224 px and TinyLlama-1.1B shapes, random weights.
     "paper": SizeSpec(
-        name="paper",
-        vision=_vit(1024, 24, 16, 14, 224, 4096),
-        text=_llama(2048, 22, 32, 4, 5632, 32000, 2048),
-        pool_grid_size=4,
-        projection_dim=768,
-        image_batch=32,
-        text_batch=32,
-        text_length=128,
-        caption_batch=8,
-        caption_length=32,
-        decode_tokens=32,
-        curve_batches=(1, 2, 4, 8, 16, 32, 64),
+        name="paper", architecture=architecture("paper"), image_batch=32, text_batch=32, text_length=128,
+        caption_batch=8, caption_length=32, decode_tokens=32, curve_batches=(1, 2, 4, 8, 16, 32, 64),
     ),
-}
+}  # fmt: skip
 
 
 @dataclass
@@ -151,34 +106,11 @@ def build_bench_model(spec: SizeSpec, device: torch.device, dtype: torch.dtype, 
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(DEFAULT_CORPUS, vocab_size=300, model_max_length=spec.context)
     num_regular = len(tokenizer)
-    ids = add_mmgem_special_tokens(tokenizer)
-    text = dict(spec.text)
-    text_config = AutoConfig.for_model(
-        text.pop("model_type"),
-        **{**text, "vocab_size": max(text["vocab_size"], len(tokenizer))},
-        pad_token_id=ids["pad_token_id"],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    vision = dict(spec.vision)
-    vision_config = AutoConfig.for_model(vision.pop("model_type"), **vision)
-    config = MMGEMConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        pool_grid_size=spec.pool_grid_size,
-        projection_dim=spec.projection_dim,
-        emb_token_id=ids["emb_token_id"],
-        cap_token_id=ids["cap_token_id"],
-        image_token_id=ids["image_token_id"],
-    )
-    with torch.device(device):  # initialise in place: no CPU copy of a 1.4B-parameter model on a GPU run
-        model = MMGEMModel(config)
+    # Room for the special tokens in the table: no resize (the table is as large as the real model's).
+    vocab_size = max(spec.text["vocab_size"], num_regular + 4)
+    model, processor = build_mmgem(
+        spec.vision, spec.text, tokenizer, vocab_size=vocab_size, device=device,
+        pool_grid_size=spec.pool_grid_size, projection_dim=spec.projection_dim,
+    )  # fmt: skip
     model.to(dtype=dtype).eval()
-    add_mmgem_special_tokens(tokenizer, model)  # generation config ids; no resize (the table is large enough)
-    processor = MMGEMProcessor(
-        image_processor=image_processor_for(config.vision_config),
-        tokenizer=tokenizer,
-        num_image_tokens=config.num_image_tokens,
-        max_length=spec.context,
-    )
     return BenchModel(model, processor, spec, device, dtype, range(4, num_regular))

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,68 @@ def _check_max_shard_size(max_shard_size: int | str) -> None:
         ) from error
 
 
-def _prepare_push(push_to_hub: str | None, token: str | None) -> str | None:
-    """Before any work: a valid repo id and a token the Hub accepts (the token itself is never logged)."""
-    if push_to_hub is None:
-        return None
-    return check_push_access(push_to_hub, token)
+@dataclass(frozen=True)
+class ExportOptions:
+    """How [`convert`] and [`export_checkpoint`] write and publish the folder: their shared keyword arguments.
+
+    Args:
+        dtype: "float32", "float16" or "bfloat16"; None/"auto" keeps the source's dtype (components of different
+            dtypes are upcast to float32).
+        max_shard_size: largest safetensors shard ("5GB"); bigger models get an index.
+        overwrite: replace `output_dir` (only when it holds a model).
+        license: model card license; default: the components' (or the checkpoint card's) license, else "other".
+        base_models: model card `base_model` ids; default: the components' Hub ids.
+        push_to_hub: also upload the folder to this repo (created if needed) in one commit.
+        private: create the repo private.
+        token: Hub token; default: HF_TOKEN or the login cache.
+        verify: reload the folder in a fresh process before declaring success (default; keep it on).
+    """
+
+    dtype: str | None = None
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    overwrite: bool = False
+    license: str | None = None
+    base_models: list[str] | None = None
+    push_to_hub: str | None = None
+    private: bool = False
+    token: str | None = field(default=None, repr=False)
+    verify: bool = True
+
+    @classmethod
+    def split(cls, kwargs: dict[str, Any]) -> tuple[ExportOptions, dict[str, Any]]:
+        """The export options in `kwargs`, and the remaining (MM-GEM config) arguments."""
+        names = {f.name for f in fields(cls)}
+        options = cls(**{k: v for k, v in kwargs.items() if k in names})
+        return options, {k: v for k, v in kwargs.items() if k not in names}
+
+
+@dataclass
+class _Export:
+    """What every export checks before any work: the output folder, the dtype and the Hub access."""
+
+    output_dir: Path
+    torch_dtype: Any
+    push_token: str | None
+
+
+def _start_export(output_dir: str | Path, options: ExportOptions, sources: list[str | None]) -> _Export:
+    """Check the shared options before any work (a bad one raises a ValueError naming it)."""
+    output_dir = Path(output_dir)
+    torch_dtype = parse_dtype(options.dtype)
+    _check_max_shard_size(options.max_shard_size)
+    check_output_dir(output_dir, options.overwrite, sources)
+    push_token = check_push_access(options.push_to_hub, options.token) if options.push_to_hub is not None else None
+    return _Export(output_dir, torch_dtype, push_token)
+
+
+def _finish_export(export: _Export, holder: Composition, card_info: CardInfo, options: ExportOptions,
+                   **publish_kwargs: Any) -> Path:  # fmt: skip
+    """Write (and reload-check) the folder, then push it if asked."""
+    publish(holder, export.output_dir, card_info, max_shard_size=options.max_shard_size,
+            overwrite=options.overwrite, verify=options.verify, **publish_kwargs)  # fmt: skip
+    if options.push_to_hub:
+        push_folder(export.output_dir, options.push_to_hub, private=options.private, token=export.push_token)
+    return export.output_dir
 
 
 def _base_models(explicit: list[str] | None, *sources: str | None) -> list[str]:
@@ -85,20 +143,11 @@ def convert(
     language_model: str,
     output_dir: str | Path,
     *,
-    dtype: str | None = None,
     pool_grid_size: int = 4,
     projection_dim: int = 768,
     projection_type: str = "mlp",
     region_sampling_ratio: int | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    overwrite: bool = False,
-    license: str | None = None,
-    base_models: list[str] | None = None,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    verify: bool = True,
-    **mmgem_kwargs: Any,
+    **kwargs: Any,
 ) -> Path:
     """Compose an MM-GEM from a vision tower and a causal LM and write it as a complete Hub folder.
 
@@ -106,31 +155,19 @@ def convert(
         vision_model: Hub id or local folder of a full CLIP / SigLIP model or of its vision tower alone.
         language_model: Hub id or local folder of a causal LM (Llama family, Qwen2, ...) with its tokenizer.
         output_dir: the folder to write (replaced only with `overwrite`, and only when it holds a model).
-        dtype: "float32", "float16" or "bfloat16"; None/"auto" keeps the components' dtype (upcast to float32 when
-            they differ).
-        pool_grid_size, projection_dim, projection_type, region_sampling_ratio: MM-GEM options (see MMGEMConfig);
-            `mmgem_kwargs` passes any other MMGEMConfig argument.
-        max_shard_size: largest safetensors shard ("5GB"); bigger models get an index.
-        license: model card license; default: the components' common license, else "other".
-        base_models: model card `base_model` ids; default: the components' Hub ids.
-        push_to_hub: also upload the folder to this repo (created if needed) in one commit.
-        private: create the repo private.
-        token: Hub token; default: HF_TOKEN or the login cache.
-        verify: reload the folder in a fresh process before declaring success (default; keep it on).
+        pool_grid_size, projection_dim, projection_type, region_sampling_ratio: MM-GEM options (see MMGEMConfig).
+        kwargs: the [`ExportOptions`] (`dtype`, `max_shard_size`, `overwrite`, `license`, `base_models`,
+            `push_to_hub`, `private`, `token`, `verify`), and any other MMGEMConfig argument.
 
     Returns:
         `output_dir`.
     """
-    output_dir = Path(output_dir)
-    torch_dtype = parse_dtype(dtype)
-    _check_max_shard_size(max_shard_size)
-    check_output_dir(output_dir, overwrite, [vision_model, language_model])
-    push_token = _prepare_push(push_to_hub, token)
-
+    options, mmgem_kwargs = ExportOptions.split(kwargs)
+    export = _start_export(output_dir, options, [vision_model, language_model])
     composition = compose(
         vision_model,
         language_model,
-        dtype=torch_dtype,
+        dtype=export.torch_dtype,
         pool_grid_size=pool_grid_size,
         projection_dim=projection_dim,
         projection_type=projection_type,
@@ -141,24 +178,13 @@ def convert(
     card_info = CardInfo(
         vision_model=vision_model,
         language_model=language_model,
-        base_models=_base_models(base_models, vision_model, language_model),
-        license=license or infer_license([vision_model, language_model], notes),
+        base_models=_base_models(options.base_models, vision_model, language_model),
+        license=options.license or infer_license([vision_model, language_model], notes),
         dropped_keys=composition.dropped_keys,
         notes=notes,
-        repo_id=push_to_hub,
+        repo_id=options.push_to_hub,
     )
-    publish(
-        composition,
-        output_dir,
-        card_info,
-        source_reference=composition.reference,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        verify=verify,
-    )
-    if push_to_hub:
-        push_folder(output_dir, push_to_hub, private=private, token=push_token)
-    return output_dir
+    return _finish_export(export, composition, card_info, options, source_reference=composition.reference)
 
 
 def export_checkpoint(
@@ -169,16 +195,7 @@ def export_checkpoint(
     vision_model: str | None = None,
     language_model: str | None = None,
     key_mapping: dict[str, str] | str | None = None,
-    dtype: str | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    overwrite: bool = False,
-    license: str | None = None,
-    base_models: list[str] | None = None,
-    push_to_hub: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    verify: bool = True,
-    **mmgem_kwargs: Any,
+    **kwargs: Any,
 ) -> Path:
     """Export a trained MM-GEM checkpoint as a complete Hub folder (same output as [`convert`]).
 
@@ -190,15 +207,14 @@ def export_checkpoint(
             (c) the MM-GEM whose architecture and processor the state dict fits; (a) where to find the processor when
             the checkpoint has none (it is looked for in the checkpoint and its parent folder first).
         vision_model, language_model: (c) instead of `base_model`: the components the state dict was trained from
-            (the architecture is composed as [`convert`] does, `mmgem_kwargs` giving the MM-GEM options).
+            (the architecture is composed as [`convert`] does, the other `kwargs` giving the MM-GEM options).
         key_mapping: (c) {regex: replacement} for the state dict's keys (applied in order with `re.sub`), as a
             dict, a JSON string or a JSON file.
-        Other arguments: as for [`convert`].
+        kwargs: the [`ExportOptions`], as for [`convert`]; with (c) also MM-GEM config options.
     """
+    options, mmgem_kwargs = ExportOptions.split(kwargs)
     checkpoint = Path(checkpoint)
-    output_dir = Path(output_dir)
     kind = checkpoint_kind(checkpoint)
-    torch_dtype = parse_dtype(dtype)
     mapping = parse_key_mapping(key_mapping)
     if kind != "state_dict" and (mapping is not None or vision_model or language_model):
         raise ValueError(
@@ -206,38 +222,34 @@ def export_checkpoint(
             "a saved model or adapter folder, which knows its architecture); use `base_models` to name the components "
             "in the model card."
         )
-    _check_max_shard_size(max_shard_size)
-    check_output_dir(output_dir, overwrite, [str(checkpoint), base_model, vision_model, language_model])
-    push_token = _prepare_push(push_to_hub, token)
-
+    export = _start_export(output_dir, options, [str(checkpoint), base_model, vision_model, language_model])
     if kind == "model":
-        model, processor = load_model_folder(checkpoint, base_model, torch_dtype)
+        model, processor = load_model_folder(checkpoint, base_model, export.torch_dtype)
     elif kind == "adapter":
-        model, processor = load_merged_adapter(checkpoint, base_model, torch_dtype)
+        model, processor = load_merged_adapter(checkpoint, base_model, export.torch_dtype)
     else:
         model, processor = load_state_dict_file(
-            checkpoint, mapping, torch_dtype, base_model, vision_model, language_model, **mmgem_kwargs
+            checkpoint, mapping, export.torch_dtype, base_model, vision_model, language_model, **mmgem_kwargs
         )
     notes: list[str] = []
     inherited = first_card_metadata([str(checkpoint), str(checkpoint.parent), base_model])
     card_info = CardInfo(
         vision_model=vision_model,
         language_model=language_model,
-        base_models=base_models
+        base_models=options.base_models
         or _base_models(None, base_model, vision_model, language_model)
         or list(getattr(inherited, "base_model", None) or []),
-        license=license or getattr(inherited, "license", None) or infer_license([vision_model, language_model], notes),
+        license=options.license
+        or getattr(inherited, "license", None)
+        or infer_license([vision_model, language_model], notes),
         checkpoint=checkpoint.name,
         checkpoint_kind={"model": "saved model", "adapter": "LoRA adapter, merged", "state_dict": "state dict"}[kind],
         notes=notes,
-        repo_id=push_to_hub,
+        repo_id=options.push_to_hub,
     )
     holder = Composition(model, processor)
     del model  # the holder owns it: `publish` releases it before the reload check
-    publish(holder, output_dir, card_info, max_shard_size=max_shard_size, overwrite=overwrite, verify=verify)
-    if push_to_hub:
-        push_folder(output_dir, push_to_hub, private=private, token=push_token)
-    return output_dir
+    return _finish_export(export, holder, card_info, options)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -410,7 +422,7 @@ def mmgem_main(argv: list[str] | None = None) -> int:
     return main(argv, prog="mmgem convert")
 
 
-__all__ = ["HubPushError", "check_repo_id", "convert", "export_checkpoint", "main", "push_folder"]
+__all__ = ["ExportOptions", "HubPushError", "check_repo_id", "convert", "export_checkpoint", "main", "push_folder"]
 
 if __name__ == "__main__":
     sys.exit(main())

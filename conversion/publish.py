@@ -30,6 +30,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Mo
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from mmgem.integrations.lora import mmgem_lora_config
 from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 from modeling_mmgem.utils_mmgem import DEFAULT_MAX_CAPTION_TOKENS
 
@@ -219,13 +220,14 @@ from transformers import AutoModel
 
 model = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True)
 config = LoraConfig(
-    r=16,
-    lora_alpha=32,
+    r={{ lora.r }},
+    lora_alpha={{ lora.lora_alpha }},
+    lora_dropout={{ lora.lora_dropout }},
     # A regex on the language model only: plain ["q_proj", "v_proj"] would also match the vision attention.
-    target_modules=r"language_model\\..*\\.(q_proj|k_proj|v_proj|o_proj)",
-    modules_to_save=["image_projection", "visual_token_projection", "text_projection", "logit_scale"],
+    target_modules=r"{{ lora.target_modules }}",
+    modules_to_save={{ lora.modules_to_save }},
     # The new [EMB] and [CAP] rows must train even though the embedding matrix is frozen.
-    trainable_token_indices={"embed_tokens": [{{ emb_token_id }}, {{ cap_token_id }}]},
+    trainable_token_indices={{ lora.trainable_token_indices }},
 )
 model = get_peft_model(model, config)
 # ... train (e.g. transformers.Trainer on batches from processor(images=..., text=captions)), then:
@@ -261,6 +263,20 @@ def _display_source(path_or_id: str | None) -> str:
     if hub_id:
         return f"[{hub_id}](https://huggingface.co/{hub_id})"
     return f"a local folder `{Path(path_or_id).name}`"
+
+
+def lora_recipe(model: Any) -> dict[str, Any]:
+    """The LoRA settings the model card shows, as Python source: those of `mmgem_lora_config(model)`, the
+    project's own recipe (so the card and the library never disagree)."""
+    config = mmgem_lora_config(model)
+    return {
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": config.target_modules,
+        "modules_to_save": json.dumps(list(config.modules_to_save or [])),
+        "trainable_token_indices": json.dumps(dict(config.trainable_token_indices or {})),
+    }
 
 
 def build_model_card(model: Any, info: CardInfo, model_name: str) -> ModelCard:
@@ -303,8 +319,7 @@ def build_model_card(model: Any, info: CardInfo, model_name: str) -> ModelCard:
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         notes=info.notes,
         repo_id=info.repo_id or f"path/to/{model_name}",
-        emb_token_id=config.emb_token_id,
-        cap_token_id=config.cap_token_id,
+        lora=lora_recipe(model),
         dropped_count=len(info.dropped_keys),
         dropped_summary=", ".join(f"`{p}`" for p in dropped_prefixes),
         transformers_version=transformers.__version__,

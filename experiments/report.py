@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from mmgem.files import atomic_path, write_text_atomic
+
 MIN_RELATIVE = 0.05
 LEARNED_FLOOR = 0.10
 LEARNED_CIDER = 0.5
@@ -216,11 +218,9 @@ def _plt():
 
 def _save(figure: Any, path: Path) -> Path:
     plt = _plt()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=100, bbox_inches="tight")
+    with atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=100, bbox_inches="tight")
     plt.close(figure)
-    os.replace(temporary, path)
     return path
 
 
@@ -383,11 +383,7 @@ def long_plot(table: dict[str, dict[str, Stat]], variants: Sequence[str], path: 
 
 # ---------------------------------------------------------------------------------------------------------- report
 def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_report(report_dir: str | os.PathLike[str], context: dict[str, Any]) -> Path:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mmgem.files import write_json_atomic
 
 from .settings import CLIP_CONTEXT, LONG_VARIANTS, Budget, Task, default_grid, experiment_architecture
 
@@ -90,11 +91,7 @@ def training_options(budget: Budget, seed: int, steps: int, batch_size: int, lea
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(value, stream, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+    write_json_atomic(path, value, indent=1, sort_keys=True)
 
 
 def _loss_summary(log_history: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -191,7 +188,8 @@ class TaskRunner:
         already have tokens for the long descriptions' words, and CLIP and MM-GEM read the same token sequences.
         """
         if self._texts is None:
-            from mmgem.training.train import load_records, training_texts
+            from mmgem.data.records import load_records
+            from mmgem.training.train import training_texts
 
             texts = []
             for index, root in enumerate(self.datasets.values()):
@@ -240,9 +238,9 @@ class TaskRunner:
 
     def _evaluate_short(self, model: Any, processor: Any, regions: bool) -> dict[str, Any]:
         """Split metrics with `evaluate_model`; captioning is timed on its own (generation cost)."""
+        from mmgem.data.records import load_records
         from mmgem.evaluation.evaluate import evaluate_model, templates_for
         from mmgem.synthetic import load_labels
-        from mmgem.training.train import load_records
 
         data = self.datasets["strict"]
         labels = load_labels(data)
@@ -273,8 +271,8 @@ class TaskRunner:
 
     def _evaluate_long(self, model: Any, processor: Any, variant: str) -> dict[str, Any]:
         """Retrieval between the split's images and their long descriptions (`evaluate_model`, all arms)."""
+        from mmgem.data.records import load_records
         from mmgem.evaluation.evaluate import evaluate_model
-        from mmgem.training.train import load_records
 
         records = long_caption_records(load_records(self.datasets[variant] / f"{self.split}.jsonl"))
         with Stopwatch() as clock:
@@ -308,7 +306,7 @@ class TaskRunner:
 
     def _cut_to_clip_context(self, source: Path, folder: Path) -> Path:
         """A copy of a saved MM-GEM whose LLM context (and so the processor's truncation) is CLIP's 77 tokens."""
-        from mmgem.training.train import load_model
+        from mmgem.loading import load_model
 
         model, processor = load_model(str(source))
         model.config.text_config.max_position_embeddings = CLIP_CONTEXT
@@ -348,8 +346,7 @@ class TaskRunner:
 
         import transformers
 
-        from mmgem.data.records import ImageCaptionDataset
-        from mmgem.training.train import load_records
+        from mmgem.data.records import ImageCaptionDataset, load_records
 
         from .clip_baseline import build_clip, train_clip
 
@@ -406,7 +403,7 @@ def long_caption_visibility(root: Path, texts: Sequence[str], vocab_size: int, l
     import re
 
     from mmgem.build import train_tokenizer
-    from mmgem.training.train import load_records
+    from mmgem.data.records import load_records
 
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     starts, lengths, seen_objects, total_objects, blind = [], [], 0, 0, 0

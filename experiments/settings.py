@@ -6,37 +6,34 @@ thing they test (loss weights, pool grid, stage-2 data, text encoder). Nothing h
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mmgem.presets import architecture
 from mmgem.synthetic import PREAMBLE_MIN_WORDS
-from mmgem.training.train import MODEL_PRESETS
 
 # Long-caption variants. "strict": the dataset default, whose generic opening is longer than CLIP's 77 tokens, so a
 # 77-token text encoder sees no detail at all (the paper's premise pushed to its extreme). "mild": a shorter
 # opening, so the details start around token 50-60 and CLIP sees the object count and part of the first object.
 LONG_VARIANTS: dict[str, int] = {"strict": PREAMBLE_MIN_WORDS, "mild": 40}
 CLIP_CONTEXT = 77
+EXPERIMENT_CONTEXT = 512  # LLM positions of the experiments' models
 
 
 def experiment_architecture(preset: str = "demo", vocab_size: int | None = None) -> dict[str, Any]:
-    """The MM-GEM architecture of the experiments: a `MODEL_PRESETS` entry, halved in depth for the CPU budget.
+    """The MM-GEM architecture of the experiments, from the preset registry (`mmgem.presets`).
 
     The demo preset (4-layer ViT on 64 px images with an 8x8 patch grid, 4-layer Llama) needs about ten minutes of
-    two CPU cores to train once; the experiments train ~40 models in 45 minutes, so they keep its widths, image size
-    and patch grid (the pool-grid arms need the 8x8 grid) and use 2 layers per tower. The LLM context is raised to
-    512 positions (RoPE: no extra weights) so that long descriptions fit; "tiny" (tests) is used as it is.
+    two CPU cores to train once; the experiments train ~40 models in 45 minutes, so `preset="demo"` gives the
+    `experiments` preset: the demo's widths, image size and patch grid (the pool-grid arms need the 8x8 grid) with 2
+    layers per tower and a 512-position LLM context (RoPE: no extra weights) so that long descriptions fit. Other
+    presets ("tiny" for the tests) get the 512-position context only.
     """
-    spec = copy.deepcopy(MODEL_PRESETS[preset])
-    if preset == "demo":
-        spec["vision_config"]["num_hidden_layers"] = 2
-        spec["text_config"]["num_hidden_layers"] = 2
-    spec["text_config"]["max_position_embeddings"] = 512
+    overrides: dict[str, Any] = {"text_config": {"max_position_embeddings": EXPERIMENT_CONTEXT}}
     if vocab_size is not None:
-        spec["vocab_size"] = vocab_size
-    return spec
+        overrides["vocab_size"] = vocab_size
+    return architecture("experiments" if preset == "demo" else preset, **overrides)
 
 
 @dataclass(frozen=True)

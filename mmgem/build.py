@@ -4,18 +4,22 @@ notebooks, benchmarks and the demo. Nothing here downloads anything.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerFast
 
+from mmgem.presets import architecture
 from modeling_mmgem.configuration_mmgem import MMGEMConfig
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens
 from modeling_mmgem.utils_mmgem import pil_image_processor_class
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+TINY_VISION_TYPES = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
 
 
 def train_tokenizer(
@@ -59,11 +63,21 @@ def build_mmgem(
     text_config: PretrainedConfig | dict,
     tokenizer: Any,
     image_processor: Any | None = None,
+    vocab_size: int | None = None,
+    device: str | torch.device | None = None,
     **mmgem_kwargs: Any,
 ) -> tuple[MMGEMModel, MMGEMProcessor]:
     """A randomly initialised MM-GEM and its processor; the special tokens are added to `tokenizer`.
 
-    `text_config.vocab_size` is set to the tokenizer's size before the special tokens are added.
+    Args:
+        vision_config, text_config: configs or dicts (with `model_type`; default CLIP vision and Llama).
+        tokenizer: the tokenizer; the MM-GEM special tokens (and a pad token) are added to it.
+        image_processor: default: the PIL-backed processor matching `vision_config` (`image_processor_for`).
+        vocab_size: rows of the language model's embedding table; default the tokenizer's size (the special tokens
+            are then added by resizing). A larger table leaves spare rows, as the benchmarks use to give a random
+            model the embedding size of a real one.
+        device: where the weights are created (e.g. directly on a GPU, with no CPU copy of a large model).
+        mmgem_kwargs: other `MMGEMConfig` arguments (`pool_grid_size`, `projection_dim`, ...).
     """
     if isinstance(text_config, dict):
         text_config = dict(text_config)
@@ -71,9 +85,10 @@ def build_mmgem(
     if isinstance(vision_config, dict):
         vision_config = dict(vision_config)
         vision_config = AutoConfig.for_model(vision_config.pop("model_type", "clip_vision_model"), **vision_config)
-    text_config.vocab_size = len(tokenizer)
+    text_config.vocab_size = len(tokenizer) if vocab_size is None else vocab_size
     config = MMGEMConfig(vision_config=vision_config, text_config=text_config, **mmgem_kwargs)
-    model = MMGEMModel(config)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = MMGEMModel(config)
     add_mmgem_special_tokens(tokenizer, model)
     processor = MMGEMProcessor(
         image_processor=image_processor or image_processor_for(config.vision_config),
@@ -87,13 +102,16 @@ def build_mmgem(
 def tiny_configs(
     vision: str = "clip", text: str = "llama", image_size: int = 32, patch_size: int = 8, hidden: int = 32
 ) -> tuple[dict, dict]:
-    """Tiny vision and text configs (2 layers) for tests: `vision` in {clip, siglip}, `text` in {llama, qwen2}."""
-    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4)
-    vision_types = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
-    vision_config = dict(model_type=vision_types[vision], image_size=image_size, patch_size=patch_size, **common)
+    """The `tiny` preset's vision and text configs (2 layers) for tests: `vision` in {clip, siglip}, `text` in
+    {llama, qwen2}, with the image size, patch size and width changed if asked."""
+    spec = architecture("tiny")
+    vision_config, text_config = spec["vision_config"], spec["text_config"]
+    vision_config.update(model_type=TINY_VISION_TYPES[vision], image_size=image_size, patch_size=patch_size)
     if vision == "siglip":
         vision_config["vision_use_head"] = False
-    text_config = dict(model_type=text, num_key_value_heads=2, max_position_embeddings=256, **common)
+    text_config["model_type"] = text
+    for config in (vision_config, text_config):
+        config.update(hidden_size=hidden, intermediate_size=2 * hidden)
     return vision_config, text_config
 
 

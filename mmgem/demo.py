@@ -25,9 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModel, AutoProcessor
 
+from conversion.convert_mmgem import export_checkpoint
 from mmgem.cli import command_parser
+from mmgem.data.records import load_jsonl_records
 from mmgem.errors import checking_user_input
+from mmgem.evaluation.evaluate import (
+    embed_images,
+    embed_texts,
+    evaluate_model,
+    format_table,
+    templates_for,
+    write_metrics,
+)
+from mmgem.presets import architecture
+from mmgem.synthetic import generate_dataset
+from mmgem.training.train import train
 
 # Targets of the demo on the held-out split (metric key, minimum).
 TARGETS: dict[str, float] = {
@@ -75,8 +89,6 @@ QUICK = dict(num_train=24, num_val=8, num_test=12, image_size=32, preset="tiny",
 # ---------------------------------------------------------------------------------------------------------- steps
 def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
     """Generate the dataset, or reuse `folder` when it was generated with the same settings."""
-    from mmgem.synthetic import generate_dataset
-
     settings = dict(
         num_train=config.num_train, num_val=config.num_val, num_test=config.num_test, image_size=config.image_size,
         seed=config.data_seed, max_objects=config.max_objects, num_heldout_pairs=config.num_heldout_pairs,
@@ -95,8 +107,6 @@ def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
 
 def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any, dict[str, list[dict]]]:
     """Stage 1 from scratch, then stage 2 from stage 1; returns the final model, processor and both logs."""
-    from mmgem.training.train import train
-
     common = dict(
         data=str(data), warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay, save_strategy="no", torch_threads=config.threads, seed=config.seed,
@@ -125,14 +135,7 @@ def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any
 
 def write_architecture(config: DemoConfig, path: Path) -> Path:
     """The preset with `architecture_overrides` applied, as the JSON file `mmgem train --from-scratch` reads."""
-    from mmgem.training.train import scratch_spec
-
-    spec = scratch_spec(config.preset)
-    for key, value in config.architecture_overrides.items():
-        if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key].update(value)
-        else:
-            spec[key] = value
+    spec = architecture(config.preset, **config.architecture_overrides)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=2) + "\n")
     return path
@@ -140,8 +143,6 @@ def write_architecture(config: DemoConfig, path: Path) -> Path:
 
 def export_model(stage2: Path, folder: Path) -> Path:
     """The Hub-ready folder (weights, remote code, processor, sentence-transformers files, model card)."""
-    from conversion.convert_mmgem import export_checkpoint
-
     return export_checkpoint(stage2, folder, overwrite=True, license="apache-2.0")
 
 
@@ -149,9 +150,6 @@ def export_model(stage2: Path, folder: Path) -> Path:
 def check_reload(folder: Path, model: Any, processor: Any, records: Sequence[Any]) -> dict[str, float]:
     """Reload the exported folder with AutoModel and SentenceTransformer; both must give the trained embeddings."""
     from sentence_transformers import SentenceTransformer
-    from transformers import AutoModel, AutoProcessor
-
-    from mmgem.evaluation.evaluate import embed_images, embed_texts
 
     images = [r.load_image() for r in records[:4]]
     texts = [r.caption for r in records[:4]]
@@ -212,9 +210,7 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, progress:
 
 
 def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any]:
-    from mmgem.data.records import load_jsonl_records
-    from mmgem.evaluation.evaluate import evaluate_model, format_table, templates_for, write_metrics
-    from mmgem.plots import plot_loss_curves, plot_retrieval_grid
+    from mmgem.plots import plot_loss_curves, plot_retrieval_grid  # matplotlib: only when the demo runs
 
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

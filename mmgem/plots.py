@@ -12,19 +12,17 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mmgem.evaluation.metrics import normalize_text  # noqa: E402
+from mmgem.data.text import normalize_text  # noqa: E402
+from mmgem.files import atomic_path  # noqa: E402
 
 LOSS_KEYS = ("loss_contrastive", "loss_caption")
 
 
 def _atomic_savefig(figure: Any, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=110, bbox_inches="tight")
+    with atomic_path(path, suffix=".png") as temporary:
+        figure.savefig(temporary, dpi=110, bbox_inches="tight")
     plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return Path(path)
 
 
 def plot_loss_curves(histories: dict[str, Sequence[dict[str, Any]]], path: str | os.PathLike[str]) -> Path:

@@ -159,3 +159,27 @@ def test_processor_training_batch_with_regions_names_its_layout(tiny):
     assert torch.isfinite(output.loss)
     with pytest.raises(ValueError, match=r"`caption_rows='regions'` with 2 images and 2 regions needs 2"):
         model(**{**batch, "caption_rows": "regions"})
+
+
+# ------------------------------------------------------------------------------------------ model card
+def test_the_model_cards_lora_recipe_is_mmgem_lora_config(tiny):
+    """The card shows the recipe the library applies (`mmgem_lora_config`), not a hand-written copy."""
+    import ast
+
+    from conversion.publish import CardInfo, build_model_card
+    from mmgem.integrations.lora import mmgem_lora_config
+
+    model, _ = tiny
+    card = str(build_model_card(model, CardInfo(), "tiny"))
+    start = card.index("config = LoraConfig(") + len("config = ")
+    call = card[start : card.index("\n)\n", start) + 2]
+    shown = {k.arg: ast.literal_eval(k.value) for k in ast.parse(call).body[0].value.keywords}
+    expected = mmgem_lora_config(model)
+    assert shown == {
+        "r": expected.r,
+        "lora_alpha": expected.lora_alpha,
+        "lora_dropout": expected.lora_dropout,
+        "target_modules": expected.target_modules,
+        "modules_to_save": list(expected.modules_to_save),
+        "trainable_token_indices": dict(expected.trainable_token_indices),
+    }

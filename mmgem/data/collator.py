@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import BatchFeature
 
-from mmgem.evaluation.metrics import normalize_text
+from mmgem.data.text import normalize_text
 
 STAGES = (1, 2)
 

@@ -386,6 +386,16 @@ def export_imagefolder(records: Sequence[ImageRecord], folder: str | os.PathLike
     return folder / "metadata.jsonl"
 
 
+def load_records(
+    data: str | os.PathLike[str], on_error: str = "fail", allow_outside_data_root: bool = False
+) -> list[ImageRecord]:
+    """Records of a .jsonl file or of an imagefolder (a folder with `metadata.jsonl`)."""
+    path = Path(data)
+    if path.is_dir():
+        return load_imagefolder_records(path, on_error=on_error)
+    return load_jsonl_records(path, on_error=on_error, allow_outside_data_root=allow_outside_data_root)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # torch Dataset
 

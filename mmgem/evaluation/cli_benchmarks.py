@@ -36,7 +36,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         run_benchmarks,
     )
     from mmgem.evaluation.evaluate import write_metrics
-    from mmgem.training.train import load_model
+    from mmgem.loading import load_model
 
     directories = args.data_dir or []
     if len(directories) != len(args.benchmark):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 from mmgem.cli import command_parser
 from mmgem.errors import checking_user_input
 from mmgem.evaluation.metrics import caption_metrics, recall_at_k, same_text_relevance
+from mmgem.files import write_json_atomic
 
 TASKS = ("retrieval", "zero_shot", "captioning", "region_captioning", "region_retrieval")
 TEMPLATE_REDUCTIONS = ("mean", "max")
@@ -325,18 +325,7 @@ def format_table(metrics: dict[str, float], title: str | None = None) -> str:
 
 def write_metrics(metrics: dict[str, float], path: str | os.PathLike[str]) -> Path:
     """Write metrics as JSON atomically (a temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(metrics, stream, indent=2, sort_keys=True)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(path, metrics, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- command
@@ -398,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"`--data` does not exist: {args.data}.")
         labels = _load_labels(args.labels, args.data)
         templates, reduction = templates_for(labels, args.templates, args.template_reduction)
-        from mmgem.training.train import load_model, load_records
+        from mmgem.data.records import load_records
+        from mmgem.loading import load_model
 
         records = load_records(args.data, args.data_on_error, args.allow_outside_data_root)
     model, processor = load_model(args.model, args.trust_remote_code)

@@ -21,22 +21,17 @@ PTB-tokenizer-like preprocessing of the COCO caption evaluation.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-_PUNCTUATION = re.compile(r"[^\w\s]")
+from mmgem.data.text import normalize_text
+
 CIDER_SIGMA = 6.0
 _BLEU_TINY = 1e-15  # additive smoothing of pycocoevalcap's BleuScorer
 _BLEU_SMALL = 1e-9
-
-
-def normalize_text(text: str) -> str:
-    """Lower case, punctuation removed, whitespace collapsed: the form captions are compared in."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
 def _tokens(text: str) -> list[str]:

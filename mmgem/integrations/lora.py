@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmgem.training.freezing import PROJECTION_MODULES, set_frozen, set_requires_grad
 from modeling_mmgem.utils_mmgem import enable_activation_checkpointing
 
-PROJECTION_MODULES = ("image_projection", "visual_token_projection", "text_projection", "logit_scale")
 NEW_TOKEN_ID_NAMES = ("emb_token_id", "cap_token_id")
 VISION_TRAINING_MODES = (False, "lora", "full")
 
@@ -219,19 +219,13 @@ def mmgem_lora_config(
 
 
 # ---------------------------------------------------------------------------------------------- freezing
-def set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
-    """Freeze (False) or unfreeze (True) every parameter of `module`."""
-    for parameter in module.parameters():
-        parameter.requires_grad_(requires_grad)
-
-
 def freeze_vision_tower(model: nn.Module, frozen: bool = True) -> None:
     """Freeze (default) or unfreeze the vision tower of an MMGEMModel (full fine-tuning without PEFT).
 
     Under PEFT use `mmgem_lora_config(..., train_vision="lora" | "full")` instead: PEFT freezes everything it does not
     train, and only what it trains is saved with the adapter.
     """
-    set_requires_grad(_check_mmgem(model).vision_model, not frozen)
+    set_frozen(_check_mmgem(model), vision=frozen)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

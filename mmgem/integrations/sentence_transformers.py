@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmgem.files import write_json_atomic
 from modeling_mmgem.processing_mmgem import load_rgb_image
 
 # The modality config of sentence-transformers' `Transformer` module for MM-GEM: which model method embeds each
@@ -137,24 +137,6 @@ def _check_mmgem_folder(model_dir: Path) -> None:
         )
 
 
-def _write_json_atomically(path: Path, content: Any) -> None:
-    """Write JSON to a temporary file next to `path`, then rename it over `path` (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(content, file, indent=2)
-            file.write("\n")
-        # mkstemp creates the file readable by its owner only; give it the usual permissions of a new file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_sentence_transformers_files(
     model_dir: str | Path,
     prompts: dict[str, str] | None = None,
@@ -189,7 +171,7 @@ def write_sentence_transformers_files(
     _check_mmgem_folder(model_dir)
     configs = sentence_transformers_configs(prompts, default_prompt_name, similarity_fn_name)
     for relative_path in SENTENCE_TRANSFORMERS_FILES:
-        _write_json_atomically(model_dir / relative_path, configs[relative_path])
+        write_json_atomic(model_dir / relative_path, configs[relative_path])
 
 
 def load_sentence_transformer(model_name_or_path: str | Path, **kwargs: Any) -> Any:

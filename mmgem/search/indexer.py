@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         grids = parse_grids(args.region_grids)
         _check_options(args.batch_size, grids, args.caption_tokens)
         resolve_images(args.images)  # bad `--images` fails before the model loads
-    from mmgem.training.train import load_model
+    from mmgem.loading import load_model
 
     model, processor = load_model(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -61,7 +61,7 @@ class ImageSearch:
     ) -> None:
         self.store = VectorStore(index)
         if model is None:
-            from mmgem.training.train import load_model
+            from mmgem.loading import load_model
 
             model, processor = load_model(self.store.meta["model"]["name_or_path"])
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         region = parse_box(args.region) if args.region is not None else None
     model = processor = None
     if args.model:
-        from mmgem.training.train import load_model
+        from mmgem.loading import load_model
 
         model, processor = load_model(args.model)
     search = ImageSearch(args.index, model, processor, args.device)

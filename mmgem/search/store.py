@@ -23,13 +23,14 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mmgem.files import write_bytes_atomic
 
 FORMAT_VERSION = 1
 KINDS = ("image", "region", "caption")
@@ -54,11 +55,7 @@ class Hit:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename, so a reader sees the old or the new file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    write_bytes_atomic(path, data, durable=True)
 
 
 def _new_ann(dim: int, hnsw_m: int, ef_construction: int, ef_search: int, exact: bool) -> Any:

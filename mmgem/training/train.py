@@ -36,9 +36,12 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from mmgem.cli import HelpFormatter
 from mmgem.data.collator import STAGES, MMGEMCollator
-from mmgem.data.records import ImageCaptionDataset
+from mmgem.data.records import ImageCaptionDataset, load_records
 from mmgem.data.sources import DataSourceArguments, streaming_training_data, uses_streaming
 from mmgem.errors import checking_user_input
+from mmgem.loading import load_model
+from mmgem.presets import PRESETS, architecture
+from mmgem.training.freezing import freeze
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -46,31 +49,8 @@ FINAL_TMP_NAME = ".mmgem-final.tmp"
 # Options that hold credentials: never pickled into training_args.bin (see MMGEMTrainingArguments.__getstate__).
 SECRET_ARGUMENTS = ("hub_token",)
 
-# From-scratch architectures. "tiny" is for tests (seconds); "demo" is the model `make demo` trains on 2 CPU cores.
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "vision_config": {
-            "model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        },
-        "text_config": {
-            "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-        },
-        "pool_grid_size": 2, "projection_dim": 32, "vocab_size": 320,
-    },
-    "demo": {
-        "vision_config": {
-            "model_type": "clip_vision_model", "image_size": 64, "patch_size": 8, "hidden_size": 128,
-            "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-        },
-        "text_config": {
-            "model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
-            "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128,
-        },
-        "pool_grid_size": 4, "projection_dim": 128, "vocab_size": 400,
-    },
-}  # fmt: skip
+# From-scratch architectures (`--from-scratch NAME`): the project's one preset registry.
+MODEL_PRESETS = PRESETS
 
 
 @dataclass
@@ -200,18 +180,6 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def load_records(
-    data: str | os.PathLike[str], on_error: str = "fail", allow_outside_data_root: bool = False
-) -> list[Any]:
-    """Records of a .jsonl file or of an imagefolder (a folder with `metadata.jsonl`)."""
-    from mmgem.data.records import load_imagefolder_records, load_jsonl_records
-
-    path = Path(data)
-    if path.is_dir():
-        return load_imagefolder_records(path, on_error=on_error)
-    return load_jsonl_records(path, on_error=on_error, allow_outside_data_root=allow_outside_data_root)
-
-
 def training_texts(records: Sequence[Any], use_long_caption: bool = False) -> list[str]:
     """Every text a model will read or write: captions (or long captions) and region captions."""
     texts = [(r.long_caption if use_long_caption else None) or r.caption for r in records]
@@ -222,7 +190,7 @@ def training_texts(records: Sequence[Any], use_long_caption: bool = False) -> li
 def scratch_spec(from_scratch: str) -> dict[str, Any]:
     """The architecture of a preset name or a JSON file (a deep copy, safe to modify)."""
     if from_scratch in MODEL_PRESETS:
-        return json.loads(json.dumps(MODEL_PRESETS[from_scratch]))
+        return architecture(from_scratch)
     spec = json.loads(Path(from_scratch).read_text(encoding="utf-8"))
     if not isinstance(spec, dict) or "vision_config" not in spec or "text_config" not in spec:
         raise ValueError(
@@ -241,13 +209,6 @@ def build_from_scratch(spec: dict[str, Any], texts: Sequence[str]) -> tuple[Any,
     context = text_config.get("max_position_embeddings", 512)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size, model_max_length=context)
     return build_mmgem(vision_config, text_config, tokenizer, **spec)
-
-
-def load_model(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """An MM-GEM model and processor from a folder or Hub id (the installed classes; see `mmgem.loading`)."""
-    from mmgem.loading import load_model as load_checked
-
-    return load_checked(path, trust_remote_code=trust_remote_code, argument="model")
 
 
 CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
@@ -338,21 +299,6 @@ def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoi
     else:
         freeze(model, args.freeze_vision, args.freeze_language_model, args.freeze_projections)
     return model, processor
-
-
-def freeze(model: Any, vision: bool = False, language_model: bool = False, projections: bool = False) -> None:
-    """Freeze parts of an MMGEMModel for full fine-tuning: the vision tower, the LM, h1/h2/h3 and the temperature."""
-    parts = {
-        "vision_model": vision,
-        "language_model": language_model,
-        "image_projection": projections,
-        "visual_token_projection": projections,
-        "text_projection": projections,
-        "logit_scale": projections,
-    }
-    for name, frozen in parts.items():
-        for parameter in getattr(model, name).parameters():
-            parameter.requires_grad_(not frozen)
 
 
 # ---------------------------------------------------------------------------------------------------------- trainer
