@@ -183,3 +183,23 @@ def test_the_model_cards_lora_recipe_is_mmgem_lora_config(tiny):
         "modules_to_save": list(expected.modules_to_save),
         "trainable_token_indices": dict(expected.trainable_token_indices),
     }
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+def test_atomic_writes_leave_the_usual_permissions_and_nothing_half_written(tmp_path):
+    import os
+
+    from mmgem.evaluation.evaluate import write_metrics
+    from mmgem.files import atomic_path, write_json_atomic
+
+    previous = os.umask(0o022)
+    try:
+        metrics = write_metrics({"a": 1.0}, tmp_path / "metrics.json")
+        plain = write_json_atomic(tmp_path / "plain.json", [1])
+    finally:
+        os.umask(previous)
+    assert (metrics.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == 0o644
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "broken.json") as temporary:
+        temporary.write_text("{")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "plain.json"]
