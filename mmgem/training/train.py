@@ -481,6 +481,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 HELP_TRAINER_FLAG = "--help-trainer"
+ARGS_FILE_FLAG = "--args_file"
 
 
 def build_parser(show_trainer_options: bool = False) -> HfArgumentParser:
@@ -496,11 +497,15 @@ def build_parser(show_trainer_options: bool = False) -> HfArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument(HELP_TRAINER_FLAG, action="store_true", help="show every TrainingArguments option and exit")
+    parser.add_argument(
+        ARGS_FILE_FLAG, metavar="FILE", action="append",
+        help="read options from a file of command-line flags (repeatable; flags given after it win)",
+    )  # fmt: skip
     group_of = {name: title for title, names in OPTION_GROUPS.items() for name in names}
     groups = {title: parser.add_argument_group(title) for title in OPTION_GROUPS}
     trainer_group = parser.add_argument_group("all other TrainingArguments options") if show_trainer_options else None
     for action in list(parser._optionals._group_actions):
-        if action.dest in ("help", "help_trainer"):
+        if action.dest in ("help", "help_trainer", "args_file"):
             continue
         target = groups.get(group_of.get(action.dest)) or trainer_group
         if target is None:
