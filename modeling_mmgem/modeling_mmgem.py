@@ -643,6 +643,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 sets it.
         """
         cache = cache if cache is not None else past_key_values
+        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
+            check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
         has_captions = input_ids is not None or inputs_embeds is not None
         has_texts = text_input_ids is not None
         if pixel_values is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks.audit_inputs import png_claiming
 from mmgem.build import tiny_mmgem
@@ -381,3 +382,15 @@ def test_caps_on_pixels_aspect_ratio_and_boxes(tiny, monkeypatch):
     pixel_values = processor(images=[image])["pixel_values"]
     with pytest.raises(ValueError, match=r"`boxes`.*4 boxes, more than the 3 allowed"):
         model.get_image_features(pixel_values=pixel_values, boxes=[torch.tensor([[0.0, 0.0, 0.5, 0.5]] * 4)])
+
+
+# ---------------------------------------------------------------------------------------------- 6. model ids
+def test_caption_ids_outside_the_vocabulary_are_refused_by_name(tiny):
+    model, processor = tiny
+    batch = processor(images=[Image.new("RGB", (32, 32))], text=["a red circle"])
+    vocab_size = model.config.text_config.vocab_size
+    batch["input_ids"][0, -1] = vocab_size
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"`input_ids` holds token ids in \[.*, {vocab_size}\]"):
+        model(**batch)
+    with torch.no_grad(), pytest.raises(ValueError, match="`input_ids`"):
+        model.generate(input_ids=torch.tensor([[1, -4]]), max_new_tokens=2)
