@@ -28,6 +28,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     """Load every benchmark (all checked before the model runs), evaluate, print the tables, write the JSON."""
     import torch
 
+    from mmgem.errors import checking_user_input
     from mmgem.evaluation.benchmarks import (
         BenchmarkOptions,
         EmbeddingCache,
@@ -38,21 +39,25 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     from mmgem.evaluation.evaluate import write_metrics
     from mmgem.loading import load_model
 
-    directories = args.data_dir or []
-    if len(directories) != len(args.benchmark):
-        raise ValueError(
-            f"`--data-dir` needs one folder per `--benchmark` ({len(args.benchmark)}); got {len(directories)}."
-        )
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"`--limit` must be a positive int; got {args.limit}.")
-    templates = None
-    if args.templates:
-        if len(args.templates) != 1 or not Path(args.templates[0]).is_file():
-            raise ValueError("with `--benchmark`, `--templates` is one file of templates (JSON list or one per line).")
-        templates = args.templates[0]
-    options = BenchmarkOptions(split=args.split, limit=args.limit, classes=args.classes, templates=templates)
-    tasks = [load_benchmark(name, folder, options) for name, folder in zip(args.benchmark, directories)]
-    model, processor = load_model(args.model, args.trust_remote_code)
+    # Every benchmark is read and the model loaded before any work: a mistake is one line (`mmgem.cli`).
+    with checking_user_input():
+        directories = args.data_dir or []
+        if len(directories) != len(args.benchmark):
+            raise ValueError(
+                f"`--data-dir` needs one folder per `--benchmark` ({len(args.benchmark)}); got {len(directories)}."
+            )
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"`--limit` must be a positive int; got {args.limit}.")
+        templates = None
+        if args.templates:
+            if len(args.templates) != 1 or not Path(args.templates[0]).is_file():
+                raise ValueError(
+                    "with `--benchmark`, `--templates` is one file of templates (JSON list or one per line)."
+                )
+            templates = args.templates[0]
+        options = BenchmarkOptions(split=args.split, limit=args.limit, classes=args.classes, templates=templates)
+        tasks = [load_benchmark(name, folder, options) for name, folder in zip(args.benchmark, directories)]
+        model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = EmbeddingCache(
         model.to(device), processor, args.cache_dir, args.batch_size, not args.no_progress, args.max_new_tokens,
