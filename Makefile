@@ -55,10 +55,10 @@ demo: venv
 	$(PY) -m mmgem.demo --output-dir demo-output
 
 bench: venv
-	$(PY) benchmarks/run.py --size small
+	$(PY) -m benchmarks.run --size small
 
 bench-quick: venv
-	$(PY) benchmarks/run.py --size tiny --quick
+	$(PY) -m benchmarks.run --size tiny --quick
 
 bench-gpu: venv
 	bash benchmarks/gpu.sh

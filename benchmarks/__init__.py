@@ -1,5 +1,5 @@
 """Benchmarks of MM-GEM against the stock components it is built from (CLIP-style towers, causal LMs, LLaVA).
 
-Run `python benchmarks/run.py --help` (or `make bench`). Every comparison runs both sides in one process on the same
+Run `python -m benchmarks.run --help` (or `make bench`). Every comparison runs both sides in one process on the same
 weights, interleaved, and reports the ratio ours / baseline (lower is better).
 """

@@ -1,8 +1,8 @@
 """Re-runnable hardening audit: hostile folders, hostile inputs and interrupted runs, tried against the installed
 code; prints one row per area (cases tried, cases that behaved well) and every case that did not.
 
-    python benchmarks/audit_inputs.py            # about a minute on 2 CPU cores
-    python benchmarks/audit_inputs.py --fuzz 50  # fewer random processor / model inputs per kind
+    python -m benchmarks.audit_inputs            # about a minute on 2 CPU cores
+    python -m benchmarks.audit_inputs --fuzz 50  # fewer random processor / model inputs per kind
 
 "Behaved well" means: refused before any work with a ValueError / TypeError that names the argument (or the
 record's line, or the folder), or the correct result; never code from a folder run without opt-in, never a file
@@ -26,13 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make the repository's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import torch
@@ -305,7 +303,6 @@ def audit_records(audit: Audit, clean: Path, root: Path) -> None:
 
         def check(path: Path = path) -> tuple[bool, str]:
             good_fail, detail = refused(lambda: load_jsonl_records(path), "line 2")
-            import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -628,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_collection:
             audit_collection(audit)
     print(audit.table())
-    print(f"\n({time.monotonic() - start:.0f} s; python benchmarks/audit_inputs.py {' '.join(argv or sys.argv[1:])})")
+    print(f"\n({time.monotonic() - start:.0f} s; python -m benchmarks.audit_inputs {' '.join(argv or sys.argv[1:])})")
     return 0 if all(good for _, _, good, _ in audit.rows) else 1
 
 

@@ -5,7 +5,7 @@
 #   benchmarks/gpu.sh                      # on a GPU machine; results in benchmarks/results/gpu-paper-bfloat16/
 #   SIZE=tiny DEVICE=cpu DTYPE=float32 benchmarks/gpu.sh --quick      # dry run of this script on a CPU
 #
-# Extra arguments go to benchmarks/run.py (e.g. --only, --reps). Prints the GPU, then the results table.
+# Extra arguments go to `python -m benchmarks.run` (e.g. --only, --reps). Prints the GPU, then the results table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,6 @@ fi
 '| cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 
 start=$(date +%s)
-timeout --signal=INT "$TIMEOUT" "$PY" benchmarks/run.py --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
+timeout --signal=INT "$TIMEOUT" "$PY" -m benchmarks.run --size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
   --reps "$REPS" --output "$OUT" "$@"
 echo "gpu.sh: suite finished in $(( $(date +%s) - start )) s; results in $OUT"

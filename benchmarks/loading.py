@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -102,8 +103,6 @@ def _worker(args: argparse.Namespace) -> dict:
     seconds = now() - start
     peak = _status_kib("VmHWM")
     if not reset:
-        import resource
-
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     classes = " + ".join(type(m).__name__ for m in models)
     return {
@@ -156,7 +155,7 @@ def measure_in_subprocess(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Measure one checkpoint load (internal to benchmarks/run.py).")
+    parser = argparse.ArgumentParser(description="Measure one checkpoint load (internal to the benchmark suite).")
     parser.add_argument("--side", choices=("ours", "baseline"), required=True)
     parser.add_argument("--path", required=True)
     parser.add_argument("--device", default="cpu")

@@ -1,8 +1,8 @@
 """MM-GEM benchmark suite: what MM-GEM costs against the stock pieces it is made of, and where it wins.
 
-    python benchmarks/run.py --size small                 # CPU, float32 (make bench)
-    python benchmarks/run.py --size tiny --quick          # under 2 minutes: smoke run
-    python benchmarks/run.py --size paper --device cuda --dtype bfloat16   # see benchmarks/gpu.sh
+    python -m benchmarks.run --size small                 # CPU, float32 (make bench)
+    python -m benchmarks.run --size tiny --quick          # under 2 minutes: smoke run
+    python -m benchmarks.run --size paper --device cuda --dtype bfloat16   # see benchmarks/gpu.sh
 
 Every comparison runs both sides in this process on the same weights, interleaved, after warm-up, and reports the
 median of several repetitions and the ratio ours / baseline (lower is better). Checkpoint loading runs each side in a
@@ -22,9 +22,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make `benchmarks` and `modeling_mmgem` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from tqdm.auto import tqdm

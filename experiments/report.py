@@ -11,6 +11,7 @@ The verdict rules (also printed in the report):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -388,8 +389,6 @@ def _atomic_write(path: Path, text: str) -> Path:
 
 def write_report(report_dir: str | os.PathLike[str], context: dict[str, Any]) -> Path:
     """Write `REPORT.md`, `results.json` and `figures/*.png` into `report_dir`; returns the report's path."""
-    import json
-
     from .settings import default_grid, pool_grids
 
     report_dir = Path(report_dir)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -64,9 +66,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------- context
 def environment() -> dict[str, Any]:
     """Machine, load and versions, for the report."""
-    import platform
-    import subprocess
-
     import numpy
     import torch
     import transformers
@@ -108,7 +107,7 @@ def environment() -> dict[str, Any]:
 def children_cpu_seconds() -> float:
     """CPU seconds of finished child processes (the workers of `--jobs` > 1)."""
     try:
-        import resource
+        import resource  # Unix only
 
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         return usage.ru_utime + usage.ru_stime

@@ -8,13 +8,15 @@ fingerprint of everything they depend on, so an interrupted run resumes where it
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,6 @@ def prepare_datasets(budget: Budget, folder: Path, progress: bool = True) -> dic
 
 def long_caption_records(records: Sequence[Any]) -> list[Any]:
     """Copies of the records whose `caption` is the long description (what retrieval then ranks)."""
-    from dataclasses import replace
 
     return [replace(r, caption=r.long_caption, regions=[]) for r in records]
 
@@ -342,8 +343,6 @@ class TaskRunner:
 
     def _clip(self, task: Task, work: Path) -> dict[str, dict[str, Any]]:
         """The CLIP baseline: stage 1 on the image-caption pairs (same budget as MM-GEM), then long fine-tunes."""
-        import copy
-
         import transformers
 
         from mmgem.data.records import ImageCaptionDataset, load_records
@@ -400,7 +399,6 @@ def long_caption_visibility(root: Path, texts: Sequence[str], vocab_size: int, l
     at which the details start (the sentence "There is/are ..."), and which objects are fully described (their
     "It is <size> and <colour>, ... placed ..." sentence ends) within the first `limit` tokens.
     """
-    import re
 
     from mmgem.build import train_tokenizer
     from mmgem.data.records import load_records

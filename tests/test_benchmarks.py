@@ -1,4 +1,4 @@
-"""The benchmark suite (benchmarks/run.py) runs end to end on the tiny model and writes well-formed results.
+"""The benchmark suite (`python -m benchmarks.run`) runs end to end on the tiny model and writes well-formed results.
 
 No timing is asserted: numbers on a shared CI machine are noise. What must hold is the output contract: the
 records' schema, `ratio == ours_s / baseline_s`, the curves and their PNGs, and clear errors for bad arguments.

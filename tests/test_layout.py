@@ -1,7 +1,17 @@
-"""The project's layout: weight names that saved checkpoints depend on."""
+"""The project's layout: what travels to the Hub, which way imports flow, and the weight names checkpoints use.
+
+- `modeling_mmgem/` is the remote code saved next to the weights: it imports only the standard library, torch,
+  transformers (and numpy / PIL, which transformers' image processors need) and its own siblings, through
+  single-dot relative imports; a saved folder holds exactly its files.
+- The project's own modules import each other without a cycle (imports inside functions included), and nothing in
+  `modeling_mmgem/` imports the library (`mmgem`) or the conversion code.
+- Imports inside functions are for optional or heavy third-party packages only, never for the standard library.
+"""
 
 from __future__ import annotations
 
+import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +20,116 @@ from mmgem.build import tiny_mmgem
 
 pytestmark = pytest.mark.fast
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
+HUB_PACKAGE = REPO / "modeling_mmgem"
+PROJECT_PACKAGES = ("modeling_mmgem", "mmgem", "conversion", "benchmarks", "experiments")
+# Third-party packages the remote code may import (numpy and PIL come with transformers' image processing).
+HUB_DEPENDENCIES = {"torch", "transformers", "numpy", "PIL"}
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for package in PROJECT_PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules[".".join(parts)] = path
+    return modules
+
+
+MODULES = _modules()
+
+
+def _imports(module: str, path: Path) -> list[tuple[ast.stmt, list[str], bool]]:
+    """(node, imported module names, inside a function) for every import of `module`, relative ones resolved."""
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                found.append((child, [alias.name for alias in child.names], in_function))
+            elif isinstance(child, ast.ImportFrom):
+                base = package[: len(package) - child.level + 1] if child.level else []
+                prefix = ".".join(base + [child.module] if child.module else base)
+                found.append((child, [prefix] + [f"{prefix}.{alias.name}" for alias in child.names], in_function))
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return found
+
+
+def _project_module(name: str) -> str | None:
+    """The project module `name` is or lies in (`pkg.mod.Class` -> `pkg.mod`), or None for other code."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {module: set() for module in MODULES}
+    for module, path in MODULES.items():
+        for _, names, _ in _imports(module, path):
+            graph[module] |= {m for m in map(_project_module, names) if m and m != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def connect(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                connect(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in graph:
+        if node not in index:
+            connect(node)
+    return groups
+
+
+# ------------------------------------------------------------------------------------------ the Hub code
+@pytest.mark.parametrize("path", sorted(HUB_PACKAGE.glob("*.py")), ids=lambda p: p.name)
+def test_hub_files_import_only_stdlib_torch_transformers_and_siblings(path):
+    module = f"modeling_mmgem.{path.stem}" if path.stem != "__init__" else "modeling_mmgem"
+    for node, names, _ in _imports(module, path):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.level == 1, f"{path.name}:{node.lineno}: only single-dot relative imports travel with the code"
+            assert (HUB_PACKAGE / f"{names[0].rpartition('.')[2]}.py").is_file(), f"{path.name}:{node.lineno}"
+            continue
+        top = names[0].split(".")[0]
+        assert top in sys.stdlib_module_names or top in HUB_DEPENDENCIES, (
+            f"{path.name}:{node.lineno} imports {names[0]!r}: remote code may use only the standard library, "
+            f"{sorted(HUB_DEPENDENCIES)} and its siblings"
+        )
+
+
+def test_a_saved_folder_holds_exactly_the_hub_files(tmp_path):
+    model, processor = tiny_mmgem()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = sorted(p.name for p in tmp_path.glob("*.py"))
+    assert saved == sorted(p.name for p in HUB_PACKAGE.glob("*.py") if p.name != "__init__.py")
 
 
 def test_weight_names_are_unchanged():
@@ -19,3 +138,39 @@ def test_weight_names_are_unchanged():
     names = [f"{name} {tuple(tensor.shape)}" for name, tensor in model.state_dict().items()]
     committed = (DATA / "tiny_mmgem_state_dict_keys.txt").read_text(encoding="utf-8").splitlines()
     assert names == committed
+
+
+# ------------------------------------------------------------------------------------------ import directions
+def test_the_import_graph_has_no_cycle():
+    assert _cycles(_graph()) == []
+
+
+def test_a_cycle_is_found():
+    """The check above can fail: a made-up graph with a loop through three modules."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_imports_flow_one_way():
+    graph = _graph()
+    for module, targets in graph.items():
+        top = module.split(".")[0]
+        for target in targets:
+            target_top = target.split(".")[0]
+            if top == "modeling_mmgem":
+                assert target_top == "modeling_mmgem", f"{module} (remote code) imports {target}"
+            if target_top in ("benchmarks", "experiments"):
+                assert top == target_top, f"{module} imports {target}: nothing in the packages imports them"
+            if top == "mmgem" and target_top == "conversion":
+                assert module in ("mmgem.demo", "mmgem.cli"), f"{module} imports {target}"
+
+
+def test_imports_inside_functions_are_not_for_the_standard_library():
+    """A function-level import delays an optional or heavy package; the standard library goes at the top."""
+    misplaced = []
+    for module, path in MODULES.items():
+        for node, names, in_function in _imports(module, path):
+            optional_platform_module = names[0] == "resource"  # Unix only: imported where it is used
+            if in_function and not getattr(node, "level", 0) and not optional_platform_module:
+                if names[0].split(".")[0] in sys.stdlib_module_names:
+                    misplaced.append(f"{module}:{node.lineno} {names[0]}")
+    assert misplaced == []

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,7 +264,6 @@ def coco_caption_scores(
 
 
 def _meteor(gts: dict, res: dict) -> float:
-    import shutil
 
     if shutil.which("java") is None:
         raise RuntimeError("METEOR needs Java (not found on PATH)")
@@ -280,7 +280,6 @@ def _meteor(gts: dict, res: dict) -> float:
 
 
 def _spice(gts: dict, res: dict) -> float:
-    import shutil
 
     import pycocoevalcap.spice as spice_package
 

@@ -36,7 +36,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         load_benchmark,
         run_benchmarks,
     )
-    from mmgem.evaluation.evaluate import write_metrics
+    from mmgem.files import write_json_atomic
     from mmgem.loading import load_model
 
     # Every benchmark is read and the model loaded before any work: a mistake is one line (`mmgem.cli`).
@@ -68,5 +68,5 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         metrics["limit"] = args.limit
     print(format_benchmark_tables(metrics, model_name=Path(args.model).name or args.model))
     if args.output:
-        print(f"Wrote {write_metrics(metrics, args.output)}")
+        print(f"Wrote {write_json_atomic(args.output, metrics, sort_keys=True)}")
     return 0

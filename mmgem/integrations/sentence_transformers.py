@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,6 @@ def sentence_transformers_configs(
 
 def _library_versions() -> dict[str, str]:
     """Versions recorded in `config_sentence_transformers.json`, as `SentenceTransformer.save` records them."""
-    from importlib.metadata import version  # the installed versions, without importing the libraries
 
     return {
         "pytorch": torch.__version__,

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -234,8 +236,6 @@ def checkpoint_problem(folder: str | os.PathLike[str]) -> str | None:
 
 def last_complete_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
     """The newest `checkpoint-N` of `output_dir` that is complete; incomplete newer ones are skipped (and named)."""
-    import logging
-    import re
 
     folder = Path(output_dir)
     if not folder.is_dir():

@@ -19,6 +19,8 @@ Hub repos), `llava` (LLaVA / ShareGPT4V conversations), `coco` (COCO captions), 
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +97,15 @@ class IndexedSource(Source):
         rng = random.Random(f"{seed}-{epoch}-{shard.index}")
         for index in order[shard.index :: shard.count]:
             yield self.sample(index, rng)
+
+
+@functools.lru_cache(maxsize=8)
+def read_json(path: str) -> Any:
+    """A JSON file's content (cached: detection and the reader parse each annotation file once)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: malformed JSON ({error.msg} at line {error.lineno}).") from error
 
 
 def resolve_image(root: Path, relative: Any) -> tuple[str | None, str | None]:

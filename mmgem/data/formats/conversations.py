@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from mmgem.data.formats import IndexedSource, RawSample, SourceOptions, resolve_image
+from mmgem.data.formats import IndexedSource, RawSample, SourceOptions, read_json, resolve_image
 
 
 def first_gpt_turn(entry: dict[str, Any]) -> str | None:
@@ -26,8 +26,6 @@ class ConversationSource(IndexedSource):
     """Image + first answer of each conversation."""
 
     def __init__(self, path: str, options: SourceOptions, entries: list[Any] | None = None) -> None:
-        from mmgem.data.formats.detect import read_json
-
         self.name = f"llava:{path}"
         self.entries = read_json(path) if entries is None else entries
         if not isinstance(self.entries, list):

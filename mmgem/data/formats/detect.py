@@ -6,27 +6,15 @@ Detection looks at the path and, for JSON, at its structure; it refuses to guess
 
 from __future__ import annotations
 
-import functools
-import json
 import re
 from pathlib import Path
-from typing import Any
 
-from mmgem.data.formats import Source, SourceOptions
+from mmgem.data.formats import Source, SourceOptions, read_json
 
 FORMATS = (
     "webdataset", "grit", "hf", "llava", "coco", "karpathy", "visual-genome", "refcoco", "jsonl", "imagefolder",
 )  # fmt: skip
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@functools.lru_cache(maxsize=8)
-def read_json(path: str) -> Any:
-    """A JSON file's content (cached: detection and the reader parse each annotation file once)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: malformed JSON ({error.msg} at line {error.lineno}).") from error
 
 
 def _is_shard_pattern(spec: str) -> bool:

@@ -15,6 +15,7 @@ serves as one.
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 from dataclasses import dataclass
@@ -62,7 +63,6 @@ def find_instances(refs_path: Path) -> Path:
 
 def refer_references(refs_path: str | Path, image_root: Path, split: str | None) -> list[Reference]:
     """References of `split` (all when None) from a refs pickle and its instances.json."""
-    import json
 
     refs_path = Path(refs_path)
     refs = load_refer_pickle(refs_path)
