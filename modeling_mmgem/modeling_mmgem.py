@@ -244,7 +244,7 @@ def _skip_value_checks() -> bool:
     """Whether value checks (which read tensor values on the host) must be skipped: under torch.compile or
     tracing, where the traced graph must not branch on values; the eager public entry points check them."""
     compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    return compiling or torch.jit.is_tracing()
+    return compiling or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int, argument: str) -> None:
@@ -448,74 +448,93 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             )
         return token_id
 
-    def _embedding_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-pad the rows and make each end with `[EMB]` (appended when the caller did not).
+    def _check_text_inputs(self, input_ids: Any, attention_mask: Any) -> None:
+        """Validate the inputs of `get_text_features` before any work.
 
-        Whatever the caller's padding side, every row becomes `tokens [EMB] pad...`, so the causal LM gives
-        the same hidden state at `[EMB]` for left or right padding, alone or in any batch.
-
-        Returns:
-            input_ids [B, L'], attention_mask [B, L'], lengths [B] (the `[EMB]` position is lengths - 1).
+        Shapes and dtypes are always checked; checks that read tensor values (empty rows, the context length) only
+        run eagerly, so that `torch.compile(fullgraph=True)`, `torch.export` and ONNX export see no Python branch on
+        tensor values and eager steps no host-device synchronisation inside the traced core.
         """
-        emb_id = self._require_token_id("emb_token_id")
-        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
-            check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
         if (
             not isinstance(input_ids, torch.Tensor)
             or input_ids.ndim != 2
-            or input_ids.dtype
-            not in (
-                torch.long,
-                torch.int,
-            )
+            or input_ids.dtype not in (torch.long, torch.int)
         ):
             raise ValueError(
                 "`input_ids` must be an integer tensor of shape [batch, length]; got "
                 f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}."
             )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
+        if attention_mask is not None and (
+            not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape
+        ):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise ValueError(
-                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; "
-                f"got {tuple(attention_mask.shape)}."
+                f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}; got {shape}."
             )
-        mask = attention_mask.bool()
-        lengths = mask.sum(dim=1)  # [B]
+        check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
+        if _skip_value_checks():
+            return
+        lengths = (
+            input_ids.new_full((input_ids.shape[0],), input_ids.shape[1])
+            if attention_mask is None
+            else (attention_mask.bool().sum(dim=1))
+        )
         if (lengths == 0).any():
             raise ValueError(
                 f"`input_ids` has empty rows (no attended token): {torch.where(lengths == 0)[0].tolist()}."
             )
-        # Move real tokens to the front of each row, keeping their order (stable sort on "is padding").
-        order = torch.sort((~mask).int(), dim=1, stable=True).indices  # [B, L]
-        ids = input_ids.gather(1, order)  # [B, L]
-        last = ids.gather(1, (lengths - 1)[:, None]).squeeze(1)  # [B]
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        if context is not None and int(lengths.max()) + 1 > context:
+            emb_id = self._require_token_id("emb_token_id")
+            _, _, with_emb = self._embedding_inputs(input_ids, attention_mask, emb_id)
+            if int(with_emb.max()) > context:
+                raise ValueError(
+                    f"`input_ids` has {int(with_emb.max())} tokens with `[EMB]`, more than the language model's "
+                    f"context of {context}; truncate the text (MMGEMProcessor(..., truncation=True) does it)."
+                )
+
+    def _embedding_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, emb_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-pad the rows and make each end with `[EMB]` (appended when the caller did not).
+
+        Whatever the caller's padding side, every row becomes `tokens [EMB] pad...`, so the causal LM gives
+        the same hidden state at `[EMB]` for left or right padding, alone or in any batch. Branch-free and of static
+        output width `L + 1` (no value-dependent shape), so it traces for torch.compile and ONNX.
+
+        Returns:
+            input_ids [B, L + 1], attention_mask [B, L + 1], lengths [B] (the `[EMB]` position is lengths - 1).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.bool()  # [B, L]
+        lengths = mask.sum(dim=1)  # [B]
+        # Move real tokens to the front of each row, keeping their order, padding behind them: a permutation given
+        # by running counts (what a stable sort on "is padding" gives, without the sort).
+        real_rank = mask.long().cumsum(dim=1) - 1  # [B, L]
+        pad_rank = (~mask).long().cumsum(dim=1) - 1  # [B, L]
+        destination = torch.where(mask, real_rank, lengths[:, None] + pad_rank)  # [B, L]
+        ids = torch.empty_like(input_ids).scatter(1, destination, input_ids)  # [B, L]
+        last = ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # [B]
         needs_emb = last != emb_id  # [B]
         pad_id = self.config.text_config.pad_token_id
         pad_id = pad_id if isinstance(pad_id, int) else 0
         ids = F.pad(ids, (0, 1), value=pad_id)  # [B, L + 1]
-        rows = torch.where(needs_emb)[0]
-        ids[rows, lengths[rows]] = emb_id
+        positions = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, L + 1]
+        append = needs_emb[:, None] & (positions == lengths[:, None])  # [B, L + 1]
+        ids = torch.where(append, torch.full_like(ids, emb_id), ids)
         lengths = lengths + needs_emb.long()
-        max_len = int(lengths.max())
-        ids = ids[:, :max_len]
-        positions = torch.arange(max_len, device=ids.device)
-        ids = torch.where(positions[None, :] < lengths[:, None], ids, pad_id)  # clean padding
-        new_mask = (positions[None, :] < lengths[:, None]).long()
-        context = getattr(self.config.text_config, "max_position_embeddings", None)
-        if context is not None and max_len > context:
-            raise ValueError(
-                f"`input_ids` has {max_len} tokens with `[EMB]`, more than the language model's context of {context}; "
-                "truncate the text (MMGEMProcessor(..., truncation=True) does it)."
-            )
-        return ids, new_mask, lengths
+        new_mask = positions < lengths[:, None]  # [B, L + 1]
+        ids = torch.where(new_mask, ids, torch.full_like(ids, pad_id))  # clean padding
+        return ids, new_mask.long(), lengths
 
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> MMGEMFeaturesOutput:
         """Text embeddings: h3 of the language model's last hidden state at `[EMB]`.
+
+        Traceable: `torch.compile(model.get_text_features, fullgraph=True)` and ONNX export (`mmgem export-onnx`)
+        work; input checks that read tensor values run only eagerly.
 
         Args:
             input_ids: `[B, L]` token ids, left or right padded, with or without a final `[EMB]` (appended here
@@ -524,14 +543,19 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
         Returns:
             [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` in `pooler_output` (not normalised) and the LM's last
-            hidden states in `last_hidden_state`.
+            hidden states `[B, L + 1, H]` (right padded, `[EMB]` appended) in `last_hidden_state`.
         """
-        ids, mask, lengths = self._embedding_inputs(input_ids, attention_mask)
-        position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        emb_id = self._require_token_id("emb_token_id")
+        self._check_text_inputs(input_ids, attention_mask)
+        ids, mask, lengths = self._embedding_inputs(input_ids, attention_mask, emb_id)
+        position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)  # [B, L + 1]
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        if context is not None:
+            position_ids = position_ids.clamp(max=context - 1)  # only the padding column can pass the context
         hidden = self.get_decoder()(
             input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # [B, L', H]
-        at_emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # [B, H]
+        ).last_hidden_state  # [B, L + 1, H]
+        at_emb = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)  # [B, H]
         return MMGEMFeaturesOutput(last_hidden_state=hidden, pooler_output=self.text_projection(at_emb))
 
     # ------------------------------------------------------------------ captioning inputs
@@ -544,20 +568,28 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         if input_ids is None or self.config.image_token_id is None:
             return inputs_embeds
         placeholders = input_ids == self.config.image_token_id  # [N, L]
-        if not placeholders.any():
-            return inputs_embeds  # decoding steps after the prefill see only new tokens
+        if not _skip_value_checks() and input_ids.shape[1] > 1:
+            # Checked on prompts only: a decoding step (one new token, no placeholder) must not wait for the device.
+            self._check_placeholders(placeholders, visual_tokens)
         if visual_tokens is None:
+            return inputs_embeds
+        # No branch on the placeholder count: with none (decoding steps) masked_scatter changes nothing.
+        return inputs_embeds.masked_scatter(placeholders[..., None], visual_tokens.to(inputs_embeds.dtype))
+
+    def _check_placeholders(self, placeholders: torch.Tensor, visual_tokens: torch.Tensor | None) -> None:
+        """The `<image>` placeholders [N, L] must match the visual tokens [N_vis, K, H] one to one."""
+        count = int(placeholders.sum())
+        if count and visual_tokens is None:
             raise ValueError(
                 "`input_ids` contains `<image>` placeholders but neither `pixel_values` nor `visual_tokens` were given."
             )
-        expected = visual_tokens.shape[0] * visual_tokens.shape[1]
-        if int(placeholders.sum()) != expected:
+        expected = 0 if visual_tokens is None else visual_tokens.shape[0] * visual_tokens.shape[1]
+        if count and count != expected:
             raise ValueError(
-                f"`input_ids` has {int(placeholders.sum())} `<image>` placeholders but {visual_tokens.shape[0]} "
+                f"`input_ids` has {count} `<image>` placeholders but {visual_tokens.shape[0]} "
                 f"images/regions x {visual_tokens.shape[1]} visual tokens = {expected} were computed; each sequence "
                 f"needs exactly {self.config.num_image_tokens} placeholders per image or region."
             )
-        return inputs_embeds.masked_scatter(placeholders[..., None], visual_tokens.to(inputs_embeds.dtype))
 
     @staticmethod
     def _check_caption_rows(
