@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_mmgem import MMGEMConfig
 from .loss_mmgem import caption_loss, contrastive_loss
+from .pipeline_mmgem import custom_pipelines_config
 from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, box_problem, cache_argument, too_many_boxes
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
@@ -329,6 +330,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         auto_map = dict(getattr(config, "auto_map", None) or {})
         auto_map.setdefault("AutoModelForImageTextToText", f"modeling_mmgem.{type(self).__name__}")
         config.auto_map = auto_map
+        # transformers' pipelines for the four tasks the model serves (pipeline_mmgem.py travels with this file).
+        config.custom_pipelines = {**custom_pipelines_config(), **(getattr(config, "custom_pipelines", None) or {})}
         self.post_init()
 
     # ------------------------------------------------------------------ embeddings plumbing (resize, tying, PEFT)

@@ -27,6 +27,24 @@ IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 IGNORE_INDEX = -100
 
+# The chat form of captioning (transformers' image-text-to-text pipeline, `apply_chat_template`): a user message
+# holding ONE image becomes the caption prompt; MM-GEM takes no instruction, so text in a user or system message is
+# refused rather than ignored; a final assistant message (`continue_final_message=True`) is the caption's beginning.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set parts = message['content'] if message['content'] is not string "
+    "else [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- for part in parts -%}"
+    "{%- if message['role'] == 'assistant' and part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- elif part['type'] == 'image' -%}<image>[CAP]"
+    "{%- elif part['type'] == 'text' and part['text'] | trim -%}"
+    "{{ raise_exception('MM-GEM captions images without an instruction: put only the image in the user message "
+    "(text in a user or system message is not supported; an assistant message can start the caption).') }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endfor -%}"
+)
+
 
 # ---------------------------------------------------------------------------------------------- special tokens
 def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[str, int]:
@@ -401,7 +419,7 @@ class MMGEMProcessor(ProcessorMixin):
     ) -> None:
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     # ------------------------------------------------------------------ tokens
     def _special_ids(self) -> dict[str, int]:
@@ -512,6 +530,29 @@ class MMGEMProcessor(ProcessorMixin):
         input_ids, attention_mask = self._batch(rows, special["pad"])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self._pad(label_rows, IGNORE_INDEX)}
 
+    def chat_prompt_inputs(self, images: Any, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """Caption prompts rendered by the chat template (`<image>[CAP]`, optionally a caption beginning), one image
+        each: `pixel_values`, and `input_ids` / `attention_mask` (left padded) with `<bos>` and K placeholders."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        flat = []
+        for item in images if isinstance(images, (list, tuple)) else [images]:
+            flat.extend(item if isinstance(item, (list, tuple)) else [item])
+        if len(flat) != len(prompts):
+            raise ValueError(f"the chat form takes one image per conversation; got {len(flat)} for {len(prompts)}.")
+        special = self._special_ids()
+        rows = []
+        for i, prompt in enumerate(prompts):
+            tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if tokens[: len(self._bos())] == self._bos():
+                tokens = tokens[len(self._bos()) :]
+            if tokens.count(special["image"]) != 1:
+                raise ValueError(f"`text[{i}]` must hold exactly one `{IMAGE_TOKEN}` (one image per conversation).")
+            at = tokens.index(special["image"])
+            rows.append(self._bos() + tokens[:at] + [special["image"]] * self.num_image_tokens + tokens[at + 1 :])
+        input_ids, attention_mask = self._batch(rows, special["pad"], left=True)
+        pixel_values, _ = self._prepare_images(flat, None)
+        return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+
     # ------------------------------------------------------------------ images
     def _prepare_images(
         self, images: Any, boxes: Any | None, allow_references: bool = True
@@ -570,6 +611,10 @@ class MMGEMProcessor(ProcessorMixin):
         max_length = max_length if max_length is not None else text_kwargs.get("max_length")
         if images is None and text is None:
             raise ValueError("Give `images`, `text`, or both.")
+        texts_list = [text] if isinstance(text, str) else text
+        if images is not None and texts_list and all(isinstance(t, str) and IMAGE_TOKEN in t for t in texts_list):
+            # Prompts rendered by `apply_chat_template`: a caption holds no `<image>`, so the two cannot be confused.
+            return BatchFeature(self.chat_prompt_inputs(images, text))
         if images is None:
             if boxes is not None:
                 raise ValueError("`boxes` need `images`.")
@@ -635,6 +680,11 @@ class MMGEMProcessor(ProcessorMixin):
             start = len(row) - row[::-1].index(cap) if cap in row else 0
             captions.append(self.tokenizer.decode(row[start:], skip_special_tokens=True).strip())
         return captions
+
+    def post_process_image_text_to_text(self, generated_outputs: Any, skip_special_tokens: bool = True, **kwargs: Any):
+        """Captions of `generate` outputs, as `decode_captions` (what the image-text-to-text pipeline returns)."""
+        ids = torch.as_tensor(generated_outputs)
+        return self.decode_captions(ids if ids.ndim == 2 else ids[None])
 
     def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -1,0 +1,152 @@
+"""transformers pipelines for MM-GEM, registered in the model folder through `config.custom_pipelines`.
+
+    pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+    pipeline("image-text-to-text", model=folder, trust_remote_code=True)      # captions; also the chat form
+    pipeline("image-feature-extraction", model=folder, trust_remote_code=True)  # image embeddings
+    pipeline("feature-extraction", model=folder, trust_remote_code=True)        # text embeddings
+
+Each subclasses the stock pipeline of its task (same call signature, options and output format) and feeds the model
+through `MMGEMProcessor`, so the token layouts (`<bos> text [EMB]`, `<bos> <image>*K [CAP]`) are the model's own.
+
+This file is remote code: it travels to the Hub next to the weights and imports only transformers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    FeatureExtractionPipeline,
+    ImageFeatureExtractionPipeline,
+    ImageTextToTextPipeline,
+    ZeroShotImageClassificationPipeline,
+)
+from transformers.image_utils import load_image, valid_images
+
+# task -> pipeline class in this file; written to `config.custom_pipelines` by the model.
+PIPELINE_CLASSES = {
+    "zero-shot-image-classification": "MMGEMZeroShotImageClassificationPipeline",
+    "image-text-to-text": "MMGEMImageTextToTextPipeline",
+    "image-feature-extraction": "MMGEMImageFeatureExtractionPipeline",
+    "feature-extraction": "MMGEMTextFeatureExtractionPipeline",
+}
+
+
+def custom_pipelines_config() -> dict[str, dict[str, Any]]:
+    """The `custom_pipelines` entry of config.json: each task served by its class here, on `AutoModel`."""
+    return {
+        task: {"impl": f"pipeline_mmgem.{name}", "pt": ["AutoModel"], "type": "multimodal"}
+        for task, name in PIPELINE_CLASSES.items()
+    }
+
+
+class _MMGEMPipelineMixin:
+    """Loads the MM-GEM processor and skips the stock model-type check (the model is remote code)."""
+
+    _load_processor = True
+    _load_tokenizer = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+
+    def check_model_type(self, supported_models: Any) -> None:
+        if not hasattr(self.model, "get_text_features") or not hasattr(self.model, "get_image_features"):
+            raise ValueError(f"{type(self).__name__} needs an MM-GEM model; got {type(self.model).__name__}.")
+
+    def _pixel_values(self, image: Any, timeout: float | None) -> torch.Tensor:
+        return self.processor(images=[load_image(image, timeout=timeout)])["pixel_values"].to(self.dtype)
+
+
+class MMGEMZeroShotImageClassificationPipeline(_MMGEMPipelineMixin, ZeroShotImageClassificationPipeline):
+    """Scores = softmax over the labels of `logit_scale * cos(image embedding, embedding of the templated label)`,
+    so they rank the labels exactly as the cosine similarities do. `hypothesis_template` (default
+    `"This is a photo of {}."`) and `tokenizer_kwargs` (`truncation`, `max_length`) are honoured."""
+
+    def preprocess(
+        self,
+        image: Any,
+        candidate_labels: list[str] | None = None,
+        hypothesis_template: str = "This is a photo of {}.",
+        timeout: float | None = None,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        if not candidate_labels:
+            raise ValueError("`candidate_labels` must be a non-empty list of label strings.")
+        texts = [hypothesis_template.format(label) for label in candidate_labels]
+        text_inputs = self.processor(text=texts, **(tokenizer_kwargs or {}))
+        # Wrapped in a list so that the pipeline's batching does not collate the label texts of different images.
+        return {
+            "pixel_values": self._pixel_values(image, timeout),
+            "candidate_labels": candidate_labels,
+            "text_inputs": [dict(text_inputs)],
+        }
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        candidate_labels = model_inputs.pop("candidate_labels")
+        text_inputs = model_inputs.pop("text_inputs")
+        text_inputs = text_inputs[0] if isinstance(text_inputs[0], dict) else text_inputs[0][0]
+        text_inputs = {k: v.to(self.device) for k, v in text_inputs.items()}
+        image_embeds = self.model.get_image_features(model_inputs["pixel_values"]).pooler_output  # [1, D]
+        text_embeds = self.model.get_text_features(**text_inputs).pooler_output  # [labels, D]
+        cosine = F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float(), dim=-1).T
+        return {"candidate_labels": candidate_labels, "logits": self.model.logit_scale().float() * cosine}
+
+
+class MMGEMImageTextToTextPipeline(_MMGEMPipelineMixin, ImageTextToTextPipeline):
+    """Captions. `pipe(images=image)` (no prompt: MM-GEM captions without one) returns the caption that
+    `model.generate(**processor(images=image))` gives; generation options (`max_new_tokens`, `num_beams`,
+    `generate_kwargs`) pass through. The chat form `pipe(text=[{"role": "user", "content": [{"type": "image",
+    "image": image}]}])` renders the processor's chat template (`<bos> <image> [CAP]`) and gives the same caption;
+    an assistant message with `continue_final_message=True` gives the beginning of the caption."""
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
+        if text is None and images is not None and valid_images(images):
+            if isinstance(images, (list, tuple)):
+                return [
+                    super(ImageTextToTextPipeline, self).__call__({"images": image, "text": None}, **kwargs)
+                    for image in images
+                ]
+            return super(ImageTextToTextPipeline, self).__call__({"images": images, "text": None}, **kwargs)
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def preprocess(self, inputs: Any = None, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+        if isinstance(inputs, dict) and inputs.get("text") is None and "images" in inputs:
+            model_inputs = self.processor(images=load_image(inputs["images"], timeout=timeout)).to(dtype=self.dtype)
+            model_inputs["text"] = ""  # no prompt text: the full text is the caption
+            return model_inputs
+        return super().preprocess(inputs, timeout=timeout, **kwargs)
+
+
+class MMGEMImageFeatureExtractionPipeline(_MMGEMPipelineMixin, ImageFeatureExtractionPipeline):
+    """The image embedding `get_image_features(...).pooler_output` (not normalised), shape `[1, projection_dim]` per
+    image (`return_tensors=True` for a tensor). `pool` is accepted for compatibility: the output is always the pooled
+    embedding."""
+
+    def preprocess(self, image: Any, timeout: float | None = None, **image_processor_kwargs: Any) -> dict[str, Any]:
+        return {"pixel_values": self._pixel_values(image, timeout)}
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"embeds": self.model.get_image_features(model_inputs["pixel_values"]).pooler_output}
+
+    def postprocess(self, model_outputs: dict[str, Any], pool: bool | None = None, return_tensors: bool = False) -> Any:
+        embeds = model_outputs["embeds"]
+        return embeds if return_tensors else embeds.tolist()
+
+
+class MMGEMTextFeatureExtractionPipeline(_MMGEMPipelineMixin, FeatureExtractionPipeline):
+    """The text embedding `get_text_features(...).pooler_output` (not normalised), shape `[1, projection_dim]` per
+    text, never vocabulary logits. `truncation` / `tokenize_kwargs` (`max_length`) go to the processor."""
+
+    def preprocess(self, inputs: str, **tokenize_kwargs: Any) -> dict[str, Any]:
+        return dict(self.processor(text=inputs, **tokenize_kwargs))
+
+    def _forward(self, model_inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"embeds": self.model.get_text_features(**model_inputs).pooler_output}
+
+    def postprocess(self, model_outputs: dict[str, Any], return_tensors: bool = False) -> Any:
+        embeds = model_outputs["embeds"]
+        return embeds if return_tensors else embeds.tolist()
+
+
+__all__ = list(PIPELINE_CLASSES.values()) + ["PIPELINE_CLASSES", "custom_pipelines_config"]
