@@ -46,6 +46,7 @@ REQUIRED_FILES = (
     "modeling_mmgem.py",
     "processing_mmgem.py",
     "loss_mmgem.py",
+    "pipeline_mmgem.py",
     "processor_config.json",
     "tokenizer_config.json",
     "modules.json",
@@ -63,6 +64,8 @@ EXPORT_FILE_PATTERNS = (
     "*.model",  # sentencepiece tokenizers
     "*.txt",  # merges / vocab files of some tokenizers
     "*.tiktoken",
+    "*.onnx",  # `mmgem export-onnx` (text_model.onnx, vision_model.onnx)
+    "*.onnx.data",  # their external weights, for models over 2 GB
 )
 # Remote files a push replaces even when this export does not have them (see `_stale_weight_deletions`).
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
@@ -198,6 +201,19 @@ with torch.no_grad():
     regions = processor(images=[image], boxes=[[[10, 20, 200, 180]]])
     region_embeds = model.get_image_features(regions["pixel_values"], boxes=regions["boxes"]).pooler_output
     print(processor.decode_captions(model.generate(**regions, max_new_tokens=30)))
+```
+
+## Usage with transformers pipelines
+
+```python
+from transformers import pipeline
+
+classify = pipeline("zero-shot-image-classification", model="{{ repo_id }}", trust_remote_code=True)
+classify("photo.jpg", candidate_labels=["dog", "cat"], hypothesis_template="a photo of a {}")
+caption = pipeline("image-text-to-text", model="{{ repo_id }}", trust_remote_code=True)
+caption(images="photo.jpg", max_new_tokens=30)  # no prompt; or the chat form with a user message holding the image
+pipeline("image-feature-extraction", model="{{ repo_id }}", trust_remote_code=True)("photo.jpg")  # image embedding
+pipeline("feature-extraction", model="{{ repo_id }}", trust_remote_code=True)("a photo of a dog")  # text embedding
 ```
 
 ## Usage with sentence-transformers
