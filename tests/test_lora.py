@@ -278,10 +278,8 @@ def test_adapter_loads_through_auto_classes(trained, folder, batch):
     expected = outputs(peft_model, batch)
     auto_model = AutoModel.from_pretrained(adapter_dir, trust_remote_code=True)
     assert_same_outputs(outputs(auto_model, batch), expected, atol=1e-6)
-    # PEFT imports the base class named in adapter_config.json: the Hub copy of the code (transformers_modules) or,
-    # where mmgem is installed and imported, the package itself.
-    allow = ["transformers_modules", "modeling_mmgem"]
-    auto_peft = AutoPeftModel.from_pretrained(adapter_dir, import_allowlist=allow)
+    # The adapter names transformers.AutoModel as its base class, so PEFT's default import allowlist suffices.
+    auto_peft = AutoPeftModel.from_pretrained(adapter_dir, trust_remote_code=True)
     assert_same_outputs(outputs(auto_peft, batch), expected, atol=1e-6)
 
 
@@ -400,3 +398,46 @@ def test_merged_model_and_adapter_export_with_the_conversion_script(trained, fol
         st = SentenceTransformer(str(exported), trust_remote_code=True)  # exported folders are ST models too
         embeddings = st.encode(CAPTIONS, convert_to_tensor=True)
         torch.testing.assert_close(embeddings, expected.text_embeds, atol=1e-5, rtol=0, msg=name)
+
+
+AUTO_PEFT_SCRIPT = """
+import json, torch
+from peft import AutoPeftModel
+from transformers import AutoProcessor
+adapter, base, expected_file = {adapter!r}, {base!r}, {expected!r}
+assert json.load(open(adapter + "/adapter_config.json"))["auto_mapping"]["parent_library"].startswith("transformers.")
+model = AutoPeftModel.from_pretrained(adapter, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(base, trust_remote_code=True)
+with torch.no_grad():
+    got = model.get_text_features(**processor(text=["a red circle", "two blue squares"])).pooler_output
+torch.testing.assert_close(got, torch.load(expected_file), rtol=0, atol=1e-5)
+print("OK")
+"""
+
+
+def auto_peft_outside(adapter_dir, base_folder, expected: torch.Tensor, tmp_path) -> None:
+    """`AutoPeftModel.from_pretrained(adapter, trust_remote_code=True)` where mmgem is not installed gives
+    `expected` text embeddings."""
+    from .outside import run_outside
+
+    torch.save(expected, tmp_path / "expected.pt")
+    expected_file = str(tmp_path / "expected.pt")
+    run_outside(
+        AUTO_PEFT_SCRIPT.format(adapter=str(adapter_dir), base=str(base_folder), expected=expected_file), tmp_path
+    )
+
+
+def test_auto_peft_model_loads_in_a_fresh_process(trained, folder, processor, tmp_path):
+    peft_model, adapter_dir, _ = trained
+    with torch.no_grad():
+        expected = peft_model.get_text_features(**processor(text=["a red circle", "two blue squares"])).pooler_output
+    auto_peft_outside(adapter_dir, folder, expected, tmp_path)
+
+
+def test_all_linear_targets_are_warned_about(folder):
+    with pytest.warns(UserWarning, match="vision tower.*mmgem_lora_config"):
+        apply_lora(load_base(folder), config=LoraConfig(r=2, target_modules="all-linear"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(load_base(folder), r=2)  # the MM-GEM config: no warning
+    assert not [w for w in caught if "all-linear" in str(w.message)]

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel
+from transformers import AutoModel, AutoProcessor
 
 from mmgem.cli import main as cli_main
 from mmgem.training.train import MODEL_PRESETS, train
@@ -131,7 +131,14 @@ def test_lora_saves_a_merged_model_and_the_adapter(stage1, dataset, tmp_path):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("language_model.model.layers") for k in changed)  # LoRA merged into the LM
     assert not any(k.startswith("vision_model") for k in changed)  # vision tower frozen by default
-    AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    merged = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    # The adapter alone loads through PEFT's Auto class where mmgem is not installed, and gives the merged model.
+    from .test_lora import auto_peft_outside
+
+    processor = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    with torch.no_grad():
+        expected = merged.get_text_features(**processor(text=["a red circle", "two blue squares"])).pooler_output
+    auto_peft_outside(tmp_path / "lora_adapter", folder, expected, tmp_path)
 
 
 def test_freezing_keeps_the_frozen_parts(stage1, dataset, tmp_path):

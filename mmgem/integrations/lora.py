@@ -12,9 +12,9 @@ Recipe (see the README section "LoRA fine-tuning"):
     merged = peft_model.merge_and_unload()                     # a plain MMGEMModel again: save_pretrained / export
 
 Also `AutoModel.from_pretrained("adapter", trust_remote_code=True)` (transformers loads the base named in
-adapter_config.json, then the adapter) and `peft.AutoPeftModel.from_pretrained("adapter",
-import_allowlist=["transformers_modules", "modeling_mmgem"])` (PEFT imports the base class: the Hub copy of the code,
-or the installed package where mmgem is imported).
+adapter_config.json, then the adapter) and `peft.AutoPeftModel.from_pretrained("adapter", trust_remote_code=True)`,
+in any process, with or without mmgem: adapters from `apply_lora` record `transformers.AutoModel` as their base class
+(see `record_auto_model_base`), not the module the class happened to be imported from.
 
 What the config trains (everything else stays frozen):
 
@@ -34,6 +34,7 @@ What the config trains (everything else stays frozen):
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,44 @@ def apply_lora(
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     expose_tied_weights(model)
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    targets = getattr(config, "target_modules", None)  # PEFT replaces "all-linear" by the names it found
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    warn_if_all_linear(peft_model, targets)
+    record_auto_model_base(peft_model)
+    return peft_model
+
+
+ALL_LINEAR_WARNING = (
+    "`target_modules='all-linear'` adapts {vision} linear layers of the vision tower and {heads} of the projections "
+    "h1/h2/h3 besides the language model, and leaves the new [EMB]/[CAP] embedding rows untrained. For MM-GEM use "
+    "`mmgem.integrations.lora.mmgem_lora_config(model)` (LoRA on the language model; projections, temperature and new "
+    "token rows trained; `train_vision='lora'` to adapt the tower on purpose)."
+)
+
+
+def warn_if_all_linear(peft_model: Any, targets: Any) -> None:
+    """Warn when PEFT's `target_modules="all-linear"` reached the vision tower and the projections."""
+    if not (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return
+    model = _unwrap(peft_model)
+    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    vision = sum(name.startswith("vision_model.") for name in adapted)
+    heads = sum(name.split(".")[0] in PROJECTION_MODULES for name in adapted)
+    if vision or heads:
+        warnings.warn(ALL_LINEAR_WARNING.format(vision=vision, heads=heads), UserWarning, stacklevel=3)
+
+
+def record_auto_model_base(peft_model: Any) -> None:
+    """Make `peft_model.save_pretrained` record `transformers.AutoModel` as the adapter's base class.
+
+    PEFT writes the base model's class and module into adapter_config.json (`auto_mapping`), and
+    `AutoPeftModel.from_pretrained` imports that module. The module of a remote-code model is
+    `transformers_modules.<folder>.<hash>.modeling_mmgem` (or `modeling_mmgem` where mmgem is installed), which does
+    not exist in a fresh process; `transformers.AutoModel` does and loads the base with `trust_remote_code=True`.
+    """
+    from transformers import AutoModel
+
+    peft_model._get_base_model_class = lambda is_prompt_tuning=False: AutoModel
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
