@@ -10,6 +10,7 @@ from mmgem.build import tiny_mmgem
 
 from .outside import run_cli, run_outside
 
+pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow  # two ONNX exports (about 40 s of CPU)
 
 
