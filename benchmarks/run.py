@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks import comparisons, curves
+from benchmarks import comparisons, curves, runtimes
 from benchmarks.report import Record, markdown_table
 from benchmarks.sizes import SIZES, build_bench_model
 from benchmarks.timing import CLOCKS, TimingPlan
@@ -40,6 +40,8 @@ COMPARISONS: dict[str, Callable[[comparisons.SuiteContext], list[Record]]] = {
     "training_step": comparisons.training_step,
     "st_encode": comparisons.sentence_transformers_encode,
     "loading": comparisons.checkpoint_loading,
+    "onnx_encode": runtimes.onnx_encode,
+    "compiled_encode": runtimes.compiled_encode,
 }
 CURVES: dict[str, Callable[[comparisons.SuiteContext], dict[str, Any]]] = {
     "curve_visual_tokens": curves.visual_tokens_curve,

@@ -97,8 +97,8 @@ class MMGEMImageTextToTextPipeline(_MMGEMPipelineMixin, ImageTextToTextPipeline)
     """Captions. `pipe(images=image)` (no prompt: MM-GEM captions without one) returns the caption that
     `model.generate(**processor(images=image))` gives; generation options (`max_new_tokens`, `num_beams`,
     `generate_kwargs`) pass through. The chat form `pipe(text=[{"role": "user", "content": [{"type": "image",
-    "image": image}]}])` renders the processor's chat template (`<bos> <image> [CAP]`) and gives the same caption;
-    an assistant message with `continue_final_message=True` gives the beginning of the caption."""
+    "image": image}]}])` renders the processor's chat template (`<image>[CAP]`, `<bos>` and the K placeholders
+    added by the processor) and gives the same caption; text in a user message is refused."""
 
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
         if text is None and images is not None and valid_images(images):
