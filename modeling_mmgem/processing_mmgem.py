@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -530,9 +531,16 @@ class MMGEMProcessor(ProcessorMixin):
         input_ids, attention_mask = self._batch(rows, special["pad"])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": self._pad(label_rows, IGNORE_INDEX)}
 
+    def _chat_prompt(self, text: Any) -> re.Match | None:
+        """The parts of a prompt the chat template renders (`[<bos>]<image>[CAP]` + a caption beginning), if it is
+        one. A caption never starts with `<image>[CAP]`, so training texts are never taken for prompts."""
+        bos = re.escape(self.tokenizer.bos_token or "")
+        pattern = f"^(?:{bos})?{re.escape(IMAGE_TOKEN + CAP_TOKEN)}(?P<caption_start>.*)$"
+        return re.match(pattern, text, flags=re.DOTALL) if isinstance(text, str) else None
+
     def chat_prompt_inputs(self, images: Any, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
-        """Caption prompts rendered by the chat template (`<image>[CAP]`, optionally a caption beginning), one image
-        each: `pixel_values`, and `input_ids` / `attention_mask` (left padded) with `<bos>` and K placeholders."""
+        """Caption prompts rendered by the chat template, one image each: `pixel_values`, and `input_ids` /
+        `attention_mask` (left padded) `<bos> <image>*K [CAP] caption-start` (the caption start read as plain text)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         flat = []
         for item in images if isinstance(images, (list, tuple)) else [images]:
@@ -540,15 +548,11 @@ class MMGEMProcessor(ProcessorMixin):
         if len(flat) != len(prompts):
             raise ValueError(f"the chat form takes one image per conversation; got {len(flat)} for {len(prompts)}.")
         special = self._special_ids()
+        prompt = self._bos() + [special["image"]] * self.num_image_tokens + [special["cap"]]
         rows = []
-        for i, prompt in enumerate(prompts):
-            tokens = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            if tokens[: len(self._bos())] == self._bos():
-                tokens = tokens[len(self._bos()) :]
-            if tokens.count(special["image"]) != 1:
-                raise ValueError(f"`text[{i}]` must hold exactly one `{IMAGE_TOKEN}` (one image per conversation).")
-            at = tokens.index(special["image"])
-            rows.append(self._bos() + tokens[:at] + [special["image"]] * self.num_image_tokens + tokens[at + 1 :])
+        for text in prompts:
+            start = self._chat_prompt(text)["caption_start"]
+            rows.append(prompt + (self._tokenize_texts([start], "text")[0] if start.strip() else []))
         input_ids, attention_mask = self._batch(rows, special["pad"], left=True)
         pixel_values, _ = self._prepare_images(flat, None)
         return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
@@ -612,9 +616,9 @@ class MMGEMProcessor(ProcessorMixin):
         if images is None and text is None:
             raise ValueError("Give `images`, `text`, or both.")
         texts_list = [text] if isinstance(text, str) else text
-        if images is not None and texts_list and all(isinstance(t, str) and IMAGE_TOKEN in t for t in texts_list):
-            # Prompts rendered by `apply_chat_template`: a caption holds no `<image>`, so the two cannot be confused.
-            return BatchFeature(self.chat_prompt_inputs(images, text))
+        if images is not None and isinstance(texts_list, (list, tuple)) and texts_list:
+            if all(self._chat_prompt(t) is not None for t in texts_list):  # rendered by `apply_chat_template`
+                return BatchFeature(self.chat_prompt_inputs(images, text))
         if images is None:
             if boxes is not None:
                 raise ValueError("`boxes` need `images`.")
