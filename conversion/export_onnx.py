@@ -189,10 +189,12 @@ def export_onnx(
         `{"text_model": path, "vision_model": path, "max_abs_diff": {"text": ..., "vision": ...}}`.
     """
     from mmgem.errors import checking_user_input
-    from mmgem.loading import load_model
+    from mmgem.loading import check_hub_id, load_model
 
     with checking_user_input():  # every argument is checked before the (long) export starts
         local = Path(model).expanduser()
+        if not local.is_dir():
+            check_hub_id(str(model), "--model")
         if output_dir is None:
             if not local.is_dir():
                 raise FileNotFoundError(

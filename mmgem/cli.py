@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,8 +90,42 @@ def run_command(name: str, argv: Sequence[str], debug: bool = False) -> int:
     except Exception as error:
         if debug or not is_user_error(error):
             raise
-        print(f"mmgem {name}: error: {one_line(error)}", file=sys.stderr)
+        message = in_cli_terms(one_line(error), command_flags(name), argv)
+        print(f"mmgem {name}: error: {message}", file=sys.stderr)
         return 2
+
+
+def command_flags(name: str) -> list[str]:
+    """The long options of subcommand `name` as typed (`--from-scratch`), from its module's `build_parser()`."""
+    module = importlib.import_module(COMMANDS[name].module)
+    build_parser = getattr(module, "build_parser", None)
+    if build_parser is None:
+        return []
+    try:
+        parser = build_parser()
+    except Exception:  # a parser that cannot be built must not hide the user's error
+        return []
+    flags = []
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        dashed = [o for o in long if "_" not in o]
+        flags += dashed[:1] or long[:1]
+    return flags
+
+
+def in_cli_terms(message: str, flags: Sequence[str], argv: Sequence[str]) -> str:
+    """A user-error message in the words of the command line: the library names parameters (`from_scratch`,
+    "pass overwrite=True"), the user typed flags (`--from-scratch`, `--overwrite`). A message that names no flag but
+    starts with the value the user gave a flag (a data file's bad records) gets that flag in front."""
+    for flag in flags:
+        parameter = flag[2:].replace("-", "_")
+        message = message.replace(f"`{parameter}`", f"`{flag}`")
+        message = re.sub(rf"(?<![\w-]){re.escape(parameter)}=True\b", flag, message)
+    if not any(flag in message for flag in flags):
+        for flag, value in zip(argv, argv[1:]):
+            if flag in flags and value and message.startswith(value):
+                return f"`{flag}` {message}"
+    return message
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mmgem.errors import checking_user_input
+
 # `auto_map` entries an MM-GEM export carries itself: they name the installed classes, which run without opt-in.
 OWN_AUTO_MAP = {
     "AutoConfig": "configuration_mmgem.MMGEMConfig",
@@ -65,6 +67,23 @@ def foreign_code_references(folder: str | os.PathLike[str]) -> list[str]:
     return found
 
 
+def check_hub_id(path: str | os.PathLike[str], argument: str = "model") -> None:
+    """Raise a FileNotFoundError naming `argument` when `path` is not a folder and cannot be a Hub repo id either
+    (`/models/x`, `./x`, `~/x`, an existing file): checked before the string is sent to the Hub as a repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = os.fspath(path)
+    expected = "expected an MM-GEM folder or a Hub repo id such as `org/name`"
+    if Path(text).expanduser().exists():
+        raise NotADirectoryError(f"`{argument}` {text} is a file; {expected}.")
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise FileNotFoundError(f"`{argument}` {text}: no such folder ({expected}).") from None
+    if text.startswith((".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"`{argument}` {text}: no such folder ({expected}).")
+
+
 def check_model_folder(path: str | os.PathLike[str], argument: str = "model", trust_remote_code: bool = False) -> None:
     """Raise a ValueError naming `argument` unless the local folder `path` holds an MM-GEM model.
 
@@ -74,6 +93,7 @@ def check_model_folder(path: str | os.PathLike[str], argument: str = "model", tr
     """
     folder = Path(path)
     if not folder.is_dir():
+        check_hub_id(path, argument)
         return
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -148,7 +168,8 @@ def load_model(
     from modeling_mmgem.modeling_mmgem import MMGEMModel
     from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
-    check_model_folder(path, argument, trust_remote_code)
+    with checking_user_input():  # the path and the folder's contents are the user's input
+        check_model_folder(path, argument, trust_remote_code)
     try:
         processor = MMGEMProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ValueError as error:
@@ -156,8 +177,9 @@ def load_model(
             raise _remote_code_error(error, argument) from error
         raise
     config = MMGEMModel.config_class.from_pretrained(str(path))
-    check_tokenizer_matches(config, processor.tokenizer, argument)
+    with checking_user_input():
+        check_tokenizer_matches(config, processor.tokenizer, argument)
     return MMGEMModel.from_pretrained(str(path), config=config), processor
 
 
-__all__ = ["check_model_folder", "check_tokenizer_matches", "foreign_code_references", "load_model"]
+__all__ = ["check_hub_id", "check_model_folder", "check_tokenizer_matches", "foreign_code_references", "load_model"]

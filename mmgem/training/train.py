@@ -551,5 +551,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_arguments(argv)  # TrainingArguments checks its own options in __post_init__
     result = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"Saved the trained MM-GEM to {result.output_dir}")
+        print(saved_message(args, Path(result.output_dir)))
     return 0
+
+
+def saved_message(args: MMGEMTrainingArguments, output_dir: Path) -> str:
+    """Where the result is: the merged model, or with `--lora --no-merge-lora` only the adapter."""
+    if args.lora and not args.merge_lora:
+        adapter = output_dir / "lora_adapter"
+        return (
+            f"Saved the LoRA adapter to {adapter} (not merged: --no-merge-lora); load it with "
+            f"peft.AutoPeftModel.from_pretrained({str(adapter)!r}, trust_remote_code=True) or merge it with "
+            f"`mmgem convert --from-checkpoint {adapter} --output-dir MERGED`"
+        )
+    adapter = " (the LoRA adapter in lora_adapter/)" if args.lora else ""
+    return f"Saved the trained MM-GEM to {output_dir}{adapter}"
