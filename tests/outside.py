@@ -43,3 +43,16 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", "mmgem.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def saved_tiny_folder(path: Path) -> Path:
+    """A tiny random MM-GEM (seed 0) saved with its processor at `path`, as `save_pretrained` exports it."""
+    import torch
+
+    from mmgem.build import tiny_mmgem
+
+    torch.manual_seed(0)
+    model, processor = tiny_mmgem()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

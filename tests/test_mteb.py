@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmgem.build import tiny_mmgem
-
 from .conftest import random_images
+from .outside import saved_tiny_folder
 
 mteb = pytest.importorskip("mteb")
 pytestmark = pytest.mark.fast
@@ -20,12 +19,7 @@ LABELS = ["circle", "square", "star"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mteb") / "tiny-mmgem"
-    torch.manual_seed(0)
-    model, processor = tiny_mmgem()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return saved_tiny_folder(tmp_path_factory.mktemp("mteb") / "tiny-mmgem")
 
 
 @pytest.fixture(scope="module")

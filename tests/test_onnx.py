@@ -4,11 +4,8 @@ equal get_text_features / get_image_features on batches of mixed lengths padded 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from mmgem.build import tiny_mmgem
-
-from .outside import run_cli, run_outside
+from .outside import run_cli, run_outside, saved_tiny_folder
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow  # two ONNX exports (about 40 s of CPU)
@@ -16,11 +13,7 @@ pytestmark = pytest.mark.slow  # two ONNX exports (about 40 s of CPU)
 
 @pytest.fixture(scope="module")
 def onnx_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("onnx") / "tiny-mmgem"
-    torch.manual_seed(0)
-    model, processor = tiny_mmgem()
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = saved_tiny_folder(tmp_path_factory.mktemp("onnx") / "tiny-mmgem")
     result = run_cli("export-onnx", "--model", str(folder), cwd=folder.parent)
     assert result.returncode == 0, result.stdout + result.stderr
     return folder

@@ -6,23 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from mmgem.build import tiny_mmgem
-
-from .outside import run_outside
+from .outside import run_outside, saved_tiny_folder
 
 pytestmark = pytest.mark.fast
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipelines") / "tiny-mmgem"
-    torch.manual_seed(0)
-    model, processor = tiny_mmgem()
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return saved_tiny_folder(tmp_path_factory.mktemp("pipelines") / "tiny-mmgem")
 
 
 def test_folder_registers_the_four_pipelines(folder):
