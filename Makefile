@@ -10,13 +10,13 @@ MIN_TRANSFORMERS ?= 5.18.0
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
-.PHONY: venv test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
+.PHONY: venv chromium test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,onnx,mteb,search]"
+	$(PIP) install -q -e ".[dev,notebooks,onnx,mteb,search,app]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,10 +24,15 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv lint
+test: venv lint chromium
 	$(PY) -m pytest $(PYTEST_FLAGS)
 	$(MAKE) test-notebooks
 	$(MAKE) test-min
+
+# Debian's chromium for the browser test of the web app (tests/test_app.py); CI runs as root on a fresh machine.
+CHROMIUM ?= /usr/bin/chromium
+chromium:
+	@test -x $(CHROMIUM) || { apt-get update && apt-get install -y chromium; }
 
 # The notebooks, executed top to bottom on a tiny model (pytest --nbmake).
 test-notebooks: venv
@@ -41,7 +46,7 @@ $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,onnx,mteb,search]" "transformers==$(MIN_TRANSFORMERS)"
+	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,onnx,mteb,search,app]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
 test-min: $(MIN_VENV)/.installed

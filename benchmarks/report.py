@@ -43,12 +43,12 @@ class Record:
 
 
 def target_met(ratio: float, target: str) -> bool | None:
-    """Whether `ratio` meets a target written as `"<= x"` or `"< x"`; None for anything else (report only)."""
+    """Whether `ratio` meets a target written as `"<= x"`, `"< x"` or `">= x"` (a recall); None for anything else."""
     parts = target.split()
-    if len(parts) != 2 or parts[0] not in ("<=", "<"):
+    if len(parts) != 2 or parts[0] not in ("<=", "<", ">="):
         return None
     bound = float(parts[1])
-    return ratio <= bound if parts[0] == "<=" else ratio < bound
+    return {"<=": ratio <= bound, "<": ratio < bound, ">=": ratio >= bound}[parts[0]]
 
 
 def _format_value(value: float, unit: str) -> str:

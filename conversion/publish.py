@@ -30,6 +30,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, Mo
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
+from mmgem.app.space import space_card_metadata, write_space_files
 from mmgem.integrations.lora import mmgem_lora_config
 from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 from modeling_mmgem.utils_mmgem import DEFAULT_MAX_CAPTION_TOKENS
@@ -52,6 +53,7 @@ REQUIRED_FILES = (
     "modules.json",
     "sentence_bert_config.json",
     "README.md",
+    "app.py",
 )
 PAPER = "https://arxiv.org/abs/2405.19333"
 # What an export writes (see `write_folder`), as patterns of paths inside the folder: a push carries these only.
@@ -256,6 +258,12 @@ Merge the adapter and publish the result as a standalone model:
 mmgem-convert --from-checkpoint my-adapter --base-model {{ repo_id }} --output-dir my-mmgem --push-to-hub you/my-mmgem
 ```
 
+## Try it in the browser
+
+`app.py` is a Gradio app (captions, zero-shot labels, region captions, search over uploaded images): run
+`pip install -r requirements.txt && python app.py` in this folder, or use the folder as a Gradio Space (the metadata
+above names the SDK and `app_file`).
+
 ## How this model was made
 
 With `conversion/convert_mmgem.py` of the mmgem project: the components were loaded with their stock transformers
@@ -314,6 +322,7 @@ def build_model_card(model: Any, info: CardInfo, model_name: str) -> ModelCard:
             "sentence-transformers",
             "custom_code",
         ],
+        **space_card_metadata(),  # the folder also runs as a Gradio Space (app.py)
     )
     dropped_prefixes = sorted({key.split(".")[0] for key in info.dropped_keys})
     return ModelCard.from_template(
@@ -523,6 +532,7 @@ def write_folder(model: Any, processor: Any, folder: Path, card: ModelCard, max_
     logger.info("Saving the processor, the sentence-transformers files and the model card")
     processor.save_pretrained(folder)
     write_sentence_transformers_files(folder)
+    write_space_files(folder)
     card.save(folder / "README.md")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -39,11 +38,12 @@ SAVE_ANN_EVERY_S = 120.0  # the ANN cache is rewritten at most this often (and a
 
 
 def model_fingerprint(model: Any, name_or_path: str) -> dict[str, Any]:
-    """What identifies the model an index was built with: its name, config and image-projection weights."""
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for tensor in model.image_projection.state_dict().values():
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    """What identifies the embedding space of a model: a hash of its image and text projection weights (h1, h3),
+    which any training changes and saving or reloading keeps; plus its name and the embedding size."""
+    digest = hashlib.sha256(str(model.config.projection_dim).encode())
+    for module in (model.image_projection, model.text_projection):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
     return {"name_or_path": name_or_path, "fingerprint": digest.hexdigest()[:16], "dim": model.config.projection_dim}
 
 

@@ -1,0 +1,174 @@
+"""Search benchmarks: indexing throughput, query latency of the FAISS HNSW index against an exact torch matmul, and
+the index's recall@10 against exact search.
+
+    python benchmarks/search.py                      # --size small, 10k and 100k vectors (a few minutes on 2 cores)
+    python benchmarks/search.py --quick              # --size tiny, 2k and 10k vectors (under a minute)
+
+- `indexing`: `mmgem.search.index_images` on a folder of drawn images (decode, embed, grid regions, append, ANN add)
+  against the bare embedding of the same images (processor + get_image_features), images per second side by side.
+- `query_latency_<n>`: one query (k=10) against n unit vectors: `VectorStore.search` (FAISS HNSW with the index
+  defaults, results as `Hit`s) against `torch.topk(vectors @ query)`, interleaved; the ratio is ours / exact (lower
+  is better). `ann_only_latency_<n>`: the FAISS call alone against the same matmul.
+- `recall@10_<n>`: mean overlap of the index's top 10 with the exact top 10 over held-out queries (target >= 0.99).
+
+The vectors are drawn around 200 random centres (clustered, as real embeddings are) in the model's projection
+dimension; queries come from the same distribution. Results go to `--output` (default
+`benchmarks/results/search-<size>/`): `results.json`, `table.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `mmgem` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from benchmarks.report import Record, markdown_table, write_json_atomic, write_text_atomic
+from benchmarks.sizes import SIZES, build_bench_model
+from benchmarks.timing import TimingPlan, interleaved, median
+from mmgem.search import VectorStore, index_images
+from mmgem.search.store import faiss_threads
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECALL_TARGET = 0.99
+
+
+def clustered_unit_vectors(count: int, dim: int, rng: np.random.Generator, centres: np.ndarray) -> np.ndarray:
+    """`count` unit vectors [count, dim] scattered around `centres`."""
+    points = centres[rng.integers(0, len(centres), count)] + 0.5 * rng.standard_normal((count, dim))
+    points = points.astype(np.float32)
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def build_store(folder: Path, vectors: np.ndarray) -> tuple[VectorStore, float]:
+    """An index folder holding `vectors` as image rows (appended in chunks, as `mmgem index` does); build seconds."""
+    store = VectorStore.create(folder, vectors.shape[1], {"name_or_path": "benchmark", "fingerprint": "-"})
+    start = time.perf_counter()
+    chunk = 4096
+    for begin in tqdm(range(0, len(vectors), chunk), desc=f"Building {len(vectors)}", leave=False):
+        rows = vectors[begin : begin + chunk]
+        items = [{"path": f"v{begin + i}", "kind": "image", "file_rows": 1} for i in range(len(rows))]
+        store.append(rows, items)
+    store.save_ann()
+    return store, time.perf_counter() - start
+
+
+def recall_at_10(store: VectorStore, vectors: torch.Tensor, queries: np.ndarray) -> float:
+    exact = torch.topk(torch.from_numpy(queries) @ vectors.T, 10, dim=1).indices.numpy()  # [Q, 10]
+    found = [[h.row for h in hits] for hits in store.search(queries, "image", 10)]
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
+
+
+def query_benchmarks(count: int, dim: int, plan: TimingPlan, seed: int, workdir: Path) -> list[Record]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((200, dim))
+    data = clustered_unit_vectors(count, dim, rng, centres)
+    queries = clustered_unit_vectors(200, dim, rng, centres)
+    with faiss_threads(torch.get_num_threads()):  # building alone: FAISS may use every core
+        store, build_s = build_store(workdir / f"store-{count}", data)
+    vectors = torch.from_numpy(data)
+    query = queries[0]
+    query_t = torch.from_numpy(query)
+
+    def ours() -> Any:
+        return store.search(query, "image", 10)
+
+    def ann_only() -> Any:
+        return store.anns["image"].search(query[None], 10)
+
+    def exact() -> Any:
+        return torch.topk(vectors @ query_t, 10)
+
+    with faiss_threads(1):
+        samples = interleaved({"ours": ours, "ann": ann_only, "exact": exact}, torch.device("cpu"), plan)
+        recall = recall_at_10(store, vectors, queries)
+    common = dict(size=f"{count} x {dim}", device="cpu", dtype="float32", batch=1)
+    ann = store.meta["ann"]
+    notes = f"FAISS HNSW M={ann['hnsw_m']} efConstruction={ann['ef_construction']} efSearch={ann['ef_search']}"
+    return [
+        Record(f"query_latency_{count}", median(samples["ours"]), "torch matmul + topk (exact)",
+               median(samples["exact"]), target="report", notes=f"{notes}; build {build_s:.1f} s", **common),
+        Record(f"ann_only_latency_{count}", median(samples["ann"]), "torch matmul + topk (exact)",
+               median(samples["exact"]), target="report", notes=f"{notes}; the FAISS call alone", **common),
+        Record(f"recall@10_{count}", recall, "exact top 10", 1.0, target=f">= {RECALL_TARGET}", unit="recall",
+               notes=notes, **common),
+    ]  # fmt: skip
+
+
+def indexing_benchmark(size: str, num_images: int, plan: TimingPlan, seed: int, workdir: Path) -> list[Record]:
+    from mmgem.evaluation.evaluate import embed_images
+    from mmgem.search.sources import folder_images, load_image
+    from mmgem.synthetic import all_pairs, render_scene
+
+    bench = build_bench_model(SIZES[size], torch.device("cpu"), torch.float32, seed)
+    image_size = bench.config.vision_config.image_size
+    folder = workdir / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(num_images):
+        render_scene(rng, image_size, 2, all_pairs())[0].save(folder / f"{i:05d}.png")
+    paths = [str(p) for p in folder_images(folder)]
+    runs = {"n": 0}
+
+    def ours() -> Any:
+        runs["n"] += 1
+        return index_images(bench.model, bench.processor, str(folder), workdir / f"index-{runs['n']}",
+                            batch_size=32, progress=False)  # fmt: skip
+
+    def baseline() -> Any:
+        return embed_images(bench.model, bench.processor, [load_image(p) for p in paths], batch_size=32)
+
+    with faiss_threads(1):
+        samples = interleaved({"ours": ours, "baseline": baseline}, torch.device("cpu"), plan)
+    ours_s, base_s = median(samples["ours"]), median(samples["baseline"])
+    notes = (f"{num_images / ours_s:.1f} images/s indexed (image + 2x2 regions, FAISS add, files) vs "
+             f"{num_images / base_s:.1f} images/s embedded")  # fmt: skip
+    return [Record("indexing", ours_s, "decode + embed_images, same images", base_s, size=size, device="cpu",
+                   dtype="float32", batch=num_images, target="report", notes=notes)]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default=None, help="model size for indexing (small)")
+    parser.add_argument("--counts", default=None, help="vector counts, comma-separated (default 10000,100000)")
+    parser.add_argument("--images", type=int, default=None, help="images to index (default 256; quick 64)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    size = args.size or ("tiny" if args.quick else "small")
+    counts = [int(c) for c in (args.counts or ("2000,10000" if args.quick else "10000,100000")).split(",")]
+    num_images = args.images or (64 if args.quick else 256)
+    if min(counts) < 10 or num_images < 1:
+        raise ValueError("`--counts` must be >= 10 vectors each and `--images` >= 1.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = TimingPlan(reps=3, warmup=1) if args.quick else TimingPlan(reps=7, warmup=2)
+    output = args.output or REPO_ROOT / "benchmarks" / "results" / f"search-{size}"
+    records: list[Record] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for count in counts:
+            records += query_benchmarks(count, SIZES[size].projection_dim, plan, args.seed, Path(workdir))
+        indexing_plan = TimingPlan(reps=3, warmup=1, min_block_s=0.0)
+        records += indexing_benchmark(size, num_images, indexing_plan, args.seed, Path(workdir))
+    write_json_atomic(output / "results.json", [r.to_dict() for r in records])
+    table = markdown_table(records)
+    write_text_atomic(output / "table.md", table + "\n")
+    print(table)
+    for record in records:
+        print(f"- {record.name}: {record.notes}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
