@@ -10,6 +10,8 @@ the index's recall@10 against exact search.
   defaults, results as `Hit`s) against `torch.topk(vectors @ query)`, interleaved; the ratio is ours / exact (lower
   is better). `ann_only_latency_<n>`: the FAISS call alone against the same matmul.
 - `recall@10_<n>`: mean overlap of the index's top 10 with the exact top 10 over held-out queries (target >= 0.99).
+- with `--libraries`, `usearch_vs_faiss_{build,query,recall@10}_<n>`: usearch's HNSW against FAISS's with equal
+  settings (M=32, efConstruction=128, efSearch=64): the measurements behind the choice of FAISS (README).
 
 The vectors are drawn around 200 random centres (clustered, as real embeddings are) in the model's projection
 dimension; queries come from the same distribution. Results go to `--output` (default
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.report import Record, markdown_table, write_json_atomic, write_text_atomic
 from benchmarks.sizes import SIZES, build_bench_model
-from benchmarks.timing import TimingPlan, interleaved, median
+from benchmarks.timing import CLOCKS, TimingPlan, interleaved, median
 from mmgem.search import VectorStore, index_images
 from mmgem.search.store import faiss_threads
 
@@ -92,6 +94,7 @@ def query_benchmarks(count: int, dim: int, plan: TimingPlan, seed: int, workdir:
         samples = interleaved({"ours": ours, "ann": ann_only, "exact": exact}, torch.device("cpu"), plan)
         recall = recall_at_10(store, vectors, queries)
     common = dict(size=f"{count} x {dim}", device="cpu", dtype="float32", batch=1)
+    exact_notes = f"recall@10 {recall:.4f} over {len(queries)} held-out queries"
     ann = store.meta["ann"]
     notes = f"FAISS HNSW M={ann['hnsw_m']} efConstruction={ann['ef_construction']} efSearch={ann['ef_search']}"
     return [
@@ -100,7 +103,44 @@ def query_benchmarks(count: int, dim: int, plan: TimingPlan, seed: int, workdir:
         Record(f"ann_only_latency_{count}", median(samples["ann"]), "torch matmul + topk (exact)",
                median(samples["exact"]), target="report", notes=f"{notes}; the FAISS call alone", **common),
         Record(f"recall@10_{count}", recall, "exact top 10", 1.0, target=f">= {RECALL_TARGET}", unit="recall",
-               notes=notes, **common),
+               notes=f"{notes}; {exact_notes}", **common),
+    ]  # fmt: skip
+
+
+def library_comparison(count: int, dim: int, plan: TimingPlan, seed: int) -> list[Record]:
+    """FAISS HNSW against usearch's HNSW with equal settings (M=32, efConstruction=128, efSearch=64), one thread:
+    build time, one-query latency and recall@10 (the measurements behind the choice of FAISS)."""
+    import faiss
+    from usearch.index import Index
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((200, dim))
+    data = clustered_unit_vectors(count, dim, rng, centres)
+    queries = clustered_unit_vectors(200, dim, rng, centres)
+    exact = torch.topk(torch.from_numpy(queries) @ torch.from_numpy(data).T, 10, dim=1).indices.numpy()
+    with faiss_threads(1):
+        start = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = 128
+        hnsw.add(data)
+        hnsw.hnsw.efSearch = 64
+        faiss_build = time.perf_counter() - start
+        start = time.perf_counter()
+        other = Index(ndim=dim, metric="ip", connectivity=32, expansion_add=128, expansion_search=64)
+        other.add(np.arange(count), data, threads=1)
+        usearch_build = time.perf_counter() - start
+        query = queries[0]
+        calls = {"faiss": lambda: hnsw.search(query[None], 10), "usearch": lambda: other.search(query, 10)}
+        samples = interleaved(calls, torch.device("cpu"), plan)
+        faiss_recall = np.mean([len(set(hnsw.search(q[None], 10)[1][0]) & set(e)) / 10 for q, e in zip(queries, exact)])
+        usearch_recall = np.mean([len(set(other.search(q, 10).keys) & set(e)) / 10 for q, e in zip(queries, exact)])
+    common = dict(size=f"{count} x {dim}", device="cpu", dtype="float32", batch=1)
+    return [
+        Record(f"usearch_vs_faiss_build_{count}", usearch_build, "FAISS IndexHNSWFlat", faiss_build, **common),
+        Record(f"usearch_vs_faiss_query_{count}", median(samples["usearch"]), "FAISS IndexHNSWFlat",
+               median(samples["faiss"]), **common),
+        Record(f"usearch_vs_faiss_recall@10_{count}", float(usearch_recall), "FAISS IndexHNSWFlat",
+               float(faiss_recall), unit="recall", **common),
     ]  # fmt: skip
 
 
@@ -142,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default=None, help="vector counts, comma-separated (default 10000,100000)")
     parser.add_argument("--images", type=int, default=None, help="images to index (default 256; quick 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall, or cpu (process CPU time: robust on a shared machine; use with --threads 1)")
+    parser.add_argument("--libraries", action="store_true", help="also compare FAISS with usearch (equal settings)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=None)
@@ -153,13 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("`--counts` must be >= 10 vectors each and `--images` >= 1.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = TimingPlan(reps=3, warmup=1) if args.quick else TimingPlan(reps=7, warmup=2)
+    reps, warmup = (3, 1) if args.quick else (7, 2)
+    plan = TimingPlan(reps=reps, warmup=warmup, clock=args.clock)
     output = args.output or REPO_ROOT / "benchmarks" / "results" / f"search-{size}"
     records: list[Record] = []
     with tempfile.TemporaryDirectory() as workdir:
         for count in counts:
             records += query_benchmarks(count, SIZES[size].projection_dim, plan, args.seed, Path(workdir))
-        indexing_plan = TimingPlan(reps=3, warmup=1, min_block_s=0.0)
+            if args.libraries:
+                records += library_comparison(count, SIZES[size].projection_dim, plan, args.seed)
+        indexing_plan = TimingPlan(reps=3, warmup=1, min_block_s=0.0, clock=args.clock)
         records += indexing_benchmark(size, num_images, indexing_plan, args.seed, Path(workdir))
     write_json_atomic(output / "results.json", [r.to_dict() for r in records])
     table = markdown_table(records)

@@ -34,14 +34,16 @@ def index_search_functions(search: Any) -> tuple[Any, Any]:
     return search_text, search_region
 
 
-def create_demo(model_path: str, index: str | None = None, device: str | None = None) -> Any:
+def create_demo(
+    model_path: str, index: str | None = None, device: str | None = None, trust_remote_code: bool = False
+) -> Any:
     """The page for a model folder (or Hub id), searching `index` if given."""
     import torch
 
     from mmgem.app.space_app import build_demo
     from mmgem.training.train import load_model
 
-    model, processor = load_model(model_path)
+    model, processor = load_model(model_path, trust_remote_code)
     model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     functions = (None, None)
     if index is not None:
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's 7860, or the next free one)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow Python code shipped in the --model folder to run")  # fmt: skip
     return parser
 
 
@@ -71,5 +75,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from mmgem.app.space_app import launch
 
-    launch(create_demo(args.model, args.index, args.device), host=args.host, port=args.port)
+    launch(create_demo(args.model, args.index, args.device, args.trust_remote_code), host=args.host, port=args.port)
     return 0

@@ -239,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grid sizes of the region boxes indexed per image, e.g. 2,3 (0: no regions)")  # fmt: skip
     parser.add_argument("--exact", action="store_true", help="a flat (exact) FAISS index instead of HNSW")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow Python code shipped in the --model folder to run")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -252,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_images(args.images)  # bad `--images` fails before the model loads
     from mmgem.loading import load_model
 
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     summary = index_images(

@@ -57,13 +57,14 @@ class ImageSearch:
     """Text, image and region search over an index folder, with the model it was built with."""
 
     def __init__(
-        self, index: str | os.PathLike[str], model: Any = None, processor: Any = None, device: str | None = None
+        self, index: str | os.PathLike[str], model: Any = None, processor: Any = None, device: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self.store = VectorStore(index)
         if model is None:
             from mmgem.loading import load_model
 
-            model, processor = load_model(self.store.meta["model"]["name_or_path"])
+            model, processor = load_model(self.store.meta["model"]["name_or_path"], trust_remote_code)
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from mmgem.search.indexer import model_fingerprint
 
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exact", action="store_true", help="score every vector instead of the ANN")
     parser.add_argument("--model", help="the model folder, if it moved since indexing")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow Python code shipped in the --model folder to run")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -205,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model:
         from mmgem.loading import load_model
 
-        model, processor = load_model(args.model)
-    search = ImageSearch(args.index, model, processor, args.device)
+        model, processor = load_model(args.model, args.trust_remote_code)
+    search = ImageSearch(args.index, model, processor, args.device, args.trust_remote_code)
     if args.image is not None:
         hits = search.image(args.image, k=args.k, region=region, target=args.target, exact=args.exact)
     else:
