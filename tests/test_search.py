@@ -235,6 +235,8 @@ def test_cli_index_then_search_as_a_user_types_it(model_dir, image_dir, tmp_path
         (["search", "--index", "idx", "a cat", "--k", "0"], "`--k` must be a positive int"),
         (["index", "--model", "m", "--images", "missing_dir", "--output", "o"], "`--images` must be a folder"),
         (["index", "--model", "m", "--images", ".", "--output", "o", "--region-grids", "2,x"], "`--region-grids`"),
+        (["app", "--model", "m", "--port", "70000"], "`--port` must be in 1..65535"),
+        (["app", "--model", "m", "--index", "nowhere"], "`--index` nowhere is not an mmgem index"),
     ],
 )
 def test_cli_bad_arguments_name_the_flag(argv, message, tmp_path, monkeypatch, capsys):

@@ -54,12 +54,14 @@ def create_demo(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmgem app", description=__doc__)
+    from mmgem.cli import command_parser
+
+    parser = command_parser("app", __doc__)
     parser.add_argument("--model", required=True, help="MM-GEM folder or Hub id")
     parser.add_argument("--index", help="an index folder written by `mmgem index` (else: search uploaded images)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's 7860, or the next free one)")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow Python code shipped in the --model folder to run")  # fmt: skip
     return parser
@@ -67,11 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`mmgem app ...`: serve until interrupted."""
+    from mmgem.errors import checking_user_input
+
     args = build_parser().parse_args(argv)
-    if args.port is not None and not 0 < args.port < 65536:
-        raise ValueError(f"`--port` must be in 1..65535; got {args.port}.")
-    if args.index is not None and not (Path(args.index) / "meta.json").is_file():
-        raise ValueError(f"`--index` {args.index} is not an mmgem index (no meta.json); build one with `mmgem index`.")
+    with checking_user_input():
+        if args.port is not None and not 0 < args.port < 65536:
+            raise ValueError(f"`--port` must be in 1..65535; got {args.port}.")
+        if args.index is not None and not (Path(args.index) / "meta.json").is_file():
+            raise ValueError(f"`--index` {args.index} is not an mmgem index (no meta.json); see `mmgem index`.")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from mmgem.app.space_app import launch
 
