@@ -41,7 +41,7 @@ def create_demo(
     import torch
 
     from mmgem.app.space_app import build_demo
-    from mmgem.training.train import load_model
+    from mmgem.loading import load_model
 
     model, processor = load_model(model_path, trust_remote_code)
     model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
