@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.report import Record, markdown_table, write_json_atomic, write_text_atomic
+from benchmarks.report import Record, markdown_table
 from benchmarks.sizes import SIZES, build_bench_model
 from benchmarks.timing import CLOCKS, TimingPlan, interleaved, median
+from mmgem.files import write_json_atomic, write_text_atomic
 from mmgem.search import VectorStore, index_images
 from mmgem.search.store import faiss_threads
 
