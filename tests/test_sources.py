@@ -235,13 +235,28 @@ def _bad_fixture(kind: str, folder: Path) -> tuple[Path, dict, str]:
         samples[1]["caption"] = caption
         write_shards(folder, samples, per_shard=2)
         return folder, {}, "outside the 5-character caption"
+    if kind == "coco":
+        path = write_coco_captions(folder, [("1.jpg", good, ["ok"]), ("2.jpg", good, ["gone"])])
+        (folder / "train2017" / "2.jpg").unlink()
+        return path, {"image_root": str(folder / "train2017")}, "image file not found"
+    if kind == "hf":
+        rows = [(good, [8, 4, 40, 30], ["ok"]), (good, [8, 4, 40, 30], ["bad image"])]
+        path = write_refcoco_parquet(folder / "rows.parquet", rows)
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path).to_pylist()
+        table[1]["image"] = {"bytes": broken, "path": None}
+        import pyarrow as pa
+
+        pq.write_table(pa.Table.from_pylist(table), path)
+        return path, {"caption_column": "file_name"}, "cannot read the image"
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["webdataset", "llava", "karpathy", "visual-genome", "refcoco", "grit"])
+@pytest.mark.parametrize("kind", ["webdataset", "llava", "coco", "karpathy", "visual-genome", "refcoco", "grit", "hf"])
 def test_bad_records_follow_data_on_error_in_every_format(tmp_path, kind):
     path, options, message = _bad_fixture(kind, tmp_path / kind)
-    data_format = "grit" if kind == "grit" else None
+    data_format = kind if kind in ("grit", "hf") else None
     with pytest.raises(ValueError, match=message):
         list(_stream(path, data_format, **options))
     with pytest.warns(UserWarning, match=message):
