@@ -29,6 +29,7 @@ from transformers.image_utils import load_image, valid_images
 PIPELINE_CLASSES = {
     "zero-shot-image-classification": "MMGEMZeroShotImageClassificationPipeline",
     "image-text-to-text": "MMGEMImageTextToTextPipeline",
+    "image-to-text": "MMGEMImageTextToTextPipeline",  # an alias of image-text-to-text in transformers 5.24
     "image-feature-extraction": "MMGEMImageFeatureExtractionPipeline",
     "feature-extraction": "MMGEMTextFeatureExtractionPipeline",
 }

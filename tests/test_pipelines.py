@@ -22,6 +22,7 @@ def test_folder_registers_the_four_pipelines(folder):
     assert set(config["custom_pipelines"]) == {
         "zero-shot-image-classification",
         "image-text-to-text",
+        "image-to-text",
         "image-feature-extraction",
         "feature-extraction",
     }
@@ -82,6 +83,8 @@ def test_pipelines_equal_the_model_methods_without_the_project(folder):
         short = caption(images=images[0], max_new_tokens=1)[0]["generated_text"]
         long = caption(images=images[0], max_new_tokens=8)[0]["generated_text"]
         assert len(processor.tokenizer(short)["input_ids"]) <= 1 < len(processor.tokenizer(long)["input_ids"])
+        alias = pipeline("image-to-text", model=folder, trust_remote_code=True)
+        assert alias(images=images[0], max_new_tokens=6) == caption(images=images[0], max_new_tokens=6)
         both = caption(images=images, max_new_tokens=3)
         assert len(both) == 2 and all(len(r) == 1 for r in both)
         try:
