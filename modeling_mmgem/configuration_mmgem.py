@@ -69,6 +69,9 @@ class MMGEMConfig(PretrainedConfig):
             Weight of the symmetric InfoNCE loss in the joint loss.
         caption_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the caption cross-entropy in the joint loss.
+        mask_false_negatives (`bool`, *optional*, defaults to `True`):
+            Rows of the contrastive loss that describe the same thing (identical texts, the same image repeated) are
+            left out of each other's softmax denominators instead of being pushed apart as negatives. *Our default.*
         region_sampling_ratio (`int`, *optional*):
             Bilinear samples per grid cell and axis in RoIAlign. `None` picks `ceil(grid / k)`, which makes the
             whole-image box reproduce the image features exactly when the patch grid is divisible by `k`.
@@ -93,6 +96,7 @@ class MMGEMConfig(PretrainedConfig):
         logit_scale_max: float = math.log(100.0),
         contrastive_loss_weight: float = 1.0,
         caption_loss_weight: float = 1.0,
+        mask_false_negatives: bool = True,
         region_sampling_ratio: int | None = None,
         initializer_range: float = 0.02,
         **kwargs: Any,
@@ -109,6 +113,7 @@ class MMGEMConfig(PretrainedConfig):
         self.logit_scale_max = logit_scale_max
         self.contrastive_loss_weight = contrastive_loss_weight
         self.caption_loss_weight = caption_loss_weight
+        self.mask_false_negatives = mask_false_negatives
         self.region_sampling_ratio = region_sampling_ratio
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
@@ -153,6 +158,8 @@ class MMGEMConfig(PretrainedConfig):
             raise ValueError(f"`projection_type` must be one of {PROJECTION_TYPES}, got {self.projection_type!r}.")
         if not isinstance(self.projection_dim, int) or self.projection_dim < 1:
             raise ValueError(f"`projection_dim` must be a positive int, got {self.projection_dim!r}.")
+        if not isinstance(self.mask_false_negatives, bool):
+            raise ValueError(f"`mask_false_negatives` must be True or False, got {self.mask_false_negatives!r}.")
         if self.region_sampling_ratio is not None and (
             not isinstance(self.region_sampling_ratio, int) or self.region_sampling_ratio < 1
         ):

@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_mmgem import MMGEMConfig
-from .loss_mmgem import caption_loss, contrastive_loss
+from .loss_mmgem import NO_KEY, caption_loss, contrastive_loss, pixel_row_keys, token_row_keys
 from .pipeline_mmgem import custom_pipelines_config
 from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, box_problem, cache_argument, too_many_boxes
 
@@ -649,6 +649,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_loss: bool = True,
         caption_rows: CaptionRows | None = None,
+        text_keys: torch.LongTensor | None = None,
+        image_keys: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> MMGEMOutput:
         r"""
@@ -676,6 +678,11 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 `"images"` (the default without `boxes`), `"regions"` (regions of image 0 first) or
                 `"images_and_regions"` (one per image, then one per region). Required with `boxes`; MMGEMProcessor
                 sets it.
+            text_keys (`[B (+R)]`, *optional*): with `config.mask_false_negatives`, one integer key per text row
+                (e.g. a hash of the normalised text, as `MMGEMCollator` gives): rows with equal keys are not
+                negatives of each other in the contrastive loss. Default: identical token sequences share a key.
+            image_keys (`[B]`, *optional*): likewise per image (e.g. the source image); default: bit-identical
+                pixel values share a key. Region rows never share an image key.
         """
         cache = cache if cache is not None else past_key_values
         if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
@@ -720,8 +727,13 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             text_embeds = self.get_text_features(text_input_ids, text_attention_mask).pooler_output
             output.image_embeds = F.normalize(image_embeds.float(), dim=-1)
             output.text_embeds = F.normalize(text_embeds.float(), dim=-1)
+            row_keys = None
+            if self.config.mask_false_negatives:
+                row_keys = self._false_negative_keys(
+                    pixel_values, text_input_ids, text_attention_mask, num_regions, text_keys, image_keys
+                )
             loss_c, output.logits_per_image, output.logits_per_text = contrastive_loss(
-                output.image_embeds, output.text_embeds, self.logit_scale()
+                output.image_embeds, output.text_embeds, self.logit_scale(), row_keys
             )
             if return_loss:
                 output.loss_contrastive = loss_c
@@ -759,6 +771,31 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         if losses:
             output.loss = torch.stack(losses).sum()
         return output
+
+    @staticmethod
+    def _false_negative_keys(
+        pixel_values: torch.Tensor,
+        text_input_ids: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
+        num_regions: int,
+        text_keys: torch.Tensor | None,
+        image_keys: torch.Tensor | None,
+    ) -> list[torch.Tensor]:
+        """The row keys of the contrastive loss: a text key per row, and an image key per row (NO_KEY for regions)."""
+        rows = text_input_ids.shape[0]
+        if text_keys is None:
+            text_keys = token_row_keys(text_input_ids, text_attention_mask)
+        if image_keys is None:
+            image_keys = pixel_row_keys(pixel_values)
+        text_keys = torch.as_tensor(text_keys, dtype=torch.long, device=text_input_ids.device).reshape(-1)
+        image_keys = torch.as_tensor(image_keys, dtype=torch.long, device=text_input_ids.device).reshape(-1)
+        if text_keys.shape[0] != rows or image_keys.shape[0] != rows - num_regions:
+            raise ValueError(
+                f"`text_keys` needs one key per text row ({rows}) and `image_keys` one per image "
+                f"({rows - num_regions}); got {text_keys.shape[0]} and {image_keys.shape[0]}."
+            )
+        region_keys = torch.full((num_regions,), NO_KEY, dtype=torch.long, device=image_keys.device)
+        return [text_keys, torch.cat([image_keys, region_keys])]
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -1,9 +1,9 @@
 """Distributed training: 2 CPU processes (gloo, DDP) give the loss and gradients of one process on the whole batch.
 
 The contrastive loss gathers embeddings from every rank with gradients, so each rank's negatives are the global
-batch; DDP then averages the gradients. With equal per-rank batches (same number of images, regions and caption
-tokens, so that the per-rank means average to the global mean) both must match a single process on the
-concatenated batch.
+batch, and both losses are normalised by the global row (token) count; DDP then averages the gradients. Whatever
+number of images, regions and caption tokens each rank holds, both must match a single process on the concatenated
+batch, false-negative masking across ranks included.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ WORLD_SIZE = 2
 LOOPBACK_ENV = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
 RENDEZVOUS_TIMEOUT = timedelta(seconds=120)
 SPAWN_DEADLINE_S = 300
-NUM_IMAGES = 4
-BOXES = [[[0, 0, 20, 20], [10, 10, 30, 30]]] * NUM_IMAGES
 
 
 def _free_port() -> int:
@@ -49,37 +47,39 @@ def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     return output.loss.detach(), grads
 
 
-def _worker(rank: int, folder: str, port: int) -> None:
-    """One DDP rank: its half of the batch, DDP-averaged gradients and the rank-averaged loss, saved by rank 0."""
+def _worker(rank: int, folder: str, port: int, cases: tuple[str, ...]) -> None:
+    """One DDP rank: for each case its part of the batch, DDP-averaged gradients and the rank-averaged loss, saved
+    by rank 0."""
     # A hung rank prints every thread's stack and exits, so a failure says where it stopped.
     faulthandler.dump_traceback_later(SPAWN_DEADLINE_S - 15, exit=True)
     os.environ.update(LOOPBACK_ENV, MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=RENDEZVOUS_TIMEOUT)
     try:
-        model = MMGEMModel.from_pretrained(folder).train()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        batch = torch.load(Path(folder) / f"batch_rank{rank}.pt")
-        output = ddp(**batch)
-        output.loss.backward()
-        loss = output.loss.detach().clone()
-        dist.all_reduce(loss)
-        loss /= WORLD_SIZE
-        if rank == 0:
-            grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-            torch.save({"loss": loss, "grads": grads}, Path(folder) / "distributed.pt")
-        # Free DDP's reducer while its process group still exists: torn down afterwards (at the function's return)
-        # it can hang in gloo.
-        del ddp, output
-        dist.barrier()
+        for case in cases:
+            model = MMGEMModel.from_pretrained(folder).train()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            batch = torch.load(Path(folder) / f"{case}_rank{rank}.pt")
+            output = ddp(**batch)
+            output.loss.backward()
+            loss = output.loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= WORLD_SIZE
+            if rank == 0:
+                grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+                torch.save({"loss": loss, "grads": grads}, Path(folder) / f"{case}_distributed.pt")
+            # Free DDP's reducer while its process group still exists: torn down afterwards (at the function's
+            # return) it can hang in gloo.
+            del ddp, output
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn_with_deadline(folder: str) -> None:
+def _spawn_with_deadline(folder: str, cases: tuple[str, ...]) -> None:
     """Run the ranks; a rank error is re-raised, and ranks still running after the deadline are killed (a hang
     fails the test instead of holding the suite)."""
-    context = mp.start_processes(_worker, args=(folder, _free_port()), nprocs=WORLD_SIZE, join=False)
+    context = mp.start_processes(_worker, args=(folder, _free_port(), cases), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -88,55 +88,62 @@ def _spawn_with_deadline(folder: str) -> None:
             pytest.fail(f"the {WORLD_SIZE} gloo ranks did not finish within {SPAWN_DEADLINE_S} s")
 
 
-def _equal_length_texts(tokenizer, candidates: list[str], count: int) -> list[str]:
-    """`count` of the candidates that share the most common token length: then every rank holds as many caption
-    tokens as the other, and the per-rank token means of the caption loss average to the global mean."""
-    by_length: dict[int, list[str]] = {}
-    for text in candidates:
-        by_length.setdefault(len(tokenizer(text, add_special_tokens=False)["input_ids"]), []).append(text)
-    texts = max(by_length.values(), key=len)
-    assert len(texts) >= count
-    return texts[:count]
+# Unequal parts: rank 0 holds 3 images (1 region each), rank 1 holds 5 images (2 regions each). Image 1 (rank 0)
+# and image 6 (rank 1) share a caption, images 2 and 5 are the same picture, and region texts repeat within and
+# across ranks: the false negatives span ranks. Caption lengths differ, so the caption token counts differ too.
+SPLIT = 3
+NUM_IMAGES = 8
 
 
-def _batch(processor, images, captions, region_captions, start: int, stop: int) -> dict:
-    return dict(
-        processor(
-            images=images[start:stop],
-            text=captions[start:stop],
-            boxes=BOXES[start:stop],
-            region_text=region_captions[start:stop],
+def _unequal_parts(processor) -> dict[str, list[dict]]:
+    images = random_images(NUM_IMAGES, sizes=((32, 32),))
+    images[5] = images[2]
+    captions = [" ".join(text.split()[: 3 + i % 4]) for i, text in enumerate(DEFAULT_CORPUS[:NUM_IMAGES])]
+    captions[6] = captions[1]
+    short = sorted({" ".join(text.split()[:4]) for text in DEFAULT_CORPUS})
+    boxes = [[[0, 0, 20, 20]] if i < SPLIT else [[0, 0, 20, 20], [10, 10, 30, 30]] for i in range(NUM_IMAGES)]
+    region_text = [[short[(i + j) % 3] for j in range(len(b))] for i, b in enumerate(boxes)]
+    parts = {"stage1": [], "stage2": []}
+    for start, stop in ((0, SPLIT), (SPLIT, NUM_IMAGES), (0, NUM_IMAGES)):  # rank 0, rank 1, the whole batch
+        parts["stage1"].append(dict(processor(images=images[start:stop], text=captions[start:stop])))
+        parts["stage2"].append(
+            dict(
+                processor(
+                    images=images[start:stop],
+                    text=captions[start:stop],
+                    boxes=boxes[start:stop],
+                    region_text=region_text[start:stop],
+                )
+            )
         )
-    )
+    return parts
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_on_the_concatenated_batch(tmp_path):
+def test_two_gloo_processes_with_unequal_rows_match_one_process_on_the_concatenated_batch(tmp_path):
     torch.manual_seed(0)
     model, processor = tiny_mmgem()
-    captions = _equal_length_texts(processor.tokenizer, DEFAULT_CORPUS, NUM_IMAGES)
-    short = sorted({" ".join(text.split()[:4]) for text in DEFAULT_CORPUS})  # "a small red circle", ...
-    flat = _equal_length_texts(processor.tokenizer, short, 2 * NUM_IMAGES)
-    region_captions = [flat[2 * i : 2 * i + 2] for i in range(NUM_IMAGES)]
     model.save_pretrained(tmp_path)
-    images = random_images(NUM_IMAGES, sizes=((32, 32),))
-    half = NUM_IMAGES // WORLD_SIZE
-    for rank in range(WORLD_SIZE):
-        batch = _batch(processor, images, captions, region_captions, rank * half, (rank + 1) * half)
-        torch.save(batch, tmp_path / f"batch_rank{rank}.pt")
+    parts = _unequal_parts(processor)
+    for case, (rank0, rank1, _) in parts.items():
+        torch.save(rank0, tmp_path / f"{case}_rank0.pt")
+        torch.save(rank1, tmp_path / f"{case}_rank1.pt")
+    rows = [part["text_input_ids"].shape[0] for part in parts["stage2"][:2]]
+    assert rows == [3 + 3, 5 + 10]
 
-    _spawn_with_deadline(str(tmp_path))
+    _spawn_with_deadline(str(tmp_path), tuple(parts))
 
-    single = MMGEMModel.from_pretrained(tmp_path).train()
-    expected_loss, expected_grads = _loss_and_grads(
-        single, _batch(processor, images, captions, region_captions, 0, NUM_IMAGES)
-    )
-    got = torch.load(tmp_path / "distributed.pt")
-    torch.testing.assert_close(got["loss"], expected_loss, atol=1e-5, rtol=1e-5)
-    assert set(got["grads"]) == set(expected_grads)
-    assert len(expected_grads) > 50  # the vision tower, the LM, the projections and the temperature all learn
-    for name, grad in expected_grads.items():
-        torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    for case, (_, _, whole) in parts.items():
+        single = MMGEMModel.from_pretrained(tmp_path).train()
+        expected_loss, expected_grads = _loss_and_grads(single, whole)
+        unmasked = MMGEMModel.from_pretrained(tmp_path, mask_false_negatives=False).train()(**whole).loss
+        assert not torch.allclose(unmasked, expected_loss)  # the batch holds false negatives, across ranks too
+        got = torch.load(tmp_path / f"{case}_distributed.pt")
+        torch.testing.assert_close(got["loss"], expected_loss, atol=1e-5, rtol=1e-5, msg=case)
+        assert set(got["grads"]) == set(expected_grads)
+        assert len(expected_grads) > 50  # the vision tower, the LM, the projections and the temperature all learn
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(got["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=f"{case}: {name}")
 
 
 @pytest.mark.slow

@@ -65,6 +65,62 @@ def test_collator_stages_region_sampling_and_repeated_texts():
         MMGEMCollator(processor, stage=3)
 
 
+def test_collator_text_keys_follow_the_evaluation_normalisation():
+    from PIL import Image
+
+    from mmgem.build import tiny_mmgem
+    from mmgem.data.collator import MMGEMCollator
+
+    _, processor = tiny_mmgem()
+    image = Image.new("RGB", (32, 32), "white")
+    items = [
+        {"image": image, "caption": "A red circle.", "regions": [{"box": [0, 0, 8, 8], "caption": "a blue star"}]},
+        {"image": image, "caption": "a  red circle", "regions": []},
+        {"image": image, "caption": "a red square", "regions": []},
+    ]
+    keys = MMGEMCollator(processor, stage=2)(items)["text_keys"].tolist()  # images first, then the region
+    assert len(keys) == 4 and keys[0] == keys[1] and len(set(keys)) == 3
+
+
+def _region_draws(collator, items, batches):
+    return [tuple(tuple(map(tuple, b.tolist())) for b in collator(items)["boxes"]) for _ in range(batches)]
+
+
+def test_collator_random_stream_per_rank_and_worker_and_continued_on_resume(monkeypatch):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mmgem.build import tiny_mmgem
+    from mmgem.data import collator as collator_module
+    from mmgem.data.collator import MMGEMCollator, MMGEMCollatorCallback
+
+    _, processor = tiny_mmgem()
+    image = Image.new("RGB", (32, 32), "white")
+    regions = [{"box": [i, i, i + 8, i + 8], "caption": f"region {i}"} for i in range(10)]
+    items = [{"image": image, "caption": "a picture", "regions": regions}]
+
+    def collator(rank=0):
+        return MMGEMCollator(processor, stage=2, max_regions_per_image=3, seed=1, rank=rank)
+
+    stream = _region_draws(collator(), items, 6)
+    assert len(set(stream)) == 6  # each batch draws anew
+    assert _region_draws(collator(), items, 6) == stream  # seeded: reproducible
+    assert not set(_region_draws(collator(rank=1), items, 6)) & set(stream)  # ranks do not share draws
+    # A run resumed after 4 batches continues the stream (the callback sets rank and position at the epoch start).
+    resumed = collator()
+    state = SimpleNamespace(global_step=2)
+    MMGEMCollatorCallback(resumed).on_epoch_begin(
+        SimpleNamespace(gradient_accumulation_steps=2, process_index=0), state, None
+    )
+    assert _region_draws(resumed, items, 2) == stream[4:]
+    # Two DataLoader workers take batches in turn: worker 1's first batch is batch 1 of the stream.
+    monkeypatch.setattr(
+        collator_module.torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2)
+    )
+    assert _region_draws(collator(), items, 2) == [stream[1], stream[3]]
+
+
 def test_stage1_from_scratch_logs_both_losses_and_writes_a_model_folder(stage1):
     output, result = stage1
     steps = [row for row in result.log_history if "loss" in row]
@@ -107,8 +163,11 @@ def test_train_command_line(dataset, tmp_path, capsys):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_path, stage):
+    # Stage 2 draws regions at random: the resumed run must continue the draws, not replay them from the start.
     options = dict(from_scratch="tiny", data=str(dataset["train"]), max_steps=4, save_strategy="steps", save_steps=2,
+                   stage=stage, max_regions_per_image=1 if stage == 2 else None,
                    **{k: v for k, v in FAST.items() if k != "save_strategy"})  # fmt: skip
     train(output_dir=str(tmp_path / "full"), **options)
     # A run that died after step 2: only checkpoint-2 survives.

@@ -8,11 +8,13 @@ captioning), as in the paper's second training stage.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import BatchFeature
+import torch
+from transformers import BatchFeature, TrainerCallback
 
 from mmgem.data.text import normalize_text
 
@@ -28,12 +30,21 @@ class MMGEMCollator:
         max_regions_per_image: with stage 2, keep at most this many regions per image, drawn at random each time
             an image is collated (None keeps all). Region captions are short but numerous; capping them bounds the
             cost of a step and keeps images with many regions from dominating the region loss.
-        seed: seed of the region sampling (None: nondeterministic).
+        seed: seed of the region sampling (None: nondeterministic). Each batch draws from its own generator, derived
+            from (seed, rank, batch index): the batch index counts every batch the run has collated across epochs,
+            DataLoader workers included (worker w of W collates batches w, w + W, ...), so ranks and workers never
+            share draws, each epoch draws anew, and a resumed run continues the stream where it stopped instead of
+            replaying it (`MMGEMCollatorCallback` keeps rank and position in step with the Trainer).
+        rank: this process's rank among the data-parallel ranks (set by `MMGEMCollatorCallback` in training).
         truncation: cut texts longer than the language model's context instead of failing.
         unique_region_texts: with stage 2, leave out a region whose caption already occurs in the batch (as an
             image caption or another region's caption, compared after `normalize_text`). Identical texts are
             false negatives of each other in the contrastive loss: InfoNCE would push apart the embeddings of two
             regions that are both "a small red circle". Short region captions repeat often, so this matters.
+            (The model also leaves remaining repeats out of each other's softmax: see `text_keys`.)
+
+    Every batch carries `text_keys`: per text row a hash of the text after `normalize_text`, the form evaluation
+    compares texts in, so that rows describing the same thing are not negatives of each other in training.
     """
 
     def __init__(
@@ -44,6 +55,7 @@ class MMGEMCollator:
         seed: int | None = None,
         truncation: bool = True,
         unique_region_texts: bool = True,
+        rank: int = 0,
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"`stage` must be 1 (images and captions) or 2 (with regions); got {stage!r}.")
@@ -56,7 +68,24 @@ class MMGEMCollator:
         self.max_regions_per_image = max_regions_per_image
         self.truncation = truncation
         self.unique_region_texts = unique_region_texts
-        self._rng = random.Random(seed)
+        self.seed = random.SystemRandom().getrandbits(63) if seed is None else seed
+        self.rank = rank
+        self.start_batch = 0  # index of the first batch of the current DataLoader pass (set by the callback)
+        self._calls = 0  # batches collated by this copy (one copy per DataLoader worker) since `start_at`
+        self._rng = random.Random(0)
+
+    def start_at(self, batch_index: int, rank: int | None = None) -> None:
+        """Continue the random stream from `batch_index` (batches collated since the run started), e.g. on resume."""
+        self.start_batch = batch_index
+        self._calls = 0
+        if rank is not None:
+            self.rank = rank
+
+    def _batch_index(self) -> int:
+        """Index of the batch being collated: workers of one DataLoader take batches in turn."""
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
+        return self.start_batch + self._calls * num_workers + worker_id
 
     def _regions(self, item: dict[str, Any]) -> list[dict[str, Any]]:
         regions = list(item.get("regions") or [])
@@ -82,20 +111,49 @@ class MMGEMCollator:
     def __call__(self, items: Sequence[dict[str, Any]]) -> BatchFeature:
         if not items:
             raise ValueError("MMGEMCollator got an empty batch.")
+        # Seeded with a string, `random.Random` hashes it with SHA-512: the same stream in every process.
+        self._rng = random.Random(f"{self.seed}/{self.rank}/{self._batch_index()}")
+        self._calls += 1
         images = [item["image"] for item in items]
         captions = [item["caption"] for item in items]
         if self.stage == 1:
-            return self.processor(images=images, text=captions, truncation=self.truncation)
+            return self._with_keys(self.processor(images=images, text=captions, truncation=self.truncation), captions)
         regions = [self._regions(item) for item in items]
         if self.unique_region_texts:
             regions = self._without_repeated_texts(captions, regions)
         if not any(regions):
             # A stage-2 batch whose images have no regions is still a valid image-text batch.
-            return self.processor(images=images, text=captions, truncation=self.truncation)
-        return self.processor(
+            return self._with_keys(self.processor(images=images, text=captions, truncation=self.truncation), captions)
+        region_captions = [[region["caption"] for region in per_image] for per_image in regions]
+        batch = self.processor(
             images=images,
             text=captions,
             boxes=[[region["box"] for region in per_image] for per_image in regions],
-            region_text=[[region["caption"] for region in per_image] for per_image in regions],
+            region_text=region_captions,
             truncation=self.truncation,
         )
+        return self._with_keys(batch, captions + [text for per_image in region_captions for text in per_image])
+
+    @staticmethod
+    def _with_keys(batch: BatchFeature, texts: Sequence[str]) -> BatchFeature:
+        """Add `text_keys` [B (+R)]: the rows' texts (images first, then regions) hashed after `normalize_text`."""
+        batch["text_keys"] = torch.tensor([text_key(text) for text in texts], dtype=torch.long)
+        return batch
+
+
+def text_key(text: str) -> int:
+    """A non-negative 62-bit key of `text` after `normalize_text`, the same in every process."""
+    digest = hashlib.blake2b(normalize_text(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+class MMGEMCollatorCallback(TrainerCallback):
+    """Keeps an `MMGEMCollator`'s random stream in step with the Trainer: its rank, and at each epoch's start the
+    number of batches already consumed (`global_step * gradient_accumulation_steps`), which after a resume is where
+    the interrupted run stopped."""
+
+    def __init__(self, collator: MMGEMCollator) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.collator.start_at(state.global_step * args.gradient_accumulation_steps, rank=args.process_index)

@@ -37,7 +37,7 @@ from accelerate.data_loader import IterableDatasetShard
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from mmgem.cli import HelpFormatter
-from mmgem.data.collator import STAGES, MMGEMCollator
+from mmgem.data.collator import STAGES, MMGEMCollator, MMGEMCollatorCallback
 from mmgem.data.records import ImageCaptionDataset, load_records
 from mmgem.data.sources import DataSourceArguments, streaming_training_data, uses_streaming
 from mmgem.errors import checking_user_input
@@ -449,7 +449,12 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
         processor, args.stage, args.max_regions_per_image, seed=args.seed, unique_region_texts=args.unique_region_texts
     )
     trainer = MMGEMTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=processor
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[MMGEMCollatorCallback(collator)],
     )
     output = trainer.train(resume_from_checkpoint=checkpoint)
     model = save_final_model(trainer, args, processor)
