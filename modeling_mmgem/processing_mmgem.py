@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageCms
 from transformers import BatchFeature, ProcessorMixin
+from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 
 from .utils_mmgem import box_problem, image_size_problem, input_limit, too_many_boxes
 
@@ -27,6 +28,7 @@ CAP_TOKEN = "[CAP]"
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 IGNORE_INDEX = -100
+IMAGE_PROCESSOR_BACKENDS = ("pil", "torchvision")
 
 # The chat form of captioning (transformers' image-text-to-text pipeline, `apply_chat_template`): a user message
 # holding ONE image becomes the caption prompt; MM-GEM takes no instruction, so text in a user or system message is
@@ -387,6 +389,26 @@ def _as_text_list(texts: Any, argument: str, allow_empty: bool = False) -> list[
 
 
 # ---------------------------------------------------------------------------------------------- processor
+def image_processor_with_backend(image_processor: Any, backend: str) -> Any:
+    """`image_processor` as its `backend` implementation ("pil": `CLIPImageProcessorPil`, "torchvision":
+    `CLIPImageProcessor`), with the same settings; unchanged if it already is one, or has no such sibling class.
+
+    transformers saves both implementations under the same `image_processor_type` (without the Pil suffix) and picks
+    torchvision on reload wherever it is installed: this puts the implementation back that was used in training.
+    """
+    if image_processor is None or not hasattr(image_processor, "to_dict"):
+        return image_processor
+    is_pil = type(image_processor).__name__.endswith("Pil")
+    if is_pil == (backend == "pil"):
+        return image_processor
+    settings = image_processor.to_dict()
+    base_name = settings.pop("image_processor_type", type(image_processor).__name__).removesuffix("Pil")
+    target = get_image_processor_class_from_name(base_name + "Pil" if backend == "pil" else base_name)
+    if target is None or getattr(target, "is_dummy", False) or type(image_processor) is target:
+        return image_processor
+    return target(**settings)
+
+
 class MMGEMProcessor(ProcessorMixin):
     r"""
     Prepares MM-GEM inputs: images (PIL in any mode, numpy arrays, tensors), texts, and region boxes given in
@@ -405,6 +427,10 @@ class MMGEMProcessor(ProcessorMixin):
         tokenizer: a tokenizer that has the MM-GEM special tokens (see `add_mmgem_special_tokens`).
         num_image_tokens (`int`): `K`, visual tokens per image or region (`config.num_image_tokens`).
         max_length (`int`, *optional*): longest sequence the language model takes (its context).
+        image_processing_backend (`str`, *optional*, defaults to `"pil"`): the image processor implementation,
+            `"pil"` or `"torchvision"`. It is saved with the processor, and a processor of the other implementation
+            (e.g. the torchvision one that transformers picks on reload wherever torchvision is installed) is turned
+            into this one, so the pixels a model sees do not depend on which libraries happen to be installed.
     """
 
     attributes = ["image_processor", "tokenizer"]
@@ -416,10 +442,18 @@ class MMGEMProcessor(ProcessorMixin):
         num_image_tokens: int = 16,
         max_length: int | None = None,
         chat_template: str | None = None,
+        image_processing_backend: str = "pil",
         **kwargs: Any,
     ) -> None:
+        if image_processing_backend not in IMAGE_PROCESSOR_BACKENDS:
+            raise ValueError(
+                f"`image_processing_backend` must be one of {IMAGE_PROCESSOR_BACKENDS}; "
+                f"got {image_processing_backend!r}."
+            )
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
+        self.image_processing_backend = image_processing_backend
+        image_processor = image_processor_with_backend(image_processor, image_processing_backend)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
 
     # ------------------------------------------------------------------ tokens
