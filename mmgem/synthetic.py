@@ -260,10 +260,15 @@ def _place_frames(rng: np.random.Generator, sides: Sequence[int], image_size: in
     return placed
 
 
-def _layout(rng: np.random.Generator, sizes: Sequence[str], image_size: int) -> list[tuple[int, int, int]]:
+def _layout(
+    rng: np.random.Generator,
+    sizes: Sequence[str],
+    image_size: int,
+    size_fractions: dict[str, Sequence[float]] = SIZE_FRACTIONS,
+) -> list[tuple[int, int, int]]:
     """Frames (x, y, side) for objects of the given size names, re-drawing sides when a layout does not fit."""
     for _ in range(_LAYOUT_TRIES):
-        sides = [max(4, round(float(rng.uniform(*SIZE_FRACTIONS[size])) * image_size)) for size in sizes]
+        sides = [max(4, round(float(rng.uniform(*size_fractions[size])) * image_size)) for size in sizes]
         frames = _place_frames(rng, sides, image_size)
         if frames is not None:
             return frames
@@ -290,6 +295,7 @@ def render_scene(
     num_objects: int,
     allowed_pairs: Sequence[tuple[str, str]],
     required_pairs: Sequence[tuple[str, str]] = (),
+    size_fractions: dict[str, Sequence[float]] = SIZE_FRACTIONS,
 ) -> tuple[Image.Image, list[SceneObject], dict[str, Any]]:
     """Draw one scene.
 
@@ -299,6 +305,7 @@ def render_scene(
         num_objects: how many objects to draw.
         allowed_pairs: the (colour, shape) pairs objects may take.
         required_pairs: when non-empty, one object takes one of these pairs.
+        size_fractions: per size name, the range of a shape's frame side as a fraction of the image side.
 
     Returns:
         The RGB image, its objects sorted left to right (ties top to bottom) with tight boxes, and the background
@@ -307,7 +314,7 @@ def render_scene(
     canvas, background = _background(rng, image_size)
     pairs = _pick_pairs(rng, num_objects, allowed_pairs, required_pairs)
     sizes = [SIZES[int(rng.integers(len(SIZES)))] for _ in pairs]
-    frames = _layout(rng, sizes, image_size)
+    frames = _layout(rng, sizes, image_size, size_fractions)
     objects = []
     for (colour, shape), size, (x, y, side) in zip(pairs, sizes, frames, strict=True):
         mask = _shape_mask(shape, x, y, side, image_size)
@@ -410,13 +417,14 @@ def _make_record(
     max_objects: int,
     pairs: tuple[Sequence[tuple[str, str]], Sequence[tuple[str, str]]],
     preamble_min_words: int,
+    size_fractions: dict[str, Sequence[float]] = SIZE_FRACTIONS,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Image `index` of `split` and its record (without the "image" path): a pure function of its arguments."""
     # One stream per image: an image does not depend on how many others are generated.
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index, attempt])
     allowed, required = pairs
     num_objects = 1 if single or max_objects == 1 else int(rng.integers(2, max_objects + 1))
-    image, objects, background = render_scene(rng, image_size, num_objects, allowed, required)
+    image, objects, background = render_scene(rng, image_size, num_objects, allowed, required, size_fractions)
     record = {
         "caption": short_caption(objects),
         "long_caption": long_caption(rng, objects, background, image_size, preamble_min_words),
@@ -444,6 +452,20 @@ def _check_arguments(counts: dict[str, int], image_size: int, seed: int, max_obj
         raise ValueError(f"single_object_fraction must be in [0, 1], got {fraction}.")
 
 
+def _checked_size_fractions(size_fractions: dict[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
+    if size_fractions is None:
+        return dict(SIZE_FRACTIONS)
+    if set(size_fractions) != set(SIZES):
+        raise ValueError(f"size_fractions must give a range for each of {SIZES}, got {sorted(size_fractions)}.")
+    checked = {}
+    for size, bounds in size_fractions.items():
+        low, high = (float(v) for v in bounds)
+        if not 0.0 < low <= high <= 0.9:
+            raise ValueError(f"size_fractions[{size!r}] must be (min, max) with 0 < min <= max <= 0.9, got {bounds}.")
+        checked[size] = (low, high)
+    return checked
+
+
 def _write_split(
     root: Path, split: str, count: int, seen_hashes: set[bytes], settings: dict[str, Any], bar: tqdm
 ) -> None:
@@ -456,7 +478,7 @@ def _write_split(
             for attempt in range(_DUPLICATE_TRIES):
                 image, record = _make_record(
                     settings["seed"], split, index, attempt, bool(singles[index]), settings["image_size"],
-                    settings["max_objects"], pairs, settings["preamble_min_words"],
+                    settings["max_objects"], pairs, settings["preamble_min_words"], settings["size_fractions"],
                 )  # fmt: skip
                 digest = hashlib.sha1(image.tobytes()).digest()
                 if digest not in seen_hashes:  # keeps the splits disjoint, pixel for pixel
@@ -498,6 +520,7 @@ def generate_dataset(
     single_object_fraction: float = 0.3,
     num_heldout_pairs: int = 4,
     preamble_min_words: int = PREAMBLE_MIN_WORDS,
+    size_fractions: dict[str, Sequence[float]] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
@@ -517,6 +540,8 @@ def generate_dataset(
             classification examples (see :func:`zero_shot_examples`).
         num_heldout_pairs: number of (colour, shape) pairs kept out of train and val; 0 makes test like val.
         preamble_min_words: minimum length of the generic opening of long captions.
+        size_fractions: per size name ("small", "large"), the (min, max) side of a shape's frame as a fraction of
+            the image side; default `SIZE_FRACTIONS`.
         overwrite: replace a non-empty `output_dir`.
         progress: show a tqdm progress bar.
 
@@ -525,6 +550,7 @@ def generate_dataset(
     """
     counts = {"train": num_train, "val": num_val, "test": num_test}
     _check_arguments(counts, image_size, seed, max_objects, single_object_fraction)
+    size_fractions = _checked_size_fractions(size_fractions)
     output = Path(output_dir).resolve()
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
         raise FileExistsError(f"{output} exists and is not an empty folder; pass overwrite=True to replace it.")
@@ -533,6 +559,7 @@ def generate_dataset(
         "seed": seed, "image_size": image_size, "max_objects": max_objects,
         "single_object_fraction": single_object_fraction, "preamble_min_words": preamble_min_words,
         "heldout_pairs": heldout, "seen_pairs": [p for p in all_pairs() if p not in heldout],
+        "size_fractions": size_fractions,
     }  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

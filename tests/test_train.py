@@ -259,3 +259,17 @@ def test_stage2_needs_regions(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "caption": "white"}) + "\n")
     with pytest.raises(ValueError, match="regions"):
         train(from_scratch="tiny", data=str(tmp_path / "d.jsonl"), output_dir=str(tmp_path / "o"), stage=2, **FAST)
+
+
+def test_vision_learning_rate_multiplier_gives_the_tower_its_own_rate(tmp_path):
+    from mmgem.build import tiny_mmgem
+    from mmgem.training.train import MMGEMTrainer, make_arguments
+
+    model, _ = tiny_mmgem()
+    args = make_arguments(output_dir=str(tmp_path), from_scratch="tiny", data=str(tmp_path), learning_rate=1e-3,
+                          vision_learning_rate_multiplier=3.0, use_cpu=True)  # fmt: skip
+    optimizer = MMGEMTrainer(model=model, args=args).create_optimizer()
+    vision = {id(p) for p in model.vision_model.parameters()}
+    rates = {(id(p) in vision, round(group["lr"], 9)) for group in optimizer.param_groups for p in group["params"]}
+    assert rates == {(False, 1e-3), (True, 3e-3)}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))

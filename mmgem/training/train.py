@@ -99,6 +99,10 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
         default=True,
         metadata={"help": "Stage 2: leave out regions whose caption already occurs in the batch (false negatives)."},
     )
+    vision_learning_rate_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "The vision tower's learning rate as a multiple of --learning_rate (schedule alike)."},
+    )
     freeze_vision: bool = field(default=False, metadata={"help": "Freeze the vision tower."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Freeze the language model."})
     freeze_projections: bool = field(default=False, metadata={"help": "Freeze h1/h2/h3 and the temperature."})
@@ -177,6 +181,10 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
         )
     if args.remove_unused_columns:
         raise ValueError("`remove_unused_columns` must be False: MM-GEM batches are built from raw records.")
+    if not args.vision_learning_rate_multiplier > 0:
+        raise ValueError(
+            f"`vision_learning_rate_multiplier` must be > 0; got {args.vision_learning_rate_multiplier!r}."
+        )
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError(f"`torch_threads` must be a positive int; got {args.torch_threads!r}.")
 
@@ -335,6 +343,26 @@ class MMGEMTrainer(Trainer):
         if isinstance(shard, IterableDatasetShard) and getattr(shard.dataset, "splits_by_rank", False):
             shard.num_processes, shard.process_index = 1, 0
         return loader
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the vision tower's parameters in groups of their own learning rate
+        (`vision_learning_rate_multiplier` times the others'; the schedule scales every group alike)."""
+        multiplier = getattr(self.args, "vision_learning_rate_multiplier", 1.0)
+        if self.optimizer is not None or multiplier == 1.0:
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        vision = {id(p) for name, p in (model or self.model).named_parameters() if ".vision_model." in f".{name}"}
+        groups = []
+        for group in optimizer.param_groups:
+            for is_vision in (False, True):
+                params = [p for p in group["params"] if (id(p) in vision) == is_vision]
+                if params:
+                    lr = group["lr"] * (multiplier if is_vision else 1.0)
+                    groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params, "lr": lr})
+        optimizer.param_groups.clear()  # nothing has been stepped yet: regroup the same parameters in place
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
