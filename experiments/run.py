@@ -26,7 +26,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from .settings import BUDGETS, CLIP_CONTEXT, LONG_VARIANTS, arms_for, experiment_architecture, tasks_for
+from .settings import BUDGETS, CLIP_CONTEXT, LONG_VARIANTS, Task, arms_for, experiment_architecture, tasks_for
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         "process); small models use two cores better as two single-threaded tasks than as one two-threaded task",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads per task (default cores / jobs)")
+    parser.add_argument(
+        "--only-objectives", action="store_true", help="claim 1 alone: the joint, embedding-only and caption-only "
+        "stage-1 arms, a table and objectives.json in the output dir (REPORT.md is not rewritten)",
+    )  # fmt: skip
+    parser.add_argument("--steps-scale", type=int, default=1, help="with --only-objectives: stage-1 steps x N")
+    parser.add_argument("--seeds", type=int, nargs="+", help="with --only-objectives: these seeds (default all)")
     parser.add_argument("--fresh", action="store_true", help="retrain everything instead of reusing results")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -61,6 +67,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"`--jobs` must be >= 1; got {args.jobs}.")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"`--threads` must be >= 1; got {args.threads}.")
+    if args.steps_scale < 1:
+        raise ValueError(f"`--steps-scale` must be >= 1; got {args.steps_scale}.")
+    if (args.steps_scale != 1 or args.seeds) and not args.only_objectives:
+        raise ValueError("`--steps-scale` and `--seeds` apply to `--only-objectives` runs only.")
 
 
 # ---------------------------------------------------------------------------------------------------------- context
@@ -127,12 +137,13 @@ Results = dict[str, dict[int, dict[str, Any]]]
 
 
 def run_tasks(budget: Any, output: Path, datasets: dict[str, Path], jobs: int, threads: int, fresh: bool,
-              progress: bool, split: str) -> tuple[Results, list[dict[str, Any]]]:  # fmt: skip
-    """Run every task of the budget; returns `{arm: {seed: result}}` and a log of task durations."""
+              progress: bool, split: str, tasks: list[Task] | None = None,
+              ) -> tuple[Results, list[dict[str, Any]]]:  # fmt: skip
+    """Run every task of the budget (or `tasks`); returns `{arm: {seed: result}}` and a log of task durations."""
     from .runner import TaskRunner, run_task_in_worker
 
     runner = TaskRunner(budget, output, datasets, threads, progress, split)
-    tasks = tasks_for(budget, runner.spec)
+    tasks = tasks if tasks is not None else tasks_for(budget, runner.spec)
     if fresh:
         for task in tasks:
             for arm in runner.produced_arms(task):
@@ -170,10 +181,54 @@ def run_tasks(budget: Any, output: Path, datasets: dict[str, Path], jobs: int, t
     return results, log
 
 
+OBJECTIVE_ARMS = {"joint": {}, "embedding_only": {"caption_loss_weight": 0.0},
+                  "caption_only": {"contrastive_loss_weight": 0.0}}  # fmt: skip
+
+
+def _objective_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Retrieval R@1 as the report takes it (mean of both directions) and caption CIDEr."""
+    directions = [metrics.get(k) for k in ("image_to_text/R@1", "text_to_image/R@1")]
+    retrieval = sum(directions) / 2 if None not in directions else None
+    return {"retrieval/R@1": retrieval, "caption/cider": metrics.get("caption/cider")}
+
+
+def run_objectives(args: argparse.Namespace, budget: Any, threads: int) -> int:
+    """Claim 1 alone: the three stage-1 arms (joint as a plain stage-1 task: no continuations or long fine-tunes)."""
+    import dataclasses
+
+    from .runner import prepare_datasets
+
+    seeds = tuple(args.seeds or budget.seeds)
+    budget = dataclasses.replace(budget, steps=budget.steps * args.steps_scale, seeds=seeds,
+                                 name=f"{budget.name}_objectives_x{args.steps_scale}")  # fmt: skip
+    output = Path(args.output_dir or PACKAGE_DIR / "runs" / budget.name).resolve()
+    print(f"Claim 1 only: {budget.steps} stage-1 steps, seeds {list(seeds)}\nOutput: {output}", flush=True)
+    began, cpu_began = time.perf_counter(), time.process_time() + children_cpu_seconds()
+    datasets = prepare_datasets(budget, output / "data", progress=not args.no_progress)
+    tasks = [Task("single", arm, seed, overrides) for seed in seeds for arm, overrides in OBJECTIVE_ARMS.items()]
+    results, _ = run_tasks(budget, output, datasets, args.jobs, threads, args.fresh, not args.no_progress,
+                           args.split, tasks)  # fmt: skip
+    table = {
+        arm: {seed: {**_objective_metrics(r["metrics"]), "train_cpu_s": r["train"]["train_cpu_s"]}
+              for seed, r in sorted(per_seed.items())}
+        for arm, per_seed in results.items()
+    }  # fmt: skip
+    cpu_s = time.process_time() + children_cpu_seconds() - cpu_began
+    summary = {"command": "python -m experiments.run " + " ".join(sys.argv[1:]), "budget": budget.as_dict(),
+               "split": args.split, "results": table, "wall_s": time.perf_counter() - began, "cpu_s": cpu_s,
+               "load_after": load_average()}  # fmt: skip
+    (output / "objectives.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(table, indent=1))
+    print(f"Wrote {output / 'objectives.json'} ({summary['cpu_s']:.0f} CPU s, {summary['wall_s'] / 60:.1f} min)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_arguments(args)
     budget = BUDGETS[args.budget or ("quick" if args.quick else "full")]
+    if args.only_objectives:
+        return run_objectives(args, budget, args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
     output = Path(args.output_dir or PACKAGE_DIR / "runs" / budget.name).resolve()
     report_dir = Path(args.report_dir or (PACKAGE_DIR if budget.name == "full" else output)).resolve()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

@@ -124,3 +124,15 @@ def test_verdict_rules():
     assert verdict_long(long([0.6, 0.62, 0.61], [0.3, 0.31, 0.3]), ["mild"])[0] == HELD
     assert verdict_long(long([0.3, 0.31, 0.3], [0.3, 0.32, 0.31]), ["mild"])[0] == NOT_HELD
     assert math.isnan(Stat([1.0]).std)
+
+
+def test_objectives_only_run_trains_the_three_claim_1_arms(tmp_path):
+    assert main(["--budget", "micro", "--only-objectives", "--steps-scale", "2", "--jobs", "1",
+                 "--output-dir", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads((tmp_path / "objectives.json").read_text())
+    assert summary["budget"]["steps"] == 2 * BUDGETS["micro"].steps
+    assert set(summary["results"]) == {"joint", "embedding_only", "caption_only"}
+    for per_seed in summary["results"].values():
+        assert set(per_seed) == {"0"} and all("caption/cider" in r and "retrieval/R@1" in r for r in per_seed.values())
+    with pytest.raises(ValueError, match="only-objectives"):
+        main(["--budget", "micro", "--steps-scale", "2"])
