@@ -14,6 +14,7 @@ settings reuses them (`--fresh` retrains everything).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -194,8 +195,6 @@ def _objective_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def run_objectives(args: argparse.Namespace, budget: Any, threads: int) -> int:
     """Claim 1 alone: the three stage-1 arms (joint as a plain stage-1 task: no continuations or long fine-tunes)."""
-    import dataclasses
-
     from .runner import prepare_datasets
 
     seeds = tuple(args.seeds or budget.seeds)
