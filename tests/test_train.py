@@ -65,6 +65,27 @@ def test_collator_stages_region_sampling_and_repeated_texts():
         MMGEMCollator(processor, stage=3)
 
 
+def test_collator_leaves_out_regions_the_center_crop_removes():
+    """A wide image's box in the part the center crop cuts away would fail the batch: it is left out instead."""
+    from PIL import Image
+
+    from mmgem.build import tiny_mmgem
+    from mmgem.data.collator import MMGEMCollator
+
+    _, processor = tiny_mmgem()  # 32 px: a 96x32 image is resized to 96x32, then cropped to x in [32, 64)
+    image = Image.new("RGB", (96, 32), "white")
+    regions = [
+        {"box": [0, 0, 20, 20], "caption": "a red circle"},  # wholly left of the crop
+        {"box": [40, 4, 56, 20], "caption": "a blue star"},  # inside
+        {"box": [20, 0, 40, 10], "caption": "a green cross"},  # cut by the crop: clipped, kept
+    ]
+    batch = MMGEMCollator(processor, stage=2)([{"image": image, "caption": "shapes", "regions": regions}])
+    assert len(batch["boxes"][0]) == 2
+    expected = processor(images=[image], text=["shapes"], boxes=[[r["box"] for r in regions[1:]]],
+                         region_text=[["a blue star", "a green cross"]])
+    torch.testing.assert_close(batch["boxes"][0], expected["boxes"][0])
+
+
 def test_collator_text_keys_follow_the_evaluation_normalisation():
     from PIL import Image
 

@@ -17,6 +17,7 @@ import torch
 from transformers import BatchFeature, TrainerCallback
 
 from mmgem.data.text import normalize_text
+from modeling_mmgem.processing_mmgem import image_frame_transform
 
 STAGES = (1, 2)
 
@@ -88,7 +89,7 @@ class MMGEMCollator:
         return self.start_batch + self._calls * num_workers + worker_id
 
     def _regions(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        regions = list(item.get("regions") or [])
+        regions = visible_regions(self.processor.image_processor, item["image"], item.get("regions") or [])
         if self.max_regions_per_image is not None and len(regions) > self.max_regions_per_image:
             # Sample, then restore the original order so that the batch layout stays readable when debugging.
             chosen = sorted(self._rng.sample(range(len(regions)), self.max_regions_per_image))
@@ -139,6 +140,24 @@ class MMGEMCollator:
         """Add `text_keys` [B (+R)]: the rows' texts (images first, then regions) hashed after `normalize_text`."""
         batch["text_keys"] = torch.tensor([text_key(text) for text in texts], dtype=torch.long)
         return batch
+
+
+def visible_regions(image_processor: Any, image: Any, regions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The regions whose box keeps a positive area in the model's frame after the image processor's resize and
+    center crop. A box lying wholly in the cropped-away part of a non-square image (common in region data such as
+    Visual Genome) is never seen by the model: it is left out of training instead of failing the batch."""
+    if not regions or not hasattr(image, "size") or not isinstance(image.size, tuple):
+        return list(regions)
+    width, height = image.size
+    sx, sy, ox, oy, fw, fh = image_frame_transform(image_processor, width, height)
+    kept = []
+    for region in regions:
+        x0, y0, x1, y1 = (float(v) for v in region["box"])
+        left, right = max(x0 * sx - ox, 0.0), min(x1 * sx - ox, float(fw))
+        top, bottom = max(y0 * sy - oy, 0.0), min(y1 * sy - oy, float(fh))
+        if right > left and bottom > top:
+            kept.append(region)
+    return kept
 
 
 def text_key(text: str) -> int:
