@@ -27,6 +27,8 @@ EXTRAS = {
     "notebooks": ["nbmake>=1.5", "ipykernel>=6", "nbformat>=5.9"],
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"],  # mmgem export-onnx
     "mteb": ["mteb>=2.26"],  # mmgem.integrations.mteb
+    "data": ["webdataset>=1.0"],  # webdataset / GRIT shards as training sources (mmgem train --data shards/...)
+    "eval": ["pycocoevalcap>=1.2"],  # mmgem evaluate --benchmark coco-captions / refcocog (PTB, BLEU, CIDEr-D, METEOR)
     "search": ["faiss-cpu>=1.15", "webdataset>=1.0"],  # mmgem index / mmgem search
     # mmgem app; gradio_client and playwright drive it in the tests (with Debian's chromium, never a downloaded one)
     "app": ["gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.65"],

@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mmgem.evaluation.metrics import recall_at_k
+from mmgem.optional import require
 
 RECALL_KS = (1, 5, 10)
 KARPATHY_CAPTIONS = 5
@@ -230,6 +231,7 @@ def coco_caption_scores(
     Returns the scores (fractions, as pycocoevalcap computes them) and `ran`, the metrics that ran; a metric whose
     Java tool cannot start is left out with its reason under `skipped`.
     """
+    require("pycocoevalcap", "eval", "Caption metrics (coco-captions, refcocog)")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

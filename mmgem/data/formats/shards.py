@@ -20,13 +20,14 @@ from typing import Any
 
 from mmgem.data.formats import IMAGE_EXTENSIONS, RawSample, Shard, Source, SourceOptions
 from mmgem.data.formats.grit import grit_regions
+from mmgem.optional import require
 
 
 class WebDatasetSource(Source):
     """Samples of webdataset shards (`urls`: a brace pattern or a list of paths/URLs)."""
 
     def __init__(self, urls: str | list[str], options: SourceOptions, on_error: str = "fail") -> None:
-        import webdataset as wds
+        wds = require("webdataset", "data", "Training from webdataset shards")
 
         self.urls = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
         if not self.urls:
