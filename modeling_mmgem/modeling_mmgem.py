@@ -37,7 +37,14 @@ from transformers.utils import ModelOutput
 from .configuration_mmgem import MMGEMConfig
 from .loss_mmgem import NO_KEY, caption_loss, contrastive_loss, pixel_row_keys, token_row_keys
 from .pipeline_mmgem import custom_pipelines_config
-from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, box_problem, cache_argument, too_many_boxes
+from .utils_mmgem import (
+    CACHE_NAME,
+    DEFAULT_MAX_CAPTION_TOKENS,
+    box_problem,
+    cache_argument,
+    register_checkpoint_upgrades,
+    too_many_boxes,
+)
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
 # What the caption rows of `forward` (`input_ids`) are: one per image, one per region, or one per image then one
@@ -141,16 +148,25 @@ class MMGEMProjection(nn.Module):
 class MMGEMLogitScale(nn.Module):
     """The learnable log temperature of the contrastive loss, clamped as CLIP does.
 
-    A module rather than a bare `nn.Parameter` so that PEFT's `modules_to_save` can train and save it.
+    A module rather than a bare `nn.Parameter` so that PEFT's `modules_to_save` can train and save it. The value
+    has shape (1,), not (), because FSDP shards parameters along their first dimension; `forward` returns a 0-d
+    tensor all the same. State dicts with the older 0-d value load too (`load_state_dict`, PEFT, accelerate).
     """
 
     def __init__(self, init_value: float, max_value: float) -> None:
         super().__init__()
-        self.log_value = nn.Parameter(torch.tensor(float(init_value)))
+        self.log_value = nn.Parameter(torch.tensor([float(init_value)]))  # [1]
         self.max_value = max_value
+        self._register_load_state_dict_pre_hook(self._upgrade_scalar)
+
+    @staticmethod
+    def _upgrade_scalar(state_dict: dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        value = state_dict.get(prefix + "log_value")
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            state_dict[prefix + "log_value"] = value.reshape(1)
 
     def forward(self) -> torch.Tensor:
-        return self.log_value.clamp(max=self.max_value).exp()
+        return self.log_value.clamp(max=self.max_value).exp().squeeze(0)  # []
 
 
 class MMGEMPoolAggregator(nn.Module):
@@ -837,6 +853,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
+# Folders saved before the temperature had shape (1,) load through `from_pretrained` too.
+register_checkpoint_upgrades(("MMGEMModel",))
 # `save_pretrained` writes `auto_map` and copies this file (and its relative imports) next to the weights.
 MMGEMModel.register_for_auto_class("AutoModel")
 if __name__ == "modeling_mmgem.modeling_mmgem":

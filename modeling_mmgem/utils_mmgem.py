@@ -161,6 +161,45 @@ def pil_image_processor_class(name: str) -> type:
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 
+
+# The learnable log temperature is a 1-element tensor: FSDP shards tensors along their first dimension and refuses
+# 0-d parameters. Folders saved before that hold it with shape (); both are read into shape (1,).
+LOGIT_SCALE_KEY = "logit_scale.log_value"
+
+
+def register_checkpoint_upgrades(class_names: tuple[str, ...]) -> bool:
+    """Teach transformers' loader (`from_pretrained`) to read a 0-d temperature into shape (1,).
+
+    Uses the weight-conversion registry of transformers' loader (`register_checkpoint_conversion_mapping`, the same
+    on every release MM-GEM supports). Returns False where a release lacks it: new folders still load, folders
+    saved with a 0-d temperature then report a size mismatch for that one key.
+    """
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.core_model_loading import ConversionOps, WeightConverter
+    except ImportError:
+        return False
+
+    class ReshapeToOneElement(ConversionOps):
+        """Shape () -> (1,); tensors already of shape (1,) pass unchanged (and so does saving)."""
+
+        @torch.no_grad()
+        def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str],
+                    **kwargs: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+            tensors = next(iter(input_dict.values()))
+            tensor = tensors[0] if isinstance(tensors, list) else tensors
+            return {target_patterns[0]: tensor.reshape(1)}
+
+        @property
+        def reverse_op(self) -> ConversionOps:
+            return self
+
+    upgrade = WeightConverter(LOGIT_SCALE_KEY, LOGIT_SCALE_KEY, operations=[ReshapeToOneElement()])
+    for name in class_names:
+        # overwrite: the remote code may be imported more than once in a process (several folders, reloads).
+        register_checkpoint_conversion_mapping(name, [upgrade], overwrite=True)
+    return True
+
 __all__ = [
     "CACHE_NAME",
     "DEFAULT_MAX_CAPTION_TOKENS",
@@ -172,4 +211,6 @@ __all__ = [
     "cache_argument",
     "enable_activation_checkpointing",
     "pil_image_processor_class",
+    "LOGIT_SCALE_KEY",
+    "register_checkpoint_upgrades",
 ]

@@ -21,6 +21,7 @@ from mmgem.build import tiny_mmgem
 from modeling_mmgem import MMGEMConfig, MMGEMModel
 
 from .conftest import random_images
+from .outside import run_outside
 
 pytestmark = pytest.mark.fast
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -367,6 +368,42 @@ def test_loaded_weights_are_not_reinitialised(tiny, tmp_path):
         assert torch.equal(a, b), name
     with torch.no_grad():
         model.logit_scale.log_value.fill_(model.config.logit_scale_init_value)
+
+
+def _save_with_a_scalar_temperature(model, folder: Path, value: float) -> None:
+    """`model` saved as folders were before the temperature had shape (1,): `logit_scale.log_value` of shape ()."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    assert weights["logit_scale.log_value"].shape == (1,)
+    weights["logit_scale.log_value"] = torch.tensor(value)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_folders_saved_with_a_scalar_temperature_still_load(tiny, tmp_path):
+    model, processor = tiny
+    _save_with_a_scalar_temperature(model, tmp_path, 2.5)
+    processor.save_pretrained(tmp_path)
+    loaded = MMGEMModel.from_pretrained(tmp_path)  # raises on a size mismatch without the upgrade
+    assert loaded.logit_scale.log_value.shape == (1,) and loaded.logit_scale.log_value.item() == 2.5
+    assert loaded.logit_scale().shape == ()  # the temperature callers get is 0-d, as before
+    state = model.state_dict() | {"logit_scale.log_value": torch.tensor(1.5)}
+    loaded.load_state_dict(state)  # torch's route (PEFT adapters, accelerate) upgrades too
+    assert loaded.logit_scale.log_value.item() == 1.5
+    # A user without the project: the Hub copy of the code upgrades the old folder, and saving writes shape (1,).
+    script = f"""
+        import torch
+        from safetensors.torch import load_file
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert model.logit_scale.log_value.tolist() == [2.5], model.logit_scale.log_value
+        model.save_pretrained({str(tmp_path / "resaved")!r})
+        saved = load_file({str(tmp_path / "resaved" / "model.safetensors")!r})["logit_scale.log_value"]
+        assert saved.shape == (1,) and saved.tolist() == [2.5], saved
+        print("OK")
+    """
+    run_outside(script, tmp_path)
 
 
 def test_config_round_trip_keeps_sub_configs(tmp_path):
