@@ -36,6 +36,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conversion import publish
+from conversion.publish import export_files
+from mmgem.build import tiny_mmgem
+from mmgem.data.records import load_jsonl_records
+from mmgem.integrations.sentence_transformers import load_sentence_transformer
+from mmgem.loading import load_model
+from mmgem.training.train import last_complete_checkpoint, make_arguments
+from modeling_mmgem.modeling_mmgem import MMGEMModel
+from modeling_mmgem.processing_mmgem import MMGEMProcessor
+
 REPO = Path(__file__).resolve().parent.parent
 NAMED = (ValueError, TypeError)
 
@@ -92,8 +102,6 @@ def environment(**values: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------------- folders
 def saved_model(root: Path) -> Path:
-    from mmgem.build import tiny_mmgem
-
     torch.manual_seed(0)
     model, processor = tiny_mmgem()
     folder = root / "clean"
@@ -124,9 +132,6 @@ def hostile_copy(clean: Path, root: Path, kind: str, marker: Path) -> Path:
 
 
 def audit_remote_code(audit: Audit, clean: Path, root: Path) -> None:
-    from mmgem.integrations.sentence_transformers import load_sentence_transformer
-    from mmgem.loading import load_model
-
     loaders = {
         "load_model (mmgem train/evaluate --model)": lambda f: load_model(f),
         "load_sentence_transformer": lambda f: load_sentence_transformer(f, device="cpu"),
@@ -148,9 +153,6 @@ def audit_remote_code(audit: Audit, clean: Path, root: Path) -> None:
 
 
 def audit_broken_folders(audit: Audit, clean: Path, root: Path) -> None:
-    from mmgem.loading import load_model
-    from modeling_mmgem.modeling_mmgem import MMGEMModel
-
     def config_edit(**changes: Any) -> Callable[[Path], None]:
         def edit(folder: Path) -> None:
             config = json.loads((folder / "config.json").read_text())
@@ -210,9 +212,6 @@ def _swap(folder: Path, a: str, b: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- URLs and texts
 def audit_urls_and_texts(audit: Audit, clean: Path, root: Path) -> None:
-    from mmgem.integrations.sentence_transformers import load_sentence_transformer
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
-
     processor = MMGEMProcessor.from_pretrained(clean)
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
@@ -261,9 +260,6 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def audit_records(audit: Audit, clean: Path, root: Path) -> None:
-    from mmgem.data.records import load_jsonl_records
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
-
     data = root / "data"
     data.mkdir()
     Image.new("RGB", (32, 32), "red").save(data / "good.png")
@@ -325,9 +321,6 @@ def audit_records(audit: Audit, clean: Path, root: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- caps
 def audit_caps(audit: Audit, clean: Path, root: Path) -> None:
-    from modeling_mmgem.modeling_mmgem import MMGEMModel
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
-
     processor = MMGEMProcessor.from_pretrained(clean)
     model = MMGEMModel.from_pretrained(clean).eval()
     image = Image.new("RGB", (32, 32))
@@ -388,9 +381,6 @@ def random_array(rng: np.random.RandomState) -> np.ndarray:
 
 
 def audit_fuzz(audit: Audit, clean: Path, count: int) -> None:
-    from modeling_mmgem.modeling_mmgem import MMGEMModel
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
-
     processor = MMGEMProcessor.from_pretrained(clean)
     model = MMGEMModel.from_pretrained(clean).eval()
     rng = np.random.RandomState(0)
@@ -474,9 +464,6 @@ def audit_fuzz(audit: Audit, clean: Path, count: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- interrupted runs
 def audit_interrupted(audit: Audit, root: Path) -> None:
-    from conversion import publish
-    from mmgem.training.train import last_complete_checkpoint
-
     area = "8 interrupted runs"
 
     def checkpoints(kinds: list[str]) -> Path:
@@ -557,9 +544,6 @@ def child_dies(root: Path) -> tuple[bool, str]:
 
 # ---------------------------------------------------------------------------------------------- publishing
 def audit_publishing(audit: Audit, clean: Path, root: Path) -> None:
-    from conversion.publish import export_files
-    from mmgem.training.train import make_arguments
-
     area = "9 publishing"
     secret = "hf_auditSecretTokenValue123"
     folder = Path(shutil.copytree(clean, root / "export"))

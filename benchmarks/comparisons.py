@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .baselines import clip_style_image_head, llava_on_shared_weights, llava_prompt
+from .loading import measure_in_subprocess, safetensors_bytes, save_baseline_checkpoints
 from .report import Record
 from .sizes import BenchModel
 from .timing import TimingPlan, interleaved, median
@@ -276,8 +277,6 @@ def checkpoint_loading(ctx: SuiteContext) -> list[Record]:
     """Loading a saved checkpoint: `AutoModel.from_pretrained(trust_remote_code=True)` vs the stock causal LM plus the
     stock vision model loading the same weights, each in a fresh process (see benchmarks/loading.py for the RSS
     definition). Pairs of loads alternate their order; medians are reported."""
-    from .loading import measure_in_subprocess, safetensors_bytes, save_baseline_checkpoints
-
     bm = ctx.bm
     ours_dir = ctx.saved_checkpoint()
     base_dir = ctx.cache.get("stock") or save_baseline_checkpoints(bm.model, ctx.workdir / "stock")

@@ -33,6 +33,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from benchmarks.sizes import SIZES, build_bench_model
+from benchmarks.timing import synchronize
+from mmgem.data.collator import MMGEMCollator
+from mmgem.data.formats import SourceOptions
+from mmgem.data.formats.shards import WebDatasetSource
+from mmgem.data.sources import StreamingImageTextDataset
+
 WEB_IMAGE_SIZE = (512, 384)  # a typical CC3M / CC12M image after img2dataset (no resize)
 
 
@@ -59,11 +66,6 @@ def write_web_shards(folder: Path, count: int, per_shard: int, seed: int = 0) ->
 
 def pipeline_loader(pattern: str, processor: Any, batch_size: int, workers: int) -> DataLoader:
     """The training input pipeline: streaming records -> collator, in `workers` DataLoader workers."""
-    from mmgem.data.collator import MMGEMCollator
-    from mmgem.data.formats import SourceOptions
-    from mmgem.data.formats.shards import WebDatasetSource
-    from mmgem.data.sources import StreamingImageTextDataset
-
     source = WebDatasetSource(pattern, SourceOptions(resampled=True, shuffle_buffer=100))
     dataset = StreamingImageTextDataset([source], with_regions=False, epochs=None)
     return DataLoader(
@@ -88,8 +90,6 @@ def images_per_second(loader: DataLoader, batch_size: int, warmup: int, batches:
 
 def training_step_rate(bench: Any, batch_size: int, steps: int, device: torch.device) -> tuple[float, float]:
     """(seconds per training step, images/s) of forward + backward + AdamW on one batch of the model's size."""
-    from benchmarks.timing import synchronize
-
     model, processor = bench.model.train(), bench.processor
     images = [Image.new("RGB", WEB_IMAGE_SIZE, (i * 20 % 255, 90, 160)) for i in range(batch_size)]
     batch = processor(images=images, text=[f"a web image {i} " * 4 for i in range(batch_size)]).to(device)
@@ -111,8 +111,6 @@ def training_step_rate(bench: Any, batch_size: int, steps: int, device: torch.de
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from benchmarks.sizes import SIZES, build_bench_model
-
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmgem-pipeline-") as folder:

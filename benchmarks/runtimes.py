@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from conversion.export_onnx import TEXT_FILE, VISION_FILE, ImageEmbedder, TextEmbedder, _export
+
 from .comparisons import SuiteContext
 from .report import Record
 from .workloads import embedding_batch, pixel_values
@@ -22,7 +24,6 @@ def onnx_encode(ctx: SuiteContext) -> list[Record]:
     """onnxruntime (CPU provider, `ctx.threads` threads) on the exported text and vision models vs eager PyTorch."""
     import onnxruntime
 
-    from conversion.export_onnx import TEXT_FILE, VISION_FILE, ImageEmbedder, TextEmbedder, _export
 
     bm, model = ctx.bm, ctx.bm.model
     if bm.device.type != "cpu" or bm.dtype != torch.float32:

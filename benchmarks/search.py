@@ -37,9 +37,12 @@ from tqdm.auto import tqdm
 from benchmarks.report import Record, markdown_table
 from benchmarks.sizes import SIZES, build_bench_model
 from benchmarks.timing import CLOCKS, TimingPlan, interleaved, median
+from mmgem.evaluation.evaluate import embed_images
 from mmgem.files import write_json_atomic, write_text_atomic
 from mmgem.search import VectorStore, index_images
+from mmgem.search.sources import folder_images, load_image
 from mmgem.search.store import faiss_threads
+from mmgem.synthetic import all_pairs, render_scene
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECALL_TARGET = 0.99
@@ -146,10 +149,6 @@ def library_comparison(count: int, dim: int, plan: TimingPlan, seed: int) -> lis
 
 
 def indexing_benchmark(size: str, num_images: int, plan: TimingPlan, seed: int, workdir: Path) -> list[Record]:
-    from mmgem.evaluation.evaluate import embed_images
-    from mmgem.search.sources import folder_images, load_image
-    from mmgem.synthetic import all_pairs, render_scene
-
     bench = build_bench_model(SIZES[size], torch.device("cpu"), torch.float32, seed)
     image_size = bench.config.vision_config.image_size
     folder = workdir / "images"

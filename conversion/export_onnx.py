@@ -26,6 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmgem.cli import command_parser
+from mmgem.errors import checking_user_input
+from mmgem.loading import check_hub_id, load_model
+
 TEXT_FILE = "text_model.onnx"
 VISION_FILE = "vision_model.onnx"
 DEFAULT_OPSET = 18
@@ -188,9 +192,6 @@ def export_onnx(
     Returns:
         `{"text_model": path, "vision_model": path, "max_abs_diff": {"text": ..., "vision": ...}}`.
     """
-    from mmgem.errors import checking_user_input
-    from mmgem.loading import check_hub_id, load_model
-
     with checking_user_input():  # every argument is checked before the (long) export starts
         local = Path(model).expanduser()
         if not local.is_dir():
@@ -237,8 +238,6 @@ def export_onnx(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmgem.cli import command_parser
-
     parser = command_parser(
         "export-onnx",
         "Write text_model.onnx and vision_model.onnx (dynamic batch and length), checked against PyTorch.",

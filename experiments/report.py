@@ -22,6 +22,8 @@ import numpy as np
 
 from mmgem.files import atomic_path, write_text_atomic
 
+from .settings import default_grid, pool_grids
+
 MIN_RELATIVE = 0.05
 LEARNED_FLOOR = 0.10
 LEARNED_CIDER = 0.5
@@ -389,8 +391,6 @@ def _atomic_write(path: Path, text: str) -> Path:
 
 def write_report(report_dir: str | os.PathLike[str], context: dict[str, Any]) -> Path:
     """Write `REPORT.md`, `results.json` and `figures/*.png` into `report_dir`; returns the report's path."""
-    from .settings import default_grid, pool_grids
-
     report_dir = Path(report_dir)
     figures = report_dir / "figures"
     results = context["results"]

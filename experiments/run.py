@@ -27,6 +27,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from .report import write_report
+from .runner import TaskRunner, long_caption_visibility, prepare_datasets, run_task_in_worker
 from .settings import BUDGETS, CLIP_CONTEXT, LONG_VARIANTS, Task, arms_for, experiment_architecture, tasks_for
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -141,8 +143,6 @@ def run_tasks(budget: Any, output: Path, datasets: dict[str, Path], jobs: int, t
               progress: bool, split: str, tasks: list[Task] | None = None,
               ) -> tuple[Results, list[dict[str, Any]]]:  # fmt: skip
     """Run every task of the budget (or `tasks`); returns `{arm: {seed: result}}` and a log of task durations."""
-    from .runner import TaskRunner, run_task_in_worker
-
     runner = TaskRunner(budget, output, datasets, threads, progress, split)
     tasks = tasks if tasks is not None else tasks_for(budget, runner.spec)
     if fresh:
@@ -195,8 +195,6 @@ def _objective_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def run_objectives(args: argparse.Namespace, budget: Any, threads: int) -> int:
     """Claim 1 alone: the three stage-1 arms (joint as a plain stage-1 task: no continuations or long fine-tunes)."""
-    from .runner import prepare_datasets
-
     seeds = tuple(args.seeds or budget.seeds)
     budget = dataclasses.replace(budget, steps=budget.steps * args.steps_scale, seeds=seeds,
                                  name=f"{budget.name}_objectives_x{args.steps_scale}")  # fmt: skip
@@ -234,8 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m experiments.run " + " ".join(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from .report import write_report
-    from .runner import TaskRunner, long_caption_visibility, prepare_datasets
 
     context: dict[str, Any] = {"command": command.strip(), "budget": budget.as_dict(), "jobs": args.jobs,
                                "threads": threads, "load_before": load_average(), "environment": environment(),

@@ -22,8 +22,15 @@ from typing import Any
 
 import torch
 
+from mmgem.build import train_tokenizer
+from mmgem.data.records import ImageCaptionDataset, load_records
+from mmgem.evaluation.evaluate import evaluate_model, templates_for
 from mmgem.files import write_json_atomic
+from mmgem.loading import load_model
+from mmgem.synthetic import generate_dataset, load_labels
+from mmgem.training.train import build_from_scratch, train, training_texts
 
+from .clip_baseline import build_clip, train_clip
 from .settings import CLIP_CONTEXT, LONG_VARIANTS, Budget, Task, default_grid, experiment_architecture
 
 SHORT_TASKS = ("retrieval", "zero_shot")
@@ -36,8 +43,6 @@ def prepare_datasets(budget: Budget, folder: Path, progress: bool = True) -> dic
 
     A folder is reused when its stamp matches the settings; generation is deterministic and atomic.
     """
-    from mmgem.synthetic import generate_dataset
-
     roots = {}
     for variant, preamble in LONG_VARIANTS.items():
         root = folder / variant
@@ -189,9 +194,6 @@ class TaskRunner:
         already have tokens for the long descriptions' words, and CLIP and MM-GEM read the same token sequences.
         """
         if self._texts is None:
-            from mmgem.data.records import load_records
-            from mmgem.training.train import training_texts
-
             texts = []
             for index, root in enumerate(self.datasets.values()):
                 records = load_records(root / "train.jsonl")
@@ -205,7 +207,6 @@ class TaskRunner:
         """A new MM-GEM (seeded init, the run's tokenizer) saved to `folder`, for `train(model=folder)`."""
         import transformers
 
-        from mmgem.training.train import build_from_scratch
 
         spec = json.loads(json.dumps(self.spec))
         spec.update(overrides)
@@ -218,8 +219,6 @@ class TaskRunner:
     def _train(self, task: Task, start: Path, output: Path, data: Path, *, stage: int = 1, steps: int,
                batch_size: int, learning_rate: float, long: bool = False) -> tuple[Any, dict[str, Any]]:  # fmt: skip
         """One `mmgem.training.train.train` call from a model folder; returns the result and its cost."""
-        from mmgem.training.train import train
-
         options = training_options(self.budget, task.seed, steps, batch_size, learning_rate, self.threads)
         extra = {"max_regions_per_image": self.budget.max_regions_per_image} if stage == 2 else {}
         with Stopwatch() as clock:
@@ -239,10 +238,6 @@ class TaskRunner:
 
     def _evaluate_short(self, model: Any, processor: Any, regions: bool) -> dict[str, Any]:
         """Split metrics with `evaluate_model`; captioning is timed on its own (generation cost)."""
-        from mmgem.data.records import load_records
-        from mmgem.evaluation.evaluate import evaluate_model, templates_for
-        from mmgem.synthetic import load_labels
-
         data = self.datasets["strict"]
         labels = load_labels(data)
         records = load_records(data / f"{self.split}.jsonl")
@@ -272,9 +267,6 @@ class TaskRunner:
 
     def _evaluate_long(self, model: Any, processor: Any, variant: str) -> dict[str, Any]:
         """Retrieval between the split's images and their long descriptions (`evaluate_model`, all arms)."""
-        from mmgem.data.records import load_records
-        from mmgem.evaluation.evaluate import evaluate_model
-
         records = long_caption_records(load_records(self.datasets[variant] / f"{self.split}.jsonl"))
         with Stopwatch() as clock:
             result = evaluate_model(
@@ -307,8 +299,6 @@ class TaskRunner:
 
     def _cut_to_clip_context(self, source: Path, folder: Path) -> Path:
         """A copy of a saved MM-GEM whose LLM context (and so the processor's truncation) is CLIP's 77 tokens."""
-        from mmgem.loading import load_model
-
         model, processor = load_model(str(source))
         model.config.text_config.max_position_embeddings = CLIP_CONTEXT
         processor.max_length = CLIP_CONTEXT
@@ -345,9 +335,7 @@ class TaskRunner:
         """The CLIP baseline: stage 1 on the image-caption pairs (same budget as MM-GEM), then long fine-tunes."""
         import transformers
 
-        from mmgem.data.records import ImageCaptionDataset, load_records
 
-        from .clip_baseline import build_clip, train_clip
 
         b = self.budget
         transformers.set_seed(task.seed)  # the same seeding as the MM-GEM arms: init, then data order
@@ -400,8 +388,6 @@ def long_caption_visibility(root: Path, texts: Sequence[str], vocab_size: int, l
     "It is <size> and <colour>, ... placed ..." sentence ends) within the first `limit` tokens.
     """
 
-    from mmgem.build import train_tokenizer
-    from mmgem.data.records import load_records
 
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     starts, lengths, seen_objects, total_objects, blind = [], [], 0, 0, 0

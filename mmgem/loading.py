@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mmgem.errors import checking_user_input
+from modeling_mmgem.modeling_mmgem import MMGEMModel
+from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
 # `auto_map` entries an MM-GEM export carries itself: they name the installed classes, which run without opt-in.
 OWN_AUTO_MAP = {
@@ -165,9 +167,6 @@ def load_model(
         trust_remote_code: allow the folder's own tokenizer / image-processor code (never needed by MM-GEM).
         argument: the name errors give the path (e.g. "--model").
     """
-    from modeling_mmgem.modeling_mmgem import MMGEMModel
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
-
     with checking_user_input():  # the path and the folder's contents are the user's input
         check_model_folder(path, argument, trust_remote_code)
     try:

@@ -150,6 +150,32 @@ def test_a_cycle_is_found():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+# Project modules a function may import where it needs them, and why: an optional extra, or transformers' model
+# machinery (~5 s) kept out of the paths that only build a parser (`mmgem evaluate --help`, `mmgem app --help`).
+LAZY_PROJECT_MODULES = {
+    "mmgem.app.space_app": "gradio (extra `app`)",
+    "mmgem.integrations.mteb": "mteb (extra `mteb`)",
+    "mmgem.plots": "matplotlib, only when the demo draws its figures",
+    "mmgem.loading": "model loading, after the arguments are checked",
+    "mmgem.data.records": "the image loader of the processor, after the arguments are checked",
+    "modeling_mmgem.processing_mmgem": "the processor, after the arguments are checked",
+    "mmgem.search": "the search index (FAISS, extra `search`)",
+    "mmgem.search.sources": "the search index (FAISS, extra `search`)",
+    "mmgem.integrations.sentence_transformers": "sentence-transformers, optional for the comparison benchmarks",
+}
+
+
+def test_imports_inside_functions_are_only_for_optional_or_heavy_modules():
+    """Everything else of the project is imported at the top, where a reader looks for a module's dependencies."""
+    stray = []
+    for module, path in MODULES.items():
+        for node, names, in_function in _imports(module, path):
+            target = _project_module(names[0]) or next(filter(None, map(_project_module, names[1:])), None)
+            if in_function and target and target not in LAZY_PROJECT_MODULES:
+                stray.append(f"{path.relative_to(REPO)}:{node.lineno} imports {target}")
+    assert stray == []
+
+
 def test_imports_flow_one_way():
     graph = _graph()
     for module, targets in graph.items():

@@ -12,6 +12,9 @@ from typing import Any
 
 from PIL import Image
 
+from mmgem.cli import command_parser
+from mmgem.errors import checking_user_input
+
 
 def index_search_functions(search: Any) -> tuple[Any, Any]:
     """`search_text` and `search_region` callables for `build_demo`, over an `ImageSearch`."""
@@ -54,8 +57,6 @@ def create_demo(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmgem.cli import command_parser
-
     parser = command_parser("app", __doc__)
     parser.add_argument("--model", required=True, help="MM-GEM folder or Hub id")
     parser.add_argument("--index", help="an index folder written by `mmgem index` (else: search uploaded images)")
@@ -69,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`mmgem app ...`: serve until interrupted."""
-    from mmgem.errors import checking_user_input
-
     args = build_parser().parse_args(argv)
     with checking_user_input():
         if args.port is not None and not 0 < args.port < 65536:

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmgem.data.formats import RawSample, Shard, Source, SourceOptions
+from mmgem.data.formats.detect import _HUB_ID, FORMATS, _is_shard_pattern, detect_format, open_source
 from mmgem.data.records import (
     MAX_REPORTED_PROBLEMS,
     ImageRecord,
@@ -124,8 +125,6 @@ def parse_weights(value: str | None, count: int) -> list[float]:
 
 def uses_streaming(args: Any) -> bool:
     """Whether `train` reads `args.data` through the streaming sources (always, except one .jsonl/imagefolder)."""
-    from mmgem.data.formats.detect import detect_format
-
     specs = split_sources(args.data)
     if args.streaming or len(specs) != 1 or args.train_num_samples is not None:
         return True
@@ -135,8 +134,6 @@ def uses_streaming(args: Any) -> bool:
 
 def open_sources(args: Any, shuffle: bool = True) -> tuple[list[Source], list[float]]:
     """The sources and weights of the training options (opening checks the paths and annotation files)."""
-    from mmgem.data.formats.detect import open_source
-
     specs = split_sources(args.data)
     formats = _per_source(args.data_format, len(specs), "--data-format")
     roots = _per_source(args.image_root, len(specs), "--image-root")
@@ -351,15 +348,11 @@ CHECK_SAMPLES = 64  # samples read before training starts, to fail early on a wr
 
 
 def _source_exists(spec: str) -> bool:
-    from mmgem.data.formats.detect import _HUB_ID, _is_shard_pattern
-
     return os.path.exists(spec) or _is_shard_pattern(spec) or bool(_HUB_ID.match(spec))
 
 
 def check_data_arguments(args: Any) -> None:
     """The data options' ValueErrors (naming the flag), before anything is read."""
-    from mmgem.data.formats.detect import FORMATS
-
     specs = split_sources(args.data)
     for spec in specs:
         if not _source_exists(spec):

@@ -44,7 +44,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mmgem.data.formats import SourceOptions
+from mmgem.data.formats.coco import karpathy_images
+from mmgem.data.formats.conversations import first_gpt_turn
+from mmgem.data.formats.hf import table_files
+from mmgem.data.formats.refcoco import find_refs_pickle, parquet_references, refer_references
 from mmgem.evaluation.metrics import recall_at_k
+from mmgem.evaluation.templates import IMAGENET_CLASSES, IMAGENET_TEMPLATES
 from mmgem.optional import require
 
 RECALL_KS = (1, 5, 10)
@@ -58,6 +64,8 @@ _WNID = re.compile(r"^n\d{8}$")
 # ---------------------------------------------------------------------------------------------------------- images
 def open_image(value: Any) -> Image.Image:
     """An RGB image from a path, encoded bytes or a PIL image (the project's one image loader)."""
+    # Here, not at the top: the processor module loads transformers' model machinery (~5 s), and
+    # `mmgem evaluate --help` reads this module for the benchmark names only.
     from modeling_mmgem.processing_mmgem import load_rgb_image
 
     return load_rgb_image(value)
@@ -427,8 +435,6 @@ def _limit(items: list, options: BenchmarkOptions) -> list:
 
 
 def _karpathy(folder: Path, dataset: str, options: BenchmarkOptions):
-    from mmgem.data.formats.coco import karpathy_images
-
     path = _find(folder, [f"dataset_{dataset}.json"], f"Karpathy split file for {dataset}")
     split = options.split or "test"
     images = _limit(karpathy_images(json.loads(path.read_text(encoding="utf-8")), folder, {split}, str(path)), options)
@@ -472,8 +478,6 @@ def _class_folders(folder: Path) -> list[Path]:
 
 
 def load_zero_shot(name: str, folder: Path, options: BenchmarkOptions) -> ZeroShotTask:
-    from mmgem.evaluation.templates import IMAGENET_CLASSES, IMAGENET_TEMPLATES
-
     root = (
         folder / (options.split or "val")
         if name == "imagenet" and (folder / (options.split or "val")).is_dir()
@@ -566,8 +570,6 @@ def load_dci(name: str, folder: Path, options: BenchmarkOptions) -> RetrievalTas
 
 
 def load_sharegpt4v(name: str, folder: Path, options: BenchmarkOptions) -> RetrievalTask:
-    from mmgem.data.formats.conversations import first_gpt_turn
-
     files = sorted(folder.glob("*.json"), key=lambda p: ("share-captioner" not in p.name, p.name))
     if not files:
         raise ValueError(f"sharegpt4v-1k: no ShareGPT4V conversation JSON in {folder}.")
@@ -576,10 +578,6 @@ def load_sharegpt4v(name: str, folder: Path, options: BenchmarkOptions) -> Retri
 
 
 def load_refcocog(name: str, folder: Path, options: BenchmarkOptions) -> RegionTask:
-    from mmgem.data.formats import SourceOptions
-    from mmgem.data.formats.hf import table_files
-    from mmgem.data.formats.refcoco import find_refs_pickle, parquet_references, refer_references
-
     split = options.split or "val"
     refs = find_refs_pickle(folder)
     if refs is not None:

@@ -10,11 +10,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mmgem.errors import checking_user_input
+from mmgem.evaluation.benchmarks import (
+    BENCHMARKS,
+    BenchmarkOptions,
+    EmbeddingCache,
+    format_benchmark_tables,
+    load_benchmark,
+    run_benchmarks,
+)
+from mmgem.files import write_json_atomic
+
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--benchmark` options of `mmgem evaluate`."""
-    from mmgem.evaluation.benchmarks import BENCHMARKS
-
     group = parser.add_argument_group("standard benchmarks (instead of --data)")
     group.add_argument("--benchmark", nargs="+", choices=sorted(BENCHMARKS), help="benchmarks to run")
     group.add_argument("--data-dir", nargs="+", help="each benchmark's folder in its published layout (in order)")
@@ -28,15 +37,6 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     """Load every benchmark (all checked before the model runs), evaluate, print the tables, write the JSON."""
     import torch
 
-    from mmgem.errors import checking_user_input
-    from mmgem.evaluation.benchmarks import (
-        BenchmarkOptions,
-        EmbeddingCache,
-        format_benchmark_tables,
-        load_benchmark,
-        run_benchmarks,
-    )
-    from mmgem.files import write_json_atomic
     from mmgem.loading import load_model
 
     # Every benchmark is read and the model loaded before any work: a mistake is one line (`mmgem.cli`).

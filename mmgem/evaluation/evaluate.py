@@ -40,8 +40,10 @@ from tqdm.auto import tqdm
 
 from mmgem.cli import command_parser
 from mmgem.errors import checking_user_input
+from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments, run_benchmark_command
 from mmgem.evaluation.metrics import caption_metrics, recall_at_k, same_text_relevance
 from mmgem.files import write_json_atomic
+from mmgem.synthetic import class_name
 
 TASKS = ("retrieval", "zero_shot", "captioning", "region_captioning", "region_retrieval")
 TEMPLATE_REDUCTIONS = ("mean", "max")
@@ -131,8 +133,6 @@ def default_label(record: Any) -> str | None:
         return label
     objects = record.metadata.get("objects") or []
     if len(objects) == 1 and {"colour", "shape"} <= set(objects[0]):
-        from mmgem.synthetic import class_name
-
         return class_name(objects[0]["colour"], objects[0]["shape"])
     return None
 
@@ -354,7 +354,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments
 
     add_benchmark_arguments(parser)
     return parser
@@ -375,8 +374,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {getattr(args, name)}.")
     if args.benchmark:
-        from mmgem.evaluation.cli_benchmarks import run_benchmark_command
-
         return run_benchmark_command(args)
     with checking_user_input():
         if not args.data:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import modeling_mmgem  # noqa: F401  (registers the installed classes: no remote code needed)
 from mmgem.training.freezing import PROJECTION_MODULES, set_frozen, set_requires_grad
 from modeling_mmgem.utils_mmgem import enable_activation_checkpointing
 
@@ -356,8 +357,6 @@ def load_lora_adapter(
     from transformers import AutoModel
 
     if isinstance(base, (str, Path)):
-        import modeling_mmgem  # noqa: F401  (registers the installed classes: no remote code needed)
-
         base = AutoModel.from_pretrained(str(base), **(model_kwargs or {}))
     base = _check_mmgem(base)
     expose_tied_weights(base)

@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import modeling_mmgem  # noqa: F401  (registers the installed classes with the Auto classes)
 from mmgem.files import write_json_atomic
+from mmgem.loading import check_model_folder
 from modeling_mmgem.processing_mmgem import load_rgb_image
 
 # The modality config of sentence-transformers' `Transformer` module for MM-GEM: which model method embeds each
@@ -184,12 +186,9 @@ def load_sentence_transformer(model_name_or_path: str | Path, **kwargs: Any) -> 
     """
     from sentence_transformers import SentenceTransformer
 
-    import modeling_mmgem  # noqa: F401  (registers the installed classes with the Auto classes)
 
     path = Path(model_name_or_path)
     if path.is_dir():
-        from mmgem.loading import check_model_folder
-
         check_model_folder(path, "model_name_or_path", bool(kwargs.get("trust_remote_code")))
         if not (path / "modules.json").exists():
             write_sentence_transformers_files(path)

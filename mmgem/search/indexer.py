@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mmgem.cli import command_parser
 from mmgem.errors import checking_user_input
+from mmgem.loading import load_model
 from mmgem.search.sources import ImageSource, iter_folder, iter_shards, resolve_images
 from mmgem.search.store import VectorStore, faiss_threads
 from modeling_mmgem.processing_mmgem import image_frame_transform
@@ -252,7 +253,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         grids = parse_grids(args.region_grids)
         _check_options(args.batch_size, grids, args.caption_tokens)
         resolve_images(args.images)  # bad `--images` fails before the model loads
-    from mmgem.loading import load_model
 
     model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

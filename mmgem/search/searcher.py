@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 from mmgem.cli import command_parser
 from mmgem.errors import checking_user_input
+from mmgem.loading import load_model
+from mmgem.search.indexer import model_fingerprint
 from mmgem.search.sources import load_image
 from mmgem.search.store import Hit, VectorStore, faiss_threads, group_by_path
 
@@ -62,11 +64,8 @@ class ImageSearch:
     ) -> None:
         self.store = VectorStore(index)
         if model is None:
-            from mmgem.loading import load_model
-
             model, processor = load_model(self.store.meta["model"]["name_or_path"], trust_remote_code)
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from mmgem.search.indexer import model_fingerprint
 
         if model_fingerprint(model, "")["fingerprint"] != self.store.meta["model"]["fingerprint"]:
             raise ValueError(f"`model` is not the model the index {index} was built with "
@@ -206,8 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         region = parse_box(args.region) if args.region is not None else None
     model = processor = None
     if args.model:
-        from mmgem.loading import load_model
-
         model, processor = load_model(args.model, args.trust_remote_code)
     search = ImageSearch(args.index, model, processor, args.device, args.trust_remote_code)
     if args.image is not None:

@@ -36,14 +36,19 @@ import torch
 from accelerate.data_loader import IterableDatasetShard
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
+from mmgem.build import build_mmgem, train_tokenizer
 from mmgem.cli import HelpFormatter
 from mmgem.data.collator import STAGES, MMGEMCollator, MMGEMCollatorCallback
 from mmgem.data.records import ImageCaptionDataset, load_records
-from mmgem.data.sources import DataSourceArguments, streaming_training_data, uses_streaming
+from mmgem.data.sources import DataSourceArguments, check_data_arguments, streaming_training_data, uses_streaming
 from mmgem.errors import checking_user_input
+from mmgem.integrations.lora import apply_lora
+from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 from mmgem.loading import load_model
 from mmgem.presets import PRESETS, architecture
 from mmgem.training.freezing import freeze
+from modeling_mmgem.modeling_mmgem import MMGEMConfig, MMGEMModel
+from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -161,7 +166,6 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
             )
     if args.data is None:
         raise ValueError("`data` is required: a .jsonl file or an imagefolder with metadata.jsonl.")
-    from mmgem.data.sources import check_data_arguments
 
     check_data_arguments(args)
     if args.stage not in STAGES:
@@ -211,8 +215,6 @@ def scratch_spec(from_scratch: str) -> dict[str, Any]:
 
 def build_from_scratch(spec: dict[str, Any], texts: Sequence[str]) -> tuple[Any, Any]:
     """A new MM-GEM and processor: a byte-level BPE tokenizer trained on `texts`, random weights."""
-    from mmgem.build import build_mmgem, train_tokenizer
-
     spec = dict(spec)
     vocab_size = spec.pop("vocab_size", 512)
     vision_config, text_config = spec.pop("vision_config"), spec.pop("text_config")
@@ -283,15 +285,11 @@ def resolve_checkpoint(args: MMGEMTrainingArguments) -> str | None:
 
 def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoint: str | None) -> tuple[Any, Any]:
     """The model to train (frozen parts and LoRA applied) and its processor."""
-    from modeling_mmgem.modeling_mmgem import MMGEMModel
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
-
     if args.model is not None:
         model, processor = load_model(args.model, args.trust_remote_code)
     elif checkpoint is not None and (Path(checkpoint) / "config.json").is_file() and not args.lora:
         # Resuming a from-scratch run: the checkpoint holds the tokenizer and architecture (weights are loaded by
         # the Trainer), so a re-trained tokenizer can never disagree with the saved embeddings.
-        from modeling_mmgem.modeling_mmgem import MMGEMConfig
 
         model = MMGEMModel(MMGEMConfig.from_pretrained(checkpoint))
         processor = MMGEMProcessor.from_pretrained(checkpoint)
@@ -300,8 +298,6 @@ def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoi
             scratch_spec(args.from_scratch), training_texts(records, args.use_long_caption)
         )
     if args.lora:
-        from mmgem.integrations.lora import apply_lora
-
         vision = {"no": False, "lora": "lora", "full": "full"}[args.lora_vision]
         model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, train_vision=vision)
     else:
@@ -419,8 +415,6 @@ def save_final_model(trainer: MMGEMTrainer, args: MMGEMTrainingArguments, proces
         processor.save_pretrained(staging)
         (staging / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
         if not args.lora or args.merge_lora:
-            from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
-
             write_sentence_transformers_files(staging)
         _publish(staging, output)
     trainer.accelerator.wait_for_everyone()

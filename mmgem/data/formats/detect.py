@@ -9,7 +9,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mmgem.data.formats import Source, SourceOptions, read_json
+from mmgem.data.formats import (
+    Source,
+    SourceOptions,
+    coco,
+    conversations,
+    hf,
+    local,
+    read_json,
+    refcoco,
+    shards,
+    visual_genome,
+)
+from mmgem.data.formats.hf import is_dataset_folder, table_files
+from mmgem.data.records import load_imagefolder_records, load_jsonl_records
 
 FORMATS = (
     "webdataset", "grit", "hf", "llava", "coco", "karpathy", "visual-genome", "refcoco", "jsonl", "imagefolder",
@@ -45,8 +58,6 @@ def json_format(path: str) -> str | None:
 
 def detect_format(spec: str) -> str:
     """The format of `spec` (a path, shard pattern or Hub id); a ValueError says why it cannot tell."""
-    from mmgem.data.formats.hf import is_dataset_folder, table_files
-
     path = Path(spec)
     if _is_shard_pattern(spec):
         return "webdataset"
@@ -103,8 +114,6 @@ def _shard_urls(spec: str) -> str | list[str]:
 
 def open_source(spec: str, data_format: str | None, options: SourceOptions, on_error: str = "fail") -> Source:
     """The reader of one `--data` source in `data_format` (None: detected)."""
-    from mmgem.data.formats import coco, conversations, hf, local, refcoco, shards, visual_genome
-
     name = data_format or detect_format(spec)
     if name not in FORMATS:
         raise ValueError(f"`--data-format` must be one of {FORMATS}; got {name!r}.")
@@ -119,12 +128,8 @@ def open_source(spec: str, data_format: str | None, options: SourceOptions, on_e
             return hf.ArrowSource(spec, options, refcoco.RefcocoRowConverter)
         return refcoco.RefcocoSource(spec, options)
     if name == "jsonl":
-        from mmgem.data.records import load_jsonl_records
-
         return local.RecordListSource(f"jsonl:{spec}", load_jsonl_records(spec, on_error=on_error), options.shuffle)
     if name == "imagefolder":
-        from mmgem.data.records import load_imagefolder_records
-
         records = load_imagefolder_records(spec, split=options.split or "train", on_error=on_error)
         return local.RecordListSource(f"imagefolder:{spec}", records, options.shuffle)
     if not Path(spec).is_file():

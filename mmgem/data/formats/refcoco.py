@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mmgem.data.formats import IndexedSource, RawSample, SourceOptions, largest_region_caption, xywh_to_xyxy
-from mmgem.data.formats.hf import RowConverter
+from mmgem.data.formats.hf import ArrowSource, RowConverter
 
 
 @dataclass
@@ -160,8 +160,6 @@ class RefcocoRowConverter(RowConverter):
 
 def parquet_references(path: str, options: SourceOptions) -> list[Reference]:
     """Every row of a RefCOCO parquet layout as a :class:`Reference` (for evaluation)."""
-    from mmgem.data.formats.hf import ArrowSource
-
     source = ArrowSource(path, options, RefcocoRowConverter)
     convert = source.convert
     references = []
