@@ -27,7 +27,7 @@ from mmgem.data.records import ImageCaptionDataset, load_records
 from mmgem.evaluation.evaluate import evaluate_model, templates_for
 from mmgem.files import write_json_atomic
 from mmgem.loading import load_model
-from mmgem.synthetic import generate_dataset, load_labels
+from mmgem.synthetic import ensure_dataset, load_labels
 from mmgem.training.train import build_from_scratch, train, training_texts
 
 from .clip_baseline import build_clip, train_clip
@@ -45,17 +45,11 @@ def prepare_datasets(budget: Budget, folder: Path, progress: bool = True) -> dic
     """
     roots = {}
     for variant, preamble in LONG_VARIANTS.items():
-        root = folder / variant
-        settings = dict(
-            num_train=budget.num_train, num_val=budget.num_val, num_test=budget.num_test,
-            image_size=budget.image_size, seed=budget.data_seed, max_objects=budget.max_objects,
-            num_heldout_pairs=0, preamble_min_words=preamble,
-        )  # fmt: skip
-        stamp = root / "experiment_settings.json"
-        if not (stamp.is_file() and json.loads(stamp.read_text()) == settings):
-            generate_dataset(root, overwrite=True, progress=progress, **settings)
-            stamp.write_text(json.dumps(settings) + "\n")
-        roots[variant] = root
+        roots[variant] = ensure_dataset(
+            folder / variant, progress=progress, num_train=budget.num_train, num_val=budget.num_val,
+            num_test=budget.num_test, image_size=budget.image_size, seed=budget.data_seed,
+            max_objects=budget.max_objects, num_heldout_pairs=0, preamble_min_words=preamble,
+        )["root"]  # fmt: skip
     return roots
 
 

@@ -40,7 +40,7 @@ from mmgem.evaluation.evaluate import (
     write_metrics,
 )
 from mmgem.presets import architecture
-from mmgem.synthetic import generate_dataset
+from mmgem.synthetic import ensure_dataset
 from mmgem.training.train import train
 
 # Targets of the demo on the held-out split (metric key, minimum).
@@ -93,22 +93,12 @@ QUICK = dict(num_train=24, num_val=8, num_test=12, image_size=32, preset="tiny",
 # ---------------------------------------------------------------------------------------------------------- steps
 def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
     """Generate the dataset, or reuse `folder` when it was generated with the same settings."""
-    settings = dict(
-        num_train=config.num_train, num_val=config.num_val, num_test=config.num_test, image_size=config.image_size,
-        seed=config.data_seed, max_objects=config.max_objects, num_heldout_pairs=config.num_heldout_pairs,
-        single_object_fraction=config.single_object_fraction, size_fractions=config.size_fractions,
+    return ensure_dataset(
+        folder, num_train=config.num_train, num_val=config.num_val, num_test=config.num_test,
+        image_size=config.image_size, seed=config.data_seed, max_objects=config.max_objects,
+        num_heldout_pairs=config.num_heldout_pairs, single_object_fraction=config.single_object_fraction,
+        size_fractions=config.size_fractions,
     )  # fmt: skip
-    stamp = folder / "demo_settings.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
-        print(f"Reusing the dataset in {folder}")
-    else:
-        generate_dataset(
-            folder, config.num_train, config.num_val, config.num_test, config.image_size, config.data_seed,
-            max_objects=config.max_objects, num_heldout_pairs=config.num_heldout_pairs, overwrite=True,
-            single_object_fraction=config.single_object_fraction, size_fractions=config.size_fractions,
-        )  # fmt: skip
-        stamp.write_text(json.dumps(settings) + "\n")
-    return {split: folder / f"{split}.jsonl" for split in ("train", "val", "test")} | {"labels": folder / "labels.json"}
 
 
 def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any, dict[str, list[dict]]]:

@@ -577,6 +577,28 @@ def generate_dataset(
     return {"root": output, **paths, "labels": output / "labels.json", "images": output / "images"}
 
 
+SETTINGS_STAMP = "generation_settings.json"
+
+
+def ensure_dataset(output_dir: str | os.PathLike[str], progress: bool = True, **settings: Any) -> dict[str, Path]:
+    """The dataset `generate_dataset(output_dir, **settings)` writes, generated only when `output_dir` does not
+    already hold one made with the same settings (recorded in `generation_settings.json` beside the splits).
+
+    What the demo and the experiments use: a rerun with unchanged settings skips the generation, a changed setting
+    replaces the folder. Returns the paths `generate_dataset` returns.
+    """
+    root = Path(output_dir).resolve()
+    stamp = root / SETTINGS_STAMP
+    recorded = json.dumps(settings, sort_keys=True)
+    if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == recorded:
+        if progress:
+            print(f"Reusing the dataset in {root}")
+        paths = {split: root / f"{split}.jsonl" for split in SPLITS}
+        return {"root": root, **paths, "labels": root / "labels.json", "images": root / "images"}
+    paths = generate_dataset(root, overwrite=True, progress=progress, **settings)
+    stamp.write_text(recorded + "\n", encoding="utf-8")
+    return paths
+
 def _write_labels(
     path: Path, heldout: Sequence[tuple[str, str]], counts: dict[str, int], image_size: int, seed: int
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,12 @@ from PIL import Image
 from mmgem.synthetic import (
     BACKGROUND_COLOURS,
     COLOURS,
+    SETTINGS_STAMP,
     SHAPES,
     SIZES,
     choose_heldout_pairs,
     class_name,
+    ensure_dataset,
     generate_dataset,
     load_labels,
     main,
@@ -200,7 +201,14 @@ def test_cli(tmp_path: Path) -> None:
     assert main([*argv, "--no-progress", "--overwrite"]) == 0
 
 
-def test_generation_is_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
-    generate_dataset(tmp_path / "fast", 300, 0, 0, progress=False)
-    assert time.perf_counter() - start < 5.0  # about 1.3 ms per image on one CPU core
+def test_ensure_dataset_reuses_a_folder_made_with_the_same_settings(tmp_path: Path) -> None:
+    settings = dict(num_train=6, num_val=2, num_test=2, image_size=32, seed=3, max_objects=2, num_heldout_pairs=0)
+    paths = ensure_dataset(tmp_path / "d", progress=False, **settings)
+    marker = paths["images"] / "train_00000.png"
+    first = marker.read_bytes()
+    marker.write_bytes(b"left alone when the settings match")
+    again = ensure_dataset(tmp_path / "d", progress=False, **settings)
+    assert again == paths and marker.read_bytes() == b"left alone when the settings match"
+    changed = ensure_dataset(tmp_path / "d", progress=False, **(settings | {"seed": 4}))
+    assert changed["train"] == paths["train"] and marker.read_bytes() != first  # regenerated with the new seed
+    assert json.loads((tmp_path / "d" / SETTINGS_STAMP).read_text())["seed"] == 4
