@@ -24,7 +24,6 @@ def onnx_encode(ctx: SuiteContext) -> list[Record]:
     """onnxruntime (CPU provider, `ctx.threads` threads) on the exported text and vision models vs eager PyTorch."""
     import onnxruntime
 
-
     bm, model = ctx.bm, ctx.bm.model
     if bm.device.type != "cpu" or bm.dtype != torch.float32:
         return []  # the export and the CPU provider are float32 on the host

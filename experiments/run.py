@@ -232,7 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m experiments.run " + " ".join(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-
     context: dict[str, Any] = {"command": command.strip(), "budget": budget.as_dict(), "jobs": args.jobs,
                                "threads": threads, "load_before": load_average(), "environment": environment(),
                                "split": args.split, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip

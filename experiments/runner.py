@@ -201,7 +201,6 @@ class TaskRunner:
         """A new MM-GEM (seeded init, the run's tokenizer) saved to `folder`, for `train(model=folder)`."""
         import transformers
 
-
         spec = json.loads(json.dumps(self.spec))
         spec.update(overrides)
         transformers.set_seed(task.seed)
@@ -329,8 +328,6 @@ class TaskRunner:
         """The CLIP baseline: stage 1 on the image-caption pairs (same budget as MM-GEM), then long fine-tunes."""
         import transformers
 
-
-
         b = self.budget
         transformers.set_seed(task.seed)  # the same seeding as the MM-GEM arms: init, then data order
         model, processor = build_clip(self.spec, self.training_texts())
@@ -381,8 +378,6 @@ def long_caption_visibility(root: Path, texts: Sequence[str], vocab_size: int, l
     at which the details start (the sentence "There is/are ..."), and which objects are fully described (their
     "It is <size> and <colour>, ... placed ..." sentence ends) within the first `limit` tokens.
     """
-
-
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     starts, lengths, seen_objects, total_objects, blind = [], [], 0, 0, 0
     for record in load_records(root / f"{split}.jsonl"):

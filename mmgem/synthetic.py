@@ -573,8 +573,13 @@ def generate_dataset(
         _publish(staging, output, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    paths = {split: output / f"{split}.jsonl" for split in SPLITS}
-    return {"root": output, **paths, "labels": output / "labels.json", "images": output / "images"}
+    return dataset_paths(output)
+
+
+def dataset_paths(root: Path) -> dict[str, Path]:
+    """The paths of a generated dataset: "root", "train", "val", "test", "labels" and "images"."""
+    splits = {split: root / f"{split}.jsonl" for split in SPLITS}
+    return {"root": root, **splits, "labels": root / "labels.json", "images": root / "images"}
 
 
 SETTINGS_STAMP = "generation_settings.json"
@@ -593,11 +598,11 @@ def ensure_dataset(output_dir: str | os.PathLike[str], progress: bool = True, **
     if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == recorded:
         if progress:
             print(f"Reusing the dataset in {root}")
-        paths = {split: root / f"{split}.jsonl" for split in SPLITS}
-        return {"root": root, **paths, "labels": root / "labels.json", "images": root / "images"}
+        return dataset_paths(root)
     paths = generate_dataset(root, overwrite=True, progress=progress, **settings)
     stamp.write_text(recorded + "\n", encoding="utf-8")
     return paths
+
 
 def _write_labels(
     path: Path, heldout: Sequence[tuple[str, str]], counts: dict[str, int], image_size: int, seed: int

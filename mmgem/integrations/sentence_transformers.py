@@ -186,7 +186,6 @@ def load_sentence_transformer(model_name_or_path: str | Path, **kwargs: Any) -> 
     """
     from sentence_transformers import SentenceTransformer
 
-
     path = Path(model_name_or_path)
     if path.is_dir():
         check_model_folder(path, "model_name_or_path", bool(kwargs.get("trust_remote_code")))
