@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, TrainerCallback
 
 from conversion.convert_mmgem import export_checkpoint
 from mmgem.cli import command_parser
@@ -76,6 +76,7 @@ class DemoConfig:
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 5e-4
     vision_learning_rate_multiplier: float = 1.0
+    hard_negative_group_size: int | None = None  # batches of blocks of this many scenes sharing colours; None: off
     warmup_steps: float = 0.1
     weight_decay: float = 0.01
     max_regions_per_image: int | None = 4
@@ -83,6 +84,7 @@ class DemoConfig:
     max_new_tokens: int = 32
     eval_batch_size: int = 64
     eval_split: str = "test"  # "val" while choosing settings; the reported numbers are on "test"
+    curve_every: int | None = None  # also evaluate every N steps of each stage: curve.json and target_curves.png
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -101,14 +103,19 @@ def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
     )  # fmt: skip
 
 
-def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any, dict[str, list[dict]]]:
-    """Stage 1 from scratch, then stage 2 from stage 1; returns the final model, processor and both logs."""
+def train_stages(
+    config: DemoConfig, data: Path, output: Path, curve: TargetCurve | None = None
+) -> tuple[Any, Any, dict[str, list[dict]]]:
+    """Stage 1 from scratch, then stage 2 from stage 1; returns the final model, processor and both logs.
+    With `curve`, the model is also evaluated during both stages."""
     common = dict(
         data=str(data), warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay, save_strategy="no", torch_threads=config.threads, seed=config.seed,
         logging_steps=5, dataloader_num_workers=0,
         vision_learning_rate_multiplier=config.vision_learning_rate_multiplier,
     )  # fmt: skip
+    if config.hard_negative_group_size is not None:
+        common.update(hard_negative_field="colour_group", hard_negative_group_size=config.hard_negative_group_size)
     common.update(config.train_overrides)
     histories = {}
     from_scratch = config.preset
@@ -117,17 +124,55 @@ def train_stages(config: DemoConfig, data: Path, output: Path) -> tuple[Any, Any
     print(f"\n== Stage 1: image-caption pairs, {config.stage1_steps} steps, from scratch ({config.preset} preset)")
     stage1 = train(
         from_scratch=from_scratch, output_dir=str(output / "stage1"), stage=1, max_steps=config.stage1_steps,
-        learning_rate=config.stage1_learning_rate, per_device_train_batch_size=config.batch_size, **common,
+        learning_rate=config.stage1_learning_rate, per_device_train_batch_size=config.batch_size,
+        callbacks=curve.for_stage("stage 1", 0) if curve else (), **common,
     )  # fmt: skip
     histories["stage 1"] = stage1.log_history
     print(f"\n== Stage 2: regions added, {config.stage2_steps} steps")
     stage2 = train(
         model=str(output / "stage1"), output_dir=str(output / "stage2"), stage=2, max_steps=config.stage2_steps,
         learning_rate=config.stage2_learning_rate, max_regions_per_image=config.max_regions_per_image,
-        per_device_train_batch_size=config.stage2_batch_size or config.batch_size, **common,
+        per_device_train_batch_size=config.stage2_batch_size or config.batch_size,
+        callbacks=curve.for_stage("stage 2", config.stage1_steps) if curve else (), **common,
     )  # fmt: skip
     histories["stage 2"] = stage2.log_history
     return stage2.model, stage2.processor, histories
+
+
+class TargetCurve(TrainerCallback):
+    """Evaluates the model being trained every `every` steps and at the end of each stage: the targets' metrics
+    against the steps trained, to see how far from a target a run is and how fast it approaches it.
+
+    Args:
+        every: evaluate every this many steps of a stage.
+        evaluate: (model, processor) -> metrics (the demo's own evaluation on its evaluation split).
+    """
+
+    def __init__(self, every: int, evaluate: Callable[[Any, Any], dict[str, float]]) -> None:
+        self.every = every
+        self.evaluate = evaluate
+        self.points: list[dict[str, Any]] = []
+        self.cpu_s = 0.0  # spent evaluating: the demo leaves it out of the training time
+        self.stage, self.offset = "", 0
+
+    def for_stage(self, stage: str, offset: int) -> list[TrainerCallback]:
+        """This callback, set to record the points of `stage`, which starts after `offset` steps."""
+        self.stage, self.offset = stage, offset
+        return [self]
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None, **kwargs: Any
+    ) -> None:
+        if state.global_step % self.every and state.global_step != state.max_steps:
+            return
+        began = time.process_time()
+        metrics = self.evaluate(model, processing_class)
+        model.train()
+        self.cpu_s += time.process_time() - began
+        point = {"stage": self.stage, "step": self.offset + state.global_step}
+        self.points.append({**point, **{key: metrics.get(key) for key in TARGETS}})
+        shown = ", ".join(f"{key} {metrics[key]:.3f}" for key in TARGETS if metrics.get(key) is not None)
+        print(f"[curve] step {point['step']}: {shown}", flush=True)
 
 
 def write_architecture(config: DemoConfig, path: Path) -> Path:
@@ -207,8 +252,12 @@ def run_demo(output_dir: str | Path, config: DemoConfig | None = None, progress:
 
 
 def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any]:
-    from mmgem.plots import plot_loss_curves, plot_retrieval_grid  # matplotlib: only when the demo runs
+    from mmgem.plots import plot_loss_curves, plot_retrieval_grid, plot_target_curves  # matplotlib: only here
 
+    if config.eval_split not in ("val", "test"):
+        raise ValueError(f"`eval_split` must be 'val' or 'test'; got {config.eval_split!r}.")
+    if config.curve_every is not None and config.curve_every < 1:
+        raise ValueError(f"`curve_every` must be None or a positive int; got {config.curve_every!r}.")
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -216,22 +265,29 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
     paths = prepare_data(config, output / "data")
     timings["data_s"] = time.perf_counter() - start
 
-    mark, cpu_mark = time.perf_counter(), time.process_time()
-    model, processor, histories = train_stages(config, paths["train"], output)
-    timings["training_s"] = time.perf_counter() - mark
-    # CPU seconds of this process: on a busy machine wall time says little, CPU time still measures the work.
-    timings["training_cpu_s"] = time.process_time() - cpu_mark
-
-    mark, cpu_mark = time.perf_counter(), time.process_time()
     labels = json.loads(paths["labels"].read_text())
-    if config.eval_split not in ("val", "test"):
-        raise ValueError(f"`eval_split` must be 'val' or 'test'; got {config.eval_split!r}.")
     records = load_jsonl_records(paths[config.eval_split])
     templates, reduction = templates_for(labels)
-    result = evaluate_model(
-        model, processor, records, classes=labels["classes"], templates=templates, template_reduction=reduction,
-        batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, progress=progress,
-    )  # fmt: skip
+
+    def evaluate(model: Any, processor: Any, show_progress: bool = False) -> Any:
+        return evaluate_model(
+            model, processor, records, classes=labels["classes"], templates=templates, template_reduction=reduction,
+            batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, progress=show_progress,
+        )  # fmt: skip
+
+    curve = None
+    if config.curve_every:
+        curve = TargetCurve(config.curve_every, lambda model, processor: evaluate(model, processor).metrics)
+    mark, cpu_mark = time.perf_counter(), time.process_time()
+    model, processor, histories = train_stages(config, paths["train"], output, curve)
+    timings["training_s"] = time.perf_counter() - mark
+    # CPU seconds of this process: on a busy machine wall time says little, CPU time still measures the work.
+    timings["training_cpu_s"] = time.process_time() - cpu_mark - (curve.cpu_s if curve else 0.0)
+    if curve:
+        timings["curve_evaluation_cpu_s"] = curve.cpu_s
+
+    mark, cpu_mark = time.perf_counter(), time.process_time()
+    result = evaluate(model, processor, progress)
     write_metrics(result.metrics, output / "metrics.json")
     timings["evaluation_s"] = time.perf_counter() - mark
     timings["evaluation_cpu_s"] = time.process_time() - cpu_mark
@@ -242,6 +298,9 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
     timings["export_and_reload_s"] = time.perf_counter() - mark
 
     plot_loss_curves(histories, output / "loss_curves.png")
+    if curve:
+        (output / "curve.json").write_text(json.dumps(curve.points, indent=1) + "\n")
+        plot_target_curves(curve.points, TARGETS, output / "target_curves.png")
     images = [r.load_image() for r in records]
     plot_retrieval_grid(images, [r.caption for r in records], result.similarity, output / "retrieval_grid.png")
     timings["total_s"] = time.perf_counter() - start
@@ -282,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage2-steps", type=int, help=f"stage-2 training steps (default {DemoConfig.stage2_steps})")
     parser.add_argument("--num-train", type=int, help=f"training images (default {DemoConfig.num_train})")
     parser.add_argument("--eval-split", choices=("val", "test"), help="split to evaluate on (default test)")
+    parser.add_argument("--curve-every", type=int,
+                        help="also evaluate every N steps of each stage: OUT/curve.json and OUT/target_curves.png")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds; the targets are not met)")
     parser.add_argument("--no-progress", action="store_true", help="hide the evaluation progress bars")
     return parser
@@ -291,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = DemoConfig(**QUICK) if args.quick else DemoConfig()
     with checking_user_input():
-        for name in ("threads", "stage1_steps", "stage2_steps", "num_train"):
+        for name in ("threads", "stage1_steps", "stage2_steps", "num_train", "curve_every"):
             value = getattr(args, name)
             if value is not None:
                 if value < 1:

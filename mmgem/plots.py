@@ -1,4 +1,5 @@
-"""PNG plots of a training run: loss curves and a text-to-image retrieval grid (matplotlib, no display needed)."""
+"""PNG plots of a training run: loss curves, target metrics against steps and a text-to-image retrieval grid
+(matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,34 @@ def plot_loss_curves(histories: dict[str, Sequence[dict[str, Any]]], path: str |
         axis.grid(alpha=0.3)
         axis.legend()
     figure.suptitle("MM-GEM training losses")
+    return _atomic_savefig(figure, path)
+
+
+def plot_target_curves(
+    points: Sequence[dict[str, Any]], targets: dict[str, float], path: str | os.PathLike[str]
+) -> Path:
+    """Each target's metric against the training step, with the target as a dashed line.
+
+    Args:
+        points: evaluations in step order, each `{"stage": name, "step": steps trained so far, metric: value}`.
+        targets: metric key -> the value to reach.
+        path: the PNG file to write.
+    """
+    figure, axes = plt.subplots(1, len(targets), figsize=(3.2 * len(targets), 3.2), sharex=True)
+    stage_starts = [a["step"] for a, b in zip(points, points[1:]) if a["stage"] != b["stage"]]
+    for axis, (key, target) in zip(axes, targets.items()):
+        shown = [(p["step"], p[key]) for p in points if p.get(key) is not None]
+        if shown:
+            axis.plot(*zip(*shown), marker=".", color="C0")
+        axis.axhline(target, color="C3", linestyle="--", linewidth=1, label=f"target {target}")
+        for start in stage_starts:
+            axis.axvline(start, color="grey", linestyle=":", linewidth=0.8)
+        axis.set_title(key, fontsize=9)
+        axis.set_xlabel("step")
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+    figure.suptitle("MM-GEM demo: target metrics during training (dotted: stage 2 starts)")
     return _atomic_savefig(figure, path)
 
 

@@ -18,7 +18,11 @@ A record::
      "long_caption": "<generic preamble of >= 85 words> There are two shapes ... The background ...",
      "regions": [{"box": [x0, y0, x1, y1], "caption": "a small red circle"}, ...],
      "objects": [{"shape": "circle", "colour": "red", "size": "small", "position": "top left"}, ...],
-     "background": {"kind": "gradient", "colours": ["mint", "peach"], "direction": "vertical"}}
+     "background": {"kind": "gradient", "colours": ["mint", "peach"], "direction": "vertical"},
+     "colour_group": "blue red"}
+
+`colour_group` (the object colours, sorted) groups the scenes that are hard to tell apart by colour alone: training
+with `--hard_negative_field colour_group` fills batches with such groups (`mmgem.data.sampling`).
 
 Boxes are integer pixels with exclusive right/bottom edges (as `PIL.Image.getbbox`): `x1 - x0` is the width and
 `0 <= x0 < x1 <= width`. They are the tight bounding boxes of the drawn pixels. Objects, regions and the short
@@ -335,6 +339,12 @@ def region_caption(obj: SceneObject) -> str:
     return f"a {obj.size} {obj.colour} {obj.shape}"
 
 
+def colour_group(objects: Sequence[SceneObject]) -> str:
+    """The scene's object colours, sorted, e.g. "blue red red": scenes of one group share their colours and differ
+    in shape, size or place, the hard negatives of each other (`mmgem train --hard_negative_field colour_group`)."""
+    return " ".join(sorted(o.colour for o in objects))
+
+
 def _join(phrases: Sequence[str]) -> str:
     """ "a", "a and b", "a, b and c"."""
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
@@ -434,6 +444,7 @@ def _make_record(
             for o in objects
         ],
         "background": background,
+        "colour_group": colour_group(objects),
     }
     return image, record
 
@@ -583,6 +594,8 @@ def dataset_paths(root: Path) -> dict[str, Path]:
 
 
 SETTINGS_STAMP = "generation_settings.json"
+# Version of the record format, recorded in the stamp: a dataset written by an older generator is not reused.
+RECORD_FORMAT = 2
 
 
 def ensure_dataset(output_dir: str | os.PathLike[str], progress: bool = True, **settings: Any) -> dict[str, Path]:
@@ -594,7 +607,7 @@ def ensure_dataset(output_dir: str | os.PathLike[str], progress: bool = True, **
     """
     root = Path(output_dir).resolve()
     stamp = root / SETTINGS_STAMP
-    recorded = json.dumps(settings, sort_keys=True)
+    recorded = json.dumps({**settings, "record_format": RECORD_FORMAT}, sort_keys=True)
     if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == recorded:
         if progress:
             print(f"Reusing the dataset in {root}")

@@ -32,3 +32,26 @@ def test_quick_demo_writes_metrics_plots_and_a_reloadable_hub_folder(tmp_path, c
     # A second run reuses the generated data.
     assert cli_main(["demo", "--output-dir", str(output), "--quick", "--no-progress"]) == 0
     assert "Reusing the dataset" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_curve_and_hard_negatives_in_the_quick_demo(tmp_path):
+    from mmgem.demo import QUICK, DemoConfig, run_demo
+
+    config = DemoConfig(**{**QUICK, "stage1_steps": 2, "stage2_steps": 3}, curve_every=2, hard_negative_group_size=2)
+    summary = run_demo(tmp_path / "out", config, progress=False)
+    points = json.loads((tmp_path / "out" / "curve.json").read_text())
+    # Every 2 steps and at each stage's end, on one step axis across the stages.
+    assert [(p["stage"], p["step"]) for p in points] == [("stage 1", 2), ("stage 2", 4), ("stage 2", 5)]
+    # The last point is the final model, evaluated as the demo's own result is.
+    assert {key: points[-1][key] for key in TARGETS} == {key: summary["metrics"][key] for key in TARGETS}
+    assert (tmp_path / "out" / "target_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["timings"]["curve_evaluation_cpu_s"] > 0
+
+
+def test_bad_curve_setting_fails_before_work(tmp_path):
+    from mmgem.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match="`curve_every` must be None or a positive int"):
+        run_demo(tmp_path / "out", DemoConfig(curve_every=0))
+    assert not (tmp_path / "out").exists()

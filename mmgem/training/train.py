@@ -34,12 +34,13 @@ from typing import Any
 
 import torch
 from accelerate.data_loader import IterableDatasetShard
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from mmgem.build import build_mmgem, train_tokenizer
 from mmgem.cli import HelpFormatter
 from mmgem.data.collator import STAGES, MMGEMCollator, MMGEMCollatorCallback
 from mmgem.data.records import ImageCaptionDataset, load_records
+from mmgem.data.sampling import HardNegativeSampler, record_groups
 from mmgem.data.sources import DataSourceArguments, check_data_arguments, streaming_training_data, uses_streaming
 from mmgem.errors import checking_user_input
 from mmgem.integrations.lora import apply_lora
@@ -103,6 +104,16 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
     unique_region_texts: bool = field(
         default=True,
         metadata={"help": "Stage 2: leave out regions whose caption already occurs in the batch (false negatives)."},
+    )
+    hard_negative_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fill batches with blocks of --hard_negative_group_size records that share this record field "
+            "(e.g. colour_group of the synthetic data): in-batch negatives that are hard to tell apart."
+        },
+    )
+    hard_negative_group_size: int = field(
+        default=4, metadata={"help": "With --hard_negative_field: records of one group per block (>= 2)."}
     )
     vision_learning_rate_multiplier: float = field(
         default=1.0,
@@ -189,6 +200,14 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
         raise ValueError(
             f"`vision_learning_rate_multiplier` must be > 0; got {args.vision_learning_rate_multiplier!r}."
         )
+    if args.hard_negative_field is not None:
+        if args.hard_negative_group_size < 2:
+            raise ValueError(f"`hard_negative_group_size` must be >= 2; got {args.hard_negative_group_size!r}.")
+        if args.per_device_train_batch_size % args.hard_negative_group_size:
+            raise ValueError(
+                f"`per_device_train_batch_size` ({args.per_device_train_batch_size}) must be a multiple of "
+                f"`hard_negative_group_size` ({args.hard_negative_group_size}), so that batches hold whole groups."
+            )
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError(f"`torch_threads` must be a positive int; got {args.torch_threads!r}.")
 
@@ -198,6 +217,20 @@ def training_texts(records: Sequence[Any], use_long_caption: bool = False) -> li
     """Every text a model will read or write: captions (or long captions) and region captions."""
     texts = [(r.long_caption if use_long_caption else None) or r.caption for r in records]
     return texts + [region.caption for r in records for region in r.regions]
+
+
+def hard_negative_sampler(args: MMGEMTrainingArguments, records: Sequence[Any], streaming: bool) -> Any:
+    """The `HardNegativeSampler` that `hard_negative_field` asks for (None when it is not set)."""
+    if args.hard_negative_field is None:
+        return None
+    if streaming:
+        raise ValueError(
+            "`hard_negative_field` needs the whole dataset in memory to group it; streaming sources (webdataset, "
+            "--streaming) are read in order."
+        )
+    groups = record_groups(records, args.hard_negative_field)
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    return HardNegativeSampler(groups, args.per_device_train_batch_size, args.hard_negative_group_size, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -313,8 +346,9 @@ class MMGEMTrainer(Trainer):
     processes, like the Trainer's own `loss`.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, train_sampler: torch.utils.data.Sampler | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler  # e.g. a HardNegativeSampler; None: the Trainer's own
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_counts: dict[str, int] = {}
 
@@ -330,6 +364,11 @@ class MMGEMTrainer(Trainer):
                     self._term_sums[name] = total + value.detach().float()
                     self._term_counts[name] = self._term_counts.get(name, 0) + 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        if self.train_sampler is not None and (train_dataset is None or train_dataset is self.train_dataset):
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def get_train_dataloader(self) -> Any:
         # A streaming dataset reads its own part per rank (`mmgem.data.sources`); accelerate's IterableDatasetShard
@@ -435,12 +474,15 @@ def make_arguments(args: MMGEMTrainingArguments | None = None, **kwargs: Any) ->
     return MMGEMTrainingArguments(**kwargs)
 
 
-def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainResult:
+def train(
+    args: MMGEMTrainingArguments | None = None, *, callbacks: Sequence[TrainerCallback] = (), **kwargs: Any
+) -> TrainResult:
     """Train MM-GEM (one stage) and write the final model folder to `output_dir`.
 
     Args:
         args: the options; or give them as keyword arguments (any `MMGEMTrainingArguments` /
             `TrainingArguments` field), e.g. `train(model="m", data="d.jsonl", output_dir="o", max_steps=100)`.
+        callbacks: more `transformers.TrainerCallback`s for the Trainer (e.g. evaluation during training).
 
     Returns:
         A :class:`TrainResult` with the output folder, the trained (merged, with LoRA) model and processor, the
@@ -460,6 +502,7 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
             raise ValueError(f"`data` {args.data} holds no usable record.")
         if args.stage == 2 and not any(r.regions for r in records):
             raise ValueError(f"`stage=2` trains on regions, but no record of `data` {args.data} has any.")
+        sampler = hard_negative_sampler(args, records, streaming=dataset is not None)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     # Seed before building: a model built from scratch (and LoRA's init) is then reproducible, as the Trainer's data.
@@ -476,7 +519,8 @@ def train(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> TrainRes
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[MMGEMCollatorCallback(collator)],
+        callbacks=[MMGEMCollatorCallback(collator), *callbacks],
+        train_sampler=sampler,
     )
     output = trainer.train(resume_from_checkpoint=checkpoint)
     model = save_final_model(trainer, args, processor)
@@ -499,7 +543,9 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "data", "data_on_error", "allow_outside_data_root", "use_long_caption",
         *(f.name for f in fields(DataSourceArguments)),
     ),
-    "stages and losses": ("stage", "max_regions_per_image", "unique_region_texts"),
+    "stages and losses": (
+        "stage", "max_regions_per_image", "unique_region_texts", "hard_negative_field", "hard_negative_group_size",
+    ),
     "LoRA": ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_vision", "merge_lora"),
     "training (the Trainer's options that matter most; MM-GEM changes some defaults)": (
         "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
