@@ -184,11 +184,12 @@ def test_train_command_line(dataset, tmp_path, capsys):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_path, stage):
+@pytest.mark.parametrize(("stage", "extra"), [(1, {}), (2, {}), (1, {"hard_negative_field": "colour_group"})])
+def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_path, stage, extra):
     # Stage 2 draws regions at random: the resumed run must continue the draws, not replay them from the start.
+    # Hard-negative batches: the resumed run must see the interrupted run's order (12 images: epoch 2 from step 4).
     options = dict(from_scratch="tiny", data=str(dataset["train"]), max_steps=4, save_strategy="steps", save_steps=2,
-                   stage=stage, max_regions_per_image=1 if stage == 2 else None,
+                   stage=stage, max_regions_per_image=1 if stage == 2 else None, **extra,
                    **{k: v for k, v in FAST.items() if k != "save_strategy"})  # fmt: skip
     train(output_dir=str(tmp_path / "full"), **options)
     # A run that died after step 2: only checkpoint-2 survives.
