@@ -1,4 +1,4 @@
-"""The end-to-end demo (`make demo`): MM-GEM trained from scratch on 2 CPU cores in about ten minutes.
+"""The end-to-end demo (`make demo`): MM-GEM trained from scratch on 2 CPU cores in about a quarter of an hour.
 
     python -m mmgem.demo --output-dir demo-output
 
@@ -11,7 +11,9 @@
 4. exports a Hub-ready folder with a model card to `OUT/model` through the conversion code, then reloads it with
    `AutoModel` and `SentenceTransformer` and checks that they give the trained model's embeddings;
 5. prints the results table against the targets, example captions and region captions, and saves
-   `OUT/loss_curves.png` and `OUT/retrieval_grid.png`. `OUT/summary.json` records settings, timings and targets.
+   `OUT/loss_curves.png` and `OUT/retrieval_grid.png` (with `--curve-every N` also `OUT/curve.json` and
+   `OUT/target_curves.png`: the targets' metrics every N steps). `OUT/summary.json` records settings, timings and
+   targets.
 """
 
 from __future__ import annotations

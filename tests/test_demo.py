@@ -1,6 +1,6 @@
 """The demo pipeline end to end in its `--quick` form (tiny data and model, a few steps): every artefact appears.
 
-The full demo (`make demo`, about ten minutes) is the one that reaches the targets; this test checks the wiring.
+The full demo (`make demo`, about a quarter of an hour on 2 cores) is measured in the README; this checks the wiring.
 """
 
 from __future__ import annotations
