@@ -35,15 +35,8 @@ class HardNegativeSampler(Sampler[int]):
     """
 
     def __init__(self, groups: Sequence[Hashable], batch_size: int, group_size: int, seed: int = 0) -> None:
-        if not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"`hard_negative_group_size` must be an int >= 2; got {group_size!r}.")
-        if batch_size % group_size:
-            raise ValueError(
-                f"The per-device batch size ({batch_size}) must be a multiple of `hard_negative_group_size` "
-                f"({group_size}), so that batches hold whole groups."
-            )
+        check_group_size(batch_size, group_size)
         self.group_size = group_size
-        self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
         members: dict[Hashable, list[int]] = {}
@@ -78,6 +71,17 @@ class HardNegativeSampler(Sampler[int]):
             yield from block
 
 
+def check_group_size(batch_size: int, group_size: int) -> None:
+    """Raise a ValueError naming the option unless `group_size` is an int >= 2 dividing the per-device batch size."""
+    if not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"`hard_negative_group_size` must be an int >= 2; got {group_size!r}.")
+    if batch_size % group_size:
+        raise ValueError(
+            f"`per_device_train_batch_size` ({batch_size}) must be a multiple of `hard_negative_group_size` "
+            f"({group_size}), so that batches hold whole groups."
+        )
+
+
 def group_key(value: Any) -> Hashable:
     """A hashable key of a record field's JSON value (strings and numbers as they are, lists and dicts as JSON)."""
     if isinstance(value, (str, int, float, bool)):
@@ -97,4 +101,4 @@ def record_groups(records: Sequence[Any], field: str) -> list[Hashable]:
     return [group_key(r.metadata[field]) for r in records]
 
 
-__all__ = ["HardNegativeSampler", "group_key", "record_groups"]
+__all__ = ["HardNegativeSampler", "check_group_size", "group_key", "record_groups"]

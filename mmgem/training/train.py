@@ -40,7 +40,7 @@ from mmgem.build import build_mmgem, train_tokenizer
 from mmgem.cli import HelpFormatter
 from mmgem.data.collator import STAGES, MMGEMCollator, MMGEMCollatorCallback
 from mmgem.data.records import ImageCaptionDataset, load_records
-from mmgem.data.sampling import HardNegativeSampler, record_groups
+from mmgem.data.sampling import HardNegativeSampler, check_group_size, record_groups
 from mmgem.data.sources import DataSourceArguments, check_data_arguments, streaming_training_data, uses_streaming
 from mmgem.errors import checking_user_input
 from mmgem.integrations.lora import apply_lora
@@ -201,13 +201,7 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
             f"`vision_learning_rate_multiplier` must be > 0; got {args.vision_learning_rate_multiplier!r}."
         )
     if args.hard_negative_field is not None:
-        if args.hard_negative_group_size < 2:
-            raise ValueError(f"`hard_negative_group_size` must be >= 2; got {args.hard_negative_group_size!r}.")
-        if args.per_device_train_batch_size % args.hard_negative_group_size:
-            raise ValueError(
-                f"`per_device_train_batch_size` ({args.per_device_train_batch_size}) must be a multiple of "
-                f"`hard_negative_group_size` ({args.hard_negative_group_size}), so that batches hold whole groups."
-            )
+        check_group_size(args.per_device_train_batch_size, args.hard_negative_group_size)
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError(f"`torch_threads` must be a positive int; got {args.torch_threads!r}.")
 
