@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoProcessor, TrainerCallback
 
-from conversion.convert_mmgem import export_checkpoint
 from mmgem.cli import command_parser
+from mmgem.conversion.convert_mmgem import export_checkpoint
 from mmgem.data.records import load_jsonl_records
 from mmgem.embedding import encode_images, encode_texts
 from mmgem.errors import checking_user_input
