@@ -51,7 +51,11 @@ def folder_images(root: Path) -> list[Path]:
 
 def shard_urls(spec: str) -> list[str]:
     """The shard files named by `spec`: one file, a brace pattern (`data-{000..009}.tar`) or a glob."""
-    import braceexpand
+    try:
+        import braceexpand
+    except ImportError:
+        raise ValueError(f"`--images` {spec} names webdataset shards, which need the search extra: "
+                         'pip install "mmgem[search]".') from None  # fmt: skip
 
     urls = []
     for pattern in braceexpand.braceexpand(spec):
