@@ -33,15 +33,41 @@ import torch
 import torch.nn.functional as F
 
 from mmgem.cli import command_parser
-from mmgem.errors import checking_user_input
+from mmgem.errors import MMGEMUserError, checking_user_input, one_line
 from mmgem.loading import load_model
-from mmgem.search.indexer import model_fingerprint
+from mmgem.search.indexer import model_fingerprint, require_search_extra
 from mmgem.search.sources import load_image
 from mmgem.search.store import Hit, VectorStore, faiss_threads, group_by_path
 
 TARGETS = ("images", "regions", "all")
 DEFAULT_CAPTION_WEIGHT = 0.5
 CANDIDATE_FACTOR = 4  # each ANN returns k * this candidates before grouping by image
+
+
+def check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"`k` must be a positive int (the number of results); got {k!r}.")
+
+
+def check_region(region: Sequence[float], width: int, height: int) -> None:
+    """Raise unless `region` (x0, y0, x1, y1) lies inside a `width x height` image with a positive area."""
+    x0, y0, x1, y1 = (float(v) for v in region)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"`region` {','.join(f'{v:g}' for v in region)} must lie inside the {width}x{height} query "
+                         "image, with x0 < x1 and y0 < y1 (pixels).")  # fmt: skip
+
+
+def load_query_image(path: str) -> Any:
+    """The query image at `path`, read as the index reads its images; a ValueError naming `image` if unreadable."""
+    try:
+        return load_image(path)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError is an OSError
+        raise ValueError(f"`image` {path} is not a readable image ({one_line(error)}).") from None
+
+
+def printable(path: str) -> str:
+    """A path as a terminal can show it: bytes of a non-UTF-8 file name (kept as surrogates) as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def parse_box(text: str | Sequence[float]) -> tuple[float, float, float, float]:
@@ -63,13 +89,21 @@ class ImageSearch:
         trust_remote_code: bool = False,
     ) -> None:
         self.store = VectorStore(index)
+        built_with = self.store.meta["model"]
         if model is None:
-            model, processor = load_model(self.store.meta["model"]["name_or_path"], trust_remote_code)
+            try:
+                model, processor = load_model(built_with.get("name_or_path", ""), trust_remote_code)
+            except (OSError, ValueError) as error:
+                raise MMGEMUserError(
+                    f"`index` {index} was built with the model {built_with.get('name_or_path')!r}, which cannot be "
+                    f"loaded ({one_line(error)}); pass `model` (`--model`) with that model's folder."
+                ) from None
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-        if model_fingerprint(model, "")["fingerprint"] != self.store.meta["model"]["fingerprint"]:
-            raise ValueError(f"`model` is not the model the index {index} was built with "
-                             f"({self.store.meta['model']['name_or_path']}).")  # fmt: skip
+        if model_fingerprint(model, "")["fingerprint"] != built_with.get("fingerprint"):
+            raise MMGEMUserError(f"`model` is not the model the index {index} was built with "
+                                 f"({built_with.get('name_or_path')}); pass that model, or build an index with "
+                                 "this one (`mmgem index`).")  # fmt: skip
         self.model, self.processor = model.eval(), processor
         self._rows_by_path: dict[str, dict[str, int]] = {}
         for row, item in enumerate(self.store.items):
@@ -91,7 +125,9 @@ class ImageSearch:
     def embed_image(self, image: Any, region: Sequence[float] | None = None) -> np.ndarray:
         """The unit-length embedding [1, D] of an image (PIL, array or path), or of one `region` box of it."""
         if isinstance(image, (str, os.PathLike)):
-            image = load_image(str(image))
+            image = load_query_image(str(image))
+        if region is not None:
+            check_region(region, image.width, image.height)
         boxes = [[list(region)]] if region is not None else None
         inputs = self.processor(images=[image], boxes=boxes)
         kwargs = {"pixel_values": inputs["pixel_values"].to(self.model.device)}
@@ -102,6 +138,7 @@ class ImageSearch:
     # ------------------------------------------------------------------------------------------- search
     def vectors(self, query: np.ndarray, k: int = 10, target: str = "images", exact: bool = False) -> list[Hit]:
         """The `k` best images (one hit per image) for a query vector [D] among `target` rows."""
+        check_k(k)
         if target not in TARGETS:
             raise ValueError(f"`target` must be one of {TARGETS}; got {target!r}.")
         kinds = {"images": ["image"], "regions": ["region"], "all": ["image", "region"]}[target]
@@ -115,6 +152,7 @@ class ImageSearch:
         """The `k` images that best match a text (through their image embedding, and their caption if indexed)."""
         if not isinstance(query, str) or not query.strip():
             raise ValueError(f"the text query must be a non-empty string; got {query!r}.")
+        check_k(k)
         weight = (DEFAULT_CAPTION_WEIGHT if self.has_captions else 0.0) if caption_weight is None else caption_weight
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
@@ -140,6 +178,7 @@ class ImageSearch:
         exact: bool = False,
     ) -> list[Hit]:  # fmt: skip
         """The `k` images most like an image, or with `region` like that box of it (default target: regions)."""
+        check_k(k)
         target = target or ("regions" if region is not None else "images")
         if target in ("regions", "all") and self.store.count("region") == 0:
             raise ValueError("the index holds no regions (built with `--region-grids 0`); use target 'images'.")
@@ -162,7 +201,7 @@ def format_hits(hits: Sequence[Hit]) -> str:
     for rank, hit in enumerate(hits, 1):
         box = hit.item.get("box")
         where = f"  box {','.join(f'{v:g}' for v in box)}" if box else ""
-        lines.append(f"{rank:>4}  {hit.score:7.4f}  {hit.path}{where}")
+        lines.append(f"{rank:>4}  {hit.score:7.4f}  {printable(hit.path)}{where}")
     return "\n".join(lines)
 
 
@@ -202,13 +241,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with checking_user_input():
         _check_args(args)
+        require_search_extra("search")
         region = parse_box(args.region) if args.region is not None else None
+        query_image = load_query_image(args.image) if args.image is not None else None
+        if region is not None:
+            check_region(region, query_image.width, query_image.height)
     model = processor = None
     if args.model:
         model, processor = load_model(args.model, args.trust_remote_code)
     search = ImageSearch(args.index, model, processor, args.device, args.trust_remote_code)
-    if args.image is not None:
-        hits = search.image(args.image, k=args.k, region=region, target=args.target, exact=args.exact)
+    if query_image is not None:
+        hits = search.image(query_image, k=args.k, region=region, target=args.target, exact=args.exact)
     else:
         hits = search.text(args.query, k=args.k, caption_weight=args.caption_weight, target=args.target or "images",
                            exact=args.exact)  # fmt: skip
