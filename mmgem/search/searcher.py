@@ -46,15 +46,16 @@ CANDIDATE_FACTOR = 4  # each ANN returns k * this candidates before grouping by 
 
 def check_k(k: Any) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"`k` must be a positive int (the number of results); got {k!r}.")
+        raise MMGEMUserError(f"`k` must be a positive int (the number of results); got {k!r}.")
 
 
 def check_region(region: Sequence[float], width: int, height: int) -> None:
     """Raise unless `region` (x0, y0, x1, y1) lies inside a `width x height` image with a positive area."""
     x0, y0, x1, y1 = (float(v) for v in region)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-        raise ValueError(f"`region` {','.join(f'{v:g}' for v in region)} must lie inside the {width}x{height} query "
-                         "image, with x0 < x1 and y0 < y1 (pixels).")  # fmt: skip
+        box = ",".join(f"{v:g}" for v in region)
+        raise MMGEMUserError(f"`region` {box} must lie inside the {width}x{height} query image, with x0 < x1 and "
+                             "y0 < y1 (pixels).")  # fmt: skip
 
 
 def load_query_image(path: str) -> Any:
@@ -140,7 +141,7 @@ class ImageSearch:
         """The `k` best images (one hit per image) for a query vector [D] among `target` rows."""
         check_k(k)
         if target not in TARGETS:
-            raise ValueError(f"`target` must be one of {TARGETS}; got {target!r}.")
+            raise MMGEMUserError(f"`target` must be one of {TARGETS}; got {target!r}.")
         kinds = {"images": ["image"], "regions": ["region"], "all": ["image", "region"]}[target]
         with faiss_threads(1):
             hits = [h for kind in kinds for h in self.store.search(query, kind, k * CANDIDATE_FACTOR, exact)[0]]
@@ -151,13 +152,13 @@ class ImageSearch:
     ) -> list[Hit]:
         """The `k` images that best match a text (through their image embedding, and their caption if indexed)."""
         if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"the text query must be a non-empty string; got {query!r}.")
+            raise MMGEMUserError(f"the text query must be a non-empty string; got {query!r}.")
         check_k(k)
         weight = (DEFAULT_CAPTION_WEIGHT if self.has_captions else 0.0) if caption_weight is None else caption_weight
         if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
+            raise MMGEMUserError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
         if weight > 0 and not self.has_captions:
-            raise ValueError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`).")
+            raise MMGEMUserError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`).")
         vector = self.embed_text([query])[0]  # [D]
         if weight == 0.0 or target != "images":
             return self.vectors(vector, k, target, exact)
@@ -181,7 +182,7 @@ class ImageSearch:
         check_k(k)
         target = target or ("regions" if region is not None else "images")
         if target in ("regions", "all") and self.store.count("region") == 0:
-            raise ValueError("the index holds no regions (built with `--region-grids 0`); use target 'images'.")
+            raise MMGEMUserError("the index holds no regions (built with `--region-grids 0`); use target 'images'.")
         return self.vectors(self.embed_image(image, region)[0], k, target, exact)
 
 
