@@ -151,10 +151,20 @@ def _open_or_create(output: Path, model_info: dict[str, Any], region_grids: Sequ
         )
     if list(store.meta.get("region_grids", [])) != list(region_grids):
         store.close()
-        raise MMGEMUserError(f"`--region-grids` {','.join(map(str, region_grids)) or 0} is not the index's "
-                             f"{','.join(map(str, store.meta.get('region_grids', []))) or 0}; pass that, or give a new "
-                             "`--output`.")  # fmt: skip
+        check_output(output, region_grids)  # raises the error
     return store
+
+
+def check_output(output: Path, region_grids: Sequence[int]) -> None:
+    """`--output` problems found before the model loads: not an index, linked files, another writer, other grids."""
+    if not (output / "meta.json").is_file():
+        VectorStore.check_creatable(output, "output")
+        return
+    meta = VectorStore.check_writable(output, "output")
+    if list(meta.get("region_grids", [])) != list(region_grids):
+        raise MMGEMUserError(f"`--region-grids` {','.join(map(str, region_grids)) or 0} is not the index's "
+                             f"{','.join(map(str, meta.get('region_grids', []))) or 0}; pass that, or give a new "
+                             "`--output`.")  # fmt: skip
 
 
 def stale_paths(store: VectorStore, sources: Sequence[ImageSource]) -> list[str]:
@@ -287,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         require_search_extra("index")
         kind, _ = resolve_images(args.images)  # bad `--images` fails before the model loads
         require_search_extra("index", shards=kind == "shards")
+        check_output(Path(args.output), grids)
 
     model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -58,6 +58,29 @@ def check_region(region: Sequence[float], width: int, height: int) -> None:
                              "y0 < y1 (pixels).")  # fmt: skip
 
 
+def check_text_options(store: VectorStore, caption_weight: float | None) -> float:
+    """The caption weight of a text query (default: 0.5 with captions, else 0), checked against the index."""
+    has_captions = store.count("caption") > 0
+    weight = (DEFAULT_CAPTION_WEIGHT if has_captions else 0.0) if caption_weight is None else caption_weight
+    if not 0.0 <= weight <= 1.0:
+        raise MMGEMUserError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
+    if weight > 0 and not has_captions:
+        raise MMGEMUserError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`); "
+                             "leave it out or pass 0.")  # fmt: skip
+    return weight
+
+
+def check_image_options(store: VectorStore, region: Sequence[float] | None, target: str | None) -> str:
+    """The target of an image query (default: regions with a region, else images), checked against the index."""
+    target = target or ("regions" if region is not None else "images")
+    if target not in TARGETS:
+        raise MMGEMUserError(f"`target` must be one of {TARGETS}; got {target!r}.")
+    if target in ("regions", "all") and store.count("region") == 0:
+        raise MMGEMUserError("the index holds no regions (built with `--region-grids 0`): search it with "
+                             "`--target images`, or index with `--region-grids 2`.")  # fmt: skip
+    return target
+
+
 def load_query_image(path: str) -> Any:
     """The query image at `path`, read as the index reads its images; a ValueError naming `image` if unreadable."""
     try:
@@ -86,10 +109,11 @@ class ImageSearch:
     """Text, image and region search over an index folder, with the model it was built with."""
 
     def __init__(
-        self, index: str | os.PathLike[str], model: Any = None, processor: Any = None, device: str | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
-        self.store = VectorStore(index)
+        self, index: str | os.PathLike[str] | VectorStore, model: Any = None, processor: Any = None,
+        device: str | None = None, trust_remote_code: bool = False,
+    ) -> None:  # fmt: skip
+        self.store = index if isinstance(index, VectorStore) else VectorStore(index)
+        index = self.store.folder
         built_with = self.store.meta["model"]
         if model is None:
             try:
@@ -154,11 +178,7 @@ class ImageSearch:
         if not isinstance(query, str) or not query.strip():
             raise MMGEMUserError(f"the text query must be a non-empty string; got {query!r}.")
         check_k(k)
-        weight = (DEFAULT_CAPTION_WEIGHT if self.has_captions else 0.0) if caption_weight is None else caption_weight
-        if not 0.0 <= weight <= 1.0:
-            raise MMGEMUserError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
-        if weight > 0 and not self.has_captions:
-            raise MMGEMUserError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`).")
+        weight = check_text_options(self.store, caption_weight)
         vector = self.embed_text([query])[0]  # [D]
         if weight == 0.0 or target != "images":
             return self.vectors(vector, k, target, exact)
@@ -180,9 +200,7 @@ class ImageSearch:
     ) -> list[Hit]:  # fmt: skip
         """The `k` images most like an image, or with `region` like that box of it (default target: regions)."""
         check_k(k)
-        target = target or ("regions" if region is not None else "images")
-        if target in ("regions", "all") and self.store.count("region") == 0:
-            raise MMGEMUserError("the index holds no regions (built with `--region-grids 0`); use target 'images'.")
+        target = check_image_options(self.store, region, target)
         return self.vectors(self.embed_image(image, region)[0], k, target, exact)
 
 
@@ -247,10 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         query_image = load_query_image(args.image) if args.image is not None else None
         if region is not None:
             check_region(region, query_image.width, query_image.height)
+        store = VectorStore(args.index)  # a damaged index, or options it cannot answer, fail before the model loads
+        if query_image is not None:
+            check_image_options(store, region, args.target)
+        else:
+            check_text_options(store, args.caption_weight)
     model = processor = None
     if args.model:
         model, processor = load_model(args.model, args.trust_remote_code)
-    search = ImageSearch(args.index, model, processor, args.device, args.trust_remote_code)
+    search = ImageSearch(store, model, processor, args.device, args.trust_remote_code)
     if query_image is not None:
         hits = search.image(query_image, k=args.k, region=region, target=args.target, exact=args.exact)
     else:

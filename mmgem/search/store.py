@@ -252,12 +252,7 @@ class VectorStore:
         try:
             if (folder / "meta.json").exists():  # another process created it while we waited for the folder
                 raise MMGEMUserError(f"`{argument}` {folder} already holds an index.")
-            leftovers = [p for p in folder.iterdir() if p.name != ".lock" and not p.name.startswith(".meta.json.")]
-            foreign = [p.name for p in leftovers if p.name not in DATA_FILES or p.is_symlink() or not p.is_file()
-                       or p.stat().st_size]  # fmt: skip
-            if foreign:
-                raise MMGEMUserError(f"`{argument}` {folder} exists and is not an mmgem index (it holds "
-                                     f"{', '.join(sorted(foreign)[:5])}); give a new or empty folder.")  # fmt: skip
+            cls.check_creatable(folder, argument)
             for name in DATA_FILES:
                 os.close(_open_fd(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, argument))
             for leftover in folder.glob(".meta.json.*"):
@@ -272,6 +267,33 @@ class VectorStore:
             os.close(lock)
             raise
         return cls(folder, writable=True, argument=argument, _lock_fd=lock)
+
+    @staticmethod
+    def check_creatable(folder: Path, argument: str = "output") -> None:
+        """Raise unless a new index can be created in `folder`: absent, empty, or what a killed create left."""
+        folder = Path(folder)
+        if not folder.exists():
+            return
+        if not folder.is_dir():
+            raise MMGEMUserError(f"`{argument}` {folder} is a file; give a new or empty folder.")
+        leftovers = [p for p in folder.iterdir() if p.name != ".lock" and not p.name.startswith(".meta.json.")]
+        foreign = [p.name for p in leftovers if p.name not in DATA_FILES or p.is_symlink() or not p.is_file()
+                   or p.stat().st_size]  # fmt: skip
+        if foreign:
+            raise MMGEMUserError(f"`{argument}` {folder} exists and is not an mmgem index (it holds "
+                                 f"{', '.join(sorted(foreign)[:5])}); give a new or empty folder.")  # fmt: skip
+
+    @classmethod
+    def check_writable(cls, folder: Path, argument: str = "output") -> dict[str, Any]:
+        """The meta of the index in `folder` if a writer could open it now (no links, no other writer), else a
+        one-line error; quick (no item is read), for checks before a model loads."""
+        folder = Path(folder)
+        for name in (".lock", *DATA_FILES, "ann.json", *(f"ann-{kind}.faiss" for kind in KINDS)):
+            _refuse_link(folder / name, argument)
+        os.close(cls._acquire_lock(folder, argument))
+        probe = cls.__new__(cls)
+        probe.folder, probe.argument = folder, argument
+        return probe._read_meta()
 
     # ------------------------------------------------------------------------------------------------ recovery
     def _finish_interrupted_repair(self) -> None:
