@@ -29,7 +29,8 @@ def hit_item(hit: Any) -> tuple[Image.Image, str]:
     try:
         image = load_image(hit.path)
     except Exception as error:  # noqa: BLE001 - whatever happened to the file, the other hits still show
-        reason = "file not found" if isinstance(error, (FileNotFoundError, KeyError)) else type(error).__name__
+        file = hit.path.split("#", 1)[0] if "#" in hit.path else hit.path
+        reason = "file not found" if not os.path.exists(file) else type(error).__name__
         return Image.new("RGB", (64, 64), MISSING_COLOUR), f"{name}  {hit.score:.3f}  (cannot be shown: {reason})"
     if hit.item.get("box"):
         image = draw_box(image, hit.item["box"])
