@@ -228,3 +228,25 @@ def test_remove_paths_rewrites_aligned_rows(tmp_path):
         assert store.search(file_vectors(0)[0], "image", k=1)[0][0].path == "/photos/0.png"
         store.save_ann()
     assert_aligned(VectorStore(folder))
+
+
+def test_the_search_tests_collect_without_the_search_and_app_extras():
+    """`pip install -e .[dev]` has no faiss, webdataset or gradio: every search and app test module still collects
+    (and skips, saying which extra it needs)."""
+    import subprocess
+    import sys
+
+    blocker = (
+        "import sys, pytest\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('faiss', 'webdataset', 'braceexpand', 'gradio', 'gradio_client'):\n"
+        "            raise ModuleNotFoundError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.exit(pytest.main(['--collect-only', '-q', 'tests/test_search.py', 'tests/test_index_store.py',\n"
+        "    'tests/test_cli_mistakes_search.py', 'tests/test_app_limits.py', 'tests/test_app.py']))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", blocker], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode in (0, 5), result.stdout[-3000:] + result.stderr[-2000:]
+    assert "error" not in result.stdout.lower(), result.stdout[-3000:]
