@@ -318,7 +318,7 @@ class VectorStore:
         lines.pop()  # b"" after the last newline, or a line an interrupted append left unfinished
         problems: list[str] = []
         parsed: list[tuple[int, dict[str, Any], int]] = []  # (line number, item, row)
-        previous_row = last_bad_line = -1
+        previous_row, bad_lines = -1, set()
         for number, line in enumerate(lines, 1):
             try:
                 item = json.loads(line.decode("utf-8"))
@@ -337,7 +337,7 @@ class VectorStore:
                     reason = f"row {row} is past the end of vectors.f32 ({num_vectors} rows: truncated?)"
             if reason is not None:
                 problems.append(f"items.jsonl line {number}: {reason}")
-                last_bad_line = number
+                bad_lines.add(number)
                 continue
             previous_row = row
             parsed.append((number, item, row))
@@ -354,9 +354,11 @@ class VectorStore:
             if whole:
                 items += [item for _, item, _ in group]
                 rows += [row for _, _, row in group]
-            elif end < len(parsed) or last_bad_line > group[0][0]:
-                problems.append(f"items.jsonl lines {group[0][0]}-{group[-1][0]}: {len(group)} of the {file_rows} "
-                                f"rows of {path} (lines removed?)")  # fmt: skip
+            elif end < len(parsed) or max(bad_lines, default=-1) > group[0][0]:
+                # Dropped whole; said once: a damaged line next to the group already explains its missing row.
+                if not any(n in bad_lines for n in range(group[0][0] - file_rows, group[-1][0] + file_rows + 1)):
+                    problems.append(f"items.jsonl lines {group[0][0]}-{group[-1][0]}: {len(group)} of the "
+                                    f"{file_rows} rows of {path} (lines removed?)")  # fmt: skip
             # else: the last file of an interrupted append, cut like the torn line after it
             start = end
         return _Scan(items, rows, problems, num_vectors)
