@@ -250,3 +250,51 @@ def test_the_search_tests_collect_without_the_search_and_app_extras():
     result = subprocess.run([sys.executable, "-c", blocker], cwd=repo, capture_output=True, text=True, timeout=300)
     assert result.returncode in (0, 5), result.stdout[-3000:] + result.stderr[-2000:]
     assert "error" not in result.stdout.lower(), result.stdout[-3000:]
+
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from mmgem.search import store as store_module
+from tests.test_index_store import file_items, file_vectors, make_index, DIM
+
+real_write, calls = store_module._write_fd, []
+
+def write_then_die(fd, data):
+    calls.append(1)
+    if len(calls) == {die_at}:  # half of this write reaches the disk, then the process is killed
+        real_write(fd, data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write(fd, data)
+
+store_module._write_fd = write_then_die
+with store_module.VectorStore({folder!r}, writable=True) as store:
+    for index in range(2, 6):
+        store.append(file_vectors(index), file_items(index))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter per kill (about 15 s of imports each)
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("die_at", [1, 4])  # 1: the first batch's vectors; 4: the second batch's items
+def test_sigkill_while_appending_then_a_rerun_equals_a_clean_build(tmp_path, die_at):
+    import signal
+    import subprocess
+    import sys
+
+    folder = make_index(tmp_path / "index", files=2)
+    repo = str(Path(__file__).resolve().parents[1])
+    script = KILLER.format(repo=repo, die_at=die_at, folder=str(folder))
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    with VectorStore(folder, writable=True, repair=True) as store:
+        assert store.repairs == []  # a kill is not damage
+        done = {int(Path(p).stem) for p in store.paths()}
+        assert done == set(range(2 + (die_at - 1) // 2))  # whole files only
+        for index in range(FILES):
+            if index not in done:
+                store.append(file_vectors(index), file_items(index))
+        store.save_ann()
+    clean = make_index(tmp_path / "clean")
+    assert (folder / "vectors.f32").read_bytes() == (clean / "vectors.f32").read_bytes()
+    assert (folder / "items.jsonl").read_bytes() == (clean / "items.jsonl").read_bytes()
