@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-from conversion.export_onnx import CARD_BEGIN, STAGING_PREFIX, VERIFIED_MARK, clean_leftovers, update_model_card
+from mmgem.conversion.export_onnx import CARD_BEGIN, STAGING_PREFIX, VERIFIED_MARK, clean_leftovers, update_model_card
 
 pytestmark = pytest.mark.fast
 
@@ -81,8 +81,8 @@ def test_the_card_is_replaced_not_rewritten_in_place(tmp_path):
 
 
 def test_every_exported_file_gets_the_same_mode(tmp_path):
-    from conversion.publish import CardInfo, build_model_card, write_folder
     from mmgem.build import tiny_mmgem
+    from mmgem.conversion.publish import CardInfo, build_model_card, write_folder
 
     torch.manual_seed(0)
     model, processor = tiny_mmgem()
