@@ -183,6 +183,8 @@ def test_a_folder_left_by_a_killed_create_is_indexed(world, capsys):
     assert status == 0 and "Indexed 3 new images" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # `mmgem search` in a fresh interpreter: the terminal's encoding is what fails
+@pytest.mark.timeout(300)
 def test_non_utf8_file_names_print_in_the_table(world, tmp_path):
     if sys.platform != "linux":
         pytest.skip("file names that are not UTF-8 are a Linux (POSIX bytes) matter")

@@ -230,6 +230,8 @@ def test_remove_paths_rewrites_aligned_rows(tmp_path):
     assert_aligned(VectorStore(folder))
 
 
+@pytest.mark.slow  # a fresh interpreter collecting five modules
+@pytest.mark.timeout(300)
 def test_the_search_tests_collect_without_the_search_and_app_extras():
     """`pip install -e .[dev]` has no faiss, webdataset or gradio: every search and app test module still collects
     (and skips, saying which extra it needs)."""
