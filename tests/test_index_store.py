@@ -138,6 +138,17 @@ def test_a_line_removed_from_an_index_without_rows_is_still_detected(tmp_path):
         VectorStore(folder)
 
 
+@pytest.mark.parametrize("name", ["items.jsonl", "vectors.f32"])
+def test_a_missing_data_file_is_one_clear_error(tmp_path, name):
+    folder = make_index(tmp_path / "index")
+    (folder / name).unlink()
+    (folder / name).mkdir()
+    with pytest.raises(IndexDamagedError, match=f"has no {name}"):
+        VectorStore(folder)
+    with pytest.raises(MMGEMUserError, match=f"{name} is not a regular file"):
+        VectorStore(folder, writable=True)
+
+
 def test_truncated_vectors_are_damage_not_a_silent_cut(tmp_path):
     folder = make_index(tmp_path / "index")
     with open(folder / "vectors.f32", "r+b") as handle:

@@ -183,6 +183,10 @@ class VectorStore:
                 self._check_no_links()
                 self._finish_interrupted_repair()
                 self._remove_stale_temporaries()
+            for name in DATA_FILES:
+                if not (self.folder / name).is_file():
+                    raise IndexDamagedError(f"`{argument}` {self.folder} has no {name} (or it is not a file); "
+                                            "rebuild the index in a new folder.")  # fmt: skip
             self.items = self._read_consistent_items(repair)
             self.vectors = self._map_vectors()
             self.anns = {kind: self._load_ann(kind) for kind in KINDS}
