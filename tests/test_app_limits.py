@@ -196,5 +196,15 @@ def test_server_caps_upload_size_and_deletes_uploads(tmp_path):
         while time.monotonic() < deadline and any(p.exists() for p in uploaded):
             time.sleep(0.5)
         assert not any(p.exists() for p in uploaded), "uploads are deleted after MMGEM_APP_UPLOAD_TTL_S"
+        from gradio_client import Client, handle_file
+
+        client = Client(url, verbose=False)
+        photo = draw_images(tmp_path / "photos", 1)[0]
+        with pytest.raises(Exception, match="at most 64 labels"):
+            client.predict(handle_file(str(photo)), ", ".join(f"l{i}" for i in range(20_000)), api_name="/describe")
+        with pytest.raises(Exception, match="at most 1000 characters"):
+            client.predict("a red circle " * 1000, 3, 0.5, api_name="/search")
+        caption, _ = client.predict(handle_file(str(photo)), "", api_name="/describe")  # and it still works
+        assert isinstance(caption, str)
     finally:
         stop(process)

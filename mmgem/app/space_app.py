@@ -45,6 +45,8 @@ RegionSearch = Callable[[Image.Image, Sequence[float], int], GalleryItems]
 BOX_COLOUR = (255, 40, 40)
 MAX_LABELS = 64  # zero-shot labels in one request: each is a text forward, and the page has a single queue
 MAX_LABEL_CHARS = 200
+MAX_LABELS_TEXT_CHARS = MAX_LABELS * (MAX_LABEL_CHARS + 2)
+MAX_QUERY_CHARS = 1000  # a search text (the tokenizer reads all of it before truncating)
 MAX_UPLOADED_IMAGES = 256  # images one session may search without an index
 THUMBNAIL_SIDE = 256  # what a session keeps of each image it searches (the vectors are computed at full size)
 FALLBACK_MAX_PIXELS = 64_000_000  # the pixel cap when the processor's module has no loader of its own
@@ -124,6 +126,8 @@ class MMGEMTools:
 
 # ------------------------------------------------------------------------------------------------ input parsing
 def parse_labels(text: str | None) -> list[str]:
+    if len(text or "") > MAX_LABELS_TEXT_CHARS:
+        raise gr.Error(f"Labels: at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters.")
     labels = [part.strip() for part in (text or "").split(",", MAX_LABELS + 1) if part.strip()]
     if len(labels) < 2:
         raise gr.Error("Labels: type at least two labels, separated by commas (e.g. cat, dog, car).")
@@ -252,6 +256,8 @@ def build_demo(
     def search(query: str, k: float, caption_weight: float, uploaded: dict | None) -> GalleryItems:
         if not (query or "").strip():
             raise gr.Error("Search: type a text to search for.")
+        if len(query) > MAX_QUERY_CHARS:
+            raise gr.Error(f"Search: the text may have at most {MAX_QUERY_CHARS} characters.")
         if search_text is not None:
             return search_text(query.strip(), int(k), float(caption_weight))
         return collection.rank(uploaded, tools.embed_texts([query.strip()])[0], int(k))
@@ -292,7 +298,7 @@ def build_demo(
                     region_preview = gr.Image(label="The box", interactive=False, elem_id="region-preview")
             region_gallery = gr.Gallery(label="Images whose regions match", columns=4, elem_id="region-gallery")
         with gr.Tab("Search"):
-            query = gr.Textbox(label="Text", placeholder="a red car", elem_id="query")
+            query = gr.Textbox(label="Text", placeholder="a red car", elem_id="query", max_length=MAX_QUERY_CHARS)
             with gr.Row():
                 k = gr.Slider(1, 48, value=12, step=1, label="Results")
                 weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05, visible=indexed, elem_id="caption-weight",
