@@ -490,7 +490,7 @@ class MMGEMProcessor(ProcessorMixin):
         """Token ids of each text, read as plain text: a user's "<image>", "[EMB]" or "</s>" is spelled out in
         ordinary tokens (`split_special_tokens`), never turned into a control token."""
         texts = _as_text_list(texts, argument)
-        control_ids = set(self.tokenizer.all_special_ids) | set(self._special_ids().values())
+        control_ids = self._control_ids()
         token_lists = []
         for i, text in enumerate(texts):
             if not text.strip():
@@ -499,11 +499,23 @@ class MMGEMProcessor(ProcessorMixin):
             if control_ids.intersection(tokens):
                 # A tokenizer that ignores `split_special_tokens` (some slow ones): refuse rather than pass it on.
                 raise ValueError(
-                    f"`{argument}[{i}]` contains a control token of the tokenizer (e.g. <image>, [EMB], [CAP], bos, "
-                    f"eos, pad) that this tokenizer cannot spell out as text: {text[:200]!r}."
+                    f"`{argument}[{i}]` contains a control token (<image>, [EMB], [CAP], or the tokenizer's bos, "
+                    f"eos or pad) that this tokenizer cannot spell out as text: {text[:200]!r}."
                 )
             token_lists.append(tokens)
         return token_lists
+
+    def _control_ids(self) -> set[int]:
+        """The ids a text must never produce: MM-GEM's `[EMB]`, `[CAP]`, `<image>` and the tokenizer's bos / eos /
+        pad, which steer the layouts. The unknown token is NOT one of them: a tokenizer without byte fallback
+        (WordPiece, a Metaspace BPE) writes it for characters outside its vocabulary, and the text is then read as
+        that tokenizer reads it."""
+        tokenizer = self.tokenizer
+        ids = set(self._special_ids().values())
+        ids |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        ids.discard(None)
+        ids.discard(tokenizer.unk_token_id)  # a tokenizer whose pad (or eos) is its unk: unknowns are still text
+        return ids
 
     def _fit(self, tokens: list[int], room: int | None, truncation: bool, argument: str, index: int) -> list[int]:
         if room is None or len(tokens) <= room:
