@@ -34,10 +34,12 @@ PAD_TO_LONGEST = (None, False, True, "longest", "do_not_pad")
 
 class MMGEMImagesKwargs(ImagesKwargs, total=False):
     """The image options of `MMGEMProcessor.__call__`: those of the image processor (`do_rescale`, `do_normalize`,
-    `image_mean`, ...), and `allow_image_references`: whether strings may be opened as files / URLs (see
-    `load_rgb_image`; sentence-transformers' module config sets it to False)."""
+    `image_mean`, ...), `allow_image_references`: whether strings may be opened as files / URLs (see
+    `load_rgb_image`; sentence-transformers' module config sets it to False), and `image_url_timeout`: seconds a URL
+    download may take (default `MMGEM_IMAGE_URL_TIMEOUT`; the pipelines' `timeout`)."""
 
     allow_image_references: bool
+    image_url_timeout: float
 
 
 class MMGEMProcessorKwargs(ProcessingKwargs, total=False):
@@ -114,7 +116,9 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 _WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
-def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) -> Image.Image:
+def load_rgb_image(
+    image: Any, index: int = 0, allow_references: bool = True, url_timeout: float | None = None
+) -> Image.Image:
     """The one image loader of MM-GEM: anything it accepts as an image -> an RGB PIL image.
 
     Accepted: a PIL image in any mode; a numpy array or torch tensor (HW, HWC or CHW with C in 1, 3, 4; uint8, or
@@ -140,6 +144,7 @@ def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) ->
         allow_references: whether strings and paths may be opened (files, URLs, base64). sentence-transformers
             turns any text that ends in `.png` or starts with `http` into an image reference; its MM-GEM module
             config sets this to False so that a text is never read as a file or fetched.
+        url_timeout: seconds a URL download may take in all; default `MMGEM_IMAGE_URL_TIMEOUT`.
     """
     if isinstance(image, (str, os.PathLike)):
         if not allow_references:
@@ -148,7 +153,7 @@ def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) ->
                 "URLs: give the image as a PIL image or array. (sentence-transformers reads texts that end in an "
                 'image extension or start with http as images; to embed such a text, pass it as {"text": ...}.)'
             )
-        image = _open_image_reference(os.fspath(image), index)
+        image = _open_image_reference(os.fspath(image), index, url_timeout)
     elif isinstance(image, (bytes, bytearray)):
         image = _open_image_bytes(bytes(image), index, "the given bytes")
     if isinstance(image, Image.Image):
@@ -239,13 +244,14 @@ def _array_to_uint8(image: np.ndarray, index: int, channels_first: bool = False)
     return np.ascontiguousarray(array)
 
 
-def _open_image_reference(reference: str, index: int) -> Image.Image:
+def _open_image_reference(reference: str, index: int, url_timeout: float | None = None) -> Image.Image:
     """A local image file, an http(s) URL or a base64 / `data:image/...` string, opened and read with PIL."""
     is_url = reference.startswith(("http://", "https://"))
     max_bytes = int(input_limit("max_image_bytes"))
     try:
         if is_url:
-            data = _download(reference, max_bytes, input_limit("image_url_timeout"), index)
+            timeout = input_limit("image_url_timeout") if url_timeout is None else url_timeout
+            data = _download(reference, max_bytes, timeout, index)
         elif os.path.isfile(reference):
             if os.path.getsize(reference) > max_bytes:
                 raise ValueError(
@@ -640,7 +646,12 @@ class MMGEMProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ images
     def _prepare_images(
-        self, images: Any, boxes: Any | None, allow_references: bool = True, **image_options: Any
+        self,
+        images: Any,
+        boxes: Any | None,
+        allow_references: bool = True,
+        url_timeout: float | None = None,
+        **image_options: Any,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """`pixel_values` of the images (the image processor run with `image_options`, e.g. `do_rescale`) and the
         boxes mapped to the model's frame through the same resize and crop."""
@@ -648,7 +659,7 @@ class MMGEMProcessor(ProcessorMixin):
             images = [images]
         if len(images) == 0:
             raise ValueError("`images` must contain at least one image.")
-        pil_images = [load_rgb_image(image, i, allow_references) for i, image in enumerate(images)]
+        pil_images = [load_rgb_image(image, i, allow_references, url_timeout) for i, image in enumerate(images)]
         frame_boxes = None
         if boxes is not None:
             if not isinstance(boxes, (list, tuple)) or len(boxes) != len(pil_images):
@@ -708,6 +719,10 @@ class MMGEMProcessor(ProcessorMixin):
             text_options.get("padding"), max_length, text_options.get("pad_to_multiple_of")
         )
         allow_references = bool(image_options.pop("allow_image_references", True))
+        url_timeout = image_options.pop("image_url_timeout", None)
+        if url_timeout is not None and not (isinstance(url_timeout, (int, float)) and url_timeout > 0):
+            raise ValueError(f"`image_url_timeout` must be a positive number of seconds; got {url_timeout!r}.")
+        image_options["url_timeout"] = url_timeout
         if images is None and text is None:
             raise ValueError("Give `images`, `text`, or both.")
         texts_list = [text] if isinstance(text, str) else text
