@@ -32,6 +32,8 @@ from transformers import (
 )
 from transformers.image_utils import valid_images
 
+from .processing_mmgem import load_rgb_image
+
 # task -> pipeline class in this file; written to `config.custom_pipelines` by the model.
 PIPELINE_CLASSES = {
     "zero-shot-image-classification": "MMGEMZeroShotImageClassificationPipeline",
@@ -164,7 +166,29 @@ class MMGEMImageTextToTextPipeline(_MMGEMPipelineMixin, ImageTextToTextPipeline)
             return model_inputs
         if processor_kwargs is not None:
             kwargs["processor_kwargs"] = processor_kwargs
+        if hasattr(inputs, "messages"):  # the chat form: its images are opened here, by MM-GEM's loader
+            inputs.messages = _chat_with_loaded_images(inputs.messages, timeout)
         return super().preprocess(inputs, timeout=timeout, **kwargs)
+
+
+def _chat_with_loaded_images(messages: list[dict[str, Any]], timeout: float | None) -> list[dict[str, Any]]:
+    """A copy of a chat whose image parts (`image`, `url` or `path`) hold RGB images opened by `load_rgb_image`, so
+    that the chat form gives the pixels (and the limits) of every other entry point."""
+    loaded = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    reference = next((part[key] for key in ("image", "url", "path") if part.get(key) is not None), None)
+                    if reference is not None:
+                        part = {k: v for k, v in part.items() if k not in ("url", "path")}
+                        part["image"] = load_rgb_image(reference, len(parts), url_timeout=timeout)
+                parts.append(part)
+            message = {**message, "content": parts}
+        loaded.append(message)
+    return loaded
 
 
 class MMGEMImageFeatureExtractionPipeline(_MMGEMPipelineMixin, ImageFeatureExtractionPipeline):

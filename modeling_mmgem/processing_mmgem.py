@@ -158,7 +158,7 @@ def load_rgb_image(
         image = _open_image_bytes(bytes(image), index, "the given bytes")
     if isinstance(image, Image.Image):
         _check_image_size(image.width, image.height, index)
-        return _pil_to_rgb(image)
+        return _without_orientation(_pil_to_rgb(image))
     channels_first = isinstance(image, torch.Tensor)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
@@ -173,6 +173,17 @@ def load_rgb_image(
             f"got {type(image).__name__}."
         )
     return _pil_to_rgb(Image.fromarray(_array_to_uint8(image, index, channels_first)))
+
+
+def _without_orientation(image: Image.Image) -> Image.Image:
+    """`image` (a new RGB image, not the caller's) without its EXIF / XMP metadata: the pixels are the stored ones,
+    and a later EXIF-honouring step (transformers' `load_image`, `ImageOps.exif_transpose`) must not rotate them
+    after all, or the same file would give other pixels (and boxes other regions) on another path."""
+    for key in ("exif", "xmp", "XML:com.adobe.xmp"):
+        image.info.pop(key, None)
+    if getattr(image, "_exif", None) is not None:
+        image._exif = None  # Pillow caches the parsed EXIF on the image
+    return image
 
 
 def _check_image_size(width: int, height: int, index: int) -> None:

@@ -49,7 +49,7 @@ def _expected_caption(pipe, image, **generate_options) -> str:
     return processor.decode_captions(ids)[0]
 
 
-def test_a_path_is_an_image_opened_as_the_processor_opens_it(caption, rotated_jpeg):
+def test_a_path_is_an_image_opened_as_the_processor_opens_it(caption, rotated_jpeg, monkeypatch):
     stored = load_rgb_image(str(rotated_jpeg))
     assert stored.size == (48, 24)  # the stored pixels, not the EXIF-rotated view
     assert ImageOps.exif_transpose(Image.open(rotated_jpeg)).size == (24, 48)
@@ -58,6 +58,21 @@ def test_a_path_is_an_image_opened_as_the_processor_opens_it(caption, rotated_jp
     assert "cat.jpg" not in got[0]["generated_text"]
     both = caption(images=[str(rotated_jpeg), stored], max_new_tokens=6)
     assert [r[0]["generated_text"] for r in both] == [got[0]["generated_text"]] * 2
+    # The chat form opens the same file the same way (transformers' own loader would rotate it): the model is
+    # given the very pixels of the stored image.
+    seen = []
+    generate = caption.model.generate
+    monkeypatch.setattr(caption.model, "generate", lambda *a, **k: seen.append(k["pixel_values"]) or generate(*a, **k))
+    expected_pixels = caption.processor(images=stored)["pixel_values"]
+    for part in ({"type": "image", "image": str(rotated_jpeg)}, {"type": "image", "url": str(rotated_jpeg)}):
+        chat = caption(text=[{"role": "user", "content": [part]}], max_new_tokens=6, return_full_text=False)
+        assert chat[0]["generated_text"] == got[0]["generated_text"]
+    caption(images=str(rotated_jpeg), max_new_tokens=2)
+    assert len(seen) == 3
+    for pixels in seen:
+        torch.testing.assert_close(pixels, expected_pixels)
+    # The loaded image carries no orientation left for a later EXIF-honouring step to apply.
+    assert ImageOps.exif_transpose(stored).size == stored.size
 
 
 def test_generate_options_given_directly_reach_generate(caption, rotated_jpeg, monkeypatch):
@@ -123,6 +138,10 @@ def test_urls_use_the_loaders_limits_and_timeout(caption, folder, image_server, 
     with pytest.raises(ValueError, match="100 bytes"):
         caption(images=image_server, max_new_tokens=5)
     monkeypatch.delenv("MMGEM_MAX_IMAGE_BYTES")
+    monkeypatch.setenv("MMGEM_MAX_IMAGE_PIXELS", "100")  # checked on the header, before decoding
+    with pytest.raises(ValueError, match="MMGEM_MAX_IMAGE_PIXELS"):
+        caption(images=image_server, max_new_tokens=5)
+    monkeypatch.delenv("MMGEM_MAX_IMAGE_PIXELS")
     _Handler.delay = 3.0
     start = time.monotonic()
     with pytest.raises(ValueError, match="could not be loaded|took more than"):
