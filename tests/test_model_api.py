@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -12,6 +13,7 @@ from modeling_mmgem import MMGEMModel
 
 from .conftest import random_images
 
+pytestmark = pytest.mark.fast
 IMAGES = random_images(2, seed=3)
 
 
@@ -130,6 +132,4 @@ def test_folder_without_tower_weights_initialises_the_tower_by_its_own_scheme(ti
 
 
 def pytest_raises(word: str):
-    import pytest
-
     return pytest.raises(ValueError, match=word)

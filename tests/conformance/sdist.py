@@ -119,4 +119,11 @@ def transformers_tests() -> types.ModuleType:
 def common(name: str) -> types.ModuleType:
     """One module of the sdist's tests, e.g. `common("test_modeling_common")`."""
     transformers_tests()
-    return importlib.import_module(f"{PACKAGE}.{name}")
+    try:
+        return importlib.import_module(f"{PACKAGE}.{name}")
+    except ImportError as error:  # a release whose suite imports a file or package the stand-ins do not cover
+        pytest.skip(
+            f"transformers {transformers.__version__}'s {name}.py imports {error.name!r}, which its sdist and this "
+            "environment do not provide",
+            allow_module_level=True,
+        )

@@ -12,7 +12,7 @@ from transformers import CompileConfig
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from tests.conformance.tester import MMGEMModelTester
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 NEW_TOKENS = 6
 
 

@@ -18,7 +18,7 @@ from tests.conformance.tester import MMGEMModelTester
 
 modeling_common = common("test_modeling_common")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(600)]
 
 
 class MMGEMModelConformanceTest(modeling_common.ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):

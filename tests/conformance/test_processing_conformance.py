@@ -16,7 +16,7 @@ from tests.conformance.sdist import common
 
 processing_common = common("test_processing_common")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.fast, pytest.mark.timeout(600)]
 
 
 def _components():
