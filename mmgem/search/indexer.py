@@ -78,8 +78,8 @@ def encode_batch(
     pixel_values = inputs["pixel_values"].to(model.device)
     # The model's own steps, called once, so that the tower's feature map serves images, regions and captions.
     _, feature_map = model._vision_feature_map(pixel_values)
-    frame_boxes = [b.to(model.device) for b in inputs["boxes"]] if region_grids else None
-    embeds, _ = model._visual_embeddings(feature_map, frame_boxes, include_images=True)  # [B + sum R, D]
+    regions = model._regions(pixel_values, inputs["boxes"]) if region_grids else None  # flattened, checked
+    embeds, _ = model._visual_embeddings(feature_map, regions, include_images=True)  # [B + sum R, D]
     embeds = F.normalize(embeds.float(), dim=-1)
     image_embeds, region_embeds = embeds[: len(images)], embeds[len(images) :]
     caption_texts = caption_embeds = None
