@@ -47,6 +47,7 @@ from mmgem.integrations.lora import apply_lora
 from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 from mmgem.loading import load_model
 from mmgem.presets import PRESETS, architecture
+from mmgem.training.distributed import check_launch, complete_launch_options
 from mmgem.training.freezing import freeze
 from modeling_mmgem.modeling_mmgem import MMGEMConfig, MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor
@@ -141,6 +142,13 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1: share of all steps)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Images per device and step."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
+
+    def __post_init__(self) -> None:
+        # Before the Trainer's own set-up picks the devices: under torchrun / accelerate launch on CPU the ranks
+        # must form one process group (see mmgem.training.distributed).
+        complete_launch_options(self)
+        super().__post_init__()
+        check_launch(self)
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling (the Trainer's `training_args.bin` in OUT and every checkpoint) stores: the options without
