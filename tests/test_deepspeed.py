@@ -108,7 +108,7 @@ def test_zero2_on_two_cpu_ranks_matches_one_process_resumes_and_exports(tmp_path
     _assert_same_weights(load_file(resumed / "model.safetensors"), load_file(zero / "model.safetensors"), 1e-6)
 
     # The last checkpoint exports to a Hub folder with the final weights.
-    from conversion.convert_mmgem import main as convert_main
+    from mmgem.conversion.convert_mmgem import main as convert_main
 
     exported = tmp_path / "exported"
     assert convert_main(["--from-checkpoint", str(zero / f"checkpoint-{STEPS}"), "--output-dir", str(exported)]) in (

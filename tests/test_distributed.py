@@ -9,6 +9,7 @@ batch, false-negative masking across ranks included.
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import socket
 import time
@@ -199,10 +200,18 @@ def test_a_launch_on_a_cpu_machine_gets_gloo_ddp_and_a_non_distributed_launch_is
     args = SimpleNamespace(use_cpu=False, ddp_backend=None, deepspeed=None)
     distributed.complete_launch_options(args)
     assert (args.use_cpu, args.ddp_backend) == (True, "gloo")
-    # DeepSpeed runs on its own CPU accelerator, which needs use_cpu off.
-    args = SimpleNamespace(use_cpu=False, ddp_backend=None, deepspeed="zero2.json")
+    # DeepSpeed runs on its own CPU accelerator, which needs use_cpu off, in a gloo group set up beforehand, with
+    # torch's Adam: the recipe's config is otherwise kept.
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "vitl14-tinyllama" / "deepspeed_zero2.json"
+    groups = []
+    monkeypatch.setattr(distributed, "_deepspeed_process_group", groups.append)
+    args = SimpleNamespace(use_cpu=False, ddp_backend=None, deepspeed=str(recipe))
     distributed.complete_launch_options(args)
-    assert (args.use_cpu, args.ddp_backend) == (False, None)
+    assert (args.use_cpu, args.ddp_backend, groups) == (False, None, [args])
+    written = json.loads(recipe.read_text())
+    assert "torch_adam" not in written["optimizer"]["params"]
+    written["optimizer"]["params"]["torch_adam"] = True
+    assert args.deepspeed == written
 
     with pytest.raises(ValueError, match=r"launched as 2 processes .*parallel_mode=not_parallel"):
         distributed.check_launch(SimpleNamespace(parallel_mode=ParallelMode.NOT_PARALLEL))
