@@ -141,3 +141,48 @@ def test_embed_refuses_bad_options_before_any_work(collection, tmp_path, capsys)
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ LanceDB backend
+def _hit_rows(hits) -> list[tuple[str, float]]:
+    return [(hit.path, round(hit.score, 5)) for hit in hits]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_lancedb_backend_answers_as_the_faiss_index_for_index_search_and_ray_output(collection, local_ray, tmp_path):
+    """`mmgem index --backend lancedb` and `mmgem embed --lancedb` give the hits (paths, cosine scores) of the FAISS
+    index, through `ImageSearch` (what `mmgem search` and the app use)."""
+    from mmgem.cli import main
+    from mmgem.search import ImageSearch
+    from mmgem.search.lance_store import LanceStore, is_lance_index
+
+    model, processor = collection["model_obj"], collection["processor"]
+    common = ["--model", str(collection["model"]), "--images", str(collection["folder"]), "--no-progress",
+              "--captions", "--caption-tokens", "4"]  # fmt: skip
+    assert main(["index", *common, "--output", str(tmp_path / "faiss"), "--exact"]) == 0
+    assert main(["index", *common, "--output", str(tmp_path / "lance"), "--backend", "lancedb"]) == 0
+    assert is_lance_index(tmp_path / "lance") and not is_lance_index(tmp_path / "faiss")
+    faiss_search = ImageSearch(tmp_path / "faiss", model, processor)
+    lance_search = ImageSearch(tmp_path / "lance", model, processor)
+    assert isinstance(lance_search.store, LanceStore)
+    assert lance_search.store.count("region") == faiss_search.store.count("region") > 0
+    for query in ("a red circle", "blue"):
+        expected = _hit_rows(faiss_search.text(query, k=5, exact=True))
+        assert _hit_rows(lance_search.text(query, k=5)) == expected
+    image = collection["folder"] / "nested" / "03.png"
+    assert _hit_rows(lance_search.image(image, k=3, region=(0, 0, 20, 20))) == _hit_rows(
+        faiss_search.image(image, k=3, region=(0, 0, 20, 20), exact=True)
+    )
+
+    # Ray output -> LanceDB without embedding again: the same image hits.
+    embedded = tmp_path / "embedded"
+    embed = ["embed", "--model", str(collection["model"]), "--images", str(collection["folder"]), "--output",
+             str(embedded), "--part-size", "4", "--lancedb", str(tmp_path / "from-ray"), "--no-progress"]  # fmt: skip
+    assert main(embed) == 0
+    ray_search = ImageSearch(tmp_path / "from-ray", model, processor)
+    for query in ("a red circle", "green square"):
+        expected = faiss_search.text(query, k=4, caption_weight=0.0, exact=True)
+        got = ray_search.text(query, k=4)
+        assert [h.path for h in got] == [h.path for h in expected]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in expected], atol=1e-5)

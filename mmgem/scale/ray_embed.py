@@ -35,6 +35,7 @@ from mmgem.embedding import caption, encode_images, load_image
 from mmgem.errors import checking_user_input
 from mmgem.loading import load_model
 from mmgem.scale.collection import ImageReader, list_keys
+from mmgem.scale.lance import import_embeddings
 
 DEFAULT_PART_SIZE = 10_000
 DEFAULT_BATCH_SIZE = 32
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--part-size", type=int, default=DEFAULT_PART_SIZE, help="images per output part")
     parser.add_argument("--captions", action="store_true", help="also write each image's generated caption")
     parser.add_argument("--caption-tokens", type=int, help="caption length limit (default: the model's)")
+    parser.add_argument("--lancedb", metavar="INDEX",
+                        help="then load the vectors into this LanceDB index (mmgem search)")  # fmt: skip
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -260,4 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{summary['skipped']} parts already written; {args.output} holds {summary['parts']} parts.",
         file=sys.stdout,
     )
+    if args.lancedb:
+        import_embeddings(args.output, args.lancedb)
+        print(f"Loaded the vectors into the LanceDB index {args.lancedb} (mmgem search --index {args.lancedb}).")
     return 0

@@ -36,8 +36,9 @@ from mmgem.embedding import encode_images, encode_regions, encode_texts
 from mmgem.errors import checking_user_input
 from mmgem.loading import load_model
 from mmgem.search.indexer import model_fingerprint
+from mmgem.search.lance_store import open_index
 from mmgem.search.sources import load_image
-from mmgem.search.store import Hit, VectorStore, faiss_threads, group_by_path
+from mmgem.search.store import Hit, faiss_threads, group_by_path
 
 TARGETS = ("images", "regions", "all")
 DEFAULT_CAPTION_WEIGHT = 0.5
@@ -62,7 +63,7 @@ class ImageSearch:
         self, index: str | os.PathLike[str], model: Any = None, processor: Any = None, device: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        self.store = VectorStore(index)
+        self.store = open_index(index)  # the FAISS store, or LanceDB (mmgem.search.lance_store)
         if model is None:
             model, processor = load_model(self.store.meta["model"]["name_or_path"], trust_remote_code)
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
