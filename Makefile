@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q setuptools wheel
 	$(PIP) install -q --no-build-isolation $(DEEPSPEED_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench,deepspeed,scale]"
+	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench,deepspeed,scale]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -50,7 +50,7 @@ $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
+	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
 test-min: $(MIN_VENV)/.installed

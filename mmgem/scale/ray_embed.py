@@ -34,6 +34,7 @@ from mmgem.cli import command_parser
 from mmgem.embedding import caption, encode_images, load_image
 from mmgem.errors import checking_user_input
 from mmgem.loading import load_model
+from mmgem.optional import require
 from mmgem.scale.collection import ImageReader, list_keys
 from mmgem.scale.lance import import_embeddings
 
@@ -191,8 +192,7 @@ def embed_collection(
     if not pending:
         return summary
 
-    import ray
-
+    ray = require("ray", "scale", "`mmgem embed` (Ray Data)")
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     rows = [{"id": key, "part": index} for index in pending for key in parts[index]]
@@ -249,8 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`mmgem embed ...`."""
     args = build_parser().parse_args(argv)
     if args.ray_address:
-        import ray
-
+        ray = require("ray", "scale", "`mmgem embed` (Ray Data)")
         ray.init(address=args.ray_address, log_to_driver=False)
     summary = embed_collection(
         args.model, args.images, args.output, concurrency=args.concurrency, num_gpus=args.num_gpus,

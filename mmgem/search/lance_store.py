@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mmgem.files import write_bytes_atomic
+from mmgem.optional import require
 from mmgem.search.store import FORMAT_VERSION, KINDS, Hit, VectorStore
 
 TABLE = "items"
@@ -53,9 +54,9 @@ def open_index(folder: str | os.PathLike[str]) -> Any:
 
 
 def write_table(folder: Path, vectors: np.ndarray, items: Sequence[dict[str, Any]], build_ann: bool) -> None:
-    import lancedb
     import pyarrow as pa
 
+    lancedb = require("lancedb", "scale", "The LanceDB search backend")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     extra = [{k: v for k, v in item.items() if k not in BASE_FIELDS} for item in items]
     table = pa.table({
@@ -110,8 +111,7 @@ class LanceStore:
     """A LanceDB index folder opened for reading, with `VectorStore`'s reading interface."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
-        import lancedb
-
+        lancedb = require("lancedb", "scale", "The LanceDB search backend")
         self.folder = Path(folder)
         if not is_lance_index(self.folder):
             raise ValueError(f"`index` {self.folder} is not a LanceDB mmgem index (meta.json ann.library).")

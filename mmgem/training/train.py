@@ -35,7 +35,7 @@ from mmgem.build import build_mmgem, train_tokenizer
 from mmgem.data.collator import MMGEMCollator, MMGEMCollatorCallback
 from mmgem.data.records import ImageCaptionDataset, load_records
 from mmgem.data.sampling import HardNegativeSampler, record_groups
-from mmgem.data.sources import streaming_training_data, uses_streaming
+from mmgem.data.sources import streaming_max_steps, streaming_training_data, uses_streaming
 from mmgem.errors import checking_user_input
 from mmgem.integrations.lora import apply_lora
 from mmgem.loading import load_model
@@ -86,6 +86,13 @@ def hard_negative_sampler(args: MMGEMTrainingArguments, records: Sequence[Any], 
     groups = record_groups(records, args.hard_negative_field)
     seed = args.data_seed if args.data_seed is not None else args.seed
     return HardNegativeSampler(groups, args.per_device_train_batch_size, args.hard_negative_group_size, seed=seed)
+
+
+def streaming_arguments(args: MMGEMTrainingArguments) -> MMGEMTrainingArguments:
+    """A copy of `args` for a streaming source: its length in `max_steps`, and accelerate's batch dispatching off
+    (each rank reads its own part of the stream). The caller's arguments are left as they were."""
+    accelerator_config = {**args.accelerator_config.to_dict(), "dispatch_batches": False}
+    return make_arguments(args, max_steps=streaming_max_steps(args), accelerator_config=accelerator_config)
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -155,6 +162,7 @@ def train(
         if uses_streaming(args):
             # `records` are then the texts of the first samples (for a tokenizer trained on the data).
             dataset, records = streaming_training_data(args)
+            args = streaming_arguments(args)
         else:
             records = load_records(args.data, args.data_on_error, args.allow_outside_data_root)
             dataset = None
