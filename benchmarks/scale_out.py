@@ -31,8 +31,10 @@ import torch
 
 from benchmarks.search import build_store, clustered_unit_vectors
 from benchmarks.sizes import SIZES, build_bench_model
+from mmgem.scale.ray_embed import embed_collection
 from mmgem.search.indexer import index_images
 from mmgem.search.lance_store import LanceStore, write_meta, write_table
+from mmgem.search.store import faiss_threads
 from mmgem.synthetic import all_pairs, render_scene
 
 
@@ -46,8 +48,6 @@ def _images(folder: Path, count: int, size: int, seed: int) -> None:
 def embed_benchmark(size: str, count: int, seed: int, workdir: Path) -> dict[str, Any]:
     """Images/s: `mmgem index` in this process, then Ray Data with 1 and 2 actors (one torch thread each)."""
     import ray
-
-    from mmgem.scale.ray_embed import embed_collection
 
     bench = build_bench_model(SIZES[size], torch.device("cpu"), torch.float32, seed)
     model_dir = workdir / "model"
@@ -92,8 +92,6 @@ def _latency_ms(search: Any, queries: np.ndarray) -> float:
 
 def search_benchmark(count: int, dim: int, num_queries: int, seed: int, workdir: Path) -> dict[str, Any]:
     """Build seconds, median query ms and recall@10 of FAISS HNSW (the store) and LanceDB (the backend)."""
-    from mmgem.search.store import faiss_threads
-
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((200, dim)).astype(np.float32)
     vectors = clustered_unit_vectors(count, dim, rng, centres)
