@@ -7,6 +7,8 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 # Lowest transformers release the fast tests are run against (keep in sync with setup.py).
 MIN_TRANSFORMERS ?= 5.18.0
+# DeepSpeed builds from its sdist against the CPU torch above (no compiled ops; ~20 s), hence no build isolation.
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
@@ -16,7 +18,9 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench]"
+	$(PIP) install -q setuptools wheel
+	$(PIP) install -q --no-build-isolation $(DEEPSPEED_SPEC)
+	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench,deepspeed,scale]"
 	touch $@
 
 venv: $(VENV)/.installed

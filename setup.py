@@ -32,6 +32,11 @@ EXTRAS = {
     "eval": ["pycocoevalcap>=1.2"],  # mmgem evaluate --benchmark coco-captions / refcocog (PTB, BLEU, CIDEr-D, METEOR)
     "search": ["faiss-cpu>=1.15", "webdataset>=1.0"],  # mmgem index / mmgem search
     "bench": ["usearch>=2.26"],  # benchmarks/search.py --libraries: FAISS against usearch
+    # mmgem train --deepspeed (ZeRO; CPU too). Built from its sdist against the installed torch: the Makefile installs
+    # it with --no-build-isolation first (an isolated build would fetch another torch).
+    "deepspeed": ["deepspeed>=0.19.8"],
+    # mmgem embed (Ray Data actor pools) and the LanceDB search backend (mmgem index/search --backend lancedb)
+    "scale": ["ray[data]>=2.60", "lancedb>=0.40"],
     # mmgem app; gradio_client and playwright drive it in the tests (with Debian's chromium, never a downloaded one)
     "app": ["gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.65"],
 }

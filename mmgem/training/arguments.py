@@ -17,6 +17,7 @@ from mmgem.data.collator import STAGES
 from mmgem.data.sampling import check_group_size
 from mmgem.data.sources import DataSourceArguments, check_data_arguments
 from mmgem.presets import PRESETS
+from mmgem.training.distributed import check_launch, complete_launch_options
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -107,6 +108,13 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up steps (a float < 1: share of all steps)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Images per device and step."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
+
+    def __post_init__(self) -> None:
+        # Before the Trainer's own set-up picks the devices: under torchrun / accelerate launch on CPU the ranks
+        # must form one process group (see mmgem.training.distributed).
+        complete_launch_options(self)
+        super().__post_init__()
+        check_launch(self)
 
     def __getstate__(self) -> dict[str, Any]:
         """What pickling (the Trainer's `training_args.bin` in OUT and every checkpoint) stores: the options without
