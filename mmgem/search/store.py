@@ -587,16 +587,6 @@ def faiss_threads(count: int = 1) -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
-@contextlib.contextmanager
-def open_store(folder: str | os.PathLike[str], writable: bool = False) -> Iterator[VectorStore]:
-    """`VectorStore(folder, writable)` as a context manager that releases the write lock."""
-    store = VectorStore(folder, writable=writable)
-    try:
-        yield store
-    finally:
-        store.close()
-
-
 def group_by_path(hits: Iterable[Hit], k: int) -> list[Hit]:
     """The best hit per path, best first, at most `k` (a path may match through its image, caption and regions)."""
     best: dict[str, Hit] = {}
