@@ -221,7 +221,8 @@ def _index(
             pending = [s for s in pending if s.path not in done]
             total = len(pending)
         else:
-            pending, total = iter_shards(locations, skip=done), None
+            indexed = {item["path"]: item for item in store.items if item["kind"] == "image"}
+            pending, total = iter_shards(locations, skip=indexed), None
         bar = tqdm(total=total, desc="Indexing images", unit="img", disable=not progress)
         for batch in _batched(pending, batch_size):
             loaded = []
@@ -230,6 +231,10 @@ def _index(
                     loaded.append((source, source.load()))
                 except Exception as error:  # noqa: BLE001 - one broken file must not stop the run
                     summary["failed"].append(f"{source.path}: {type(error).__name__}: {error}")
+            replaced = [s.path for s, _ in loaded if s.replaces]
+            if replaced:  # shard members whose content changed since indexed: their old rows go first
+                store.remove_paths(replaced)
+                summary["reembedded"] += len(replaced)
             if loaded:
                 vectors, items = _rows_for_batch(
                     [s for s, _ in loaded], [im for _, im in loaded], processor, model, region_grids, captions,
@@ -244,7 +249,7 @@ def _index(
                 last_save = time.perf_counter()
         bar.close()
         if kind == "shards":
-            summary["skipped"] = len(done)
+            summary["skipped"] = len(done) - summary["reembedded"]
         store.save_ann()
     finally:
         store.close()
