@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,10 @@ def parse_json(data: bytes | bytearray | str) -> Any:
         if depth > limit:
             raise JSONProblem(f"nested {depth:,} levels deep (at most {limit:,} allowed, MMGEM_MAX_JSON_DEPTH)")
     digits = max_int_digits()
-    # The integer hook costs a Python call per integer: only used when a digit run is long enough to need it.
-    hook = _int_parser(digits) if digits and re.search(rf"\d{{{digits + 1}}}", text) else None
+    # The integer hook costs a Python call per integer: only used when a digit run is long enough to need it (ours,
+    # or Python's own limit when ours is off).
+    threshold = digits or sys.get_int_max_str_digits()
+    hook = _int_parser(digits) if threshold and re.search(rf"\d{{{threshold + 1}}}", text) else None
     try:
         return json.loads(text, parse_int=hook)
     except json.JSONDecodeError as error:
