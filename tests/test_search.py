@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from mmgem.search import ImageSearch, VectorStore, index_images
 from mmgem.search import indexer as indexer_module
@@ -173,6 +172,7 @@ def test_a_torn_tail_is_cut_back_to_the_last_complete_image(model_and_processor,
 
 
 def test_webdataset_shards(model_and_processor, tmp_path):
+    wds = pytest.importorskip("webdataset", reason="writing shards needs the search extra: pip install -e '.[search]'")
     paths = draw_images(tmp_path / "drawn", 4)
     shards = tmp_path / "shards"
     shards.mkdir()

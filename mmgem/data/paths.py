@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-OPT_IN = "pass --allow-outside-data-root (allow_outside_data_root=True) to read it anyway"
+OPT_IN = "pass --allow-outside-data-root to read such paths anyway"
 
 
 OUTSIDE = "leads outside the data folder"
