@@ -331,3 +331,41 @@ def test_a_tar_member_over_the_cap_is_skipped_unread(tmp_path, monkeypatch, gzip
     assert len(items) == 2 and dataset.skipped == 1
     # Skipping still decompresses (zlib hands out up to ~16 MB per 16 kB read of zeros) but never holds the member.
     assert peak < (36_000_000 if gzip else 3_000_000), f"{peak:,} bytes traced: the 48 MB member was read"
+
+
+def test_a_huge_caption_is_clipped_before_tokenizing(tiny):
+    import time
+
+    from PIL import Image
+
+    from mmgem.data.collator import MMGEMCollator
+
+    _, processor = tiny
+    image = Image.new("RGB", (32, 32))
+    caption = ("a red circle on a blue square " * 400_000)[:12_000_000]  # 12 MB
+    collator = MMGEMCollator(processor, stage=1, seed=0)
+    start = time.perf_counter()
+    batch = collator([{"image": image, "caption": caption, "regions": []}])
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5, f"{elapsed:.1f} s: the caption was tokenized whole (about 4 s per MB)"
+    # The same tokens as truncating a longer prefix (the whole 12 MB would take most of a minute).
+    reference = processor(images=[image], text=[caption[:60_000]], truncation=True)
+    assert batch["input_ids"].tolist() == reference["input_ids"].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.timeout(300)
+def test_one_bad_sample_after_many_good_never_stops_a_skip_run(tmp_path):
+    from mmgem.training.train import main
+
+    samples = [_web() for _ in range(30)] + [_web(DEEP)] + [_web() for _ in range(9)]
+    shards = _tar(tmp_path / "shards" / "00000.tar", samples)
+    argv = [
+        "--from-scratch", "tiny", "--data", str(shards), "--data-on-error", "skip", "--shuffle-buffer", "0",
+        "--max-steps", "12", "--per_device_train_batch_size", "4", "--output-dir", str(tmp_path / "out"),
+        "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1",
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="nested 100,000 levels deep"):
+        assert main(argv) == 0  # 48 samples drawn: the bad 31st is met (twice: the stream starts its next pass)
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert [row["step"] for row in log if "loss" in row] == list(range(1, 13))
