@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from mmgem.data.paths import is_inside, opt_in_hint, outside_problem, resolve_in_root
 from mmgem.data.safe_json import JSONProblem, parse_json
+from mmgem.optional import require
 from modeling_mmgem.processing_mmgem import load_rgb_image
 from modeling_mmgem.utils_mmgem import box_problem, too_many_boxes
 
@@ -333,7 +334,8 @@ def load_imagefolder_records(
         max_reported: how many problems the error or warning lists.
         allow_outside_data_root: accept image files outside `folder` (reached through symbolic links).
     """
-    import datasets  # deferred: importing `datasets` is slow and only this loader needs it
+    # Deferred: importing `datasets` is slow, only this loader needs it, and it is the extra `data`.
+    datasets = require("datasets", "data", "Reading an imagefolder")
 
     _check_policy(on_error)
     if cache_dir is not None and Path(folder).resolve() in Path(cache_dir).resolve().parents:
