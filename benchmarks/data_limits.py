@@ -52,7 +52,8 @@ with warnings.catch_warnings():
 STOP(samples=len(items), skipped=dataset.skipped, shard_bytes=os.path.getsize(path))
 """,
     "imagefolder": """
-import json, warnings
+import json, warnings, mmgem
+print("code:", mmgem.__file__, file=sys.stderr)
 import numpy as np
 from PIL import Image
 from mmgem.data.formats import Shard, SourceOptions
@@ -98,8 +99,9 @@ def run_case(name: str, code_root: Path) -> dict:
     """Run one case in a fresh interpreter importing the code under `code_root`; its JSON report."""
     with tempfile.TemporaryDirectory(prefix=f"mmgem-{name}-") as scratch:
         env = {**os.environ, "PYTHONPATH": str(code_root)}
-        result = subprocess.run([sys.executable, "-c", PRELUDE + CASES[name], scratch], env=env, capture_output=True,
-                                text=True, timeout=1800)  # fmt: skip
+        # cwd: `python -c` puts the current folder first on sys.path, which must not shadow `code_root`.
+        result = subprocess.run([sys.executable, "-c", PRELUDE + CASES[name], scratch], env=env, cwd=scratch,
+                                capture_output=True, text=True, timeout=1800)  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1][:300]}
