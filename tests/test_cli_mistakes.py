@@ -156,7 +156,6 @@ MISTAKE_IDS = [
 def test_mistakes_table(files, capsys, monkeypatch, tmp_path, argv, words):
     values = {"root": files["root"], "good": files["good"], "bad": files["bad"], "out": tmp_path / "out"}
     argv = [a.format(**{k: str(v) for k, v in values.items()}) for a in argv]
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = _mistake(capsys, monkeypatch, argv)
     assert all(w in err for w in words), err
     assert len(err) < 1200, f"{len(err)} characters: {err[:300]}"
@@ -179,3 +178,24 @@ def test_no_merge_lora_says_where_the_adapter_is(tmp_path):
         and "Saved the trained" not in message
     )
     assert saved_message(SimpleNamespace(lora=False, merge_lora=True), tmp_path).endswith(str(tmp_path))
+
+
+def test_measure_peak_rss_usage_names_its_own_command(capsys):
+    from benchmarks.measure_peak_rss import run
+
+    with pytest.raises(SystemExit):
+        run(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m benchmarks.measure_peak_rss")
+
+
+def test_a_repo_id_the_hub_cannot_give_is_one_line(monkeypatch):
+    from mmgem import loading
+    from mmgem.errors import is_user_error
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(loading.MMGEMProcessor, "from_pretrained", unreachable)
+    with pytest.raises(ValueError, match=r"`--model` org/missing: no such folder, and no MM-GEM repo") as error:
+        loading.load_model("org/missing", argument="--model")
+    assert is_user_error(error.value) and "couldn't connect" in str(error.value)
