@@ -91,7 +91,10 @@ class RowConverter:
         if isinstance(value, str) and value:
             if self.root is None and not self.allow_outside:  # a Hub dataset naming a file of this machine
                 return None, f"image path {value[:200]!r} in a Hub dataset ({OPT_IN})"
-            path, problem = resolve_in_root(self.root or Path("/"), value, allow_outside=self.allow_outside)
+            if self.root is None:  # opted in: the path as written (relative to the working folder)
+                path, problem = Path(value), None
+            else:
+                path, problem = resolve_in_root(self.root, value, allow_outside=self.allow_outside)
             if path is None:
                 return None, problem
             return (str(path), None) if path.is_file() else (None, f"image file not found: {path}")
