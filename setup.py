@@ -44,15 +44,16 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_mmgem", "mmgem", "mmgem.*", "conversion", "conversion.*"]),
+    packages=find_packages(include=["modeling_mmgem", "mmgem", "mmgem.*"]),
+    package_data={"mmgem.conversion": ["model_card.md"]},  # the model card template of exported folders
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "mmgem=mmgem.cli:main",
-            "mmgem-convert=conversion.convert_mmgem:main",
+            "mmgem-convert=mmgem.conversion.convert_mmgem:main",
         ],
-        # vLLM imports this in every process it starts and registers the MM-GEM architectures.
+        # vLLM imports this in every process it starts: it registers the MM-GEM architecture (mmgem.serving.vllm).
         "vllm.general_plugins": ["mmgem = mmgem.serving.vllm:register"],
     },
     license="Apache-2.0",

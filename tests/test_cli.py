@@ -128,10 +128,10 @@ def _run(args, cwd):
 
 @pytest.mark.slow  # three fresh interpreters that import torch and transformers
 def test_convert_entry_points(tmp_path):
-    """The conversion script runs as a file, as a module and as the console script."""
-    as_file = _run([sys.executable, str(REPO / "conversion" / "convert_mmgem.py"), "--help"], tmp_path)
-    assert as_file.returncode == 0 and as_file.stdout.startswith("usage: mmgem-convert"), as_file.stderr
-    as_module = _run([sys.executable, "-m", "conversion.convert_mmgem", "--help"], REPO)
+    """The conversion runs as `mmgem convert`, as a module and as the console script."""
+    as_subcommand = _run([sys.executable, "-m", "mmgem.cli", "convert", "--help"], REPO)
+    assert as_subcommand.returncode == 0 and "--vision-model" in as_subcommand.stdout, as_subcommand.stderr
+    as_module = _run([sys.executable, "-m", "mmgem.conversion.convert_mmgem", "--help"], REPO)
     assert as_module.returncode == 0 and as_module.stdout.startswith("usage: mmgem-convert"), as_module.stderr
     script = Path(sys.executable).parent / "mmgem-convert"
     if script.exists():

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from mmgem.embedding import pad_to_square
 from mmgem.evaluation.benchmarks import (
     BenchmarkOptions,
     EmbeddingCache,
@@ -17,7 +18,6 @@ from mmgem.evaluation.benchmarks import (
     coco_caption_scores,
     format_benchmark_tables,
     load_benchmark,
-    pad_to_square,
 )
 from mmgem.evaluation.metrics import bleu, cider
 

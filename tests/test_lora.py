@@ -380,7 +380,7 @@ def test_adapter_push_and_pull_by_repo_id(trained, folder, batch, fake_hub, tmp_
 def test_merged_model_and_adapter_export_with_the_conversion_script(trained, folder, batch, tmp_path, processor):
     from sentence_transformers import SentenceTransformer
 
-    from conversion.convert_mmgem import export_checkpoint
+    from mmgem.conversion.convert_mmgem import export_checkpoint
 
     peft_model, adapter_dir, _ = trained
     expected = outputs(peft_model, batch)

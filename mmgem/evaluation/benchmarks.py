@@ -40,8 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 from mmgem.data.formats import SourceOptions
@@ -49,7 +47,8 @@ from mmgem.data.formats.coco import karpathy_images
 from mmgem.data.formats.conversations import first_gpt_turn
 from mmgem.data.formats.hf import table_files
 from mmgem.data.formats.refcoco import find_refs_pickle, parquet_references, refer_references
-from mmgem.evaluation.metrics import recall_at_k
+from mmgem.embedding import caption, encode_images, encode_regions, encode_texts
+from mmgem.evaluation.metrics import class_scores, recall_at_k
 from mmgem.evaluation.templates import IMAGENET_CLASSES, IMAGENET_TEMPLATES
 from mmgem.optional import require
 
@@ -61,27 +60,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _WNID = re.compile(r"^n\d{8}$")
 
 
-# ---------------------------------------------------------------------------------------------------------- images
-def open_image(value: Any) -> Image.Image:
-    """An RGB image from a path, encoded bytes or a PIL image (the project's one image loader)."""
-    # Here, not at the top: the processor module loads transformers' model machinery (~5 s), and
-    # `mmgem evaluate --help` reads this module for the benchmark names only.
-    from modeling_mmgem.processing_mmgem import load_rgb_image
-
-    return load_rgb_image(value)
-
-
-def pad_to_square(image: Image.Image, boxes: Sequence[Sequence[float]] = ()) -> tuple[Image.Image, list[list[float]]]:
-    """The image centered on a black square canvas and its pixel boxes shifted alike (nothing is cropped later)."""
-    side = max(image.size)
-    if image.width == image.height:
-        return image, [list(b) for b in boxes]
-    dx, dy = (side - image.width) // 2, (side - image.height) // 2
-    canvas = Image.new("RGB", (side, side))
-    canvas.paste(image, (dx, dy))
-    return canvas, [[b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy] for b in boxes]
-
-
+# ---------------------------------------------------------------------------------------------------------- cache keys
 def _identity(value: Any) -> str:
     if isinstance(value, str | Path):
         return str(value)
@@ -137,82 +116,45 @@ class EmbeddingCache:
         self.memory[name] = value
         return value
 
-    def _chunks(self, items: Sequence[Any], description: str):
-        starts = range(0, len(items), self.batch_size)
-        for start in tqdm(starts, desc=description, disable=not self.progress, leave=False):
-            yield items[start : start + self.batch_size]
+    def _batching(self) -> dict[str, Any]:
+        return {"batch_size": self.batch_size, "progress": self.progress}
 
-    @torch.no_grad()
     def images(self, images: Sequence[Any]) -> torch.Tensor:
         """L2-normalised image embeddings [N, D] (images loaded batch by batch)."""
 
         def compute() -> torch.Tensor:
-            rows = []
-            for chunk in self._chunks(list(images), "Embedding images"):
-                pixels = self.processor(images=[open_image(v) for v in chunk])["pixel_values"].to(self.model.device)
-                rows.append(
-                    F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
-                )
-                self.computed["images"] += len(chunk)
-            return torch.cat(rows).cpu()
+            self.computed["images"] += len(images)
+            return encode_images(self.model, self.processor, list(images), **self._batching())
 
         return self._cached("images", content_key(list(images)), compute)
 
-    @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings [N, D]."""
 
         def compute() -> torch.Tensor:
-            rows = []
-            for chunk in self._chunks(list(texts), "Embedding texts"):
-                inputs = self.processor(text=list(chunk), truncation=True).to(self.model.device)
-                rows.append(F.normalize(self.model.get_text_features(**inputs).pooler_output.float(), dim=-1))
-                self.computed["texts"] += len(chunk)
-            return torch.cat(rows).cpu()
+            self.computed["texts"] += len(texts)
+            return encode_texts(self.model, self.processor, list(texts), **self._batching())
 
         return self._cached("texts", content_key(list(texts)), compute)
 
-    def _region_inputs(self, chunk: Sequence[tuple[Any, list[list[float]]]]) -> dict[str, Any]:
-        padded = [pad_to_square(open_image(image), boxes) for image, boxes in chunk]
-        inputs = self.processor(images=[p[0] for p in padded], boxes=[p[1] for p in padded])
-        return {
-            "pixel_values": inputs["pixel_values"].to(self.model.device),
-            "boxes": [b.to(self.model.device) for b in inputs["boxes"]],
-        }
-
-    @torch.no_grad()
     def regions(self, images: Sequence[Any], boxes: Sequence[list[list[float]]]) -> torch.Tensor:
-        """L2-normalised region embeddings [sum R_i, D], in the order of `images` then their boxes."""
+        """L2-normalised region embeddings [sum R_i, D], in the order of `images` then their boxes (images padded
+        to a square first, so that the processor's center crop cuts no box away)."""
 
         def compute() -> torch.Tensor:
-            rows = []
-            for chunk in self._chunks(list(zip(images, boxes)), "Embedding regions"):
-                output = self.model.get_image_features(**self._region_inputs(chunk))
-                rows.append(F.normalize(output.pooler_output.float(), dim=-1))
-                self.computed["regions"] += sum(len(b) for _, b in chunk)
-            return torch.cat(rows).cpu()
+            self.computed["regions"] += sum(len(b) for b in boxes)
+            return encode_regions(self.model, self.processor, list(images), boxes, pad_square=True, **self._batching())
 
         return self._cached("regions", content_key(list(images), [list(map(tuple, b)) for b in boxes]), compute)
 
-    @torch.no_grad()
     def captions(self, images: Sequence[Any], boxes: Sequence[list[list[float]]] | None = None) -> list[str]:
         """Greedy (or beam) captions of the images, or of each region (in the order of `regions`)."""
 
         def compute() -> list[str]:
-            captions: list[str] = []
-            pairs = list(zip(images, boxes)) if boxes is not None else [(image, None) for image in images]
-            for chunk in self._chunks(pairs, "Captioning regions" if boxes is not None else "Captioning images"):
-                if boxes is not None:
-                    inputs = self._region_inputs(chunk)
-                else:
-                    pixels = self.processor(images=[open_image(v) for v, _ in chunk])["pixel_values"]
-                    inputs = {"pixel_values": pixels.to(self.model.device)}
-                generated = self.model.generate(
-                    **inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False
-                )
-                captions += self.processor.decode_captions(generated)
-                self.computed["captions"] += len(chunk) if boxes is None else sum(len(b) for _, b in chunk)
-            return captions
+            self.computed["captions"] += len(images) if boxes is None else sum(len(b) for b in boxes)
+            decoding = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": False}
+            return caption(self.model, self.processor, list(images), boxes=boxes, pad_square=boxes is not None,
+                           **self._batching(), **decoding)  # fmt: skip
 
         settings = (self.max_new_tokens, self.num_beams)
         region_key = [list(map(tuple, b)) for b in boxes] if boxes is not None else []
@@ -347,9 +289,8 @@ class ZeroShotTask:
 
     def run(self, cache: EmbeddingCache) -> dict[str, Any]:
         prompts = [template.format(c) for c in self.classes for template in self.templates]
-        prompt_embeds = cache.texts(prompts).view(len(self.classes), len(self.templates), -1)
-        class_embeds = F.normalize(prompt_embeds.mean(dim=1), dim=-1)  # [classes, D]
-        scores = cache.images(self.images) @ class_embeds.t()  # [N, classes]
+        prompt_embeds = cache.texts(prompts).view(len(self.classes), len(self.templates), -1)  # [C, T, D]
+        scores = class_scores(cache.images(self.images), prompt_embeds, "mean")  # [N, classes]
         top = scores.topk(min(5, len(self.classes)), dim=-1).indices  # [N, 5]
         labels = torch.tensor(self.labels)[:, None]
         return {

@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmgem.cli import command_parser
+from mmgem.embedding import caption, encode_images, encode_regions, encode_texts
 from mmgem.errors import checking_user_input
 from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments, run_benchmark_command
-from mmgem.evaluation.metrics import caption_metrics, recall_at_k, same_text_relevance
+from mmgem.evaluation.metrics import caption_metrics, class_scores, recall_at_k, same_text_relevance
 from mmgem.files import write_json_atomic
 from mmgem.synthetic import class_name
 
@@ -63,69 +63,6 @@ class EvaluationResult:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _batches(items: Sequence[Any], size: int, description: str, progress: bool) -> Any:
-    starts = range(0, len(items), size)
-    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
-        yield items[start : start + size]
-
-
-@torch.no_grad()
-def embed_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int = 64, progress: bool = False):
-    """L2-normalised text embeddings [N, D]."""
-    rows = []
-    for chunk in _batches(list(texts), batch_size, "Embedding texts", progress):
-        inputs = processor(text=list(chunk), truncation=True).to(model.device)
-        rows.append(F.normalize(model.get_text_features(**inputs).pooler_output.float(), dim=-1))
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def embed_images(model: Any, processor: Any, images: Sequence[Any], batch_size: int = 64, progress: bool = False):
-    """L2-normalised image embeddings [N, D]."""
-    rows = []
-    for chunk in _batches(list(images), batch_size, "Embedding images", progress):
-        pixel_values = processor(images=list(chunk))["pixel_values"].to(model.device)
-        rows.append(F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1))
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def embed_regions(
-    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]], batch_size: int = 64,
-    progress: bool = False,
-):  # fmt: skip
-    """L2-normalised region embeddings [sum R_i, D], regions of image 0 first (images without boxes are skipped)."""
-    pairs = [(image, b) for image, b in zip(images, boxes) if len(b)]
-    rows = []
-    for chunk in _batches(pairs, batch_size, "Embedding regions", progress):
-        inputs = processor(images=[p[0] for p in chunk], boxes=[p[1] for p in chunk])
-        boxes_ = [b.to(model.device) for b in inputs["boxes"]]
-        output = model.get_image_features(pixel_values=inputs["pixel_values"].to(model.device), boxes=boxes_)
-        rows.append(F.normalize(output.pooler_output.float(), dim=-1))
-    return torch.cat(rows) if rows else torch.zeros(0, 0)
-
-
-@torch.no_grad()
-def generate_captions(
-    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]] | None = None,
-    batch_size: int = 32, max_new_tokens: int = 32, num_beams: int = 1, progress: bool = False,
-) -> list[str]:  # fmt: skip
-    """Greedy (or beam) captions of images, or with `boxes` of each region (regions of image 0 first)."""
-    pairs = list(zip(images, boxes)) if boxes is not None else [(image, None) for image in images]
-    pairs = [p for p in pairs if p[1] is None or len(p[1])]
-    captions: list[str] = []
-    description = "Captioning regions" if boxes is not None else "Captioning images"
-    for chunk in _batches(pairs, batch_size, description, progress):
-        chunk_boxes = [p[1] for p in chunk] if boxes is not None else None
-        inputs = processor(images=[p[0] for p in chunk], boxes=chunk_boxes)
-        kwargs = {"pixel_values": inputs["pixel_values"].to(model.device)}
-        if chunk_boxes is not None:
-            kwargs["boxes"] = [b.to(model.device) for b in inputs["boxes"]]
-        generated = model.generate(**kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-        captions += processor.decode_captions(generated)
-    return captions
-
-
 def default_label(record: Any) -> str | None:
     """A record's zero-shot label: its `label` field, or for the synthetic shapes the class of a lone object."""
     label = record.metadata.get("label")
@@ -186,12 +123,9 @@ def _zero_shot(
     if unknown:
         raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
     prompts = [template.format(c) for c in classes for template in templates]
-    prompt_embeds = embed_texts(model, processor, prompts, batch_size, progress).view(len(classes), len(templates), -1)
-    image_embeds = embed_images(model, processor, images, batch_size, progress)
-    if reduction == "mean":
-        scores = image_embeds @ F.normalize(prompt_embeds.mean(dim=1), dim=-1).t()  # [N, classes]
-    else:
-        scores = torch.einsum("nd,ctd->nct", image_embeds, prompt_embeds).amax(dim=-1)  # [N, classes]
+    batching = {"batch_size": batch_size, "progress": progress}
+    prompt_embeds = encode_texts(model, processor, prompts, **batching).view(len(classes), len(templates), -1)
+    scores = class_scores(encode_images(model, processor, images, **batching), prompt_embeds, reduction)  # [N, C]
     predicted = scores.argmax(dim=-1).tolist()
     pairs = [(label, classes[p]) for label, p in zip(labels, predicted)]
     accuracy = sum(a == b for a, b in pairs) / len(pairs)
@@ -252,9 +186,11 @@ def evaluate_model(
     region_texts = [region.caption for r in records for region in r.regions]
     result = EvaluationResult(metrics={"num_images": len(records), "num_regions": len(region_texts)})
     metrics = result.metrics
+    batching = {"batch_size": batch_size, "progress": progress}
+    decoding = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
     if "retrieval" in tasks:
-        image_embeds = embed_images(model, processor, images, batch_size, progress)
-        text_embeds = embed_texts(model, processor, captions, batch_size, progress)
+        image_embeds = encode_images(model, processor, images, **batching)
+        text_embeds = encode_texts(model, processor, captions, **batching)
         metrics.update(_retrieval(image_embeds, text_embeds, captions))
         result.similarity = image_embeds @ text_embeds.t()
     if "zero_shot" in tasks:
@@ -269,25 +205,21 @@ def evaluate_model(
             metrics.update(zs_metrics)
     limit = len(records) if max_caption_images is None else min(max_caption_images, len(records))
     if "captioning" in tasks:
-        generated = generate_captions(
-            model, processor, images[:limit], None, batch_size, max_new_tokens, num_beams, progress
-        )
+        generated = caption(model, processor, images[:limit], **batching, **decoding)
         result.captions = list(zip(captions[:limit], generated))
         metrics.update({f"caption/{k}": v for k, v in caption_metrics(generated, captions[:limit]).items()})
         metrics["num_caption_images"] = limit
     has_regions = bool(region_texts)
     if "region_captioning" in tasks and any(boxes[:limit]):
         references = [region.caption for r in records[:limit] for region in r.regions]
-        generated = generate_captions(
-            model, processor, images[:limit], boxes[:limit], batch_size, max_new_tokens, num_beams, progress
-        )
+        generated = caption(model, processor, images[:limit], boxes=boxes[:limit], **batching, **decoding)
         result.region_captions = list(zip(references, generated))
         metrics.update({f"region_caption/{k}": v for k, v in caption_metrics(generated, references).items()})
         metrics["num_caption_regions"] = len(references)
     if "region_retrieval" in tasks and has_regions:
-        region_embeds = embed_regions(model, processor, images, boxes, batch_size, progress)
+        region_embeds = encode_regions(model, processor, images, boxes, **batching)
         distinct = sorted(set(region_texts))
-        text_embeds = embed_texts(model, processor, distinct, batch_size, progress)
+        text_embeds = encode_texts(model, processor, distinct, **batching)
         metrics.update(_region_retrieval(region_embeds, text_embeds, region_texts, distinct))
     return result
 
