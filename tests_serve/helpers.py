@@ -1,4 +1,5 @@
-"""A tiny MM-GEM whose attention heads vLLM's CPU kernels accept (head size 32), saved as an exported folder."""
+"""A tiny MM-GEM whose attention heads vLLM's CPU kernels accept (head size 32), saved as an exported folder, and
+the engine settings the tests use."""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ from mmgem.build import DEFAULT_CORPUS, build_mmgem, train_tokenizer
 
 # vLLM's CPU attention takes head sizes 32, 64, 80, ...: hidden 64 over 2 heads.
 HIDDEN, HEADS = 64, 2
+# float32 as the reference; eager (no torch.compile warm-up on 2 cores); a small share of the machine's memory.
+ENGINE_ARGS = dict(dtype="float32", max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.1, seed=0)
+SERVER_FLAGS = [
+    "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.1",
+]  # fmt: skip
 
 
 def serve_test_folder(path: Path, vision: str = "clip", seed: int = 0) -> Path:
-    """Save a random MM-GEM (2+2 layers, hidden 64, 32 px images, 4x4 patches pooled to 2x2) with its processor."""
+    """Save a random MM-GEM (2+2 layers, hidden 64, 32 px images, 4x4 patches pooled to 2x2, embeddings of 48) with
+    its processor, as `save_pretrained` exports it."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(DEFAULT_CORPUS, vocab_size=300, model_max_length=256)
     vision_config = dict(
