@@ -37,9 +37,7 @@ def reference(folder: Path):
 def images() -> list[Image.Image]:
     """Three random RGB images of different sizes and aspect ratios (the processor resizes and crops them)."""
     rng = np.random.default_rng(0)
-    return [
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 48), (32, 32), (64, 50))
-    ]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 48), (32, 32), (64, 50))]
 
 
 def start_llm(folder: Path, runner: str):

@@ -134,7 +134,7 @@ class MMGEMForVllm(nn.Module, SupportsMultiModal):
     def _feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> the normed patch grid as a feature map [B, C, g, g] (CLS / register tokens dropped)."""
         hidden = self.vision_tower(pixel_values.to(self.vision_tower.dtype))  # [B, P + g*g, C]
-        patch_tokens = hidden[:, -self.config.patch_grid_size**2 :]
+        patch_tokens = hidden[:, -(self.config.patch_grid_size**2) :]
         return self.pool_aggregator.to_feature_map(patch_tokens)
 
     def _pooled(self, feature_map: torch.Tensor, region_boxes: torch.Tensor, grid: bool) -> torch.Tensor:
