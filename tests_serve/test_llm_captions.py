@@ -10,7 +10,7 @@ from tests_serve.conftest import start_llm, stop_llm
 
 MAX_TOKENS = 12
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

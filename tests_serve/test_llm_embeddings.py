@@ -18,7 +18,7 @@ TEXTS = [
 ]
 ATOL = 1e-4
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")

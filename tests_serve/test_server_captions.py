@@ -9,7 +9,7 @@ from tests_serve.helpers import Server, image_data_url
 
 MAX_TOKENS = 12
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")

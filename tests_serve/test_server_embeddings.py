@@ -13,7 +13,7 @@ from tests_serve.helpers import Server, image_data_url
 
 ATOL = 1e-4
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# Imported from the installed package, configuration_mmgem registers the `mmgem` model type with AutoConfig, so vLLM
+# reads the folder's config.json without `--trust-remote-code`.
+import modeling_mmgem.configuration_mmgem  # noqa: F401
+from modeling_mmgem.processing_mmgem import CAP_TOKEN, EMB_TOKEN, IMAGE_TOKEN
+
 ARCHITECTURE = "MMGEMModel"
 MODEL_CLASS = "mmgem.serving.vllm.model:MMGEMForVllm"
 
@@ -29,10 +34,6 @@ def register() -> None:
     vLLM calls this in every process it starts (the `vllm.general_plugins` entry point), before loading a model.
     """
     from vllm import ModelRegistry
-
-    # Imported from the installed package, this registers the `mmgem` model type with AutoConfig, so vLLM reads
-    # the folder's config.json without `--trust-remote-code`.
-    import modeling_mmgem.configuration_mmgem  # noqa: F401
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # The class is named by string: vLLM imports it only in the processes that build the model.
@@ -45,8 +46,6 @@ def text_prompt(text: str, tokenizer: Any) -> str:
     vLLM tokenizes prompts as they are and MM-GEM's tokenizer adds no special token itself, so the layout the model
     was trained on is spelled out here (the same ids `MMGEMProcessor(text=...)` builds).
     """
-    from modeling_mmgem.processing_mmgem import EMB_TOKEN
-
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"`text` must be a non-empty string; got {text!r}.")
     return f"{tokenizer.bos_token or ''}{text}{EMB_TOKEN}"
@@ -54,15 +53,11 @@ def text_prompt(text: str, tokenizer: Any) -> str:
 
 def image_prompt() -> str:
     """The prompt of an image embedding request (pass the image as `multi_modal_data={"image": image}`)."""
-    from modeling_mmgem.processing_mmgem import IMAGE_TOKEN
-
     return IMAGE_TOKEN
 
 
 def caption_prompt() -> str:
     """The prompt of a caption request (with the image); the same text the folder's chat template renders."""
-    from modeling_mmgem.processing_mmgem import CAP_TOKEN, IMAGE_TOKEN
-
     return IMAGE_TOKEN + CAP_TOKEN
 
 
