@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -49,9 +50,22 @@ def serve_test_folder(path: Path, vision: str = "clip", seed: int = 0) -> Path:
         num_attention_heads=HEADS, num_key_value_heads=1, max_position_embeddings=256,
     )  # fmt: skip
     model, processor = build_mmgem(vision_config, text_config, tokenizer, pool_grid_size=2, projection_dim=48)
+    make_a_control_token_likely(model, processor)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@torch.no_grad()
+def make_a_control_token_likely(model, processor) -> None:
+    """Give `[CAP]` twice the output row of the first caption token of a probe image: unsuppressed, greedy decoding
+    would then write `[CAP]` where the caption starts (`MMGEMModel.generate` suppresses MM-GEM's control tokens, so
+    the caption tests check that the vLLM model does too). Embeddings do not read the output rows."""
+    probe = Image.fromarray(np.random.default_rng(1).integers(0, 256, (36, 40, 3), dtype=np.uint8))
+    inputs = processor(images=[probe])
+    first = model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=1, do_sample=False, suppress_tokens=[])
+    weight = model.get_output_embeddings().weight
+    weight[model.config.cap_token_id] = 2 * weight[int(first[0, -1])]
 
 
 class Server:
