@@ -42,7 +42,8 @@ from mmgem.conversion.publish import export_files
 from mmgem.data.records import load_jsonl_records
 from mmgem.integrations.sentence_transformers import load_sentence_transformer
 from mmgem.loading import load_model
-from mmgem.training.train import last_complete_checkpoint, make_arguments
+from mmgem.training.arguments import make_arguments
+from mmgem.training.checkpoints import last_complete_checkpoint
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor
 

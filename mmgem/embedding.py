@@ -35,12 +35,13 @@ from tqdm.auto import tqdm
 Boxes = Sequence[Sequence[float]]  # one image's pixel boxes, xyxy in the original image
 
 
-def load_image(value: Any) -> Image.Image:
-    """An RGB image from a path, URL, encoded bytes, an array or a PIL image (the project's one image loader)."""
+def load_image(value: Any, index: int = 0) -> Image.Image:
+    """An RGB image from a path, URL, encoded bytes, an array or a PIL image (the project's one image loader);
+    `index` is its position in the caller's list, for error messages (`images[index]`)."""
     # Imported here: the processor module pulls transformers' model machinery, which `--help` paths never need.
     from modeling_mmgem.processing_mmgem import load_rgb_image
 
-    return load_rgb_image(value)
+    return load_rgb_image(value, index)
 
 
 def pad_to_square(image: Image.Image, boxes: Boxes = ()) -> tuple[Image.Image, list[list[float]]]:
@@ -54,13 +55,13 @@ def pad_to_square(image: Image.Image, boxes: Boxes = ()) -> tuple[Image.Image, l
     return canvas, [[b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy] for b in boxes]
 
 
-def batches(items: Sequence[Any], size: int, description: str, progress: bool) -> Iterator[Sequence[Any]]:
-    """`items` in consecutive slices of `size`, with a tqdm bar when `progress`."""
+def batches(items: Sequence[Any], size: int, description: str, progress: bool) -> Iterator[tuple[int, Sequence[Any]]]:
+    """`(start, items[start : start + size])` for consecutive slices of `items`, with a tqdm bar when `progress`."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"`batch_size` must be a positive integer; got {size!r}.")
     starts = range(0, len(items), size)
     for start in tqdm(starts, desc=description, disable=not progress, leave=False):
-        yield items[start : start + size]
+        yield start, items[start : start + size]
 
 
 def _finish(vectors: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -73,10 +74,11 @@ def _concat(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _image_inputs(
-    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Boxes] | None, pad_square: bool
+    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Boxes] | None, pad_square: bool, start: int
 ) -> dict[str, Any]:
-    """`pixel_values` (and `boxes`, normalised to the processed frame) of a batch, on the model's device."""
-    loaded = [load_image(image) for image in images]
+    """`pixel_values` (and `boxes`, normalised to the processed frame) of a batch, on the model's device; `start`:
+    the position of the batch's first image in the caller's list (for error messages)."""
+    loaded = [load_image(image, start + i) for i, image in enumerate(images)]
     if pad_square:
         padded = [pad_to_square(image, b if boxes is not None else ()) for image, b in zip(loaded, boxes or loaded)]
         loaded = [p[0] for p in padded]
@@ -103,7 +105,7 @@ def encode_texts(
     if isinstance(texts, str):
         raise TypeError("`texts` must be a list of strings; got one string (wrap it in a list).")
     rows = []
-    for chunk in batches(list(texts), batch_size, "Embedding texts", progress):
+    for _, chunk in batches(list(texts), batch_size, "Embedding texts", progress):
         inputs = processor(text=list(chunk), truncation=True).to(model.device)
         rows.append(_finish(model.get_text_features(**inputs).pooler_output, normalize))
     return _concat(rows)
@@ -121,8 +123,8 @@ def encode_images(
 ) -> torch.Tensor:
     """Image embeddings `[N, D]` (float32, CPU): h1 of the pooled feature map."""
     rows = []
-    for chunk in batches(list(images), batch_size, "Embedding images", progress):
-        inputs = _image_inputs(model, processor, chunk, None, pad_square=False)
+    for start, chunk in batches(list(images), batch_size, "Embedding images", progress):
+        inputs = _image_inputs(model, processor, chunk, None, False, start)
         rows.append(_finish(model.get_image_features(**inputs).pooler_output, normalize))
     return _concat(rows)
 
@@ -149,8 +151,8 @@ def encode_regions(
         raise ValueError(f"`boxes` needs one list of boxes per image: {len(images)} images, {len(boxes)} box lists.")
     pairs = [(image, b) for image, b in zip(images, boxes) if len(b)]
     rows = []
-    for chunk in batches(pairs, batch_size, "Embedding regions", progress):
-        inputs = _image_inputs(model, processor, [p[0] for p in chunk], [p[1] for p in chunk], pad_square)
+    for start, chunk in batches(pairs, batch_size, "Embedding regions", progress):
+        inputs = _image_inputs(model, processor, [p[0] for p in chunk], [p[1] for p in chunk], pad_square, start)
         rows.append(_finish(model.get_image_features(**inputs).pooler_output, normalize))
     return _concat(rows)
 
@@ -179,8 +181,8 @@ def caption(
     generate_kwargs.setdefault("do_sample", False)
     captions: list[str] = []
     description = "Captioning regions" if boxes is not None else "Captioning images"
-    for chunk in batches(pairs, batch_size, description, progress):
+    for start, chunk in batches(pairs, batch_size, description, progress):
         chunk_boxes = [p[1] for p in chunk] if boxes is not None else None
-        inputs = _image_inputs(model, processor, [p[0] for p in chunk], chunk_boxes, pad_square)
+        inputs = _image_inputs(model, processor, [p[0] for p in chunk], chunk_boxes, pad_square, start)
         captions += processor.decode_captions(model.generate(**inputs, **generate_kwargs))
     return captions

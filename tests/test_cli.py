@@ -138,3 +138,19 @@ def test_convert_entry_points(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         as_script = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=300)
         assert as_script.returncode == 0 and as_script.stdout.startswith("usage: mmgem-convert")
+
+
+@pytest.mark.fast
+def test_train_options_files_missing_and_every_mmgem_option_in_a_help_group(tmp_path):
+    from dataclasses import fields
+
+    from mmgem.training.arguments import GROUP_OF, TRAINER_OPTIONS, MMGEMTrainingArguments, parse_arguments
+
+    with pytest.raises(ValueError, match="`--args_file` .*missing.args does not exist"):
+        parse_arguments(["--args_file", str(tmp_path / "missing.args")])
+    options = tmp_path / "lr.args"
+    options.write_text("--learning_rate 0.25 --max_steps 3\n")
+    args = parse_arguments(["--args_file", str(options), "--max_steps", "7", "--output-dir", str(tmp_path / "o")])
+    assert (args.learning_rate, args.max_steps) == (0.25, 7)  # flags after the file win
+    own = {f.name for f in fields(MMGEMTrainingArguments) if f.init} - TRAINER_OPTIONS
+    assert own <= set(GROUP_OF), f"MM-GEM options missing from `mmgem train --help`: {sorted(own - set(GROUP_OF))}"

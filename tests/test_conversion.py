@@ -1,5 +1,6 @@
-"""mmgem.conversion (`mmgem convert` / `mmgem-convert`): compose, export, reload and push MM-GEMs built from tiny components saved in the real
-formats (CLIP, SigLIP full and vision-only, Llama, Qwen2), through a real HTTP fake Hub on 127.0.0.1."""
+"""mmgem.conversion (`mmgem convert` / `mmgem-convert`): compose, export, reload and push MM-GEMs built from tiny
+components saved in the real formats (CLIP, SigLIP full and vision-only, Llama, Qwen2),
+through a real HTTP fake Hub on 127.0.0.1."""
 
 from __future__ import annotations
 

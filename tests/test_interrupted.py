@@ -17,7 +17,8 @@ import torch
 
 from mmgem.build import tiny_mmgem
 from mmgem.conversion import publish
-from mmgem.training.train import last_complete_checkpoint, resolve_checkpoint, train
+from mmgem.training.checkpoints import last_complete_checkpoint, resolve_checkpoint
+from mmgem.training.train import train
 
 pytestmark = pytest.mark.fast
 
@@ -52,7 +53,7 @@ def test_latest_skips_checkpoints_killed_while_written(tmp_path):
 
 
 def test_explicit_incomplete_checkpoint_is_refused(tmp_path):
-    from mmgem.training.train import make_arguments
+    from mmgem.training.arguments import make_arguments
 
     checkpoint = fake_checkpoint(tmp_path, 3, complete=False)
     args = make_arguments(

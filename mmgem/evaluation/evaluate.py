@@ -38,10 +38,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mmgem.cli import command_parser
-from mmgem.embedding import caption, encode_images, encode_regions, encode_texts
 from mmgem.errors import checking_user_input
 from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments, run_benchmark_command
-from mmgem.evaluation.metrics import caption_metrics, class_scores, recall_at_k, same_text_relevance
+from mmgem.evaluation.metrics import caption_metrics, same_text_relevance
+from mmgem.evaluation.tasks import CaptioningTask, EmbeddingCache, RegionTask, RetrievalTask, ZeroShotTask, run_tasks
 from mmgem.files import write_json_atomic
 from mmgem.synthetic import class_name
 
@@ -104,43 +104,6 @@ def templates_for(
     return chosen, reduction
 
 
-# ---------------------------------------------------------------------------------------------------------- tasks
-def _retrieval(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
-    similarity = image_embeds @ text_embeds.t()  # [N images, N captions]
-    relevant = same_text_relevance(captions, captions)  # image i and caption j match when caption i == caption j
-    metrics = {}
-    for name, sim in (("image_to_text", similarity), ("text_to_image", similarity.t())):
-        for k, value in recall_at_k(sim, relevant, RECALL_KS).items():
-            metrics[f"{name}/R@{k}"] = value
-    return metrics
-
-
-def _zero_shot(
-    model: Any, processor: Any, images: Sequence[Any], labels: Sequence[str], classes: Sequence[str],
-    templates: Sequence[str], reduction: str, batch_size: int, progress: bool,
-) -> tuple[dict[str, float], list[tuple[str, str]]]:  # fmt: skip
-    unknown = sorted(set(labels) - set(classes))
-    if unknown:
-        raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
-    prompts = [template.format(c) for c in classes for template in templates]
-    batching = {"batch_size": batch_size, "progress": progress}
-    prompt_embeds = encode_texts(model, processor, prompts, **batching).view(len(classes), len(templates), -1)
-    scores = class_scores(encode_images(model, processor, images, **batching), prompt_embeds, reduction)  # [N, C]
-    predicted = scores.argmax(dim=-1).tolist()
-    pairs = [(label, classes[p]) for label, p in zip(labels, predicted)]
-    accuracy = sum(a == b for a, b in pairs) / len(pairs)
-    return {"zero_shot/accuracy": accuracy, "zero_shot/num_examples": len(pairs)}, pairs
-
-
-def _region_retrieval(region_embeds: torch.Tensor, text_embeds: torch.Tensor, region_texts: Sequence[str],
-                      distinct: Sequence[str]) -> dict[str, float]:  # fmt: skip
-    similarity = region_embeds @ text_embeds.t()  # [R, distinct captions]
-    relevant = same_text_relevance(region_texts, distinct)
-    metrics = {"region_retrieval/R@1": recall_at_k(similarity, relevant, (1,))[1]}
-    metrics["region_retrieval/text_to_region_R@1"] = recall_at_k(similarity.t(), relevant.t(), (1,))[1]
-    return metrics
-
-
 def evaluate_model(
     model: Any,
     processor: Any,
@@ -182,46 +145,86 @@ def evaluate_model(
     model.eval()
     images = [r.load_image() for r in tqdm(records, desc="Loading images", disable=not progress, leave=False)]
     captions = [r.caption for r in records]
-    boxes = [[region.box for region in r.regions] for r in records]
     region_texts = [region.caption for r in records for region in r.regions]
     result = EvaluationResult(metrics={"num_images": len(records), "num_regions": len(region_texts)})
-    metrics = result.metrics
-    batching = {"batch_size": batch_size, "progress": progress}
-    decoding = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
-    if "retrieval" in tasks:
-        image_embeds = encode_images(model, processor, images, **batching)
-        text_embeds = encode_texts(model, processor, captions, **batching)
-        metrics.update(_retrieval(image_embeds, text_embeds, captions))
-        result.similarity = image_embeds @ text_embeds.t()
-    if "zero_shot" in tasks:
-        labelled = [(image, label_fn(r)) for image, r in zip(images, records)]
-        labelled = [(image, label) for image, label in labelled if label is not None]
-        if labelled:
-            class_list = list(classes) if classes else sorted({label for _, label in labelled})
-            zs_metrics, result.zero_shot = _zero_shot(
-                model, processor, [p[0] for p in labelled], [p[1] for p in labelled], class_list, templates,
-                template_reduction, batch_size, progress,
-            )  # fmt: skip
-            metrics.update(zs_metrics)
+    # Regions are embedded in the processor's frame as training sees them (no padding to a square).
+    cache = EmbeddingCache(model, processor, None, batch_size, progress, max_new_tokens, num_beams, pad_regions=False)
     limit = len(records) if max_caption_images is None else min(max_caption_images, len(records))
-    if "captioning" in tasks:
-        generated = caption(model, processor, images[:limit], **batching, **decoding)
-        result.captions = list(zip(captions[:limit], generated))
-        metrics.update({f"caption/{k}": v for k, v in caption_metrics(generated, captions[:limit]).items()})
-        metrics["num_caption_images"] = limit
-    has_regions = bool(region_texts)
-    if "region_captioning" in tasks and any(boxes[:limit]):
-        references = [region.caption for r in records[:limit] for region in r.regions]
-        generated = caption(model, processor, images[:limit], boxes=boxes[:limit], **batching, **decoding)
-        result.region_captions = list(zip(references, generated))
-        metrics.update({f"region_caption/{k}": v for k, v in caption_metrics(generated, references).items()})
-        metrics["num_caption_regions"] = len(references)
-    if "region_retrieval" in tasks and has_regions:
-        region_embeds = encode_regions(model, processor, images, boxes, **batching)
-        distinct = sorted(set(region_texts))
-        text_embeds = encode_texts(model, processor, distinct, **batching)
-        metrics.update(_region_retrieval(region_embeds, text_embeds, region_texts, distinct))
+    planned = _plan_tasks(records, images, tasks, classes, templates, template_reduction, label_fn, limit)
+    metrics = run_tasks(list(planned.values()), cache)
+    result.metrics.update(_documented_metrics(metrics))
+    if "retrieval" in planned:
+        result.similarity = cache.images(images) @ cache.texts(captions).t()  # [N images, N captions], cached
+    if "zero_shot" in planned:
+        task = planned["zero_shot"]
+        result.zero_shot = [(task.classes[label], task.classes[p]) for label, p in zip(task.labels, task.predictions)]
+    if "caption" in planned:
+        task = planned["caption"]
+        result.captions = [(refs[0], text) for refs, text in zip(task.references, task.generated)]
+    if "region_caption" in planned:
+        task = planned["region_caption"]
+        result.region_captions = [(refs[0], text) for refs, text in zip(task.references, task.generated)]
     return result
+
+
+def _plan_tasks(
+    records: Sequence[Any], images: list[Any], tasks: Sequence[str], classes: Sequence[str] | None,
+    templates: Sequence[str], template_reduction: str, label_fn: Callable[[Any], str | None], limit: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The engine's tasks for `tasks` on a split, by metric prefix (tasks with nothing to measure are left out)."""
+    captions = [r.caption for r in records]
+    boxes = [[region.box for region in r.regions] for r in records]
+    planned: dict[str, Any] = {}
+    if "retrieval" in tasks:
+        relevant = same_text_relevance(captions, captions)  # image i and caption j match when caption i == caption j
+        planned["retrieval"] = RetrievalTask("retrieval", images, captions, ks=RECALL_KS, relevant=relevant)
+    labelled = [(image, label_fn(r)) for image, r in zip(images, records)] if "zero_shot" in tasks else []
+    labelled = [(image, label) for image, label in labelled if label is not None]
+    if labelled:
+        class_list = list(classes) if classes else sorted({label for _, label in labelled})
+        unknown = sorted({label for _, label in labelled} - set(class_list))
+        if unknown:
+            raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
+        planned["zero_shot"] = ZeroShotTask(
+            "zero_shot", [p[0] for p in labelled], [class_list.index(p[1]) for p in labelled], class_list,
+            list(templates), template_reduction,
+        )  # fmt: skip
+    if "captioning" in tasks:
+        planned["caption"] = CaptioningTask("caption", images[:limit], [[c] for c in captions[:limit]],
+                                            scorer=caption_metrics)  # fmt: skip
+    if "region_captioning" in tasks and any(boxes[:limit]):
+        references = [[region.caption] for r in records[:limit] for region in r.regions]
+        planned["region_caption"] = CaptioningTask("region_caption", images[:limit], references, boxes[:limit],
+                                                   scorer=caption_metrics)  # fmt: skip
+    if "region_retrieval" in tasks and any(boxes):
+        sentences = [[region.caption] for r in records for region in r.regions]
+        planned["region_retrieval"] = RegionTask("region_retrieval", images, boxes, sentences, distinct_texts=True,
+                                                 caption=False)  # fmt: skip
+    return planned
+
+
+# The engine's keys -> the keys this module documents (`mmgem evaluate --data`, the demo's metrics.json).
+RENAMED_METRICS = {
+    "zero_shot/top1": "zero_shot/accuracy",
+    "zero_shot/num_images": "zero_shot/num_examples",
+    "caption/num_images": "num_caption_images",
+    "region_caption/num_regions": "num_caption_regions",
+    "region_retrieval/region_to_text/R@1": "region_retrieval/R@1",
+    "region_retrieval/text_to_region/R@1": "region_retrieval/text_to_region_R@1",
+}
+DROPPED_METRICS = ("retrieval/num_images", "retrieval/num_texts", "zero_shot/top5", "zero_shot/num_classes",
+                   "region_caption/num_images", "region_retrieval/num_regions")  # fmt: skip
+
+
+def _documented_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The engine's metrics under the keys of the module docstring (`retrieval/` dropped from retrieval keys)."""
+    renamed = {}
+    for key, value in metrics.items():
+        if key in DROPPED_METRICS:
+            continue
+        key = RENAMED_METRICS.get(key, key.removeprefix("retrieval/"))
+        renamed[key] = value
+    return renamed
 
 
 # ---------------------------------------------------------------------------------------------------------- output
