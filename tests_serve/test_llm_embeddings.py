@@ -92,3 +92,16 @@ def test_region_embeddings_through_mm_processor_kwargs(llm, reference, images):
 def test_image_request_with_text_is_refused(llm, images):
     with pytest.raises(ValueError, match="either a text or an image"):
         llm.embed([{"prompt": image_prompt() + "a red circle", "multi_modal_data": {"image": images[0]}}])
+
+
+@pytest.mark.parametrize("box", [[30, 30, 10, 10], [0, 0, 500, 20]])
+def test_bad_box_is_refused(llm, images, box):
+    """A box that is empty or leaves the image fails the request with MMGEMProcessor's message, before any work."""
+    with pytest.raises(ValueError, match="boxes"):
+        llm.embed([image_request(images[0], box)])
+
+
+def test_engine_still_serves_after_refused_requests(llm, reference):
+    model, processor = reference
+    got = vectors(llm.embed([text_prompt(TEXTS[1], llm.get_tokenizer())]))
+    torch.testing.assert_close(got, encode_texts(model, processor, TEXTS[1:2]), atol=ATOL, rtol=0)
