@@ -36,16 +36,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_mmgem import MMGEMConfig
+from .image_loading_mmgem import box_problem, too_many_boxes
 from .loss_mmgem import NO_KEY, caption_loss, contrastive_loss, pixel_row_keys, token_row_keys
-from .pipeline_mmgem import custom_pipelines_config
-from .utils_mmgem import (
-    CACHE_NAME,
-    DEFAULT_MAX_CAPTION_TOKENS,
-    box_problem,
-    cache_argument,
-    register_checkpoint_upgrades,
-    too_many_boxes,
-)
+from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, cache_argument, register_checkpoint_upgrades
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
 
@@ -384,13 +377,18 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             | set(getattr(self.language_model, "_no_split_modules", None) or [])
         )
         self._lm_cache_argument = cache_argument(self.language_model.forward)
-        # `register_for_auto_class` records one auto class; the model also serves AutoModelForImageTextToText.
-        auto_map = dict(getattr(config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModelForImageTextToText", f"modeling_mmgem.{type(self).__name__}")
-        config.auto_map = auto_map
-        # transformers' pipelines for the four tasks the model serves (pipeline_mmgem.py travels with this file).
-        config.custom_pipelines = {**custom_pipelines_config(), **(getattr(config, "custom_pipelines", None) or {})}
         self.post_init()
+
+    @staticmethod
+    def pipeline_classes() -> dict[str, type]:
+        """transformers' pipeline class of each task the model serves (`config.custom_pipelines`).
+
+        Imported here, not with the model: transformers' pipeline machinery is a tenth of a second that loading a
+        model never needs. (`save_pretrained` copies pipeline_mmgem.py next to this file through this import.)
+        """
+        from .pipeline_mmgem import pipeline_classes
+
+        return pipeline_classes()
 
     # ------------------------------------------------------------------ embeddings plumbing (resize, tying, PEFT)
     def get_input_embeddings(self) -> nn.Module:
