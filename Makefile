@@ -16,7 +16,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench]"
+	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -46,7 +46,7 @@ $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
+	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
 test-min: $(MIN_VENV)/.installed
