@@ -53,7 +53,7 @@ def composed(real_sources, tmp_path_factory) -> dict[str, Path]:
         args = ["--vision-model", str(real_sources["vision"]), "--language-model", str(real_sources[layout])]
         args += ["--output-dir", str(folders[layout]), "--pool-grid-size", "2", "--projection-dim", "64"]
         result = subprocess.run(
-            [sys.executable, "-m", "conversion.convert_mmgem", *args], cwd=root, env=env, capture_output=True,
+            [sys.executable, "-m", "mmgem.conversion.convert_mmgem", *args], cwd=root, env=env, capture_output=True,
             text=True, timeout=600,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-4000:]
@@ -131,7 +131,7 @@ print("OK")
 """
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)  # includes the session fixtures: two conversions (~1 min CPU each)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fresh_conversion_of_a_real_llm(composed, real_sources, layout, tmp_path):
     script = USER_CHECKS.format(
@@ -174,7 +174,7 @@ def shapes(tmp_path_factory) -> Path:
     return generate_dataset(folder, 8, 2, 2, image_size=32, seed=0, progress=False)["train"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)  # includes the session fixtures: two conversions (~1 min CPU each)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_lora_training_round_trip_on_a_real_llm(composed, shapes, layout, tmp_path):
     """`mmgem train --lora` on the composed model for a few steps (relative --model path, as typed in a shell); the
