@@ -137,7 +137,7 @@ def test_fresh_conversion_of_a_real_llm(composed, real_sources, layout, tmp_path
     script = USER_CHECKS.format(
         folder=str(composed[layout]), source=str(real_sources[layout]), prompts=PROMPTS, tied=layout == "tied"
     )
-    run_outside(script, tmp_path, timeout=600)
+    run_outside(script, tmp_path, timeout=1200)
 
 
 LORA_CHECKS = """
@@ -191,4 +191,4 @@ def test_lora_training_round_trip_on_a_real_llm(composed, shapes, layout, tmp_pa
     losses = [row["loss"] for row in log if "loss" in row]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     script = LORA_CHECKS.format(base=str(composed[layout]), merged=str(output), adapter=str(output / "lora_adapter"))
-    run_outside(script, tmp_path, timeout=600)
+    run_outside(script, tmp_path, timeout=1200)
