@@ -17,8 +17,9 @@ its siblings through single-dot relative imports.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,15 @@ from .utils_mmgem import (
 )
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
+
+
+class FlatBoxes(NamedTuple):
+    """The region boxes of a batch, flattened: `boxes` [R, 4] (normalised xyxy) and `image_index` [R]."""
+
+    boxes: torch.Tensor
+    image_index: torch.Tensor
+
+
 # What the caption rows of `forward` (`input_ids`) are: one per image, one per region, or one per image then one
 # per region (the layout MMGEMProcessor gives for a training batch with regions).
 CaptionRows = Literal["images", "regions", "images_and_regions"]
@@ -103,6 +113,9 @@ class MMGEMOutput(ModelOutput):
             Language-model hidden states of the caption sequence, when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Language-model attention weights, when `output_attentions=True` (eager attention).
+        image_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The vision tower's own output when it ran (its `hidden_states` / `attentions` with
+            `output_hidden_states` / `output_attentions`), as transformers' vision-language models return it.
     """
 
     loss: torch.FloatTensor | None = None
@@ -126,6 +139,12 @@ class MMGEMOutput(ModelOutput):
 
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        """The fields present, in order; the vision tower's output as a tuple too (as transformers' multimodal
+        outputs do), so that a tuple output holds only tensors and tuples."""
+        return tuple(self[k].to_tuple() if k == "image_outputs" else self[k] for k in self.keys())
 
 
 # ---------------------------------------------------------------------------------------------------------- modules
@@ -222,8 +241,13 @@ class MMGEMPoolAggregator(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate `boxes` (one [R_i, 4] tensor per image, or a [B, R, 4] tensor) and flatten them.
+def _flatten_boxes(
+    boxes: BoxesInput, batch_size: int, device: torch.device | str, check_values: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate `boxes` (one [R_i, 4] tensor per image, or a [B, R, 4] tensor) and flatten them on `device`.
+
+    Structure (types, shapes, counts) is always checked; the coordinates only with `check_values` (it reads them on
+    the host: the training step, whose boxes the processor already checked, skips it).
 
     Returns:
         boxes [R_total, 4] (float32, normalised xyxy) and image_index [R_total].
@@ -242,19 +266,19 @@ def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> 
         raise ValueError(f"{expected}; got {len(boxes)} box sets for {batch_size} images.")
     flat, index = [], []
     for i, image_boxes in enumerate(boxes):
-        image_boxes = torch.as_tensor(image_boxes, dtype=torch.float32)
+        image_boxes = torch.as_tensor(image_boxes, dtype=torch.float32, device=device)
         if image_boxes.ndim != 2 or image_boxes.shape[-1] != 4:
             raise ValueError(f"{expected}; boxes[{i}] has shape {tuple(image_boxes.shape)}.")
-        # Tolerate rounding of boxes that touch the border.
-        problem = box_problem(image_boxes, 1.0, 1.0, "image (normalised frame)", tolerance=1e-4)
-        problem = problem or too_many_boxes(image_boxes.shape[0])
+        problem = too_many_boxes(image_boxes.shape[0])
+        if check_values and not problem:  # tolerate rounding of boxes that touch the border
+            problem = box_problem(image_boxes, 1.0, 1.0, "image (normalised frame)", tolerance=1e-4)
         if problem:
             raise ValueError(f"{expected}; boxes[{i}] {problem}: {image_boxes.tolist()}.")
         flat.append(image_boxes.clamp(0, 1))
-        index.append(torch.full((image_boxes.shape[0],), i, dtype=torch.long))
+        index.append(torch.full((image_boxes.shape[0],), i, dtype=torch.long, device=device))
     if not flat or sum(b.shape[0] for b in flat) == 0:
         raise ValueError(f"{expected}; got no box at all.")
-    return torch.cat(flat).to(device), torch.cat(index).to(device)
+    return torch.cat(flat), torch.cat(index)
 
 
 def _skip_value_checks() -> bool:
@@ -301,6 +325,24 @@ class MMGEMPreTrainedModel(PreTrainedModel):
     # A dict (empty: tying lives in the language model, collected by `post_init`) so that PEFT also finds the
     # language model's tied embeddings, e.g. to keep the `[EMB]`/`[CAP]` rows of a tied `lm_head` trainable.
     _tied_weights_keys: dict[str, str] = {}
+    # Static-cache generation compiles the forward with fullgraph=True: the value checks are skipped while compiling.
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise the weights that were not loaded: each sub-model (vision tower, language model) with its own
+        scheme, then MM-GEM's own modules.
+
+        transformers' composite dispatch hands a sub-model the outer model's "custom code" flag, under which a module
+        without parameters of its own (e.g. CLIP's attention block, which initialises its q/k/v projections) counts
+        as done and is skipped: a tower missing from a folder would start at N(0, 0.02) instead of its own scheme.
+        Each sub-model is therefore initialised through its own `initialize_weights` first. Loaded weights are never
+        touched (transformers' init functions skip them).
+        """
+        for child in self.children():
+            if isinstance(child, PreTrainedModel):
+                child.initialize_weights()
+        super().initialize_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only MM-GEM's own modules: the vision tower and the LM are initialised by their own classes.
@@ -370,7 +412,17 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return self.language_model.base_model
 
     # ------------------------------------------------------------------ vision
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _checks_values(self) -> bool:
+        """Whether `forward` checks the values of its inputs (token ids in the vocabulary, finite pixels, boxes in
+        the image, placeholders matching the visual tokens), which reads them on the host.
+
+        Not in training mode: the training step takes what MMGEMProcessor / MMGEMCollator made and checked, and a
+        step that waits for the device is a slow step. Nor under torch.compile or tracing. The eager entry points
+        (`get_image_features`, `get_text_features`, `get_visual_tokens`, `generate`) always check.
+        """
+        return not self.training and not _skip_value_checks()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor, check_values: bool = True) -> None:
         vision = self.config.vision_config
         channels = getattr(vision, "num_channels", 3)
         size = vision.image_size
@@ -389,19 +441,46 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             raise TypeError(f"`pixel_values` must be a float tensor (use MMGEMProcessor); got {pixel_values.dtype}.")
         if pixel_values.shape[0] == 0:
             raise ValueError("`pixel_values` has no images (batch size 0); give at least one image.")
-        if not _skip_value_checks() and not torch.isfinite(pixel_values).all():
+        if check_values and not _skip_value_checks() and not torch.isfinite(pixel_values).all():
             raise ValueError("`pixel_values` contains NaN or inf (use MMGEMProcessor to prepare images).")
 
     def _vision_feature_map(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the vision tower once: patch tokens [B, g*g, C] and the feature map [B, C, g, g]."""
+        """Run the vision tower once on checked `pixel_values`: patch tokens [B, g*g, C], feature map [B, C, g, g]."""
         self._check_pixel_values(pixel_values)
+        patch_tokens, feature_map, _ = self._run_vision_tower(pixel_values)
+        return patch_tokens, feature_map
+
+    def _run_vision_tower(
+        self, pixel_values: torch.Tensor, output_hidden_states: Any = False, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Patch tokens [B, g*g, C], the feature map [B, C, g, g] and the tower's own output (`pixel_values`
+        checked by the caller)."""
         dtype = next(self.vision_model.parameters()).dtype
-        hidden = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # [B, P + g*g, C]
+        flags = self._output_kwargs(output_hidden_states, output_attentions)
+        tower_output = self.vision_model(pixel_values=pixel_values.to(dtype), return_dict=True, **flags)
+        hidden = tower_output.last_hidden_state  # [B, P + g*g, C]
         num_patches = self.config.patch_grid_size**2
         patch_tokens = hidden[:, -num_patches:]  # drop CLS / register tokens, which come first
         if self.config.vision_output_needs_norm:
             patch_tokens = self._vision_post_layernorm()(patch_tokens)
-        return patch_tokens, self.pool_aggregator.to_feature_map(patch_tokens)
+        return patch_tokens, self.pool_aggregator.to_feature_map(patch_tokens), tower_output
+
+    def _output_flag(self, name: str, value: Any) -> Any:
+        """An `output_hidden_states` / `output_attentions` / `return_dict` argument, else the config's value.
+        (`output_hidden_states` may also be a list of layer indices, which the sub-models take as it is.)"""
+        if value is not None:
+            return value
+        return bool(getattr(self.config, name, name == "return_dict"))
+
+    @staticmethod
+    def _output_kwargs(output_hidden_states: Any, output_attentions: Any) -> dict[str, Any]:
+        """The output switches to pass to a sub-model: only those that are on (a sub-model then uses its defaults)."""
+        flags = {}
+        if output_hidden_states is not None and output_hidden_states is not False:
+            flags["output_hidden_states"] = output_hidden_states
+        if output_attentions:
+            flags["output_attentions"] = True
+        return flags
 
     def _vision_post_layernorm(self) -> nn.Module:
         tower = self.vision_model
@@ -409,56 +488,82 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return norm
 
     def _visual_embeddings(
-        self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool
+        self, feature_map: torch.Tensor, regions: FlatBoxes | None, include_images: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h1 embeddings [B (+R), D] of the images (if `include_images`) then of the regions."""
+        """h1 embeddings [B (+R), D] of the images (if `include_images`) then of the regions (`_flatten_boxes`)."""
         vectors = [self.pool_aggregator.pool_global(feature_map)] if include_images else []
         region_index = None
-        if boxes is not None:
-            flat_boxes, region_index = _flatten_boxes(boxes, feature_map.shape[0], feature_map.device)
+        if regions is not None:
+            flat_boxes, region_index = regions
             vectors.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[1])
         return self.image_projection(torch.cat(vectors)), region_index
 
     def _visual_tokens(
-        self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool, include_regions: bool = True
+        self, feature_map: torch.Tensor, regions: FlatBoxes | None, include_images: bool, include_regions: bool = True
     ) -> torch.Tensor:
-        """h2 visual tokens [B (+R), K, H_lm] of the images (if `include_images`) then of the regions (if `boxes`
-        and `include_regions`)."""
+        """h2 visual tokens [B (+R), K, H_lm] of the images (if `include_images`) then of the regions (if `regions`,
+        from `_flatten_boxes`, and `include_regions`)."""
         tokens = [self.pool_aggregator.pool_grid(feature_map)] if include_images else []
-        if boxes is not None and include_regions:
-            flat_boxes, region_index = _flatten_boxes(boxes, feature_map.shape[0], feature_map.device)
+        if regions is not None and include_regions:
+            flat_boxes, region_index = regions
             tokens.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[0])
         return self.visual_token_projection(torch.cat(tokens))
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, boxes: BoxesInput = None, **kwargs: Any
-    ) -> MMGEMFeaturesOutput:
+        self,
+        pixel_values: torch.Tensor,
+        boxes: BoxesInput = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMGEMFeaturesOutput | tuple:
         """Image embeddings, or region embeddings when `boxes` are given.
 
         Args:
             pixel_values: `[B, 3, H, W]` from [`MMGEMProcessor`].
             boxes: one `[R_i, 4]` tensor per image, normalised xyxy in the frame of `pixel_values` (the processor
                 converts boxes in original image pixels). Region rows are returned instead of image rows.
+            output_hidden_states, output_attentions: return the vision tower's hidden states / attention weights
+                (default: the config's values).
+            return_dict: `False` returns a tuple (default: `config.return_dict`).
 
         Returns:
             [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` (or `[sum R_i, D]`) in `pooler_output`, not
             normalised, as transformers' `CLIPModel.get_image_features`.
         """
-        if boxes is not None:  # validate before running the tower
-            _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
-        patch_tokens, feature_map = self._vision_feature_map(pixel_values)
-        embeds, region_index = self._visual_embeddings(feature_map, boxes, include_images=boxes is None)
-        return MMGEMFeaturesOutput(
-            last_hidden_state=patch_tokens, pooler_output=embeds, region_image_index=region_index
+        regions = self._regions(pixel_values, boxes)  # validated before the tower runs
+        self._check_pixel_values(pixel_values)
+        patch_tokens, feature_map, tower_output = self._run_vision_tower(
+            pixel_values,
+            self._output_flag("output_hidden_states", output_hidden_states),
+            self._output_flag("output_attentions", output_attentions),
         )
+        embeds, region_index = self._visual_embeddings(feature_map, regions, include_images=boxes is None)
+        output = MMGEMFeaturesOutput(
+            last_hidden_state=patch_tokens,
+            pooler_output=embeds,
+            hidden_states=tower_output.get("hidden_states"),
+            attentions=tower_output.get("attentions"),
+            region_image_index=region_index,
+        )
+        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
 
     def get_visual_tokens(self, pixel_values: torch.Tensor, boxes: BoxesInput = None) -> torch.Tensor:
         """The h2 visual tokens that replace the `<image>` placeholders: `[B, K, H_lm]`, or `[sum R_i, K, H_lm]`
         for the regions when `boxes` are given."""
-        if boxes is not None:
-            _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
+        regions = self._regions(pixel_values, boxes)
         _, feature_map = self._vision_feature_map(pixel_values)
-        return self._visual_tokens(feature_map, boxes, include_images=boxes is None)
+        return self._visual_tokens(feature_map, regions, include_images=boxes is None)
+
+    def _regions(self, pixel_values: Any, boxes: BoxesInput, check_values: bool = True) -> FlatBoxes | None:
+        """`boxes` flattened on the model's device (None without boxes), checked against the images."""
+        if boxes is None:
+            return None
+        if isinstance(boxes, torch.Tensor):
+            boxes = list(boxes.unbind(0))
+        batch_size = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1
+        return FlatBoxes(*_flatten_boxes(boxes, batch_size, self.device, check_values))
 
     # ------------------------------------------------------------------ text embedding
     def _require_token_id(self, name: str) -> int:
@@ -515,6 +620,17 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                     f"context of {context}; truncate the text (MMGEMProcessor(..., truncation=True) does it)."
                 )
 
+    @staticmethod
+    def _right_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] where each input position goes when the real tokens move to the front of their row, in order,
+        padding behind them: a permutation given by running counts (what a stable sort on "is padding" gives,
+        without the sort)."""
+        mask = attention_mask.bool()  # [B, L]
+        lengths = mask.sum(dim=1)  # [B]
+        real_rank = mask.long().cumsum(dim=1) - 1  # [B, L]
+        pad_rank = (~mask).long().cumsum(dim=1) - 1  # [B, L]
+        return torch.where(mask, real_rank, lengths[:, None] + pad_rank)  # [B, L]
+
     def _embedding_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, emb_id: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -529,13 +645,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.bool()  # [B, L]
-        lengths = mask.sum(dim=1)  # [B]
-        # Move real tokens to the front of each row, keeping their order, padding behind them: a permutation given
-        # by running counts (what a stable sort on "is padding" gives, without the sort).
-        real_rank = mask.long().cumsum(dim=1) - 1  # [B, L]
-        pad_rank = (~mask).long().cumsum(dim=1) - 1  # [B, L]
-        destination = torch.where(mask, real_rank, lengths[:, None] + pad_rank)  # [B, L]
+        lengths = attention_mask.bool().sum(dim=1)  # [B]
+        destination = self._right_padded_positions(attention_mask)  # [B, L]
         ids = torch.empty_like(input_ids).scatter(1, destination, input_ids)  # [B, L]
         last = ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # [B]
         needs_emb = last != emb_id  # [B]
@@ -551,8 +662,14 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return ids, new_mask.long(), lengths
 
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> MMGEMFeaturesOutput:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMGEMFeaturesOutput | tuple:
         """Text embeddings: h3 of the language model's last hidden state at `[EMB]`.
 
         Traceable: `torch.compile(model.get_text_features, fullgraph=True)` and ONNX export (`mmgem export-onnx`)
@@ -562,23 +679,55 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             input_ids: `[B, L]` token ids, left or right padded, with or without a final `[EMB]` (appended here
                 when missing).
             attention_mask: `[B, L]`, 1 for real tokens.
+            output_hidden_states, output_attentions: return the language model's hidden states / attention weights
+                (default: the config's values).
+            return_dict: `False` returns a tuple (default: `config.return_dict`).
 
         Returns:
             [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` in `pooler_output` (not normalised) and the LM's last
-            hidden states `[B, L + 1, H]` (right padded, `[EMB]` appended) in `last_hidden_state`.
+            hidden states `[B, L, H]` at the positions of `input_ids` in `last_hidden_state` (and in each of
+            `hidden_states`). `attentions` are those of the sequence the LM reads: `tokens [EMB] padding`, right
+            padded, `L + 1` wide.
         """
-        emb_id = self._require_token_id("emb_token_id")
         self._check_text_inputs(input_ids, attention_mask)
+        return self._text_features(input_ids, attention_mask, output_hidden_states, output_attentions, return_dict)
+
+    def _text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MMGEMFeaturesOutput | tuple:
+        """`get_text_features` on inputs already checked (by it, or by the processor for a training step)."""
+        emb_id = self._require_token_id("emb_token_id")
         ids, mask, lengths = self._embedding_inputs(input_ids, attention_mask, emb_id)
         position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)  # [B, L + 1]
         context = getattr(self.config.text_config, "max_position_embeddings", None)
         if context is not None:
             position_ids = position_ids.clamp(max=context - 1)  # only the padding column can pass the context
-        hidden = self.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # [B, L + 1, H]
+        flags = self._output_kwargs(
+            self._output_flag("output_hidden_states", output_hidden_states),
+            self._output_flag("output_attentions", output_attentions),
+        )
+        decoder_output = self.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, return_dict=True, **flags
+        )
+        hidden = decoder_output.last_hidden_state  # [B, L + 1, H]
         at_emb = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)  # [B, H]
-        return MMGEMFeaturesOutput(last_hidden_state=hidden, pooler_output=self.text_projection(at_emb))
+        # Back to the caller's token positions: [B, L, H] aligned with `input_ids`, whatever its padding side.
+        positions = self._right_padded_positions(
+            attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        )[..., None].expand(-1, -1, hidden.shape[-1])  # [B, L, H]
+        hidden_states = decoder_output.get("hidden_states")
+        output = MMGEMFeaturesOutput(
+            last_hidden_state=hidden.gather(1, positions),
+            pooler_output=self.text_projection(at_emb),
+            hidden_states=None if hidden_states is None else tuple(h.gather(1, positions) for h in hidden_states),
+            attentions=decoder_output.get("attentions"),
+        )
+        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
 
     # ------------------------------------------------------------------ captioning inputs
     def _merge_visual_tokens(
@@ -587,16 +736,31 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         """Token embeddings with the `<image>` placeholders replaced by `visual_tokens` [N_vis, K, H]."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [N, L, H]
-        if input_ids is None or self.config.image_token_id is None:
+        placeholders = self._placeholder_mask(input_ids, inputs_embeds)
+        if placeholders is None:
             return inputs_embeds
-        placeholders = input_ids == self.config.image_token_id  # [N, L]
-        if not _skip_value_checks() and input_ids.shape[1] > 1:
+        if self._checks_values() and placeholders.shape[1] > 1:
             # Checked on prompts only: a decoding step (one new token, no placeholder) must not wait for the device.
             self._check_placeholders(placeholders, visual_tokens)
         if visual_tokens is None:
             return inputs_embeds
         # No branch on the placeholder count: with none (decoding steps) masked_scatter changes nothing.
         return inputs_embeds.masked_scatter(placeholders[..., None], visual_tokens.to(inputs_embeds.dtype))
+
+    def _placeholder_mask(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """[N, L] True at the `<image>` placeholders: the `<image>` id in `input_ids`, or, when only `inputs_embeds`
+        are given, the rows equal to the `<image>` token's embedding (as transformers' LLaVA finds them)."""
+        image_id = self.config.image_token_id
+        if image_id is None:
+            return None
+        if input_ids is not None:
+            return input_ids == image_id
+        if inputs_embeds is None:
+            return None
+        image_embedding = self.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))  # [H]
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(dim=-1)
 
     def _check_placeholders(self, placeholders: torch.Tensor, visual_tokens: torch.Tensor | None) -> None:
         """The `<image>` placeholders [N, L] must match the visual tokens [N_vis, K, H] one to one."""
@@ -615,12 +779,12 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _check_caption_rows(
-        caption_rows: CaptionRows | None, num_rows: int, batch_size: int, boxes: BoxesInput
+        caption_rows: CaptionRows | None, num_rows: int, batch_size: int, num_regions: int | None
     ) -> CaptionRows:
-        """The layout of the caption rows (`caption_rows`, which is required with `boxes`), checked against the
-        number of caption sequences."""
+        """The layout of the caption rows (`caption_rows`, which is required with boxes; `num_regions` is None
+        without boxes), checked against the number of caption sequences."""
         if caption_rows is None:
-            if boxes is not None:
+            if num_regions is not None:
                 raise ValueError(
                     "`caption_rows` must say what the caption sequences of `input_ids` are when `boxes` are given: "
                     "'images', 'regions' or 'images_and_regions' (MMGEMProcessor sets it)."
@@ -628,9 +792,9 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             caption_rows = "images"
         if caption_rows not in CAPTION_ROWS:
             raise ValueError(f"`caption_rows` must be one of {CAPTION_ROWS}; got {caption_rows!r}.")
-        if caption_rows != "images" and boxes is None:
+        if caption_rows != "images" and num_regions is None:
             raise ValueError(f"`caption_rows={caption_rows!r}` needs `boxes`.")
-        num_regions = 0 if boxes is None else sum(len(b) for b in boxes)
+        num_regions = num_regions or 0
         expected = {"images": batch_size, "regions": num_regions, "images_and_regions": batch_size + num_regions}
         if num_rows != expected[caption_rows]:
             raise ValueError(
@@ -670,8 +834,12 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         caption_rows: CaptionRows | None = None,
         text_keys: torch.LongTensor | None = None,
         image_keys: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> MMGEMOutput:
+    ) -> MMGEMOutput | tuple:
         r"""
         The joint training step, and the captioning forward that `generate` calls.
 
@@ -689,7 +857,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             visual_tokens (`[N_vis, K, H_lm]`, *optional*): precomputed h2 outputs (used by `generate`).
             cache / past_key_values (*optional*): the language model's KV cache (the name depends on the
                 transformers release).
-            inputs_embeds (`[N, L, H_lm]`, *optional*): instead of `input_ids` for the caption sequence.
+            inputs_embeds (`[N, L, H_lm]`, *optional*): instead of `input_ids` for the caption sequence. Without
+                `input_ids`, the rows equal to the `<image>` token's embedding are the placeholders (as in LLaVA).
             use_cache (`bool`, *optional*): return the KV cache.
             logits_to_keep (`int` or tensor): as in transformers' causal LMs.
             return_loss (`bool`, defaults to `True`): compute the losses whose inputs are present.
@@ -702,48 +871,73 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 negatives of each other in the contrastive loss. Default: identical token sequences share a key.
             image_keys (`[B]`, *optional*): likewise per image (e.g. the source image); default: bit-identical
                 pixel values share a key. Region rows never share an image key.
+            shift_labels (`[N, L]`, *optional*): caption targets already shifted left by one (position t predicts
+                `shift_labels[:, t]`), as transformers' causal LMs take them; used instead of `labels`.
+            output_hidden_states, output_attentions (`bool`, *optional*): return the language model's (and, in
+                `image_outputs`, the vision tower's) hidden states / attention weights; default: the config's.
+            return_dict (`bool`, *optional*): `False` returns a tuple of the outputs present (default:
+                `config.return_dict`).
         """
+        if past_key_values is not None and CACHE_NAME == "cache" and not _skip_value_checks():
+            warnings.warn(
+                "`past_key_values` is deprecated for `MMGEMModel.forward` with this transformers release: use `cache`.",
+                FutureWarning,
+                stacklevel=2,
+            )
         cache = cache if cache is not None else past_key_values
-        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
+        output_hidden_states = self._output_flag("output_hidden_states", output_hidden_states)
+        output_attentions = self._output_flag("output_attentions", output_attentions)
+        check_values = self._checks_values()  # not in a training step: see `_checks_values`
+        if check_values and isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
             check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
         has_captions = input_ids is not None or inputs_embeds is not None
         has_texts = text_input_ids is not None
+        regions = None
         if pixel_values is not None:
-            self._check_pixel_values(pixel_values)
+            self._check_pixel_values(pixel_values, check_values)
             batch_size = pixel_values.shape[0]
-            if boxes is not None:
-                boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
-                _flatten_boxes(boxes, batch_size, "cpu")
+            regions = self._regions(pixel_values, boxes, check_values)
         elif has_texts:
             raise ValueError("`text_input_ids` are given without `pixel_values`: the contrastive loss needs both.")
-        num_regions = 0 if boxes is None else sum(len(b) for b in boxes)
+        num_regions = 0 if regions is None else regions.boxes.shape[0]
         if has_texts and text_input_ids.shape[0] != batch_size + num_regions:
             raise ValueError(
                 f"`text_input_ids` has {text_input_ids.shape[0]} rows; expected one per image then one per region "
                 f"({batch_size} + {num_regions})."
             )
-        needs_visual_tokens = (
-            input_ids is not None
-            and visual_tokens is None
-            and self.config.image_token_id is not None
-            and bool((input_ids == self.config.image_token_id).any())
-        )
+        placeholders = self._placeholder_mask(input_ids, inputs_embeds) if visual_tokens is None else None
+        if check_values:
+            needs_visual_tokens = placeholders is not None and bool(placeholders.any())
+        else:  # a training batch: every caption sequence of the processor starts with its placeholders
+            needs_visual_tokens = placeholders is not None and pixel_values is not None
+        source = "input_ids" if input_ids is not None else "inputs_embeds"
         if needs_visual_tokens and pixel_values is None:
-            raise ValueError("`input_ids` contains `<image>` placeholders but `pixel_values` is missing.")
+            raise ValueError(f"`{source}` contains `<image>` placeholders but `pixel_values` is missing.")
         if needs_visual_tokens:
-            num_rows = int((input_ids == self.config.image_token_id).any(dim=1).sum())
-            caption_rows = self._check_caption_rows(caption_rows, num_rows, batch_size, boxes)
+            num_rows = int(placeholders.any(dim=1).sum()) if check_values else placeholders.shape[0]
+            region_count = None if regions is None else num_regions
+            caption_rows = self._check_caption_rows(caption_rows, num_rows, batch_size, region_count)
+        elif pixel_values is not None and has_captions and not has_texts and visual_tokens is None:
+            # The images would be dropped silently: a caption sequence takes them only through its placeholders.
+            raise ValueError(
+                f"`pixel_values` are given but `{source}` holds no `<image>` placeholder to take them: start each "
+                f"caption sequence with {self.config.num_image_tokens} `<image>` tokens (MMGEMProcessor writes "
+                "them), or, with `inputs_embeds`, the `<image>` token's embedding at those positions."
+            )
 
         # One vision forward feeds both objectives.
         feature_map = None
-        if pixel_values is not None and (has_texts or needs_visual_tokens):
-            _, feature_map = self._vision_feature_map(pixel_values)
-
         output = MMGEMOutput()
+        tower_output = None
+        if pixel_values is not None and (has_texts or needs_visual_tokens):
+            _, feature_map, tower_output = self._run_vision_tower(pixel_values, output_hidden_states, output_attentions)
+
         losses = []
         if has_texts:
-            image_embeds, _ = self._visual_embeddings(feature_map, boxes, include_images=True)
-            text_embeds = self.get_text_features(text_input_ids, text_attention_mask).pooler_output
+            image_embeds, _ = self._visual_embeddings(feature_map, regions, include_images=True)
+            if check_values:
+                self._check_text_inputs(text_input_ids, text_attention_mask)
+            text_embeds = self._text_features(text_input_ids, text_attention_mask, return_dict=True).pooler_output
             output.image_embeds = F.normalize(image_embeds.float(), dim=-1)
             output.text_embeds = F.normalize(text_embeds.float(), dim=-1)
             row_keys = None
@@ -761,35 +955,44 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         if has_captions:
             if needs_visual_tokens:
                 with_images, with_regions = caption_rows != "regions", caption_rows != "images"
-                visual_tokens = self._visual_tokens(feature_map, boxes, with_images, with_regions)
+                visual_tokens = self._visual_tokens(feature_map, regions, with_images, with_regions)
             embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
             if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
+            flags = self._output_kwargs(output_hidden_states, output_attentions)
             lm_output = self.language_model(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                return_dict=True,
                 **{self._lm_cache_argument: cache},
+                **flags,
                 **kwargs,
             )
             output.logits = lm_output.logits
             output.hidden_states = lm_output.get("hidden_states")
             output.attentions = lm_output.get("attentions")
             setattr(output, CACHE_NAME, lm_output.get(self._lm_cache_argument))
-            if labels is not None and return_loss:
-                if labels.shape != output.logits.shape[:2]:
-                    raise ValueError(
-                        f"`labels` must have the shape of `input_ids` {tuple(output.logits.shape[:2])}; "
-                        f"got {tuple(labels.shape)}."
-                    )
-                output.loss_caption = caption_loss(output.logits, labels)
+            if (labels is not None or shift_labels is not None) and return_loss:
+                for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+                    if targets is not None and targets.shape != output.logits.shape[:2]:
+                        raise ValueError(
+                            f"`{name}` must have the shape of `input_ids` {tuple(output.logits.shape[:2])}; "
+                            f"got {tuple(targets.shape)}."
+                        )
+                output.loss_caption = caption_loss(output.logits, labels, shift_labels)
                 losses.append(self.config.caption_loss_weight * output.loss_caption)
+        elif labels is not None or shift_labels is not None:
+            raise ValueError("`labels` / `shift_labels` need the caption sequences (`input_ids` or `inputs_embeds`).")
 
         if losses:
             output.loss = torch.stack(losses).sum()
-        return output
+        # Rebuilt so that the fields (and a tuple output) follow the declared order, loss first: a ModelOutput
+        # otherwise keeps them in the order they were set.
+        output = MMGEMOutput(**dict(output.items()), image_outputs=tower_output)
+        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
 
     @staticmethod
     def _false_negative_keys(
@@ -836,10 +1039,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         """
         kwargs.pop("caption_rows", None)  # the prompt rows are the images, or the regions with `boxes`
         if pixel_values is not None and kwargs.get("visual_tokens") is None:
-            if boxes is not None:
-                boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
-                _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
-            kwargs["visual_tokens"] = self.get_visual_tokens(pixel_values, boxes)
+            kwargs["visual_tokens"] = self.get_visual_tokens(pixel_values, boxes)  # checks images and boxes once
         special_ids = [self.config.image_token_id, self.config.emb_token_id, self.config.cap_token_id]
         if "suppress_tokens" not in kwargs and not self.generation_config.suppress_tokens:
             # A caption never contains MM-GEM's special tokens; a generated `<image>` would also read as a placeholder.
@@ -849,7 +1049,17 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         if not length_given and config.max_new_tokens is None and config.max_length in (None, 20):
             # transformers' default total length (20, or prompt + 20) would cut captions after the K visual tokens.
             kwargs["max_new_tokens"] = DEFAULT_MAX_CAPTION_TOKENS
-        if input_ids is None and kwargs.get("inputs_embeds") is None:
+        inputs_embeds = kwargs.get("inputs_embeds")
+        if input_ids is None and inputs_embeds is not None and kwargs.get("visual_tokens") is not None:
+            # The images reach the prompt only through its `<image>` rows: refuse rather than caption without them.
+            placeholders = self._placeholder_mask(None, inputs_embeds)
+            if placeholders is None or not bool(placeholders.any()):
+                raise ValueError(
+                    "`inputs_embeds` holds no `<image>` placeholder rows to take the images of `pixel_values`: put "
+                    "the `<image>` token's embedding (`model.get_input_embeddings()(image_token_id)`) at the "
+                    f"{self.config.num_image_tokens} visual positions of each prompt, or pass `input_ids`."
+                )
+        if input_ids is None and inputs_embeds is None:
             if kwargs.get("visual_tokens") is None:
                 raise ValueError("`generate` needs `pixel_values` (or `visual_tokens`) or `input_ids`.")
             input_ids, attention_mask = self._default_caption_prompt(kwargs["visual_tokens"].shape[0], self.device)
