@@ -360,8 +360,11 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MMGEMConfig) -> None:
         super().__init__(config)
-        self.vision_model = AutoModel.from_config(config.vision_config)
+        vision_model = AutoModel.from_config(config.vision_config)
+        # The language model is the first child: PEFT's prompt learning (prompt tuning, P-tuning) takes the first
+        # pretrained child as the backbone and looks there for the vocabulary-sized word embedding table.
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_model = vision_model
         vision_hidden = config.vision_config.hidden_size
         text_hidden = config.text_config.hidden_size
         self.pool_aggregator = MMGEMPoolAggregator(

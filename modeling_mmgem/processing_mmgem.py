@@ -65,9 +65,11 @@ CHAT_TEMPLATE = (
 def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[str, int]:
     """Add `[EMB]`, `[CAP]`, `<image>` (and a pad token if missing) to `tokenizer`; update `model` to match.
 
-    With `model`, the token embeddings are resized to the new vocabulary (new rows initialised like the model's
-    other weights, `mean_resizing=False`; original rows unchanged) and the config / generation config get the new
-    token ids. Idempotent.
+    With `model`, the token embeddings are resized to the new vocabulary and the config / generation config get the
+    new token ids. Idempotent. The original rows are unchanged; the new rows, input and output embeddings alike (tied
+    or not), start at the mean of the vocabulary's rows (transformers' `mean_resizing=True`: a sample of the old rows'
+    mean and covariance scaled by 1e-9), so a pretrained LM keeps its text predictions (a new token's logit is the
+    vocabulary's mean logit) and training starts the new tokens from inside the vocabulary's distribution.
 
     Returns:
         The ids: `{"emb_token_id", "cap_token_id", "image_token_id", "pad_token_id"}`.
@@ -84,8 +86,10 @@ def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[s
         "pad_token_id": tokenizer.pad_token_id,
     }
     if model is not None:
-        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = model.get_input_embeddings().weight
+        if embeddings.shape[0] < len(tokenizer):
+            # A model built on the meta device (a skeleton whose weights are loaded later) has no rows to average.
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=embeddings.device.type != "meta")
         text_config = model.config.text_config
         text_config.pad_token_id = ids["pad_token_id"]
         for name in ("emb_token_id", "cap_token_id", "image_token_id"):
