@@ -5,18 +5,21 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
+# Where no local CPU wheel of torch is configured for pip, name the CPU index:
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 # Lowest transformers release the fast tests are run against (keep in sync with setup.py).
 MIN_TRANSFORMERS ?= 5.18.0
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
-.PHONY: venv chromium test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
+.PHONY: venv chromium docs test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench]"
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
+	$(PIP) install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench,docs]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,10 +27,15 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv lint chromium
+test: venv lint chromium docs
 	$(PY) -m pytest $(PYTEST_FLAGS)
 	$(MAKE) test-notebooks
 	$(MAKE) test-min
+
+# The documentation site (mkdocs.yml): a broken link, a missing page or an API docstring that cannot be rendered
+# fails the build. tests/test_docs.py runs the pages' code blocks.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 # Debian's chromium for the browser test of the web app (tests/test_app.py); CI runs as root on a fresh machine.
 CHROMIUM ?= /usr/bin/chromium
@@ -45,7 +53,7 @@ notebooks: venv
 $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
-	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(MIN_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
@@ -72,4 +80,4 @@ experiments: venv
 	$(PY) -m experiments.run
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) demo-output *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) demo-output site *.egg-info

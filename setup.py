@@ -31,6 +31,8 @@ EXTRAS = {
     "eval": ["pycocoevalcap>=1.2"],  # mmgem evaluate --benchmark coco-captions / refcocog (PTB, BLEU, CIDEr-D, METEOR)
     "search": ["faiss-cpu>=1.15", "webdataset>=1.0"],  # mmgem index / mmgem search
     "bench": ["usearch>=2.26"],  # benchmarks/search.py --libraries: FAISS against usearch
+    # the documentation site: `make docs` (mkdocs build --strict), API pages from the docstrings
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     # mmgem app; gradio_client and playwright drive it in the tests (with Debian's chromium, never a downloaded one)
     "app": ["gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.65"],
 }
