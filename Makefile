@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench,docs]"
+	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench,docs]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -54,7 +54,7 @@ $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
-	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
+	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
 test-min: $(MIN_VENV)/.installed

@@ -4,7 +4,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# The lowest versions the fast tests run against in CI (see Makefile `test-min`).
+# What loading and using a model needs; everything else is an extra. The lowest versions the fast tests run against
+# in CI (see Makefile `test-min`).
 INSTALL_REQUIRES = [
     "torch>=2.4",
     "transformers>=5.18.0,<6",  # 5.18: the first 5.x release that accepts huggingface_hub 2.x
@@ -14,11 +15,9 @@ INSTALL_REQUIRES = [
     "safetensors>=0.5",
     "tokenizers>=0.22",
     "accelerate>=1.10",
-    "datasets>=4.0",
     "pillow>=10",
     "numpy>=1.26",
     "tqdm>=4.66",
-    "matplotlib>=3.8",
     "jinja2>=3.1",  # huggingface_hub's ModelCard templates (model cards of exported folders)
 ]
 
@@ -27,7 +26,9 @@ EXTRAS = {
     "notebooks": ["nbmake>=1.5", "ipykernel>=6", "nbformat>=5.9"],
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"],  # mmgem export-onnx
     "mteb": ["mteb>=2.26"],  # mmgem.integrations.mteb
-    "data": ["webdataset>=1.0"],  # webdataset / GRIT shards as training sources (mmgem train --data shards/...)
+    # webdataset / GRIT shards, Hugging Face datasets and imagefolders as training sources (mmgem train --data ...)
+    "data": ["webdataset>=1.0", "datasets>=4.0"],
+    "plots": ["matplotlib>=3.8"],  # the figures of mmgem demo and the experiments
     "eval": ["pycocoevalcap>=1.2"],  # mmgem evaluate --benchmark coco-captions / refcocog (PTB, BLEU, CIDEr-D, METEOR)
     "search": ["faiss-cpu>=1.15", "webdataset>=1.0"],  # mmgem index / mmgem search
     "bench": ["usearch>=2.26"],  # benchmarks/search.py --libraries: FAISS against usearch
@@ -44,13 +45,14 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_mmgem", "mmgem", "mmgem.*", "conversion", "conversion.*"]),
+    packages=find_packages(include=["modeling_mmgem", "mmgem", "mmgem.*"]),
+    package_data={"mmgem.conversion": ["model_card.md"]},  # the model card template of exported folders
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": [
             "mmgem=mmgem.cli:main",
-            "mmgem-convert=conversion.convert_mmgem:main",
+            "mmgem-convert=mmgem.conversion.convert_mmgem:main",
         ]
     },
     license="Apache-2.0",

@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conversion import publish
-from conversion.publish import export_files
 from mmgem.build import tiny_mmgem
+from mmgem.conversion import publish
+from mmgem.conversion.publish import export_files
 from mmgem.data.records import load_jsonl_records
 from mmgem.integrations.sentence_transformers import load_sentence_transformer
 from mmgem.loading import load_model
-from mmgem.training.train import last_complete_checkpoint, make_arguments
+from mmgem.training.arguments import make_arguments
+from mmgem.training.checkpoints import last_complete_checkpoint
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
@@ -509,7 +510,7 @@ def audit_interrupted(audit: Audit, root: Path) -> None:
 
 def child_dies(root: Path) -> tuple[bool, str]:
     code = (
-        "import os; from pathlib import Path; import conversion.publish as p\n"
+        "import os; from pathlib import Path; import mmgem.conversion.publish as p\n"
         "p.torch.save = lambda obj, path: os.mkfifo(path)\n"
         f"p.verify_in_subprocess(Path({str(root)!r}), {{}})\n"
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from conversion.export_onnx import TEXT_FILE, VISION_FILE, ImageEmbedder, TextEmbedder, _export
+from mmgem.conversion.export_onnx import TEXT_FILE, VISION_FILE, ImageEmbedder, TextEmbedder, _export
 
 from .comparisons import SuiteContext
 from .report import Record

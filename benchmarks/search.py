@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from benchmarks.report import Record, markdown_table
 from benchmarks.sizes import SIZES, build_bench_model
 from benchmarks.timing import CLOCKS, TimingPlan, interleaved, median
-from mmgem.evaluation.evaluate import embed_images
+from mmgem.embedding import encode_images
 from mmgem.files import write_json_atomic, write_text_atomic
 from mmgem.search import VectorStore, index_images
 from mmgem.search.sources import folder_images, load_image
@@ -165,7 +165,7 @@ def indexing_benchmark(size: str, num_images: int, plan: TimingPlan, seed: int, 
                             batch_size=32, progress=False)  # fmt: skip
 
     def baseline() -> Any:
-        return embed_images(bench.model, bench.processor, [load_image(p) for p in paths], batch_size=32)
+        return encode_images(bench.model, bench.processor, [load_image(p) for p in paths], batch_size=32)
 
     with faiss_threads(1):
         samples = interleaved({"ours": ours, "baseline": baseline}, torch.device("cpu"), plan)

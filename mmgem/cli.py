@@ -46,9 +46,9 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("mmgem.evaluation.evaluate", "retrieval, zero-shot, caption and region metrics on a split"),
     "generate-data": Command("mmgem.synthetic", "write the synthetic shapes dataset (train/val/test .jsonl)"),
     "demo": Command("mmgem.demo", "the end-to-end demo: data, training from scratch, evaluation, export"),
-    "convert": Command("conversion.convert_mmgem:mmgem_main", "compose, export and publish an MM-GEM Hub folder"),
+    "convert": Command("mmgem.conversion.convert_mmgem:mmgem_main", "compose, export and publish an MM-GEM Hub folder"),
     "export-onnx": Command(
-        "conversion.export_onnx", "write text_model.onnx / vision_model.onnx (checked with onnxruntime)"
+        "mmgem.conversion.export_onnx", "write text_model.onnx / vision_model.onnx (checked with onnxruntime)"
     ),
     "index": Command("mmgem.search.indexer", "embed an image folder or webdataset shards into a searchable index"),
     "search": Command("mmgem.search.searcher", "search an index by text, image or image region"),

@@ -29,13 +29,12 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoProcessor, TrainerCallback
 
-from conversion.convert_mmgem import export_checkpoint
 from mmgem.cli import command_parser
+from mmgem.conversion.convert_mmgem import export_checkpoint
 from mmgem.data.records import load_jsonl_records
+from mmgem.embedding import encode_images, encode_texts
 from mmgem.errors import checking_user_input
 from mmgem.evaluation.evaluate import (
-    embed_images,
-    embed_texts,
     evaluate_model,
     format_table,
     templates_for,
@@ -197,18 +196,18 @@ def check_reload(folder: Path, model: Any, processor: Any, records: Sequence[Any
 
     images = [r.load_image() for r in records[:4]]
     texts = [r.caption for r in records[:4]]
-    expected_images = embed_images(model, processor, images)
-    expected_texts = embed_texts(model, processor, texts)
+    expected_images = encode_images(model, processor, images)
+    expected_texts = encode_texts(model, processor, texts)
     auto_model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     auto_processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     st = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     st_images = torch.as_tensor(st.encode(images, convert_to_tensor=True))
     st_texts = torch.as_tensor(st.encode(texts, convert_to_tensor=True))
+    auto_images = encode_images(auto_model, auto_processor, images)
+    auto_texts = encode_texts(auto_model, auto_processor, texts)
     return {
-        "automodel_image_max_diff": float(
-            (embed_images(auto_model, auto_processor, images) - expected_images).abs().max()
-        ),
-        "automodel_text_max_diff": float((embed_texts(auto_model, auto_processor, texts) - expected_texts).abs().max()),
+        "automodel_image_max_diff": float((auto_images - expected_images).abs().max()),
+        "automodel_text_max_diff": float((auto_texts - expected_texts).abs().max()),
         "sentence_transformers_image_max_diff": float((st_images.float() - expected_images).abs().max()),
         "sentence_transformers_text_max_diff": float((st_texts.float() - expected_texts).abs().max()),
     }

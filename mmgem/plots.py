@@ -8,13 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from mmgem.data.text import normalize_text
+from mmgem.files import atomic_path
+from mmgem.optional import require
 
+matplotlib = require("matplotlib", "plots", "Drawing the demo's and experiments' figures")
 matplotlib.use("Agg")  # files only: works on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
-
-from mmgem.data.text import normalize_text  # noqa: E402
-from mmgem.files import atomic_path  # noqa: E402
 
 LOSS_KEYS = ("loss_contrastive", "loss_caption")
 

@@ -505,7 +505,7 @@ default checked by reloading it in a fresh process). The command line equivalent
         """\
 from sentence_transformers import SentenceTransformer
 
-from conversion.convert_mmgem import export_checkpoint
+from mmgem.conversion.convert_mmgem import export_checkpoint
 
 # verify=False skips the reload in a fresh process (seconds of start-up); the next lines check the export here.
 exported = export_checkpoint(ADAPTER_DIR, WORK / "exported", base_model=MODEL_PATH, verify=False)

@@ -15,7 +15,7 @@ PRELUDE = f"""
 import sys
 sys.path = [p for p in sys.path if p not in ("", ".", {str(REPO_ROOT)!r})]
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-for name in ("modeling_mmgem", "mmgem", "conversion"):
+for name in ("modeling_mmgem", "mmgem"):
     try:
         __import__(name)
     except ImportError:

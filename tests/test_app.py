@@ -200,7 +200,7 @@ def test_in_a_real_browser(server, setup, tmp_path):
 
 def test_exported_folder_runs_as_a_space_without_mmgem(setup, tmp_path):
     """The `app.py` publish writes runs in the exported folder with mmgem and modeling_mmgem unimportable."""
-    from conversion.publish import CardInfo, build_model_card, write_folder
+    from mmgem.conversion.publish import CardInfo, build_model_card, write_folder
     from modeling_mmgem.modeling_mmgem import MMGEMModel
     from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
@@ -220,7 +220,7 @@ def test_exported_folder_runs_as_a_space_without_mmgem(setup, tmp_path):
     runner = ("import runpy, sys\n"
               "class Refuse:\n"
               "    def find_spec(self, name, *args):\n"
-              "        if name.split('.')[0] in ('mmgem', 'modeling_mmgem', 'conversion'):\n"
+              "        if name.split('.')[0] in ('mmgem', 'modeling_mmgem'):\n"
               "            raise ImportError(f'{name} must not be needed')\n"
               "sys.meta_path.insert(0, Refuse())\n"
               "runpy.run_path('app.py', run_name='__main__')\n")  # fmt: skip

@@ -128,13 +128,29 @@ def _run(args, cwd):
 
 @pytest.mark.slow  # three fresh interpreters that import torch and transformers
 def test_convert_entry_points(tmp_path):
-    """The conversion script runs as a file, as a module and as the console script."""
-    as_file = _run([sys.executable, str(REPO / "conversion" / "convert_mmgem.py"), "--help"], tmp_path)
-    assert as_file.returncode == 0 and as_file.stdout.startswith("usage: mmgem-convert"), as_file.stderr
-    as_module = _run([sys.executable, "-m", "conversion.convert_mmgem", "--help"], REPO)
+    """The conversion runs as `mmgem convert`, as a module and as the console script."""
+    as_subcommand = _run([sys.executable, "-m", "mmgem.cli", "convert", "--help"], REPO)
+    assert as_subcommand.returncode == 0 and "--vision-model" in as_subcommand.stdout, as_subcommand.stderr
+    as_module = _run([sys.executable, "-m", "mmgem.conversion.convert_mmgem", "--help"], REPO)
     assert as_module.returncode == 0 and as_module.stdout.startswith("usage: mmgem-convert"), as_module.stderr
     script = Path(sys.executable).parent / "mmgem-convert"
     if script.exists():
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         as_script = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=300)
         assert as_script.returncode == 0 and as_script.stdout.startswith("usage: mmgem-convert")
+
+
+@pytest.mark.fast
+def test_train_options_files_missing_and_every_mmgem_option_in_a_help_group(tmp_path):
+    from dataclasses import fields
+
+    from mmgem.training.arguments import GROUP_OF, TRAINER_OPTIONS, MMGEMTrainingArguments, parse_arguments
+
+    with pytest.raises(ValueError, match="`--args_file` .*missing.args does not exist"):
+        parse_arguments(["--args_file", str(tmp_path / "missing.args")])
+    options = tmp_path / "lr.args"
+    options.write_text("--learning_rate 0.25 --max_steps 3\n")
+    args = parse_arguments(["--args_file", str(options), "--max_steps", "7", "--output-dir", str(tmp_path / "o")])
+    assert (args.learning_rate, args.max_steps) == (0.25, 7)  # flags after the file win
+    own = {f.name for f in fields(MMGEMTrainingArguments) if f.init} - TRAINER_OPTIONS
+    assert own <= set(GROUP_OF), f"MM-GEM options missing from `mmgem train --help`: {sorted(own - set(GROUP_OF))}"

@@ -1,5 +1,6 @@
-"""conversion/convert_mmgem.py: compose, export, reload and push MM-GEMs built from tiny components saved in the real
-formats (CLIP, SigLIP full and vision-only, Llama, Qwen2), through a real HTTP fake Hub on 127.0.0.1."""
+"""mmgem.conversion (`mmgem convert` / `mmgem-convert`): compose, export, reload and push MM-GEMs built from tiny
+components saved in the real formats (CLIP, SigLIP full and vision-only, Llama, Qwen2),
+through a real HTTP fake Hub on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor
 
-from conversion import HubPushError, convert, export_checkpoint, main, push_folder
-from conversion import publish as publish_module
-from conversion.components import compose
-from conversion.publish import hub_id_of
 from mmgem.build import DEFAULT_CORPUS, train_tokenizer
+from mmgem.conversion import HubPushError, convert, export_checkpoint, main, push_folder
+from mmgem.conversion import publish as publish_module
+from mmgem.conversion.components import compose
+from mmgem.conversion.publish import hub_id_of
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from tests.hub_server import FakeHub
 
@@ -98,8 +99,9 @@ def hub():
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "conversion.convert_mmgem", *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
+        [sys.executable, "-m", "mmgem.conversion.convert_mmgem", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
 
 
 def _folder_text(folder: Path) -> str:

@@ -9,17 +9,10 @@ import math
 import pytest
 import torch
 
-from mmgem.evaluation.benchmarks import (
-    BenchmarkOptions,
-    EmbeddingCache,
-    RetrievalTask,
-    ZeroShotTask,
-    coco_caption_scores,
-    format_benchmark_tables,
-    load_benchmark,
-    pad_to_square,
-)
+from mmgem.embedding import pad_to_square
+from mmgem.evaluation.benchmarks import BenchmarkOptions, format_benchmark_tables, load_benchmark
 from mmgem.evaluation.metrics import bleu, cider
+from mmgem.evaluation.tasks import EmbeddingCache, RetrievalTask, ZeroShotTask, coco_caption_scores
 
 from .published_layouts import shape_image, white_box, write_karpathy, write_llava, write_refer
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conversion import publish
 from mmgem.build import tiny_mmgem
-from mmgem.training.train import last_complete_checkpoint, resolve_checkpoint, train
+from mmgem.conversion import publish
+from mmgem.training.checkpoints import last_complete_checkpoint, resolve_checkpoint
+from mmgem.training.train import train
 
 pytestmark = pytest.mark.fast
 
@@ -52,7 +53,7 @@ def test_latest_skips_checkpoints_killed_while_written(tmp_path):
 
 
 def test_explicit_incomplete_checkpoint_is_refused(tmp_path):
-    from mmgem.training.train import make_arguments
+    from mmgem.training.arguments import make_arguments
 
     checkpoint = fake_checkpoint(tmp_path, 3, complete=False)
     args = make_arguments(
@@ -133,7 +134,7 @@ def test_reload_check_child_dies_with_a_killed_conversion(tmp_path):
     # The parent runs the real reload check; its references file is a FIFO, so the child blocks reading it for
     # as long as nobody writes: only the parent's death can end it.
     parent_code = (
-        "import os, sys; from pathlib import Path; import conversion.publish as p\n"
+        "import os, sys; from pathlib import Path; import mmgem.conversion.publish as p\n"
         "p.torch.save = lambda obj, path: os.mkfifo(path)\n"
         f"p.verify_in_subprocess(Path({str(tmp_path)!r}), {{}})\n"
     )

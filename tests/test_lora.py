@@ -17,14 +17,24 @@ from mmgem.integrations.lora import (
     adapter_key_mismatch,
     apply_lora,
     count_parameters,
-    freeze_vision_tower,
     language_model_target_regex,
     load_lora_adapter,
-    lora_weights_changed,
     mmgem_lora_config,
     new_token_ids,
 )
+from mmgem.training.freezing import freeze
 from tests.conftest import random_images
+
+
+@torch.no_grad()
+def lora_weights_changed(peft_model, adapter_name: str = "default") -> bool:
+    """Whether any LoRA `B` matrix is non-zero, i.e. the adapter differs from the base (PEFT initialises B to 0)."""
+    return any(
+        parameter.abs().sum().item() > 0
+        for name, parameter in peft_model.named_parameters()
+        if ".lora_B." in name and name.endswith(f"{adapter_name}.weight")
+    )
+
 
 # transformers 5.24 renamed TrainingArguments' gradient_checkpointing to activation_checkpointing (the old name warns).
 CHECKPOINTING_ARGUMENT = (
@@ -170,11 +180,12 @@ def test_vision_tower_frozen_by_default_and_unfreezable(folder):
     assert vision_params and all(p.requires_grad for p in vision_params)
 
     model = load_base(folder)  # without PEFT: the freezing helpers
-    freeze_vision_tower(model)
+    freeze(model, vision=True)
     assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert all(p.requires_grad for p in model.language_model.parameters())  # None: left as it is
     counts = count_parameters(model)
     assert 0 < counts["trainable"] < counts["total"]
-    freeze_vision_tower(model, frozen=False)
+    freeze(model, vision=False)
     assert all(p.requires_grad for p in model.vision_model.parameters())
 
 
@@ -380,7 +391,7 @@ def test_adapter_push_and_pull_by_repo_id(trained, folder, batch, fake_hub, tmp_
 def test_merged_model_and_adapter_export_with_the_conversion_script(trained, folder, batch, tmp_path, processor):
     from sentence_transformers import SentenceTransformer
 
-    from conversion.convert_mmgem import export_checkpoint
+    from mmgem.conversion.convert_mmgem import export_checkpoint
 
     peft_model, adapter_dir, _ = trained
     expected = outputs(peft_model, batch)

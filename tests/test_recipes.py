@@ -36,7 +36,7 @@ def _args_file(name: str) -> list[str]:
 
 
 def test_recipe_option_files_parse_into_the_training_arguments():
-    from mmgem.training.train import parse_arguments
+    from mmgem.training.arguments import parse_arguments
 
     for stage in (1, 2):
         args = parse_arguments(

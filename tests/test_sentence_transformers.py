@@ -19,7 +19,6 @@ from mmgem.integrations.sentence_transformers import (
     SENTENCE_TRANSFORMERS_FILES,
     encode_regions,
     load_sentence_transformer,
-    save_as_sentence_transformer,
     write_sentence_transformers_files,
 )
 from tests.conftest import random_images
@@ -245,10 +244,12 @@ def test_save_and_reload(st, tmp_path, reference):
     assert type(model).__name__ == "MMGEMModel"
 
 
-def test_save_as_sentence_transformer(tmp_path, reference):
+def test_a_saved_folder_with_the_sentence_transformers_files_loads_in_both(tmp_path, reference):
     model, processor = reference
-    folder = save_as_sentence_transformer(model, processor, tmp_path / "out")
-    st = SentenceTransformer(str(folder), trust_remote_code=True)
+    model.save_pretrained(tmp_path / "out")
+    processor.save_pretrained(tmp_path / "out")
+    write_sentence_transformers_files(tmp_path / "out")
+    st = SentenceTransformer(str(tmp_path / "out"), trust_remote_code=True)
     np.testing.assert_allclose(st.encode(TEXTS), text_features(reference, TEXTS).numpy(), atol=ATOL)
 
 

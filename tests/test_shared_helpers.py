@@ -166,7 +166,7 @@ def test_the_model_cards_lora_recipe_is_mmgem_lora_config(tiny):
     """The card shows the recipe the library applies (`mmgem_lora_config`), not a hand-written copy."""
     import ast
 
-    from conversion.publish import CardInfo, build_model_card
+    from mmgem.conversion.publish import CardInfo, build_model_card
     from mmgem.integrations.lora import mmgem_lora_config
 
     model, _ = tiny

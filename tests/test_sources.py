@@ -332,3 +332,18 @@ def test_streaming_without_a_length_needs_max_steps(tmp_path):
         train(from_scratch="tiny", data=f"{llava}::{llava}", data_weights="1", output_dir=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="`data` does not exist"):
         train(from_scratch="tiny", data=f"{llava}::{tmp_path / 'nothing.json'}", output_dir=str(tmp_path / "o"))
+
+
+@pytest.mark.fast
+def test_streaming_runs_get_their_length_without_editing_the_caller_s_arguments(tmp_path):
+    from mmgem.training.arguments import make_arguments
+    from mmgem.training.train import streaming_arguments
+
+    args = make_arguments(output_dir=str(tmp_path), data="shards", train_num_samples=64, per_device_train_batch_size=8,
+                          gradient_accumulation_steps=2, hub_token="secret", use_cpu=True)  # fmt: skip
+    streamed = streaming_arguments(args)
+    assert streamed.max_steps == 4 and streamed.accelerator_config.dispatch_batches is False
+    assert streamed.hub_token == "secret"
+    assert args.max_steps == -1 and args.accelerator_config.dispatch_batches is not False
+    with pytest.raises(ValueError, match="`--max-steps` or `--train-num-samples`"):
+        streaming_arguments(make_arguments(output_dir=str(tmp_path), data="shards", use_cpu=True))

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 from mmgem.cli import main as cli_main
-from mmgem.training.train import MODEL_PRESETS, train
+from mmgem.training.arguments import MODEL_PRESETS
+from mmgem.training.train import train
 
 pytestmark = pytest.mark.fast
 
@@ -285,7 +286,8 @@ def test_stage2_needs_regions(tmp_path):
 
 def test_vision_learning_rate_multiplier_gives_the_tower_its_own_rate(tmp_path):
     from mmgem.build import tiny_mmgem
-    from mmgem.training.train import MMGEMTrainer, make_arguments
+    from mmgem.training.arguments import make_arguments
+    from mmgem.training.trainer import MMGEMTrainer
 
     model, _ = tiny_mmgem()
     args = make_arguments(output_dir=str(tmp_path), from_scratch="tiny", data=str(tmp_path), learning_rate=1e-3,

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmgem.optional import require
 from modeling_mmgem.processing_mmgem import load_rgb_image
 from modeling_mmgem.utils_mmgem import box_problem, too_many_boxes
 
@@ -318,7 +319,8 @@ def load_imagefolder_records(
         cache_dir: the `datasets` cache folder (default: the usual Hugging Face cache); not inside `folder`.
         max_reported: how many problems the error or warning lists.
     """
-    import datasets  # deferred: importing `datasets` is slow and only this loader needs it
+    # Deferred: importing `datasets` is slow, only this loader needs it, and it is the extra `data`.
+    datasets = require("datasets", "data", "Reading an imagefolder")
 
     _check_policy(on_error)
     if cache_dir is not None and Path(folder).resolve() in Path(cache_dir).resolve().parents:

@@ -368,19 +368,25 @@ def check_data_arguments(args: Any) -> None:
         raise ValueError(f"`--shuffle-buffer` must be >= 0; got {args.shuffle_buffer!r}.")
 
 
+def streaming_max_steps(args: Any) -> int:
+    """The run's length for a streaming source (which has none of its own): `max_steps`, else the steps that
+    `train_num_samples` take at the global batch size. A ValueError when neither is given."""
+    if args.max_steps > 0:
+        return args.max_steps
+    if args.train_num_samples is not None:
+        return steps_for_samples(
+            args.train_num_samples, args.per_device_train_batch_size, args.world_size, args.gradient_accumulation_steps
+        )
+    raise ValueError("Streaming `data` has no length: give `--max-steps` or `--train-num-samples`.")
+
+
 def streaming_training_data(args: Any) -> tuple[StreamingImageTextDataset, list[TextRecord]]:
-    """The training stream of `args` and the texts of its first samples; sets `max_steps` from
-    `train_num_samples` and turns off accelerate's batch dispatching (each rank reads its own part)."""
+    """The training stream of `args` and the texts of its first samples. Each rank reads its own part, so the
+    caller trains for :func:`streaming_max_steps` with accelerate's batch dispatching off."""
+    streaming_max_steps(args)  # the length is checked before any source is opened
     sources, weights = open_sources(args)
     dataset = StreamingImageTextDataset(
         sources, weights, args.data_on_error, args.use_long_caption, args.stage == 2, seed=args.seed
     )
-    if args.train_num_samples is not None and args.max_steps <= 0:
-        args.max_steps = steps_for_samples(
-            args.train_num_samples, args.per_device_train_batch_size, args.world_size, args.gradient_accumulation_steps
-        )
-    if args.max_steps <= 0:
-        raise ValueError("Streaming `data` has no length: give `--max-steps` or `--train-num-samples`.")
-    args.accelerator_config.dispatch_batches = False
     wanted = TOKENIZER_SAMPLES if args.from_scratch is not None else CHECK_SAMPLES
     return dataset, dataset.take_texts(wanted)

@@ -21,388 +21,33 @@ metrics that ran are listed under `<benchmark>/caption_metrics`.
 Region boxes and a processor with a center crop: an image is padded to a square (centered, with black) before the
 processor sees it, boxes shifted alike, so that no box is cut away by the crop.
 
-Embeddings (and generated captions) are cached per model and content (:class:`EmbeddingCache`): tasks that share an
-image set embed it once, and with `--cache-dir` across runs too.
+Each benchmark is a task of the evaluation engine (:mod:`mmgem.evaluation.tasks`), run with its
+:class:`~mmgem.evaluation.tasks.EmbeddingCache`: tasks that share an image set embed it once, and with `--cache-dir`
+across runs too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import json
 import math
 import re
-import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
 
 from mmgem.data.formats import SourceOptions
 from mmgem.data.formats.coco import karpathy_images
 from mmgem.data.formats.conversations import first_gpt_turn
 from mmgem.data.formats.hf import table_files
 from mmgem.data.formats.refcoco import find_refs_pickle, parquet_references, refer_references
-from mmgem.evaluation.metrics import recall_at_k
+from mmgem.evaluation.tasks import RECALL_KS, CaptioningTask, RegionTask, RetrievalTask, ZeroShotTask, content_identity
 from mmgem.evaluation.templates import IMAGENET_CLASSES, IMAGENET_TEMPLATES
-from mmgem.optional import require
 
-RECALL_KS = (1, 5, 10)
 KARPATHY_CAPTIONS = 5
 SHAREGPT4V_COUNT = 1000
-QUERY_BLOCK = 1024  # queries ranked at once (bounds the memory of a 25k x 5k similarity)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _WNID = re.compile(r"^n\d{8}$")
-
-
-# ---------------------------------------------------------------------------------------------------------- images
-def open_image(value: Any) -> Image.Image:
-    """An RGB image from a path, encoded bytes or a PIL image (the project's one image loader)."""
-    # Here, not at the top: the processor module loads transformers' model machinery (~5 s), and
-    # `mmgem evaluate --help` reads this module for the benchmark names only.
-    from modeling_mmgem.processing_mmgem import load_rgb_image
-
-    return load_rgb_image(value)
-
-
-def pad_to_square(image: Image.Image, boxes: Sequence[Sequence[float]] = ()) -> tuple[Image.Image, list[list[float]]]:
-    """The image centered on a black square canvas and its pixel boxes shifted alike (nothing is cropped later)."""
-    side = max(image.size)
-    if image.width == image.height:
-        return image, [list(b) for b in boxes]
-    dx, dy = (side - image.width) // 2, (side - image.height) // 2
-    canvas = Image.new("RGB", (side, side))
-    canvas.paste(image, (dx, dy))
-    return canvas, [[b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy] for b in boxes]
-
-
-def _identity(value: Any) -> str:
-    if isinstance(value, str | Path):
-        return str(value)
-    if isinstance(value, bytes):
-        return hashlib.sha256(value).hexdigest()
-    return hashlib.sha256(value.tobytes()).hexdigest()
-
-
-def content_key(*parts: Any) -> str:
-    """A short hash of images (paths, bytes or PIL images), texts and settings."""
-    encoded = json.dumps(parts, default=_identity, sort_keys=True).encode()
-    return hashlib.sha256(encoded).hexdigest()[:24]
-
-
-def model_fingerprint(model: Any) -> str:
-    """Identifies the weights (a hash of every parameter's sum and shape): caches never mix two models."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            digest.update(f"{name}{tuple(parameter.shape)}{float(parameter.double().sum()):.10e}".encode())
-    return digest.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------------- cache
-class EmbeddingCache:
-    """Embeddings and generated captions of one model, computed once per content (in memory, and on disk when
-    `cache_dir` is set). `computed` counts the items actually computed (for tests and logs)."""
-
-    def __init__(self, model: Any, processor: Any, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 progress: bool = True, max_new_tokens: int = 32, num_beams: int = 1) -> None:  # fmt: skip
-        self.model, self.processor = model, processor
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.batch_size, self.progress = batch_size, progress
-        self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
-        self.fingerprint = model_fingerprint(model)
-        self.memory: dict[str, Any] = {}
-        self.computed = {"images": 0, "texts": 0, "regions": 0, "captions": 0}
-
-    def _cached(self, kind: str, key: str, compute: Callable[[], Any]) -> Any:
-        name = f"{kind}-{self.fingerprint}-{key}"
-        if name in self.memory:
-            return self.memory[name]
-        path = self.cache_dir / f"{name}.pt" if self.cache_dir else None
-        if path is not None and path.is_file():
-            value = torch.load(path, weights_only=True)
-        else:
-            value = compute()
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_suffix(".tmp")
-                torch.save(value, temporary)
-                temporary.replace(path)
-        self.memory[name] = value
-        return value
-
-    def _chunks(self, items: Sequence[Any], description: str):
-        starts = range(0, len(items), self.batch_size)
-        for start in tqdm(starts, desc=description, disable=not self.progress, leave=False):
-            yield items[start : start + self.batch_size]
-
-    @torch.no_grad()
-    def images(self, images: Sequence[Any]) -> torch.Tensor:
-        """L2-normalised image embeddings [N, D] (images loaded batch by batch)."""
-
-        def compute() -> torch.Tensor:
-            rows = []
-            for chunk in self._chunks(list(images), "Embedding images"):
-                pixels = self.processor(images=[open_image(v) for v in chunk])["pixel_values"].to(self.model.device)
-                rows.append(
-                    F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
-                )
-                self.computed["images"] += len(chunk)
-            return torch.cat(rows).cpu()
-
-        return self._cached("images", content_key(list(images)), compute)
-
-    @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """L2-normalised text embeddings [N, D]."""
-
-        def compute() -> torch.Tensor:
-            rows = []
-            for chunk in self._chunks(list(texts), "Embedding texts"):
-                inputs = self.processor(text=list(chunk), truncation=True).to(self.model.device)
-                rows.append(F.normalize(self.model.get_text_features(**inputs).pooler_output.float(), dim=-1))
-                self.computed["texts"] += len(chunk)
-            return torch.cat(rows).cpu()
-
-        return self._cached("texts", content_key(list(texts)), compute)
-
-    def _region_inputs(self, chunk: Sequence[tuple[Any, list[list[float]]]]) -> dict[str, Any]:
-        padded = [pad_to_square(open_image(image), boxes) for image, boxes in chunk]
-        inputs = self.processor(images=[p[0] for p in padded], boxes=[p[1] for p in padded])
-        return {
-            "pixel_values": inputs["pixel_values"].to(self.model.device),
-            "boxes": [b.to(self.model.device) for b in inputs["boxes"]],
-        }
-
-    @torch.no_grad()
-    def regions(self, images: Sequence[Any], boxes: Sequence[list[list[float]]]) -> torch.Tensor:
-        """L2-normalised region embeddings [sum R_i, D], in the order of `images` then their boxes."""
-
-        def compute() -> torch.Tensor:
-            rows = []
-            for chunk in self._chunks(list(zip(images, boxes)), "Embedding regions"):
-                output = self.model.get_image_features(**self._region_inputs(chunk))
-                rows.append(F.normalize(output.pooler_output.float(), dim=-1))
-                self.computed["regions"] += sum(len(b) for _, b in chunk)
-            return torch.cat(rows).cpu()
-
-        return self._cached("regions", content_key(list(images), [list(map(tuple, b)) for b in boxes]), compute)
-
-    @torch.no_grad()
-    def captions(self, images: Sequence[Any], boxes: Sequence[list[list[float]]] | None = None) -> list[str]:
-        """Greedy (or beam) captions of the images, or of each region (in the order of `regions`)."""
-
-        def compute() -> list[str]:
-            captions: list[str] = []
-            pairs = list(zip(images, boxes)) if boxes is not None else [(image, None) for image in images]
-            for chunk in self._chunks(pairs, "Captioning regions" if boxes is not None else "Captioning images"):
-                if boxes is not None:
-                    inputs = self._region_inputs(chunk)
-                else:
-                    pixels = self.processor(images=[open_image(v) for v, _ in chunk])["pixel_values"]
-                    inputs = {"pixel_values": pixels.to(self.model.device)}
-                generated = self.model.generate(
-                    **inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False
-                )
-                captions += self.processor.decode_captions(generated)
-                self.computed["captions"] += len(chunk) if boxes is None else sum(len(b) for _, b in chunk)
-            return captions
-
-        settings = (self.max_new_tokens, self.num_beams)
-        region_key = [list(map(tuple, b)) for b in boxes] if boxes is not None else []
-        return self._cached("captions", content_key(list(images), region_key, str(settings)), compute)
-
-
-# ---------------------------------------------------------------------------------------------------------- metrics
-def blocked_recall(queries: torch.Tensor, items: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> dict:
-    """Recall@k of `queries` [Q, D] against `items` [N, D] with `relevant` [Q, N], QUERY_BLOCK queries at a time."""
-    totals = dict.fromkeys(ks, 0.0)
-    for start in range(0, queries.shape[0], QUERY_BLOCK):
-        block = slice(start, start + QUERY_BLOCK)
-        scores = recall_at_k(queries[block] @ items.t(), relevant[block], ks)
-        for k in ks:
-            totals[k] += scores[k] * queries[block].shape[0]
-    return {k: totals[k] / queries.shape[0] for k in ks}
-
-
-def coco_caption_scores(
-    candidates: Sequence[str], references: Sequence[Sequence[str]], meteor: bool = True, spice: bool = True
-) -> dict[str, Any]:
-    """pycocoevalcap's PTB tokenisation, BLEU-4, CIDEr-D, METEOR and (when installed) SPICE.
-
-    Returns the scores (fractions, as pycocoevalcap computes them) and `ran`, the metrics that ran; a metric whose
-    Java tool cannot start is left out with its reason under `skipped`.
-    """
-    require("pycocoevalcap", "eval", "Caption metrics (coco-captions, refcocog)")
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    if len(candidates) != len(references) or not candidates:
-        raise ValueError(f"need one reference list per candidate; got {len(candidates)} and {len(references)}.")
-    # One tokenizer run (a Java start) for references and candidates together.
-    texts = {f"g{i}": [{"caption": r} for r in refs] for i, refs in enumerate(references)}
-    texts.update({f"r{i}": [{"caption": c}] for i, c in enumerate(candidates)})
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their statistics
-        tokenized = PTBTokenizer().tokenize(texts)
-        gts = {i: tokenized[f"g{i}"] for i in range(len(references))}
-        # An empty candidate (e.g. only punctuation) would break the scorers' asserts: it scores as ".".
-        res = {i: [tokenized[f"r{i}"][0] or "."] for i in range(len(candidates))}
-        scores: dict[str, Any] = {"bleu4": float(Bleu(4).compute_score(gts, res)[0][3])}
-        scores["cider"] = float(Cider().compute_score(gts, res)[0])
-    ran, skipped = ["bleu4", "cider"], {}
-    for name, scorer, wanted in (("meteor", _meteor, meteor), ("spice", _spice, spice)):
-        if not wanted:
-            skipped[name] = "not requested"
-            continue
-        try:
-            value = scorer(gts, res)
-        except (OSError, RuntimeError, ValueError, BrokenPipeError) as error:
-            skipped[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
-            continue
-        scores[name] = value
-        ran.append(name)
-    scores["ran"] = ran
-    scores["skipped"] = skipped
-    return scores
-
-
-def _meteor(gts: dict, res: dict) -> float:
-
-    if shutil.which("java") is None:
-        raise RuntimeError("METEOR needs Java (not found on PATH)")
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    meteor = Meteor()
-    try:
-        return float(meteor.compute_score(gts, res)[0])
-    finally:
-        with meteor.lock:
-            meteor.meteor_p.stdin.close()
-            meteor.meteor_p.kill()
-            meteor.meteor_p.wait()
-
-
-def _spice(gts: dict, res: dict) -> float:
-
-    import pycocoevalcap.spice as spice_package
-
-    lib = Path(spice_package.__file__).parent / "lib"
-    if shutil.which("java") is None:
-        raise RuntimeError("SPICE needs Java (not found on PATH)")
-    if not (lib / "stanford-corenlp-3.6.0.jar").is_file() or not (lib / "stanford-corenlp-3.6.0-models.jar").is_file():
-        raise RuntimeError(
-            f"SPICE needs Stanford CoreNLP 3.6.0 (stanford-corenlp-3.6.0.jar and -models.jar) in {lib}, a download "
-            "this project never starts"
-        )
-    from pycocoevalcap.spice.spice import Spice
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return float(Spice().compute_score(gts, res)[0])
-
-
-# ---------------------------------------------------------------------------------------------------------- tasks
-@dataclass
-class RetrievalTask:
-    """Images and texts, `text_image[j]` the image of text j; `ks` the recall cut-offs."""
-
-    name: str
-    images: list[Any]
-    texts: list[str]
-    text_image: list[int]
-    ks: tuple[int, ...] = RECALL_KS
-
-    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
-        image_embeds, text_embeds = cache.images(self.images), cache.texts(self.texts)
-        owner = torch.tensor(self.text_image)
-        relevant = owner[None, :] == torch.arange(len(self.images))[:, None]  # [images, texts]
-        metrics: dict[str, Any] = {
-            f"{self.name}/num_images": len(self.images),
-            f"{self.name}/num_texts": len(self.texts),
-        }
-        for direction, (queries, items, rel) in {
-            "image_to_text": (image_embeds, text_embeds, relevant),
-            "text_to_image": (text_embeds, image_embeds, relevant.t()),
-        }.items():
-            for k, value in blocked_recall(queries, items, rel, self.ks).items():
-                metrics[f"{self.name}/{direction}/R@{k}"] = value
-        return metrics
-
-
-@dataclass
-class ZeroShotTask:
-    """Images with class indices; a class is the mean of its normalised prompt embeddings."""
-
-    name: str
-    images: list[Any]
-    labels: list[int]
-    classes: list[str]
-    templates: list[str]
-
-    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
-        prompts = [template.format(c) for c in self.classes for template in self.templates]
-        prompt_embeds = cache.texts(prompts).view(len(self.classes), len(self.templates), -1)
-        class_embeds = F.normalize(prompt_embeds.mean(dim=1), dim=-1)  # [classes, D]
-        scores = cache.images(self.images) @ class_embeds.t()  # [N, classes]
-        top = scores.topk(min(5, len(self.classes)), dim=-1).indices  # [N, 5]
-        labels = torch.tensor(self.labels)[:, None]
-        return {
-            f"{self.name}/top1": float((top[:, :1] == labels).any(dim=1).double().mean()),
-            f"{self.name}/top5": float((top == labels).any(dim=1).double().mean()),
-            f"{self.name}/num_images": len(self.images),
-            f"{self.name}/num_classes": len(self.classes),
-        }
-
-
-@dataclass
-class CaptioningTask:
-    """Images with their reference captions."""
-
-    name: str
-    images: list[Any]
-    references: list[list[str]]
-
-    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
-        generated = cache.captions(self.images)
-        scores = coco_caption_scores(generated, self.references)
-        metrics: dict[str, Any] = {f"{self.name}/{k}": scores[k] for k in scores["ran"]}
-        metrics[f"{self.name}/caption_metrics"] = scores["ran"]
-        if scores["skipped"]:
-            metrics[f"{self.name}/skipped_metrics"] = scores["skipped"]
-        metrics[f"{self.name}/num_images"] = len(self.images)
-        return metrics
-
-
-@dataclass
-class RegionTask:
-    """Referring expressions: regions (image, pixel box) with their sentences; captioning and region<->text R@1."""
-
-    name: str
-    images: list[Any]  # one entry per distinct image
-    boxes: list[list[list[float]]]  # per image, its regions' boxes
-    sentences: list[list[str]] = field(default_factory=list)  # per region (flat, images in order), its sentences
-
-    def run(self, cache: EmbeddingCache) -> dict[str, Any]:
-        metrics: dict[str, Any] = {f"{self.name}/num_regions": len(self.sentences)}
-        generated = cache.captions(self.images, self.boxes)
-        scores = coco_caption_scores(generated, self.sentences)
-        metrics.update({f"{self.name}/region_caption/{k}": scores[k] for k in scores["ran"]})
-        metrics[f"{self.name}/caption_metrics"] = scores["ran"]
-        if scores["skipped"]:
-            metrics[f"{self.name}/skipped_metrics"] = scores["skipped"]
-        texts = [s for sentences in self.sentences for s in sentences]
-        owner = torch.tensor([r for r, sentences in enumerate(self.sentences) for _ in sentences])
-        relevant = torch.arange(len(self.sentences))[:, None] == owner[None, :]  # [regions, texts]
-        region_embeds, text_embeds = cache.regions(self.images, self.boxes), cache.texts(texts)
-        metrics[f"{self.name}/region_to_text/R@1"] = blocked_recall(region_embeds, text_embeds, relevant, (1,))[1]
-        metrics[f"{self.name}/text_to_region/R@1"] = blocked_recall(text_embeds, region_embeds, relevant.t(), (1,))[1]
-        return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------- loaders
@@ -597,7 +242,7 @@ def load_refcocog(name: str, folder: Path, options: BenchmarkOptions) -> RegionT
     boxes: list[list[list[float]]] = []
     grouped: list[list[list[str]]] = []
     for reference in references:
-        key = reference.image_key if reference.image_key is not None else _identity(reference.image)
+        key = reference.image_key if reference.image_key is not None else content_identity(reference.image)
         if key not in order:
             order[key] = len(images)
             images.append(reference.image)
@@ -630,15 +275,6 @@ def load_benchmark(name: str, data_dir: str | Path, options: BenchmarkOptions | 
     if not folder.is_dir():
         raise ValueError(f"`--data-dir` {data_dir} is not a folder (benchmark {name}).")
     return BENCHMARKS[name](name, folder, options or BenchmarkOptions())
-
-
-def run_benchmarks(tasks: Sequence[Any], cache: EmbeddingCache) -> dict[str, Any]:
-    """Every task's metrics in one flat dict (`<benchmark>/<metric>`), sharing the cache."""
-    cache.model.eval()
-    metrics: dict[str, Any] = {}
-    for task in tqdm(tasks, desc="Benchmarks", disable=not cache.progress or len(tasks) < 2):
-        metrics.update(task.run(cache))
-    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------------- tables

@@ -11,14 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mmgem.errors import checking_user_input
-from mmgem.evaluation.benchmarks import (
-    BENCHMARKS,
-    BenchmarkOptions,
-    EmbeddingCache,
-    format_benchmark_tables,
-    load_benchmark,
-    run_benchmarks,
-)
+from mmgem.evaluation.benchmarks import BENCHMARKS, BenchmarkOptions, format_benchmark_tables, load_benchmark
+from mmgem.evaluation.tasks import EmbeddingCache, run_tasks
 from mmgem.files import write_json_atomic
 
 
@@ -63,7 +57,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         model.to(device), processor, args.cache_dir, args.batch_size, not args.no_progress, args.max_new_tokens,
         args.num_beams,
     )  # fmt: skip
-    metrics: dict[str, Any] = run_benchmarks(tasks, cache)
+    metrics: dict[str, Any] = run_tasks(tasks, cache)
     if args.limit:
         metrics["limit"] = args.limit
     print(format_benchmark_tables(metrics, model_name=Path(args.model).name or args.model))

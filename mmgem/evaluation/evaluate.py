@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmgem.cli import command_parser
 from mmgem.errors import checking_user_input
 from mmgem.evaluation.cli_benchmarks import add_benchmark_arguments, run_benchmark_command
-from mmgem.evaluation.metrics import caption_metrics, recall_at_k, same_text_relevance
+from mmgem.evaluation.metrics import caption_metrics, same_text_relevance
+from mmgem.evaluation.tasks import CaptioningTask, EmbeddingCache, RegionTask, RetrievalTask, ZeroShotTask, run_tasks
 from mmgem.files import write_json_atomic
 from mmgem.synthetic import class_name
 
@@ -63,69 +63,6 @@ class EvaluationResult:
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def _batches(items: Sequence[Any], size: int, description: str, progress: bool) -> Any:
-    starts = range(0, len(items), size)
-    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
-        yield items[start : start + size]
-
-
-@torch.no_grad()
-def embed_texts(model: Any, processor: Any, texts: Sequence[str], batch_size: int = 64, progress: bool = False):
-    """L2-normalised text embeddings [N, D]."""
-    rows = []
-    for chunk in _batches(list(texts), batch_size, "Embedding texts", progress):
-        inputs = processor(text=list(chunk), truncation=True).to(model.device)
-        rows.append(F.normalize(model.get_text_features(**inputs).pooler_output.float(), dim=-1))
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def embed_images(model: Any, processor: Any, images: Sequence[Any], batch_size: int = 64, progress: bool = False):
-    """L2-normalised image embeddings [N, D]."""
-    rows = []
-    for chunk in _batches(list(images), batch_size, "Embedding images", progress):
-        pixel_values = processor(images=list(chunk))["pixel_values"].to(model.device)
-        rows.append(F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1))
-    return torch.cat(rows)
-
-
-@torch.no_grad()
-def embed_regions(
-    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]], batch_size: int = 64,
-    progress: bool = False,
-):  # fmt: skip
-    """L2-normalised region embeddings [sum R_i, D], regions of image 0 first (images without boxes are skipped)."""
-    pairs = [(image, b) for image, b in zip(images, boxes) if len(b)]
-    rows = []
-    for chunk in _batches(pairs, batch_size, "Embedding regions", progress):
-        inputs = processor(images=[p[0] for p in chunk], boxes=[p[1] for p in chunk])
-        boxes_ = [b.to(model.device) for b in inputs["boxes"]]
-        output = model.get_image_features(pixel_values=inputs["pixel_values"].to(model.device), boxes=boxes_)
-        rows.append(F.normalize(output.pooler_output.float(), dim=-1))
-    return torch.cat(rows) if rows else torch.zeros(0, 0)
-
-
-@torch.no_grad()
-def generate_captions(
-    model: Any, processor: Any, images: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]] | None = None,
-    batch_size: int = 32, max_new_tokens: int = 32, num_beams: int = 1, progress: bool = False,
-) -> list[str]:  # fmt: skip
-    """Greedy (or beam) captions of images, or with `boxes` of each region (regions of image 0 first)."""
-    pairs = list(zip(images, boxes)) if boxes is not None else [(image, None) for image in images]
-    pairs = [p for p in pairs if p[1] is None or len(p[1])]
-    captions: list[str] = []
-    description = "Captioning regions" if boxes is not None else "Captioning images"
-    for chunk in _batches(pairs, batch_size, description, progress):
-        chunk_boxes = [p[1] for p in chunk] if boxes is not None else None
-        inputs = processor(images=[p[0] for p in chunk], boxes=chunk_boxes)
-        kwargs = {"pixel_values": inputs["pixel_values"].to(model.device)}
-        if chunk_boxes is not None:
-            kwargs["boxes"] = [b.to(model.device) for b in inputs["boxes"]]
-        generated = model.generate(**kwargs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
-        captions += processor.decode_captions(generated)
-    return captions
-
-
 def default_label(record: Any) -> str | None:
     """A record's zero-shot label: its `label` field, or for the synthetic shapes the class of a lone object."""
     label = record.metadata.get("label")
@@ -165,46 +102,6 @@ def templates_for(
     if reduction not in TEMPLATE_REDUCTIONS:
         raise ValueError(f"`template_reduction` must be one of {TEMPLATE_REDUCTIONS}; got {reduction!r}.")
     return chosen, reduction
-
-
-# ---------------------------------------------------------------------------------------------------------- tasks
-def _retrieval(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
-    similarity = image_embeds @ text_embeds.t()  # [N images, N captions]
-    relevant = same_text_relevance(captions, captions)  # image i and caption j match when caption i == caption j
-    metrics = {}
-    for name, sim in (("image_to_text", similarity), ("text_to_image", similarity.t())):
-        for k, value in recall_at_k(sim, relevant, RECALL_KS).items():
-            metrics[f"{name}/R@{k}"] = value
-    return metrics
-
-
-def _zero_shot(
-    model: Any, processor: Any, images: Sequence[Any], labels: Sequence[str], classes: Sequence[str],
-    templates: Sequence[str], reduction: str, batch_size: int, progress: bool,
-) -> tuple[dict[str, float], list[tuple[str, str]]]:  # fmt: skip
-    unknown = sorted(set(labels) - set(classes))
-    if unknown:
-        raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
-    prompts = [template.format(c) for c in classes for template in templates]
-    prompt_embeds = embed_texts(model, processor, prompts, batch_size, progress).view(len(classes), len(templates), -1)
-    image_embeds = embed_images(model, processor, images, batch_size, progress)
-    if reduction == "mean":
-        scores = image_embeds @ F.normalize(prompt_embeds.mean(dim=1), dim=-1).t()  # [N, classes]
-    else:
-        scores = torch.einsum("nd,ctd->nct", image_embeds, prompt_embeds).amax(dim=-1)  # [N, classes]
-    predicted = scores.argmax(dim=-1).tolist()
-    pairs = [(label, classes[p]) for label, p in zip(labels, predicted)]
-    accuracy = sum(a == b for a, b in pairs) / len(pairs)
-    return {"zero_shot/accuracy": accuracy, "zero_shot/num_examples": len(pairs)}, pairs
-
-
-def _region_retrieval(region_embeds: torch.Tensor, text_embeds: torch.Tensor, region_texts: Sequence[str],
-                      distinct: Sequence[str]) -> dict[str, float]:  # fmt: skip
-    similarity = region_embeds @ text_embeds.t()  # [R, distinct captions]
-    relevant = same_text_relevance(region_texts, distinct)
-    metrics = {"region_retrieval/R@1": recall_at_k(similarity, relevant, (1,))[1]}
-    metrics["region_retrieval/text_to_region_R@1"] = recall_at_k(similarity.t(), relevant.t(), (1,))[1]
-    return metrics
 
 
 def evaluate_model(
@@ -248,48 +145,86 @@ def evaluate_model(
     model.eval()
     images = [r.load_image() for r in tqdm(records, desc="Loading images", disable=not progress, leave=False)]
     captions = [r.caption for r in records]
-    boxes = [[region.box for region in r.regions] for r in records]
     region_texts = [region.caption for r in records for region in r.regions]
     result = EvaluationResult(metrics={"num_images": len(records), "num_regions": len(region_texts)})
-    metrics = result.metrics
-    if "retrieval" in tasks:
-        image_embeds = embed_images(model, processor, images, batch_size, progress)
-        text_embeds = embed_texts(model, processor, captions, batch_size, progress)
-        metrics.update(_retrieval(image_embeds, text_embeds, captions))
-        result.similarity = image_embeds @ text_embeds.t()
-    if "zero_shot" in tasks:
-        labelled = [(image, label_fn(r)) for image, r in zip(images, records)]
-        labelled = [(image, label) for image, label in labelled if label is not None]
-        if labelled:
-            class_list = list(classes) if classes else sorted({label for _, label in labelled})
-            zs_metrics, result.zero_shot = _zero_shot(
-                model, processor, [p[0] for p in labelled], [p[1] for p in labelled], class_list, templates,
-                template_reduction, batch_size, progress,
-            )  # fmt: skip
-            metrics.update(zs_metrics)
+    # Regions are embedded in the processor's frame as training sees them (no padding to a square).
+    cache = EmbeddingCache(model, processor, None, batch_size, progress, max_new_tokens, num_beams, pad_regions=False)
     limit = len(records) if max_caption_images is None else min(max_caption_images, len(records))
-    if "captioning" in tasks:
-        generated = generate_captions(
-            model, processor, images[:limit], None, batch_size, max_new_tokens, num_beams, progress
-        )
-        result.captions = list(zip(captions[:limit], generated))
-        metrics.update({f"caption/{k}": v for k, v in caption_metrics(generated, captions[:limit]).items()})
-        metrics["num_caption_images"] = limit
-    has_regions = bool(region_texts)
-    if "region_captioning" in tasks and any(boxes[:limit]):
-        references = [region.caption for r in records[:limit] for region in r.regions]
-        generated = generate_captions(
-            model, processor, images[:limit], boxes[:limit], batch_size, max_new_tokens, num_beams, progress
-        )
-        result.region_captions = list(zip(references, generated))
-        metrics.update({f"region_caption/{k}": v for k, v in caption_metrics(generated, references).items()})
-        metrics["num_caption_regions"] = len(references)
-    if "region_retrieval" in tasks and has_regions:
-        region_embeds = embed_regions(model, processor, images, boxes, batch_size, progress)
-        distinct = sorted(set(region_texts))
-        text_embeds = embed_texts(model, processor, distinct, batch_size, progress)
-        metrics.update(_region_retrieval(region_embeds, text_embeds, region_texts, distinct))
+    planned = _plan_tasks(records, images, tasks, classes, templates, template_reduction, label_fn, limit)
+    metrics = run_tasks(list(planned.values()), cache)
+    result.metrics.update(_documented_metrics(metrics))
+    if "retrieval" in planned:
+        result.similarity = cache.images(images) @ cache.texts(captions).t()  # [N images, N captions], cached
+    if "zero_shot" in planned:
+        task = planned["zero_shot"]
+        result.zero_shot = [(task.classes[label], task.classes[p]) for label, p in zip(task.labels, task.predictions)]
+    if "caption" in planned:
+        task = planned["caption"]
+        result.captions = [(refs[0], text) for refs, text in zip(task.references, task.generated)]
+    if "region_caption" in planned:
+        task = planned["region_caption"]
+        result.region_captions = [(refs[0], text) for refs, text in zip(task.references, task.generated)]
     return result
+
+
+def _plan_tasks(
+    records: Sequence[Any], images: list[Any], tasks: Sequence[str], classes: Sequence[str] | None,
+    templates: Sequence[str], template_reduction: str, label_fn: Callable[[Any], str | None], limit: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The engine's tasks for `tasks` on a split, by metric prefix (tasks with nothing to measure are left out)."""
+    captions = [r.caption for r in records]
+    boxes = [[region.box for region in r.regions] for r in records]
+    planned: dict[str, Any] = {}
+    if "retrieval" in tasks:
+        relevant = same_text_relevance(captions, captions)  # image i and caption j match when caption i == caption j
+        planned["retrieval"] = RetrievalTask("retrieval", images, captions, ks=RECALL_KS, relevant=relevant)
+    labelled = [(image, label_fn(r)) for image, r in zip(images, records)] if "zero_shot" in tasks else []
+    labelled = [(image, label) for image, label in labelled if label is not None]
+    if labelled:
+        class_list = list(classes) if classes else sorted({label for _, label in labelled})
+        unknown = sorted({label for _, label in labelled} - set(class_list))
+        if unknown:
+            raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
+        planned["zero_shot"] = ZeroShotTask(
+            "zero_shot", [p[0] for p in labelled], [class_list.index(p[1]) for p in labelled], class_list,
+            list(templates), template_reduction,
+        )  # fmt: skip
+    if "captioning" in tasks:
+        planned["caption"] = CaptioningTask("caption", images[:limit], [[c] for c in captions[:limit]],
+                                            scorer=caption_metrics)  # fmt: skip
+    if "region_captioning" in tasks and any(boxes[:limit]):
+        references = [[region.caption] for r in records[:limit] for region in r.regions]
+        planned["region_caption"] = CaptioningTask("region_caption", images[:limit], references, boxes[:limit],
+                                                   scorer=caption_metrics)  # fmt: skip
+    if "region_retrieval" in tasks and any(boxes):
+        sentences = [[region.caption] for r in records for region in r.regions]
+        planned["region_retrieval"] = RegionTask("region_retrieval", images, boxes, sentences, distinct_texts=True,
+                                                 caption=False)  # fmt: skip
+    return planned
+
+
+# The engine's keys -> the keys this module documents (`mmgem evaluate --data`, the demo's metrics.json).
+RENAMED_METRICS = {
+    "zero_shot/top1": "zero_shot/accuracy",
+    "zero_shot/num_images": "zero_shot/num_examples",
+    "caption/num_images": "num_caption_images",
+    "region_caption/num_regions": "num_caption_regions",
+    "region_retrieval/region_to_text/R@1": "region_retrieval/R@1",
+    "region_retrieval/text_to_region/R@1": "region_retrieval/text_to_region_R@1",
+}
+DROPPED_METRICS = ("retrieval/num_images", "retrieval/num_texts", "zero_shot/top5", "zero_shot/num_classes",
+                   "region_caption/num_images", "region_retrieval/num_regions")  # fmt: skip
+
+
+def _documented_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The engine's metrics under the keys of the module docstring (`retrieval/` dropped from retrieval keys)."""
+    renamed = {}
+    for key, value in metrics.items():
+        if key in DROPPED_METRICS:
+            continue
+        key = RENAMED_METRICS.get(key, key.removeprefix("retrieval/"))
+        renamed[key] = value
+    return renamed
 
 
 # ---------------------------------------------------------------------------------------------------------- output

@@ -97,6 +97,19 @@ def same_text_relevance(query_texts: Sequence[str], item_texts: Sequence[str]) -
 
 
 # ---------------------------------------------------------------------------------------------- captions
+def class_scores(image_embeds: torch.Tensor, prompt_embeds: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Zero-shot scores `[N, C]` of unit-length images `[N, D]` against classes' prompt embeddings `[C, T, D]`.
+
+    "mean": the cosine with the mean of a class's prompts, renormalised (prompt ensembling, as CLIP).
+    "max": the best prompt's cosine (templates that enumerate a nuisance attribute, e.g. sizes).
+    """
+    if reduction == "mean":
+        return image_embeds @ torch.nn.functional.normalize(prompt_embeds.mean(dim=1), dim=-1).t()
+    if reduction == "max":
+        return torch.einsum("nd,ctd->nct", image_embeds, prompt_embeds).amax(dim=-1)
+    raise ValueError(f"`reduction` must be 'mean' or 'max'; got {reduction!r}.")
+
+
 def exact_match(candidates: Sequence[str], references: Sequence[Sequence[str] | str]) -> float:
     """Share of candidates equal to one of their references, after :func:`normalize_text`."""
     refs = _check_pairs(candidates, references)

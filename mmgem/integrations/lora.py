@@ -39,11 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import modeling_mmgem  # noqa: F401  (registers the installed classes: no remote code needed)
-from mmgem.training.freezing import PROJECTION_MODULES, set_frozen, set_requires_grad
+from mmgem.training.freezing import PROJECTION_MODULES
 from modeling_mmgem.utils_mmgem import enable_activation_checkpointing
 
 NEW_TOKEN_ID_NAMES = ("emb_token_id", "cap_token_id")
@@ -220,16 +219,7 @@ def mmgem_lora_config(
     )
 
 
-# ---------------------------------------------------------------------------------------------- freezing
-def freeze_vision_tower(model: nn.Module, frozen: bool = True) -> None:
-    """Freeze (default) or unfreeze the vision tower of an MMGEMModel (full fine-tuning without PEFT).
-
-    Under PEFT use `mmgem_lora_config(..., train_vision="lora" | "full")` instead: PEFT freezes everything it does not
-    train, and only what it trains is saved with the adapter.
-    """
-    set_frozen(_check_mmgem(model), vision=frozen)
-
-
+# ---------------------------------------------------------------------------------------------- counting
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """`{"trainable": ..., "total": ...}` parameter counts (shared tensors counted once)."""
     seen: set[int] = set()
@@ -373,16 +363,6 @@ def load_lora_adapter(
     return peft_model
 
 
-@torch.no_grad()
-def lora_weights_changed(peft_model: Any, adapter_name: str = "default") -> bool:
-    """Whether any LoRA `B` matrix is non-zero, i.e. the adapter differs from the base (PEFT initialises B to 0)."""
-    return any(
-        parameter.abs().sum().item() > 0
-        for name, parameter in peft_model.named_parameters()
-        if ".lora_B." in name and name.endswith(f"{adapter_name}.weight")
-    )
-
-
 __all__ = [
     "PROJECTION_MODULES",
     "adapter_key_mismatch",
@@ -390,11 +370,8 @@ __all__ = [
     "count_parameters",
     "enable_gradient_checkpointing",
     "expose_tied_weights",
-    "freeze_vision_tower",
     "language_model_target_regex",
     "load_lora_adapter",
-    "lora_weights_changed",
     "mmgem_lora_config",
     "new_token_ids",
-    "set_requires_grad",
 ]

@@ -24,6 +24,8 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from tqdm.auto import tqdm
 
+from mmgem.embedding import encode_images, encode_texts
+
 CITATION = """@article{ma2024mmgem,
   title={Multi-Modal Generative Embedding Model},
   author={Ma, Feipeng and Xue, Hongwei and Wang, Guangting and Zhou, Yizhou and Rao, Fengyun and Yan, Shilin and
@@ -52,16 +54,11 @@ class MMGEMEncoder(AbsEncoder):
         self.model = AutoModel.from_pretrained(model_name, dtype=dtype, **load).to(self.device).eval()
         self.processor = AutoProcessor.from_pretrained(model_name, **load)
 
-    @torch.no_grad()
     def _texts(self, texts: list[str]) -> torch.Tensor:
-        inputs = self.processor(text=list(texts), truncation=True)
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        return F.normalize(self.model.get_text_features(**inputs).pooler_output.float(), dim=-1)  # [B, D]
+        return encode_texts(self.model, self.processor, list(texts), batch_size=max(len(texts), 1))  # [B, D]
 
-    @torch.no_grad()
     def _images(self, images: list[Any]) -> torch.Tensor:
-        pixel_values = self.processor(images=list(images))["pixel_values"].to(self.device, self.model.dtype)
-        return F.normalize(self.model.get_image_features(pixel_values).pooler_output.float(), dim=-1)  # [B, D]
+        return encode_images(self.model, self.processor, list(images), batch_size=max(len(images), 1))  # [B, D]
 
     def encode(
         self,

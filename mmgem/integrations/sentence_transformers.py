@@ -34,13 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import modeling_mmgem  # noqa: F401  (registers the installed classes with the Auto classes)
+from mmgem.embedding import encode_regions as embed_regions
 from mmgem.files import write_json_atomic
 from mmgem.loading import check_model_folder
-from modeling_mmgem.processing_mmgem import load_rgb_image
 
 # The modality config of sentence-transformers' `Transformer` module for MM-GEM: which model method embeds each
 # modality, and which field of its output holds the embedding. `module_output_name="sentence_embedding"` means no
@@ -194,16 +192,6 @@ def load_sentence_transformer(model_name_or_path: str | Path, **kwargs: Any) -> 
     return SentenceTransformer(str(model_name_or_path), **kwargs)
 
 
-def save_as_sentence_transformer(model: Any, processor: Any, output_dir: str | Path, **kwargs: Any) -> Path:
-    """Save an in-memory `MMGEMModel` and its processor as a folder that both transformers and sentence-transformers
-    load (`kwargs` go to [`write_sentence_transformers_files`]). Returns the folder."""
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    write_sentence_transformers_files(output_dir, **kwargs)
-    return output_dir
-
-
 # ---------------------------------------------------------------------------------------------- regions
 def _model_and_processor(model: Any, processor: Any | None) -> tuple[Any, Any, int | None]:
     """(MMGEMModel, processor, default truncate_dim) from a SentenceTransformer or an MMGEMModel + processor."""
@@ -260,22 +248,10 @@ def encode_regions(
         raise ValueError(f"`batch_size` must be a positive integer; got {batch_size!r}.")
     if truncate_dim is not None and (not isinstance(truncate_dim, int) or truncate_dim < 1):
         raise ValueError(f"`truncate_dim` must be a positive integer or None; got {truncate_dim!r}.")
-    starts = range(0, len(images), batch_size)
-    show = len(starts) > 1 if show_progress_bar is None else show_progress_bar
+    show = len(images) > batch_size if show_progress_bar is None else show_progress_bar
     mmgem.eval()  # as SentenceTransformer.encode does: no dropout in embeddings
-    device = next(mmgem.parameters()).device
-    chunks = []
-    with torch.inference_mode():
-        for start in tqdm(starts, desc="Region batches", disable=not show):
-            chunk = images[start : start + batch_size]
-            batch_images = [load_rgb_image(image, start + i) for i, image in enumerate(chunk)]
-            inputs = processor(images=batch_images, boxes=list(boxes[start : start + batch_size]))
-            frame_boxes = [b.to(device) for b in inputs["boxes"]]
-            features = mmgem.get_image_features(inputs["pixel_values"].to(device), boxes=frame_boxes).pooler_output
-            chunks.append(features.float().cpu())
-    embeddings = torch.cat(chunks)
-    if normalize_embeddings:
-        embeddings = F.normalize(embeddings, dim=-1)
+    embeddings = embed_regions(mmgem, processor, list(images), list(boxes), batch_size=batch_size,
+                               normalize=normalize_embeddings, progress=show)  # fmt: skip
     if truncate_dim is not None:
         embeddings = embeddings[:, :truncate_dim]
     return embeddings if convert_to_tensor else embeddings.numpy()
@@ -285,7 +261,6 @@ __all__ = [
     "MODALITY_CONFIG",
     "encode_regions",
     "load_sentence_transformer",
-    "save_as_sentence_transformer",
     "sentence_transformers_configs",
     "write_sentence_transformers_files",
 ]

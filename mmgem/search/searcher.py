@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mmgem.cli import command_parser
+from mmgem.embedding import encode_images, encode_regions, encode_texts
 from mmgem.errors import checking_user_input
 from mmgem.loading import load_model
 from mmgem.search.indexer import model_fingerprint
@@ -81,23 +81,17 @@ class ImageSearch:
         return self.store.count("caption") > 0
 
     # ------------------------------------------------------------------------------------------- embedding
-    @torch.no_grad()
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length text embeddings [N, D]."""
-        inputs = self.processor(text=list(texts), truncation=True).to(self.model.device)
-        return F.normalize(self.model.get_text_features(**inputs).pooler_output.float(), dim=-1).cpu().numpy()
+        return encode_texts(self.model, self.processor, list(texts)).numpy()
 
-    @torch.no_grad()
     def embed_image(self, image: Any, region: Sequence[float] | None = None) -> np.ndarray:
         """The unit-length embedding [1, D] of an image (PIL, array or path), or of one `region` box of it."""
         if isinstance(image, (str, os.PathLike)):
             image = load_image(str(image))
-        boxes = [[list(region)]] if region is not None else None
-        inputs = self.processor(images=[image], boxes=boxes)
-        kwargs = {"pixel_values": inputs["pixel_values"].to(self.model.device)}
-        if boxes is not None:
-            kwargs["boxes"] = [b.to(self.model.device) for b in inputs["boxes"]]
-        return F.normalize(self.model.get_image_features(**kwargs).pooler_output.float(), dim=-1).cpu().numpy()
+        if region is None:
+            return encode_images(self.model, self.processor, [image]).numpy()
+        return encode_regions(self.model, self.processor, [image], [[list(region)]]).numpy()
 
     # ------------------------------------------------------------------------------------------- search
     def vectors(self, query: np.ndarray, k: int = 10, target: str = "images", exact: bool = False) -> list[Hit]:

@@ -20,10 +20,12 @@ def set_requires_grad(module: nn.Module, requires_grad: bool) -> None:
         parameter.requires_grad_(requires_grad)
 
 
-def set_frozen(
+def freeze(
     model: Any, vision: bool | None = None, language_model: bool | None = None, projections: bool | None = None
 ) -> None:
-    """Freeze (True) or unfreeze (False) parts of an MMGEMModel; a part given as None is left as it is."""
+    """Freeze (True) or make trainable (False) parts of an MMGEMModel for full fine-tuning: the vision tower, the
+    LM, h1/h2/h3 and the temperature; a part given as None is left as it is. (Under PEFT, the LoRA config decides:
+    `mmgem_lora_config(..., train_vision="lora" | "full")`.)"""
     parts = ((vision, VISION_MODULES), (language_model, LANGUAGE_MODEL_MODULES), (projections, PROJECTION_MODULES))
     for frozen, names in parts:
         if frozen is None:
@@ -32,10 +34,4 @@ def set_frozen(
             set_requires_grad(getattr(model, name), not frozen)
 
 
-def freeze(model: Any, vision: bool = False, language_model: bool = False, projections: bool = False) -> None:
-    """Freeze parts of an MMGEMModel for full fine-tuning (the vision tower, the LM, h1/h2/h3 and the temperature);
-    the parts not frozen are made trainable."""
-    set_frozen(model, vision=vision, language_model=language_model, projections=projections)
-
-
-__all__ = ["PROJECTION_MODULES", "freeze", "set_frozen", "set_requires_grad"]
+__all__ = ["PROJECTION_MODULES", "freeze", "set_requires_grad"]

@@ -20,8 +20,11 @@ from typing import Any
 
 from mmgem.data.formats import IndexedSource, RawSample, Shard, Source, SourceOptions
 from mmgem.data.formats.grit import grit_regions
+from mmgem.optional import require
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
+
+DATASETS_PURPOSE = "Reading Hugging Face datasets (--data-format hf)"
 
 
 def is_dataset_folder(path: Path) -> bool:
@@ -91,7 +94,7 @@ class RowConverter:
 
 def _undecoded(dataset: Any, column: str) -> Any:
     """The dataset with its image column left as bytes/path (decoded later, in the worker, with error handling)."""
-    import datasets
+    datasets = require("datasets", "data", DATASETS_PURPOSE)
 
     feature = dataset.features.get(column) if dataset.features else None
     if isinstance(feature, datasets.Image):
@@ -103,7 +106,7 @@ class ArrowSource(IndexedSource):
     """A local dataset (memory-mapped Arrow), read by index."""
 
     def __init__(self, path: str, options: SourceOptions, converter: type[RowConverter] = RowConverter) -> None:
-        import datasets
+        datasets = require("datasets", "data", DATASETS_PURPOSE)
 
         folder = Path(path)
         self.name = f"hf:{path}"
@@ -143,7 +146,7 @@ class StreamingHubSource(Source):
         self.convert = converter(options, None)
 
     def samples(self, shard: Shard, epoch: int, seed: int) -> Iterator[RawSample]:
-        import datasets
+        datasets = require("datasets", "data", DATASETS_PURPOSE)
         import torch.utils.data
         from datasets.distributed import split_dataset_by_node
 

@@ -27,7 +27,7 @@ from modeling_mmgem.configuration_mmgem import MMGEMConfig
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor, add_mmgem_special_tokens
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger("mmgem.conversion")
 
 # MM-GEM modules that the components do not provide: initialised here, trained later.
 NEW_HEADS = ("image_projection", "visual_token_projection", "text_projection", "logit_scale")

@@ -3,9 +3,9 @@
 - `convert`: compose an MM-GEM from a CLIP/SigLIP vision tower and a causal LM, write one complete Hub folder.
 - `export_checkpoint`: the same for a trained checkpoint (saved model, LoRA adapter to merge, or state dict).
 - `push_folder`: upload such a folder to the Hub in one commit.
-- `main`: the command line (`mmgem-convert`, or `python -m conversion.convert_mmgem`).
+- `main`: the command line (`mmgem-convert`, or `python -m mmgem.conversion.convert_mmgem`).
 
-The names are imported lazily, so that `python -m conversion.convert_mmgem` does not import the module twice.
+The names are imported lazily, so that `python -m mmgem.conversion.convert_mmgem` does not import the module twice.
 """
 
 from __future__ import annotations

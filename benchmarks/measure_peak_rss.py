@@ -1,6 +1,6 @@
 """Run `mmgem-convert` (same arguments) in this process and report its wall time and peak resident memory.
 
-    python -m conversion.measure_peak_rss --vision-model ... --language-model ... --output-dir ...
+    python -m benchmarks.measure_peak_rss --vision-model ... --language-model ... --output-dir ...
 
 Peak RSS is the kernel's high-water mark of the conversion process (`getrusage(RUSAGE_SELF).ru_maxrss`). The reload
 check that loads the written folder in a fresh interpreter reports its own (VmHWM) in the "Reload check passed" line;
@@ -14,7 +14,7 @@ import resource
 import sys
 import time
 
-from .convert_mmgem import main
+from mmgem.conversion.convert_mmgem import main
 
 
 def run(argv: list[str] | None = None) -> dict[str, float]:

@@ -35,7 +35,7 @@ from mmgem.integrations.lora import mmgem_lora_config
 from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 from modeling_mmgem.utils_mmgem import DEFAULT_MAX_CAPTION_TOKENS
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger("mmgem.conversion")
 
 VERIFY_SCRIPT = Path(__file__).with_name("verify_export.py")
 PARENT_PID_ENV = "MMGEM_VERIFY_PARENT_PID"
@@ -142,141 +142,8 @@ def infer_license(sources: list[str | None], notes: list[str]) -> str:
     return "other"
 
 
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-An **MM-GEM** ([Multi-Modal Generative Embedding Model]({{ paper }}), Ma et al. 2024): one vision tower and ONE causal
-language model that both embeds text (its hidden state at an appended `[EMB]` token) and writes captions from pooled
-visual tokens. Images, image regions and texts share one embedding space, and the same model captions images and
-regions.
-
-{% if untrained -%}
-> **Untrained composition.** This model was assembled from pretrained components; the MM-GEM projections (h1, h2,
-> h3), the temperature and the new `[EMB]` / `[CAP]` / `<image>` token embeddings are randomly initialised. Train it
-> (contrastive + captioning) before use: its embeddings and captions are meaningless until then.
-{%- else -%}
-Exported from the trained checkpoint `{{ checkpoint }}` ({{ checkpoint_kind }}).
-{%- endif %}
-
-## Components
-
-| Part | Source |
-|---|---|
-| Vision tower | {{ vision_model }} |
-| Language model (embedding + captioning) | {{ language_model }} |
-| PoolAggregator | {{ grid }}x{{ grid }} grid ({{ num_image_tokens }} visual tokens per image or region), 1x1 to embed |
-| Projections h1 / h2 / h3 | {{ projection_type }}, shared space of {{ projection_dim }} dimensions |
-| Image size / patch grid | {{ image_size }} px, {{ patch_grid }}x{{ patch_grid }} patches |
-| Weights dtype | {{ dtype }} |
-
-{% for note in notes -%}
-- {{ note }}
-{% endfor %}
-
-## Usage with transformers
-
-```python
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from transformers import AutoModel, AutoProcessor
-
-model = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-image = Image.open("photo.jpg")
-
-with torch.no_grad():
-    # Image and text embeddings in one space (not normalised, as CLIP's get_*_features).
-    image_embeds = model.get_image_features(processor(images=[image])["pixel_values"]).pooler_output
-    texts = processor(text=["a photo of a dog", "a photo of a cat"])
-    text_embeds = model.get_text_features(**texts).pooler_output
-    scores = F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
-
-    # Captioning (GenerationMixin: greedy, beam search, sampling).
-    generated = model.generate(**processor(images=[image]), max_new_tokens=30)
-    print(processor.decode_captions(generated))
-
-    # Regions: boxes in pixels of the original image (x0, y0, x1, y1).
-    regions = processor(images=[image], boxes=[[[10, 20, 200, 180]]])
-    region_embeds = model.get_image_features(regions["pixel_values"], boxes=regions["boxes"]).pooler_output
-    print(processor.decode_captions(model.generate(**regions, max_new_tokens=30)))
-```
-
-## Usage with transformers pipelines
-
-```python
-from transformers import pipeline
-
-classify = pipeline("zero-shot-image-classification", model="{{ repo_id }}", trust_remote_code=True)
-classify("photo.jpg", candidate_labels=["dog", "cat"], hypothesis_template="a photo of a {}")
-caption = pipeline("image-text-to-text", model="{{ repo_id }}", trust_remote_code=True)
-caption(images="photo.jpg", max_new_tokens=30)  # no prompt; or the chat form with a user message holding the image
-pipeline("image-feature-extraction", model="{{ repo_id }}", trust_remote_code=True)("photo.jpg")  # image embedding
-pipeline("feature-extraction", model="{{ repo_id }}", trust_remote_code=True)("a photo of a dog")  # text embedding
-```
-
-## Usage with sentence-transformers
-
-```python
-from PIL import Image
-from sentence_transformers import SentenceTransformer
-
-model = SentenceTransformer("{{ repo_id }}", trust_remote_code=True)
-text_embeddings = model.encode(["a photo of a dog", "a photo of a cat"])
-image_embeddings = model.encode([Image.open("photo.jpg")])  # one modality per call
-print(model.similarity(image_embeddings, text_embeddings))
-```
-
-## Fine-tuning with LoRA (peft)
-
-```python
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModel
-
-model = AutoModel.from_pretrained("{{ repo_id }}", trust_remote_code=True)
-config = LoraConfig(
-    r={{ lora.r }},
-    lora_alpha={{ lora.lora_alpha }},
-    lora_dropout={{ lora.lora_dropout }},
-    # A regex on the language model only: plain ["q_proj", "v_proj"] would also match the vision attention.
-    target_modules=r"{{ lora.target_modules }}",
-    modules_to_save={{ lora.modules_to_save }},
-    # The new [EMB] and [CAP] rows must train even though the embedding matrix is frozen.
-    trainable_token_indices={{ lora.trainable_token_indices }},
-)
-model = get_peft_model(model, config)
-# ... train (e.g. transformers.Trainer on batches from processor(images=..., text=captions)), then:
-model.save_pretrained("my-adapter")
-```
-
-Merge the adapter and publish the result as a standalone model:
-
-```bash
-mmgem-convert --from-checkpoint my-adapter --base-model {{ repo_id }} --output-dir my-mmgem --push-to-hub you/my-mmgem
-```
-
-## Try it in the browser
-
-`app.py` is a Gradio app (captions, zero-shot labels, region captions, search over uploaded images): run
-`pip install -r requirements.txt && python app.py` in this folder, or use the folder as a Gradio Space (the metadata
-above names the SDK and `app_file`).
-
-## How this model was made
-
-With `conversion/convert_mmgem.py` of the mmgem project: the components were loaded with their stock transformers
-classes, checked key by key (no missing key beyond MM-GEM's new modules; {{ dropped_count }} unused source keys
-dropped{% if dropped_summary %}: {{ dropped_summary }}{% endif %}), and the vision outputs and text-only language-model
-logits were checked equal to the source components' on random inputs, before and after reloading the saved folder in
-a fresh process with AutoModel, AutoProcessor and SentenceTransformer. transformers {{ transformers_version }},
-torch {{ torch_version }}.
-
-## Citation
-
-Ma et al., "Multi-Modal Generative Embedding Model", arXiv:2405.19333, 2024. {{ paper }}
-"""
+# The model card of an exported folder: a Jinja template that `ModelCard.from_template` fills in.
+CARD_TEMPLATE_FILE = Path(__file__).with_name("model_card.md")
 
 
 def _display_source(path_or_id: str | None) -> str:
@@ -327,7 +194,7 @@ def build_model_card(model: Any, info: CardInfo, model_name: str) -> ModelCard:
     dropped_prefixes = sorted({key.split(".")[0] for key in info.dropped_keys})
     return ModelCard.from_template(
         card_data,
-        template_str=CARD_TEMPLATE,
+        template_str=CARD_TEMPLATE_FILE.read_text(encoding="utf-8"),
         model_name=model_name,
         paper=PAPER,
         untrained=info.checkpoint is None,

@@ -1,7 +1,7 @@
 """Reload an exported MM-GEM folder in a fresh process, as its users will, and compare it with the converter's
 in-memory model.
 
-    python conversion/verify_export.py FOLDER REFERENCES.pt
+    python path/to/mmgem/conversion/verify_export.py FOLDER REFERENCES.pt
 
 The conversion runs this file as a script (not as part of the mmgem package) so that the check sees only what the
 folder itself provides: it imports torch, transformers, sentence-transformers and PIL, never `modeling_mmgem`, and

@@ -1,8 +1,8 @@
 """Random components shaped like the paper's (a full CLIP ViT-L/14 at 224 px and TinyLlama-1.1B), saved in the real
 formats, to measure the conversion's memory and time without downloading anything:
 
-    python -m conversion.random_components --output-dir /tmp/mmgem-big
-    python -m conversion.measure_peak_rss --vision-model /tmp/mmgem-big/clip-vit-large-patch14 \\
+    python -m benchmarks.random_components --output-dir /tmp/mmgem-big
+    python -m benchmarks.measure_peak_rss --vision-model /tmp/mmgem-big/clip-vit-large-patch14 \\
         --language-model /tmp/mmgem-big/tinyllama-1.1b --output-dir /tmp/mmgem-big/out
 
 The CLIP folder is float32 and the TinyLlama folder bfloat16 (as the Hub releases are); the tokenizer is a word-level

@@ -4,7 +4,7 @@
         --language-model TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T --output-dir mmgem-vitl-tinyllama
     mmgem-convert --from-checkpoint runs/stage2/checkpoint-5000 --output-dir my-mmgem --push-to-hub me/my-mmgem
 
-(or `python -m conversion.convert_mmgem ...`). The output folder is one complete Hub repo, written to a temporary
+(or `python -m mmgem.conversion.convert_mmgem ...`). The output folder is one complete Hub repo, written to a temporary
 sibling and renamed into place only after the model was reloaded in a fresh process: a failure leaves no output.
 
 Python API: [`convert`], [`export_checkpoint`], [`push_folder`].
@@ -23,18 +23,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # run as a file, `python conversion/convert_mmgem.py`: import the project from this checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conversion.checkpoints import (  # noqa: E402 (after the path set-up above)
+from mmgem.cli import HelpFormatter
+from mmgem.conversion.checkpoints import (
     checkpoint_kind,
     load_merged_adapter,
     load_model_folder,
     load_state_dict_file,
     parse_key_mapping,
 )
-from conversion.components import Composition, compose, parse_dtype  # noqa: E402
-from conversion.publish import (  # noqa: E402
+from mmgem.conversion.components import Composition, compose, parse_dtype
+from mmgem.conversion.publish import (
     CardInfo,
     HubPushError,
     check_output_dir,
@@ -46,10 +44,9 @@ from conversion.publish import (  # noqa: E402
     publish,
     push_folder,
 )
-from mmgem.cli import HelpFormatter  # noqa: E402
-from mmgem.errors import debug_requested, one_line  # noqa: E402
+from mmgem.errors import debug_requested, one_line
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger("mmgem.conversion")
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 

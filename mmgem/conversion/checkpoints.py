@@ -32,7 +32,7 @@ from .components import (
     resolve_vision,
 )
 
-logger = logging.getLogger("conversion")
+logger = logging.getLogger("mmgem.conversion")
 
 # The installed MMGEMConfig answers for model_type "mmgem": loading a saved folder's tokenizer (AutoTokenizer reads its
 # config.json) then needs no remote code, instead of prompting for `trust_remote_code` (or failing unattended).
