@@ -13,7 +13,7 @@ MIN_TRANSFORMERS ?= 5.18.0
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
-.PHONY: venv chromium docs test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
+.PHONY: venv chromium docs results test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,11 @@ test: venv lint chromium docs
 # The documentation site (mkdocs.yml): a broken link, a missing page or an API docstring that cannot be rendered
 # fails the build. tests/test_docs.py runs the pages' code blocks.
 docs: venv
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site  # not --quiet: it hides the warnings that --strict counts
+
+# docs/results.md and the README's results table, from the JSON committed under docs/ and experiments/.
+results: venv
+	$(PY) -m mmgem.results
 
 # Debian's chromium for the browser test of the web app (tests/test_app.py); CI runs as root on a fresh machine.
 CHROMIUM ?= /usr/bin/chromium

@@ -179,10 +179,28 @@ def page_runs():
     return {}
 
 
+CONSOLE_SCRIPT = re.compile(r"""["']([\w-]+)\s*=\s*([\w.]+):(\w+)["']""")
+
+
+def console_scripts(bin_folder: Path) -> Path:
+    """The commands `setup.py` declares (`mmgem`, `mmgem-convert`), as this checkout defines them: an installed
+    script could be older than the checkout (an editable install made before an entry point moved)."""
+    section = (REPO_ROOT / "setup.py").read_text(encoding="utf-8").split("console_scripts", 1)[1].split("]", 1)[0]
+    bin_folder.mkdir(exist_ok=True)
+    for name, module, function in CONSOLE_SCRIPT.findall(section):
+        script = bin_folder / name
+        script.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; from {module} import {function}; "
+                          f"sys.argv[0] = \"{name}\"; sys.exit({function}())' \"$@\"\n")  # fmt: skip
+        script.chmod(0o755)
+    return bin_folder
+
+
 def page_environment(folder: Path) -> dict[str, str]:
-    """What a user's shell has after `source .venv/bin/activate`: this interpreter's scripts first on the PATH."""
+    """What a user's shell has after `source .venv/bin/activate`: the project's commands and this interpreter's
+    `python` first on the PATH."""
     env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    scripts = console_scripts(folder / ".bin")
+    env["PATH"] = os.pathsep.join([str(scripts), str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / ".hf_home"), "TOKENIZERS_PARALLELISM": "false",
                 "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})  # fmt: skip
@@ -322,6 +340,14 @@ def mention_problems(page: Path) -> list[str]:
 def test_mentioned_paths_names_and_subcommands_exist(page):
     problems = mention_problems(Path(page))
     assert not problems, f"{page}:\n" + "\n".join(sorted(set(problems)))
+
+
+def test_the_declared_commands_run_this_checkout(tmp_path):
+    scripts = console_scripts(tmp_path)
+    assert {p.name for p in scripts.iterdir()} >= {"mmgem", "mmgem-convert"}
+    result = subprocess.run([str(scripts / "mmgem"), "--help"], capture_output=True, text=True,
+                            env=page_environment(tmp_path), timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "commands:" in result.stdout, result.stderr
 
 
 def test_the_mention_checks_catch_what_they_should():
