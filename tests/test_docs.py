@@ -139,6 +139,12 @@ def test_a_skip_without_a_reason_is_read_as_empty():
 
 
 # --------------------------------------------------------------------------------------------- markup of every page
+def test_the_readme_stays_short():
+    # Usage first, the rest on the documentation site: the README is a front page, not a lab notebook.
+    lines = (REPO_ROOT / "README.md").read_text(encoding="utf-8").count("\n")
+    assert lines <= 250, f"README.md has {lines} lines; move detail to a page under docs/"
+
+
 @pytest.mark.parametrize("page", [str(p) for p in doc_pages()])
 def test_page_markup(page):
     blocks, problems = parse_blocks((REPO_ROOT / page).read_text(encoding="utf-8"), Path(page))
