@@ -14,6 +14,7 @@ A failure names the page and the line where its block starts.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import os
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmgem.cli import COMMANDS
+from mmgem.cli import COMMANDS, command_flags
 from tests.outside import REPO_ROOT, saved_tiny_folder
 
 RUN_LANGUAGES = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
@@ -321,6 +322,40 @@ def subcommand_problems(text: str) -> list[str]:
     return problems
 
 
+SHELL_BREAKS = {"|", "||", "&&", ";", "&", ">", "2>", ">>"}
+
+
+@functools.cache
+def known_flags(subcommand: str) -> frozenset[str]:
+    return frozenset(flag.replace("_", "-") for flag in command_flags(subcommand)) | {"--help", "--debug"}
+
+
+def flag_problems(text: str) -> list[str]:
+    """`--options` given to `mmgem SUBCOMMAND` / `mmgem-convert` that the subcommand's parser does not have."""
+    problems = []
+    for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+        tokens = line.split()
+        for i, token in enumerate(tokens):
+            if token.strip("`") == "mmgem-convert":
+                subcommand, rest = "convert", tokens[i + 1 :]
+            elif token.strip("`") in ("mmgem", "mmgem.cli") and i + 1 < len(tokens):
+                rest = tokens[i + 1 :]
+                while rest and rest[0] == "--debug":
+                    rest = rest[1:]
+                if not rest or rest[0].strip("`") not in COMMANDS:
+                    continue
+                subcommand, rest = rest[0].strip("`"), rest[1:]
+            else:
+                continue
+            for word in rest:
+                if word.startswith("#") or word in SHELL_BREAKS:
+                    break
+                flag = word.strip("`'\"(),").split("=")[0]
+                if flag.startswith("--") and flag.replace("_", "-") not in known_flags(subcommand):
+                    problems.append(f"`{flag}` is not an option of `mmgem {subcommand}`")
+    return problems
+
+
 def mention_problems(page: Path) -> list[str]:
     prose, blocks = prose_and_code(page)
     problems = []
@@ -328,11 +363,12 @@ def mention_problems(page: Path) -> list[str]:
         for problem in (repo_path_problems(token), dotted_name_problem(token)):
             if problem:
                 problems.append(problem)
-        if token.startswith("mmgem "):
-            problems += subcommand_problems(token)
+        if token.startswith(("mmgem ", "mmgem-convert ")):
+            problems += subcommand_problems(token) + flag_problems(token)
     for block in blocks:
         if block.language in ("bash", "sh", "shell", "text", "console"):
-            problems += [f"{problem} (block at line {block.line})" for problem in subcommand_problems(block.source)]
+            found = subcommand_problems(block.source) + flag_problems(block.source)
+            problems += [f"{problem} (block at line {block.line})" for problem in found]
     for target in LINK.findall(prose):
         if re.match(r"^[a-z]+:", target) or target.startswith("#"):
             continue
@@ -368,3 +404,8 @@ def test_the_mention_checks_catch_what_they_should():
     assert subcommand_problems("run `mmgem train --help`") == []
     assert subcommand_problems("mmgem trian --data x")
     assert subcommand_problems("python -m mmgem.cli bogus")
+    assert flag_problems("mmgem train --model m --max_steps 2 --per-device-train-batch-size 4  # --anything") == []
+    assert flag_problems("mmgem train --model m \\\n  --no-such-flag 1") == ["`--no-such-flag` is not an option of "
+                                                                              "`mmgem train`"]
+    assert flag_problems("mmgem-convert --from-checkpoint a --output-dir b --bogus") != []
+    assert flag_problems("torchrun -m mmgem.cli train --bogus && mmgem search --index i") != []
