@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,14 @@ def _usual_mode() -> int:
     umask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def give_usual_mode(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Give files the mode any new file gets (0666 minus the umask): for writers that leave theirs owner-only
+    (safetensors writes `model.safetensors` 0600 through a temporary file)."""
+    mode = _usual_mode()
+    for path in paths:
+        os.chmod(path, mode)
 
 
 @contextmanager
@@ -67,4 +75,4 @@ def write_json_atomic(
     return write_text_atomic(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
 
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "give_usual_mode", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]

@@ -71,7 +71,8 @@ def foreign_code_references(folder: str | os.PathLike[str]) -> list[str]:
 
 def check_hub_id(path: str | os.PathLike[str], argument: str = "model") -> None:
     """Raise a FileNotFoundError naming `argument` when `path` is not a folder and cannot be a Hub repo id either
-    (`/models/x`, `./x`, `~/x`, an existing file): checked before the string is sent to the Hub as a repo id."""
+    (`/models/x`, `./x`, `~/x`, an existing file, a bare `x`: the Hub's ids without an owner are legacy models, none
+    of them an MM-GEM): checked before the string is sent to the Hub as a repo id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     text = os.fspath(path)
@@ -82,7 +83,7 @@ def check_hub_id(path: str | os.PathLike[str], argument: str = "model") -> None:
         validate_repo_id(text)
     except HFValidationError:
         raise FileNotFoundError(f"`{argument}` {text}: no such folder ({expected}).") from None
-    if text.startswith((".", "~")) or text.count("/") > 1:
+    if text.startswith((".", "~")) or text.count("/") != 1:
         raise FileNotFoundError(f"`{argument}` {text}: no such folder ({expected}).")
 
 

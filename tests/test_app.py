@@ -212,7 +212,8 @@ def test_exported_folder_runs_as_a_space_without_mmgem(setup, tmp_path):
     source = (export / "app.py").read_text()
     imported = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import)}
     imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"__future__", "os", "collections", "typing", "gradio", "numpy", "torch", "PIL", "transformers"}
+    assert imported <= {"__future__", "os", "sys", "collections", "typing", "gradio", "numpy", "torch", "PIL",
+                        "transformers"}  # fmt: skip
     assert "gradio" in (export / "requirements.txt").read_text()
     card = (export / "README.md").read_text()
     assert "sdk: gradio" in card and "app_file: app.py" in card

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
 from mmgem.search import ImageSearch, VectorStore, index_images
 from mmgem.search import indexer as indexer_module
@@ -21,6 +20,7 @@ from mmgem.search.store import group_by_path
 from tests.search_helpers import draw_images, readable_tiny_mmgem, save_model
 
 REPO = Path(__file__).resolve().parent.parent
+pytest.importorskip("faiss", reason="the index needs the search extra (pip install 'mmgem[search]')")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +173,7 @@ def test_a_torn_tail_is_cut_back_to_the_last_complete_image(model_and_processor,
 
 
 def test_webdataset_shards(model_and_processor, tmp_path):
+    wds = pytest.importorskip("webdataset", reason="shards need the search extra (pip install 'mmgem[search]')")
     paths = draw_images(tmp_path / "drawn", 4)
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -9,6 +9,11 @@ without the final `[EMB]`) to `text_embeds` `[batch, projection_dim]`; `vision_m
 `get_text_features` / `get_image_features` (`pooler_output`, not normalised). Each export is checked with
 onnxruntime against PyTorch on a batch of mixed lengths padded on either side before it is put in place, and the
 model card (README.md) lists the files.
+
+Interrupted exports: the two files are written and checked in a `.onnx-export-PID-*` folder, which gets a
+`verified` mark before they are moved into place one after the other. A later export first cleans what killed ones
+left: a verified folder's remaining files are moved into place (so the two files are always from one export, even
+after a kill between the two moves), an unverified folder is deleted. The model card is replaced atomically.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,6 +34,7 @@ from torch import nn
 
 from mmgem.cli import command_parser
 from mmgem.errors import checking_user_input
+from mmgem.files import write_text_atomic
 from mmgem.loading import check_hub_id, load_model
 
 TEXT_FILE = "text_model.onnx"
@@ -37,6 +44,8 @@ DEFAULT_ATOL = 1e-4
 # Texts of very different lengths, so that the check covers padding on both sides.
 PROBE_TEXTS = ["a photo", "a large red circle on the left of a small blue square", "two dogs", "one"]
 CARD_BEGIN, CARD_END = "<!-- onnx-export:begin -->", "<!-- onnx-export:end -->"
+STAGING_PREFIX = ".onnx-export-"
+VERIFIED_MARK = "verified"  # in a staging folder: both files passed the check and may be moved into place
 
 
 class TextEmbedder(nn.Module):
@@ -167,7 +176,44 @@ def update_model_card(folder: Path, section: str) -> None:
     text = card.read_text(encoding="utf-8") if card.exists() else ""
     pattern = re.compile(re.escape(CARD_BEGIN) + ".*?" + re.escape(CARD_END) + "\n?", re.DOTALL)
     text = pattern.sub("", text).rstrip("\n")
-    card.write_text((text + "\n\n" if text else "") + section, encoding="utf-8")
+    # A new file renamed over the card: a kill leaves the old card or the new one, and a card that is a link to a
+    # file elsewhere is replaced, not written through.
+    write_text_atomic(card, (text + "\n\n" if text else "") + section)
+
+
+def _owner_alive(staging: Path) -> bool:
+    owner = staging.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+    if not owner.isdigit() or int(owner) == os.getpid():
+        return False
+    try:
+        os.kill(int(owner), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    for target in (TEXT_FILE, VISION_FILE):
+        for produced in sorted(staging.glob(target + "*")):  # the graph, and external weights if any
+            os.replace(produced, output_dir / produced.name)
+
+
+def clean_leftovers(output_dir: Path) -> list[str]:
+    """Finish or remove what killed exports into `output_dir` left (see the module docstring); returns what was
+    done, one line each. Folders of exports still running are left alone."""
+    done = []
+    for staging in sorted(output_dir.glob(STAGING_PREFIX + "*")):
+        if staging.is_symlink() or not staging.is_dir() or _owner_alive(staging):
+            continue
+        if (staging / VERIFIED_MARK).is_file() and any(staging.glob("*.onnx*")):
+            _move_into_place(staging, output_dir)
+            done.append(f"finished the export killed while moving its files into place ({staging.name})")
+        else:
+            done.append(f"removed {staging.name}, left by a killed export")
+        shutil.rmtree(staging, ignore_errors=True)
+    return done
 
 
 def export_onnx(
@@ -205,6 +251,8 @@ def export_onnx(
         output_dir = Path(output_dir)
         if output_dir.exists() and not output_dir.is_dir():
             raise NotADirectoryError(f"`--output-dir` {output_dir} is a file; expected a folder.")
+        for line in clean_leftovers(output_dir) if output_dir.is_dir() else []:
+            print(f"{output_dir}: {line}", flush=True)
         targets = [output_dir / TEXT_FILE, output_dir / VISION_FILE]
         existing = [p.name for p in targets if p.exists()]
         if existing and not overwrite:
@@ -215,7 +263,7 @@ def export_onnx(
     model_obj = model_obj.float().eval()
     output_dir.mkdir(parents=True, exist_ok=True)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".onnx-export-") as staging:
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=f"{STAGING_PREFIX}{os.getpid()}-") as staging:
         staging = Path(staging)
         text_inputs = {k: torch.from_numpy(v) for k, v in text_probe(processor, "left").items()}
         size = model_obj.config.vision_config.image_size
@@ -230,9 +278,8 @@ def export_onnx(
             opset,
         )
         diffs = check_onnx_files(model_obj, processor, staging, atol)
-        for target in targets:
-            for produced in staging.glob(target.name + "*"):  # the graph, and external weights if any
-                os.replace(produced, output_dir / produced.name)
+        (staging / VERIFIED_MARK).touch()  # from here on, a killed export is finished by the next one
+        _move_into_place(staging, output_dir)
     update_model_card(output_dir, card_section(model_obj, opset))
     return {"text_model": targets[0], "vision_model": targets[1], "max_abs_diff": diffs}
 

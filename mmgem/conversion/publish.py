@@ -31,6 +31,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError, Repository
 from huggingface_hub.utils import validate_repo_id
 
 from mmgem.app.space import space_card_metadata, write_space_files
+from mmgem.files import give_usual_mode
 from mmgem.integrations.lora import mmgem_lora_config
 from mmgem.integrations.sentence_transformers import write_sentence_transformers_files
 from modeling_mmgem.utils_mmgem import DEFAULT_MAX_CAPTION_TOKENS
@@ -396,6 +397,7 @@ def write_folder(model: Any, processor: Any, folder: Path, card: ModelCard, max_
     set_caption_length(model)
     logger.info("Saving the weights and remote code (shards of at most %s)", max_shard_size)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
+    give_usual_mode(folder.glob("*.safetensors"))  # written 0600; every other file of the folder is 0644
     logger.info("Saving the processor, the sentence-transformers files and the model card")
     processor.save_pretrained(folder)
     write_sentence_transformers_files(folder)

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmgem.cli import command_parser
-from mmgem.errors import checking_user_input
+from mmgem.errors import MMGEMUserError, checking_user_input
 from mmgem.loading import load_model
+from mmgem.optional import require
 from mmgem.search.sources import ImageSource, iter_folder, iter_shards, resolve_images
 from mmgem.search.store import VectorStore, faiss_threads
 from modeling_mmgem.processing_mmgem import image_frame_transform
@@ -139,19 +140,44 @@ def _check_options(batch_size: int, region_grids: Sequence[int], max_new_tokens:
 
 def _open_or_create(output: Path, model_info: dict[str, Any], region_grids: Sequence[int], exact: bool) -> VectorStore:
     if not (output / "meta.json").is_file():
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            raise ValueError(f"`--output` {output} exists and is not an mmgem index; give a new or empty folder.")
-        return VectorStore.create(output, model_info["dim"], model_info, region_grids, exact=exact)
-    store = VectorStore(output, writable=True)
+        return VectorStore.create(output, model_info["dim"], model_info, region_grids, exact=exact, argument="output")
+    store = VectorStore(output, writable=True, repair=True, argument="output")
     built_with = store.meta["model"]
-    if built_with["fingerprint"] != model_info["fingerprint"]:
+    if built_with.get("fingerprint") != model_info["fingerprint"]:
         store.close()
-        raise ValueError(f"`--model` {model_info['name_or_path']} is not the model the index {output} was built with "
-                         f"({built_with['name_or_path']}); use a new `--output`.")  # fmt: skip
-    if list(store.meta["region_grids"]) != list(region_grids):
+        raise MMGEMUserError(
+            f"`--model` {model_info['name_or_path']} is not the model the index {output} was built with "
+            f"({built_with.get('name_or_path')}); index with that model, or give a new `--output`."
+        )
+    if list(store.meta.get("region_grids", [])) != list(region_grids):
         store.close()
-        raise ValueError(f"`--region-grids` {list(region_grids)} is not the index's {store.meta['region_grids']}.")
+        check_output(output, region_grids)  # raises the error
     return store
+
+
+def check_output(output: Path, region_grids: Sequence[int]) -> None:
+    """`--output` problems found before the model loads: not an index, linked files, another writer, other grids."""
+    if not (output / "meta.json").is_file():
+        VectorStore.check_creatable(output, "output")
+        return
+    meta = VectorStore.check_writable(output, "output")
+    if list(meta.get("region_grids", [])) != list(region_grids):
+        raise MMGEMUserError(f"`--region-grids` {','.join(map(str, region_grids)) or 0} is not the index's "
+                             f"{','.join(map(str, meta.get('region_grids', []))) or 0}; pass that, or give a new "
+                             "`--output`.")  # fmt: skip
+
+
+def stale_paths(store: VectorStore, sources: Sequence[ImageSource]) -> list[str]:
+    """The indexed files of `sources` whose size or modification time changed since they were indexed."""
+    indexed = {item["path"]: item for item in store.items if item["kind"] == "image"}
+    stale = []
+    for source in sources:
+        item = indexed.get(source.path)
+        if item is None or "mtime" not in source.metadata:
+            continue
+        if (item.get("bytes"), item.get("mtime")) != (source.metadata["bytes"], source.metadata["mtime"]):
+            stale.append(source.path)
+    return stale
 
 
 def index_images(
@@ -176,12 +202,18 @@ def _index(
     batch_size: int, region_grids: list[int], captions: bool, max_new_tokens: int | None, exact: bool, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     store = _open_or_create(output, model_info, region_grids, exact)
-    summary: dict[str, Any] = {"added": 0, "skipped": 0, "failed": [], "rows": 0}
+    summary: dict[str, Any] = {"added": 0, "skipped": 0, "failed": [], "rows": 0, "repaired": store.repairs,
+                               "rebuilt_caches": store.rebuilt_anns, "reembedded": 0}  # fmt: skip
     start = last_save = time.perf_counter()
     try:
-        done = store.paths()
         if kind == "folder":
             pending = [s for s in iter_folder(locations[0])]
+            stale = stale_paths(store, pending)
+            if stale:  # edited in place since indexed: their old rows go, and they are embedded again below
+                store.remove_paths(stale)
+                summary["reembedded"] = len(stale)
+        done = store.paths()
+        if kind == "folder":
             summary["skipped"] = sum(s.path in done for s in pending)
             pending = [s for s in pending if s.path not in done]
             total = len(pending)
@@ -218,6 +250,16 @@ def _index(
     return summary
 
 
+def require_search_extra(command: str, shards: bool = False) -> None:
+    """Raise a one-line error naming `pip install "mmgem[search]"` when FAISS (or, for shards, webdataset) is
+    missing: checked before the model loads."""
+    for module in ("faiss", *(("webdataset", "braceexpand") if shards else ())):
+        try:
+            require(module, "search", f"`mmgem {command}`")
+        except ImportError as error:
+            raise MMGEMUserError(str(error)) from None
+
+
 def parse_grids(text: str) -> list[int]:
     """`--region-grids`: "2,3" -> [2, 3]; "0" or "none" -> []."""
     if text.strip().lower() in ("0", "none", ""):
@@ -252,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with checking_user_input():
         grids = parse_grids(args.region_grids)
         _check_options(args.batch_size, grids, args.caption_tokens)
-        resolve_images(args.images)  # bad `--images` fails before the model loads
+        require_search_extra("index")
+        kind, _ = resolve_images(args.images)  # bad `--images` fails before the model loads
+        require_search_extra("index", shards=kind == "shards")
+        check_output(Path(args.output), grids)
 
     model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,4 +314,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for failure in summary["failed"][:20]:
         print(f"  unreadable: {failure}", file=sys.stderr)
+    if summary["repaired"]:
+        print(f"Repaired {args.output}: dropped the rows of the damaged lines and of the images they belong to "
+              "(those images found in --images were embedded again):", file=sys.stderr)  # fmt: skip
+        for problem in summary["repaired"][:20]:
+            print(f"  {problem}", file=sys.stderr)
+    if summary["rebuilt_caches"]:
+        print(f"Rebuilt the ANN cache of {args.output} (unreadable or stale: {', '.join(summary['rebuilt_caches'])}).",
+              file=sys.stderr)  # fmt: skip
+    if summary["reembedded"]:
+        print(f"Embedded {summary['reembedded']} images again: changed since they were indexed.", file=sys.stderr)
     return 0

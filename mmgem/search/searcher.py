@@ -33,15 +33,65 @@ import torch
 
 from mmgem.cli import command_parser
 from mmgem.embedding import encode_images, encode_regions, encode_texts
-from mmgem.errors import checking_user_input
+from mmgem.errors import MMGEMUserError, checking_user_input, one_line
 from mmgem.loading import load_model
-from mmgem.search.indexer import model_fingerprint
+from mmgem.search.indexer import model_fingerprint, require_search_extra
 from mmgem.search.sources import load_image
 from mmgem.search.store import Hit, VectorStore, faiss_threads, group_by_path
 
 TARGETS = ("images", "regions", "all")
 DEFAULT_CAPTION_WEIGHT = 0.5
 CANDIDATE_FACTOR = 4  # each ANN returns k * this candidates before grouping by image
+
+
+def check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise MMGEMUserError(f"`k` must be a positive int (the number of results); got {k!r}.")
+
+
+def check_region(region: Sequence[float], width: int, height: int) -> None:
+    """Raise unless `region` (x0, y0, x1, y1) lies inside a `width x height` image with a positive area."""
+    x0, y0, x1, y1 = (float(v) for v in region)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        box = ",".join(f"{v:g}" for v in region)
+        raise MMGEMUserError(f"`region` {box} must lie inside the {width}x{height} query image, with x0 < x1 and "
+                             "y0 < y1 (pixels).")  # fmt: skip
+
+
+def check_text_options(store: VectorStore, caption_weight: float | None) -> float:
+    """The caption weight of a text query (default: 0.5 with captions, else 0), checked against the index."""
+    has_captions = store.count("caption") > 0
+    weight = (DEFAULT_CAPTION_WEIGHT if has_captions else 0.0) if caption_weight is None else caption_weight
+    if not 0.0 <= weight <= 1.0:
+        raise MMGEMUserError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
+    if weight > 0 and not has_captions:
+        raise MMGEMUserError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`); "
+                             "leave it out or pass 0.")  # fmt: skip
+    return weight
+
+
+def check_image_options(store: VectorStore, region: Sequence[float] | None, target: str | None) -> str:
+    """The target of an image query (default: regions with a region, else images), checked against the index."""
+    target = target or ("regions" if region is not None else "images")
+    if target not in TARGETS:
+        raise MMGEMUserError(f"`target` must be one of {TARGETS}; got {target!r}.")
+    if target in ("regions", "all") and store.count("region") == 0:
+        raise MMGEMUserError("the index holds no regions (built with `--region-grids 0`): search it with "
+                             "`--target images`, or index with `--region-grids 2`.")  # fmt: skip
+    return target
+
+
+def load_query_image(path: str) -> Any:
+    """The query image at `path`, read as the index reads its images; a ValueError naming `image` if unreadable."""
+    try:
+        return load_image(path)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: UnidentifiedImageError is an OSError
+        raise ValueError(f"`image` {path} is not a readable image ({one_line(error)}).") from None
+
+
+def printable(path: str) -> str:
+    """A path as a terminal can show it: bytes of a non-UTF-8 file name (kept as surrogates) as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def parse_box(text: str | Sequence[float]) -> tuple[float, float, float, float]:
@@ -59,17 +109,26 @@ class ImageSearch:
     """Text, image and region search over an index folder, with the model it was built with."""
 
     def __init__(
-        self, index: str | os.PathLike[str], model: Any = None, processor: Any = None, device: str | None = None,
-        trust_remote_code: bool = False,
-    ) -> None:
-        self.store = VectorStore(index)
+        self, index: str | os.PathLike[str] | VectorStore, model: Any = None, processor: Any = None,
+        device: str | None = None, trust_remote_code: bool = False,
+    ) -> None:  # fmt: skip
+        self.store = index if isinstance(index, VectorStore) else VectorStore(index)
+        index = self.store.folder
+        built_with = self.store.meta["model"]
         if model is None:
-            model, processor = load_model(self.store.meta["model"]["name_or_path"], trust_remote_code)
+            try:
+                model, processor = load_model(built_with.get("name_or_path", ""), trust_remote_code)
+            except (OSError, ValueError) as error:
+                raise MMGEMUserError(
+                    f"`index` {index} was built with the model {built_with.get('name_or_path')!r}, which cannot be "
+                    f"loaded ({one_line(error)}); pass `model` (`--model`) with that model's folder."
+                ) from None
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-        if model_fingerprint(model, "")["fingerprint"] != self.store.meta["model"]["fingerprint"]:
-            raise ValueError(f"`model` is not the model the index {index} was built with "
-                             f"({self.store.meta['model']['name_or_path']}).")  # fmt: skip
+        if model_fingerprint(model, "")["fingerprint"] != built_with.get("fingerprint"):
+            raise MMGEMUserError(f"`model` is not the model the index {index} was built with "
+                                 f"({built_with.get('name_or_path')}); pass that model, or build an index with "
+                                 "this one (`mmgem index`).")  # fmt: skip
         self.model, self.processor = model.eval(), processor
         self._rows_by_path: dict[str, dict[str, int]] = {}
         for row, item in enumerate(self.store.items):
@@ -88,16 +147,19 @@ class ImageSearch:
     def embed_image(self, image: Any, region: Sequence[float] | None = None) -> np.ndarray:
         """The unit-length embedding [1, D] of an image (PIL, array or path), or of one `region` box of it."""
         if isinstance(image, (str, os.PathLike)):
-            image = load_image(str(image))
+            image = load_query_image(str(image))
         if region is None:
             return encode_images(self.model, self.processor, [image]).numpy()
+        if hasattr(image, "width"):  # a PIL image (arrays are checked by the processor)
+            check_region(region, image.width, image.height)
         return encode_regions(self.model, self.processor, [image], [[list(region)]]).numpy()
 
     # ------------------------------------------------------------------------------------------- search
     def vectors(self, query: np.ndarray, k: int = 10, target: str = "images", exact: bool = False) -> list[Hit]:
         """The `k` best images (one hit per image) for a query vector [D] among `target` rows."""
+        check_k(k)
         if target not in TARGETS:
-            raise ValueError(f"`target` must be one of {TARGETS}; got {target!r}.")
+            raise MMGEMUserError(f"`target` must be one of {TARGETS}; got {target!r}.")
         kinds = {"images": ["image"], "regions": ["region"], "all": ["image", "region"]}[target]
         with faiss_threads(1):
             hits = [h for kind in kinds for h in self.store.search(query, kind, k * CANDIDATE_FACTOR, exact)[0]]
@@ -108,12 +170,9 @@ class ImageSearch:
     ) -> list[Hit]:
         """The `k` images that best match a text (through their image embedding, and their caption if indexed)."""
         if not isinstance(query, str) or not query.strip():
-            raise ValueError(f"the text query must be a non-empty string; got {query!r}.")
-        weight = (DEFAULT_CAPTION_WEIGHT if self.has_captions else 0.0) if caption_weight is None else caption_weight
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
-        if weight > 0 and not self.has_captions:
-            raise ValueError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`).")
+            raise MMGEMUserError(f"the text query must be a non-empty string; got {query!r}.")
+        check_k(k)
+        weight = check_text_options(self.store, caption_weight)
         vector = self.embed_text([query])[0]  # [D]
         if weight == 0.0 or target != "images":
             return self.vectors(vector, k, target, exact)
@@ -134,9 +193,8 @@ class ImageSearch:
         exact: bool = False,
     ) -> list[Hit]:  # fmt: skip
         """The `k` images most like an image, or with `region` like that box of it (default target: regions)."""
-        target = target or ("regions" if region is not None else "images")
-        if target in ("regions", "all") and self.store.count("region") == 0:
-            raise ValueError("the index holds no regions (built with `--region-grids 0`); use target 'images'.")
+        check_k(k)
+        target = check_image_options(self.store, region, target)
         return self.vectors(self.embed_image(image, region)[0], k, target, exact)
 
 
@@ -156,7 +214,7 @@ def format_hits(hits: Sequence[Hit]) -> str:
     for rank, hit in enumerate(hits, 1):
         box = hit.item.get("box")
         where = f"  box {','.join(f'{v:g}' for v in box)}" if box else ""
-        lines.append(f"{rank:>4}  {hit.score:7.4f}  {hit.path}{where}")
+        lines.append(f"{rank:>4}  {hit.score:7.4f}  {printable(hit.path)}{where}")
     return "\n".join(lines)
 
 
@@ -196,13 +254,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with checking_user_input():
         _check_args(args)
+        require_search_extra("search")
         region = parse_box(args.region) if args.region is not None else None
+        query_image = load_query_image(args.image) if args.image is not None else None
+        if region is not None:
+            check_region(region, query_image.width, query_image.height)
+        store = VectorStore(args.index)  # a damaged index, or options it cannot answer, fail before the model loads
+        if query_image is not None:
+            check_image_options(store, region, args.target)
+        else:
+            check_text_options(store, args.caption_weight)
     model = processor = None
     if args.model:
         model, processor = load_model(args.model, args.trust_remote_code)
-    search = ImageSearch(args.index, model, processor, args.device, args.trust_remote_code)
-    if args.image is not None:
-        hits = search.image(args.image, k=args.k, region=region, target=args.target, exact=args.exact)
+    search = ImageSearch(store, model, processor, args.device, args.trust_remote_code)
+    if query_image is not None:
+        hits = search.image(query_image, k=args.k, region=region, target=args.target, exact=args.exact)
     else:
         hits = search.text(args.query, k=args.k, caption_weight=args.caption_weight, target=args.target or "images",
                            exact=args.exact)  # fmt: skip

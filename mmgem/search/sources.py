@@ -6,6 +6,7 @@ Every image has a stable key, stored as the item's `path`: the absolute file pat
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import tarfile
@@ -17,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from modeling_mmgem.processing_mmgem import load_rgb_image
+from modeling_mmgem.utils_mmgem import input_limit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -51,7 +53,11 @@ def folder_images(root: Path) -> list[Path]:
 
 def shard_urls(spec: str) -> list[str]:
     """The shard files named by `spec`: one file, a brace pattern (`data-{000..009}.tar`) or a glob."""
-    import braceexpand
+    try:
+        import braceexpand
+    except ImportError:
+        raise ValueError(f"`--images` {spec} names webdataset shards, which need the search extra: "
+                         'pip install "mmgem[search]".') from None  # fmt: skip
 
     urls = []
     for pattern in braceexpand.braceexpand(spec):
@@ -105,12 +111,46 @@ def iter_shards(urls: list[str], skip: set[str] = frozenset()) -> Iterator[Image
         yield ImageSource(key, load=lambda data=sample[extension]: _open_rgb(data), metadata=metadata)
 
 
+def member_name(name: str) -> str:
+    """A tar member's name without the `./` that `tar -C dir -cf x.tar .` puts in front (webdataset keeps it in
+    the sample key, so both sides of a lookup go through this)."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
+
+
+@functools.lru_cache(maxsize=8)
+def _shard_members(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    """{member name: (offset of its data, size)} of an uncompressed shard, read once per shard version (size and
+    mtime are part of the key, so a rewritten shard is read again)."""
+    with tarfile.open(shard) as tar:
+        return {member_name(m.name): (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+
+
+def read_shard_member(shard: str, member: str) -> bytes:
+    """The bytes of `member` of a shard; a KeyError naming both when the shard has no such member."""
+    member = member_name(member)
+    if not shard.lower().endswith(".tar"):  # compressed: no random access, read through the stream
+        with tarfile.open(shard) as tar:
+            for info in tar:
+                if info.isfile() and member_name(info.name) == member:
+                    return tar.extractfile(info).read()
+        raise KeyError(f"{shard} has no member {member!r}")
+    info = os.stat(shard)
+    location = _shard_members(shard, info.st_size, info.st_mtime_ns).get(member)
+    if location is None:
+        raise KeyError(f"{shard} has no member {member!r}")
+    offset, size = location
+    if size > input_limit("max_image_bytes"):  # before reading it
+        raise ValueError(f"{shard}#{member} has {size:,} bytes, more than MMGEM_MAX_IMAGE_BYTES.")
+    with open(shard, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
 def load_image(path: str) -> Image.Image:
     """The image an item's `path` names (a file, or `shard.tar#key.ext`), as RGB."""
     if "#" in path and is_shard(path.split("#", 1)[0]):
         shard, member = path.split("#", 1)
-        with tarfile.open(shard) as tar:
-            names = {m.name.lstrip("./"): m for m in tar.getmembers()}
-            handle = tar.extractfile(names[member])
-            return _open_rgb(handle.read())
+        return _open_rgb(read_shard_member(shard, member))
     return _open_rgb(path)

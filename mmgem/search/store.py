@@ -14,15 +14,27 @@ Kinds: `image` (the whole image), `region` (a box of an image), `caption` (the t
 model wrote for the image). `vectors.f32` and `items.jsonl` are the source of truth and are only appended to, in
 whole batches of whole files: vectors first, then the batch's item lines in one write. Opening the folder cuts a
 half-written tail (an interrupted run) back to the last complete file, so the index stays consistent. The ANN files
-are a cache of those rows: rows they miss (a run stopped before saving them) are added when the folder is opened.
+are a cache of those rows: rows they miss (a run stopped before saving them) are added when the folder is opened, and
+a damaged or truncated cache is rebuilt from the vectors.
+
+Each item carries its `row` (the line of `vectors.f32` it describes), so lines removed or reordered by hand are
+detected. Damage that no crash can leave (a line that is not JSON or not UTF-8, a row out of place, an image with only
+some of its rows, items past the end of `vectors.f32`) is reported by line: a reader refuses the index, and a writer
+opened with `repair=True` (`mmgem index`) drops the damaged images' rows, says which, and rewrites the two files
+(through `*.repair` files renamed into place, vectors first, which an interrupted repair finishes on the next open).
+
+A received index folder is not trusted: the store never writes through a symbolic link or into something that is not
+a regular file (a link in an index could point at any file of the user's), and never unpickles anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from mmgem.errors import MMGEMUserError
 from mmgem.files import write_bytes_atomic
 
 FORMAT_VERSION = 1
@@ -38,6 +51,14 @@ KINDS = ("image", "region", "caption")
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_CONSTRUCTION = 128
 DEFAULT_EF_SEARCH = 128
+# The files a writer creates, appends to or replaces; each must be a regular file, never a symbolic link.
+DATA_FILES = ("items.jsonl", "vectors.f32")
+REPAIR_SUFFIX = ".repair"
+MAX_PROBLEMS_SHOWN = 3
+
+
+class IndexDamagedError(MMGEMUserError):
+    """An index folder whose files no interrupted run could have left (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +75,42 @@ class Hit:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename, so a reader sees the old or the new file."""
+    """Write `data` to `path` through a temporary file and a rename, so a reader sees the old or the new file.
+    The rename replaces a symbolic link at `path` itself; nothing is written where it pointed."""
     write_bytes_atomic(path, data, durable=True)
+
+
+def _refuse_link(path: Path, argument: str) -> None:
+    """Raise unless `path` is absent or a regular file (a link or a FIFO in a received index is refused)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise MMGEMUserError(
+            f"`{argument}` {path.parent}: {path.name} is a symbolic link (to {os.readlink(path)!r}); an index never "
+            "writes through links, which could point at any of your files. Replace the link with a copy of the file, "
+            "or rebuild the index in a new folder."
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise MMGEMUserError(f"`{argument}` {path.parent}: {path.name} is not a regular file; rebuild the index.")
+
+
+def _open_fd(path: Path, flags: int, argument: str) -> int:
+    """`os.open` that refuses symbolic links atomically (O_NOFOLLOW), after the clearer lstat check."""
+    _refuse_link(path, argument)
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # became a link after the check
+            _refuse_link(path, argument)
+        raise
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _new_ann(dim: int, hnsw_m: int, ef_construction: int, ef_search: int, exact: bool) -> Any:
@@ -70,84 +125,299 @@ def _new_ann(dim: int, hnsw_m: int, ef_construction: int, ef_search: int, exact:
     return faiss.IndexIDMap2(base)
 
 
-class VectorStore:
-    """An index folder opened for reading, or for appending with `writable=True` (one writer at a time)."""
+def _item_problem(item: Any) -> str | None:
+    """Why a parsed line is not an item (None if it is one)."""
+    if not isinstance(item, dict):
+        return "not a JSON object"
+    if not isinstance(item.get("path"), str):
+        return "no `path` string"
+    if item.get("kind") not in KINDS:
+        return f"`kind` {item.get('kind')!r} is not one of {KINDS}"
+    if not isinstance(item.get("file_rows"), int) or item["file_rows"] < 1:
+        return "no positive `file_rows`"
+    if "row" in item and (not isinstance(item["row"], int) or item["row"] < 0):
+        return f"`row` {item['row']!r} is not a row number"
+    return None
 
-    def __init__(self, folder: str | os.PathLike[str], writable: bool = False) -> None:
+
+@dataclass
+class _Scan:
+    """What `items.jsonl` and `vectors.f32` hold: the rows that can be kept and what is wrong with the others."""
+
+    items: list[dict[str, Any]]  # the kept items, in order
+    rows: list[int]  # the vectors.f32 row of each kept item
+    problems: list[str]  # damage (by line) that no interrupted run leaves
+    num_vectors: int
+
+    @property
+    def contiguous(self) -> bool:
+        return self.rows == list(range(len(self.rows)))
+
+
+class VectorStore:
+    """An index folder opened for reading, or for appending with `writable=True` (one writer at a time).
+
+    `repair=True` (with `writable`) rewrites a damaged index without its damaged images' rows (`self.repairs` lists
+    what was dropped, by line); without it a damaged index raises `IndexDamagedError`. `argument` is the name that
+    errors give the folder (e.g. "output").
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike[str], writable: bool = False, repair: bool = False, argument: str = "index",
+        _lock_fd: int | None = None,
+    ) -> None:  # fmt: skip
         self.folder = Path(folder)
+        self.argument = argument
+        self.repairs: list[str] = []
+        self.rebuilt_anns: list[str] = []
         if not (self.folder / "meta.json").is_file():
-            raise ValueError(f"`index` {self.folder} is not an mmgem index (no meta.json); see `mmgem index`.")
+            raise MMGEMUserError(f"`{argument}` {self.folder} is not an mmgem index (no meta.json); see `mmgem index`.")
         self.writable = writable
-        self._lock = None
+        self._lock: int | None = None
         if writable:
-            self._lock = open(self.folder / ".lock", "w")  # noqa: SIM115 - held for the store's lifetime
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock.close()
-                raise ValueError(f"`index` {self.folder} is being written by another process.") from None
-        self.meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"`index` {self.folder} has format {self.meta.get('format_version')}; "
-                             f"this mmgem reads format {FORMAT_VERSION}.")  # fmt: skip
-        self.dim = int(self.meta["dim"])
-        self.items = self._read_consistent_items()
-        self.vectors = self._map_vectors()
-        self.anns = {kind: self._load_ann(kind) for kind in KINDS}
+            self._lock = _lock_fd if _lock_fd is not None else self._acquire_lock(self.folder, argument)
+        try:
+            self.meta = self._read_meta()
+            self.dim = int(self.meta["dim"])
+            if writable:
+                self._check_no_links()
+                self._finish_interrupted_repair()
+                self._remove_stale_temporaries()
+            for name in DATA_FILES:
+                if not (self.folder / name).is_file():
+                    raise IndexDamagedError(f"`{argument}` {self.folder} has no {name} (or it is not a file); "
+                                            "rebuild the index in a new folder.")  # fmt: skip
+            self.items = self._read_consistent_items(repair)
+            self.vectors = self._map_vectors()
+            self.anns = {kind: self._load_ann(kind) for kind in KINDS}
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _acquire_lock(folder: Path, argument: str) -> int:
+        fd = _open_fd(folder / ".lock", os.O_WRONLY | os.O_CREAT, argument)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MMGEMUserError(
+                f"`{argument}` {folder} is being written by another process (another `mmgem index`); wait for it to "
+                "finish, or write to another folder."
+            ) from None
+        return fd
+
+    def _read_meta(self) -> dict[str, Any]:
+        try:
+            meta = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
+            if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+                raise ValueError("not an object with a `model`")
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise IndexDamagedError(f"`{self.argument}` {self.folder}: meta.json is unreadable ({error}); rebuild "
+                                    "the index.") from None  # fmt: skip
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise MMGEMUserError(f"`{self.argument}` {self.folder} has format {meta.get('format_version')}; "
+                                 f"this mmgem reads format {FORMAT_VERSION}.")  # fmt: skip
+        if not isinstance(meta.get("dim"), int) or meta["dim"] < 1 or not isinstance(meta.get("ann"), dict):
+            raise IndexDamagedError(f"`{self.argument}` {self.folder}: meta.json has no valid `dim` / `ann`.")
+        return meta
+
+    def _check_no_links(self) -> None:
+        names = [*DATA_FILES, *(n + REPAIR_SUFFIX for n in DATA_FILES), "ann.json", "meta.json"]
+        names += [f"ann-{kind}.faiss" for kind in KINDS]
+        for name in names:
+            _refuse_link(self.folder / name, self.argument)
+
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of atomic writes a killed writer left (we hold the lock: no writer is making them now)."""
+        for pattern in (".ann-*.tmp", ".ann.json.*.tmp", ".meta.json.*.tmp"):
+            for leftover in self.folder.glob(pattern):
+                leftover.unlink(missing_ok=True)  # unlinks a link itself, never its target
 
     # ------------------------------------------------------------------------------------------------ creation
     @classmethod
     def create(
         cls, folder: str | os.PathLike[str], dim: int, model: dict[str, Any], region_grids: Sequence[int] = (),
         exact: bool = False, hnsw_m: int = DEFAULT_HNSW_M, ef_construction: int = DEFAULT_EF_CONSTRUCTION,
-        ef_search: int = DEFAULT_EF_SEARCH,
+        ef_search: int = DEFAULT_EF_SEARCH, argument: str = "output",
     ) -> VectorStore:  # fmt: skip
-        """A new, empty index folder opened for writing (the folder may exist but must not hold an index)."""
+        """A new, empty index folder opened for writing.
+
+        The folder may exist: empty, or holding what a create killed before writing meta.json left (empty data
+        files, the lock); anything else is refused.
+        """
         folder = Path(folder)
         if (folder / "meta.json").exists():
-            raise ValueError(f"`output` {folder} already holds an index.")
+            raise MMGEMUserError(f"`{argument}` {folder} already holds an index.")
+        if folder.exists() and not folder.is_dir():
+            raise MMGEMUserError(f"`{argument}` {folder} is a file; give a new or empty folder.")
         folder.mkdir(parents=True, exist_ok=True)
-        ann = {"library": "faiss", "type": "flat" if exact else "hnsw", "metric": "inner_product (cosine)"}
-        if not exact:
-            ann.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
-        meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "model": model, "ann": ann,
-                "region_grids": [int(g) for g in region_grids]}  # fmt: skip
-        for name in ("items.jsonl", "vectors.f32"):
-            (folder / name).touch()
-        _write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
-        return cls(folder, writable=True)
+        lock = cls._acquire_lock(folder, argument)
+        try:
+            if (folder / "meta.json").exists():  # another process created it while we waited for the folder
+                raise MMGEMUserError(f"`{argument}` {folder} already holds an index.")
+            cls.check_creatable(folder, argument)
+            for name in DATA_FILES:
+                os.close(_open_fd(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, argument))
+            for leftover in folder.glob(".meta.json.*"):
+                leftover.unlink(missing_ok=True)
+            ann = {"library": "faiss", "type": "flat" if exact else "hnsw", "metric": "inner_product (cosine)"}
+            if not exact:
+                ann.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
+            meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "model": model, "ann": ann,
+                    "region_grids": [int(g) for g in region_grids]}  # fmt: skip
+            _write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
+        except BaseException:
+            os.close(lock)
+            raise
+        return cls(folder, writable=True, argument=argument, _lock_fd=lock)
+
+    @staticmethod
+    def check_creatable(folder: Path, argument: str = "output") -> None:
+        """Raise unless a new index can be created in `folder`: absent, empty, or what a killed create left."""
+        folder = Path(folder)
+        if not folder.exists():
+            return
+        if not folder.is_dir():
+            raise MMGEMUserError(f"`{argument}` {folder} is a file; give a new or empty folder.")
+        leftovers = [p for p in folder.iterdir() if p.name != ".lock" and not p.name.startswith(".meta.json.")]
+        foreign = [p.name for p in leftovers if p.name not in DATA_FILES or p.is_symlink() or not p.is_file()
+                   or p.stat().st_size]  # fmt: skip
+        if foreign:
+            raise MMGEMUserError(f"`{argument}` {folder} exists and is not an mmgem index (it holds "
+                                 f"{', '.join(sorted(foreign)[:5])}); give a new or empty folder.")  # fmt: skip
+
+    @classmethod
+    def check_writable(cls, folder: Path, argument: str = "output") -> dict[str, Any]:
+        """The meta of the index in `folder` if a writer could open it now (no links, no other writer), else a
+        one-line error; quick (no item is read), for checks before a model loads."""
+        folder = Path(folder)
+        for name in (".lock", *DATA_FILES, "ann.json", *(f"ann-{kind}.faiss" for kind in KINDS)):
+            _refuse_link(folder / name, argument)
+        os.close(cls._acquire_lock(folder, argument))
+        probe = cls.__new__(cls)
+        probe.folder, probe.argument = folder, argument
+        return probe._read_meta()
 
     # ------------------------------------------------------------------------------------------------ recovery
-    def _read_consistent_items(self) -> list[dict[str, Any]]:
-        """The complete items; a torn tail (an interrupted append) is cut back to the last complete file."""
-        items_path, vectors_path = self.folder / "items.jsonl", self.folder / "vectors.f32"
-        items: list[dict[str, Any]] = []
-        with open(items_path, "rb") as handle:
-            for line in handle:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-        num_vectors = os.path.getsize(vectors_path) // (4 * self.dim)
-        items = items[:num_vectors]
-        # A file's rows are appended together; drop the last file if only some of its rows made it.
-        if items:
-            last = items[-1]["path"]
-            first_row = len(items)
-            while first_row > 0 and items[first_row - 1]["path"] == last:
-                first_row -= 1
-            if len(items) - first_row != items[-1]["file_rows"]:
-                items = items[:first_row]
+    def _finish_interrupted_repair(self) -> None:
+        """A repair renames `vectors.f32.repair` then `items.jsonl.repair` into place: finish one killed between the
+        two renames; drop the files of one killed before them (the old pair is then intact)."""
+        items_new, vectors_new = (self.folder / (n + REPAIR_SUFFIX) for n in DATA_FILES)
+        if vectors_new.exists():
+            items_new.unlink(missing_ok=True)
+            vectors_new.unlink()
+        elif items_new.exists():
+            os.replace(items_new, self.folder / "items.jsonl")
+
+    def _scan(self) -> _Scan:
+        """Parse items.jsonl line by line against vectors.f32 (see the module docstring for what is damage)."""
+        items_path = self.folder / "items.jsonl"
+        if not self.writable and (self.folder / ("items.jsonl" + REPAIR_SUFFIX)).exists() and not (
+            self.folder / ("vectors.f32" + REPAIR_SUFFIX)).exists():  # fmt: skip
+            items_path = self.folder / ("items.jsonl" + REPAIR_SUFFIX)  # a repair killed between its two renames
+        data = items_path.read_bytes()
+        num_vectors = os.path.getsize(self.folder / "vectors.f32") // (4 * self.dim)
+        lines = data.split(b"\n")
+        lines.pop()  # b"" after the last newline, or a line an interrupted append left unfinished
+        problems: list[str] = []
+        parsed: list[tuple[int, dict[str, Any], int]] = []  # (line number, item, row)
+        previous_row, bad_lines = -1, set()
+        for number, line in enumerate(lines, 1):
+            try:
+                item = json.loads(line.decode("utf-8"))
+                reason = _item_problem(item)
+            except UnicodeDecodeError as error:
+                reason = f"invalid UTF-8 at byte {error.start}"
+            except ValueError as error:
+                reason = f"not valid JSON ({error})"
+            except RecursionError:
+                reason = "JSON nested too deeply"
+            if reason is None:
+                row = item.get("row", number - 1)  # indexes written before rows were stored: the line number
+                if row <= previous_row:
+                    reason = f"row {row} comes after row {previous_row} (lines reordered or duplicated)"
+                elif row >= num_vectors:
+                    reason = f"row {row} is past the end of vectors.f32 ({num_vectors} rows: truncated?)"
+            if reason is not None:
+                problems.append(f"items.jsonl line {number}: {reason}")
+                bad_lines.add(number)
+                continue
+            previous_row = row
+            parsed.append((number, item, row))
+        items, rows = [], []
+        start = 0
+        while start < len(parsed):  # whole files only: a file's rows are consecutive lines and rows
+            path, file_rows = parsed[start][1]["path"], parsed[start][1]["file_rows"]
+            end = start + 1
+            while end < len(parsed) and parsed[end][1]["path"] == path and end - start < file_rows:
+                end += 1
+            group = parsed[start:end]
+            whole = len(group) == file_rows and all(
+                b[0] == a[0] + 1 and b[2] == a[2] + 1 for a, b in zip(group, group[1:]))  # fmt: skip
+            if whole:
+                items += [item for _, item, _ in group]
+                rows += [row for _, _, row in group]
+            elif end < len(parsed) or max(bad_lines, default=-1) > group[0][0]:
+                # Dropped whole; said once: a damaged line next to the group already explains its missing row.
+                if not any(n in bad_lines for n in range(group[0][0] - file_rows, group[-1][0] + file_rows + 1)):
+                    problems.append(f"items.jsonl lines {group[0][0]}-{group[-1][0]}: {len(group)} of the "
+                                    f"{file_rows} rows of {path} (lines removed?)")  # fmt: skip
+            # else: the last file of an interrupted append, cut like the torn line after it
+            start = end
+        return _Scan(items, rows, problems, num_vectors)
+
+    def _read_consistent_items(self, repair: bool) -> list[dict[str, Any]]:
+        """The complete items; a torn tail (an interrupted append) is cut back to the last complete file; damage is
+        refused, or with `repair` rewritten away."""
+        scan = self._scan()
+        if scan.problems or not scan.contiguous:
+            if not (self.writable and repair):
+                shown = "; ".join(scan.problems[:MAX_PROBLEMS_SHOWN]) or "rows out of place"
+                more = len(scan.problems) - MAX_PROBLEMS_SHOWN
+                raise IndexDamagedError(
+                    f"`{self.argument}` {self.folder} is damaged: {shown}{f' (and {more} more)' if more > 0 else ''}. "
+                    "Run `mmgem index` on it again to repair it (the damaged images' rows are dropped and "
+                    "re-embedded), or rebuild it in a new folder."
+                )
+            self.repairs = scan.problems or ["rows out of place"]
+            return self._rewrite(scan.items, scan.rows, scan.num_vectors)
+        items = scan.items
+        row_bytes = 4 * self.dim
         clean_items_bytes = sum(len(json.dumps(item).encode()) + 1 for item in items)
-        if self.writable and (clean_items_bytes != os.path.getsize(items_path) or
-                              num_vectors * 4 * self.dim != os.path.getsize(vectors_path) or
-                              len(items) != num_vectors):  # fmt: skip
-            with open(items_path, "r+b") as handle:
-                handle.truncate(clean_items_bytes)
-            with open(vectors_path, "r+b") as handle:
-                handle.truncate(len(items) * 4 * self.dim)
+        sizes = (os.path.getsize(self.folder / "items.jsonl"), os.path.getsize(self.folder / "vectors.f32"))
+        if self.writable and sizes != (clean_items_bytes, len(items) * row_bytes):
+            for name, size in (("items.jsonl", clean_items_bytes), ("vectors.f32", len(items) * row_bytes)):
+                fd = _open_fd(self.folder / name, os.O_RDWR, self.argument)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        return items
+
+    def _rewrite(self, items: list[dict[str, Any]], rows: list[int], num_vectors: int) -> list[dict[str, Any]]:
+        """Replace the two files by `items` (renumbered) and their vectors `rows`; the ANN cache is dropped first."""
+        vectors = b""
+        if rows:
+            source = np.memmap(self.folder / "vectors.f32", dtype=np.float32, mode="r", shape=(num_vectors, self.dim))
+            vectors = np.ascontiguousarray(source[rows]).tobytes()
+            del source
+        items = [{**item, "row": i} for i, item in enumerate(items)]
+        payloads = {"vectors.f32": vectors,
+                    "items.jsonl": b"".join(json.dumps(item).encode() + b"\n" for item in items)}  # fmt: skip
+        for name, data in payloads.items():
+            path = self.folder / (name + REPAIR_SUFFIX)
+            path.unlink(missing_ok=True)
+            fd = _open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.argument)
+            try:
+                _write_fd(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        # The cache describes the old rows: forget it before the rows change (it is rebuilt below).
+        (self.folder / "ann.json").unlink(missing_ok=True)
+        for name in ("vectors.f32", "items.jsonl"):  # this order: see `_finish_interrupted_repair`
+            os.replace(self.folder / (name + REPAIR_SUFFIX), self.folder / name)
         return items
 
     def _map_vectors(self) -> np.ndarray:
@@ -156,25 +426,45 @@ class VectorStore:
         return np.memmap(self.folder / "vectors.f32", dtype=np.float32, mode="r", shape=(len(self.items), self.dim))
 
     def _ann_counts(self) -> dict[str, int]:
+        """How many rows each saved ANN file covers; {} (rebuild everything) when ann.json is unreadable."""
         path = self.folder / "ann.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        try:
+            counts = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, ValueError):
+            self.rebuilt_anns.append("ann.json")
+            return {}
+        if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+            self.rebuilt_anns.append("ann.json")
+            return {}
+        return counts
+
+    def _read_saved_ann(self, path: Path, saved: int, rows: np.ndarray) -> Any:
+        """The saved ANN if it is readable and covers exactly the first `saved` of `rows`, else None."""
+        import faiss
+
+        try:
+            ann = faiss.read_index(str(path))
+            ids = faiss.vector_to_array(ann.id_map)
+        except Exception:  # noqa: BLE001 - a truncated or damaged cache: FAISS raises RuntimeError and others
+            self.rebuilt_anns.append(path.name)
+            return None
+        if ann.d != self.dim or ann.ntotal != saved or len(ids) != saved or int(ids[-1]) != rows[saved - 1]:
+            self.rebuilt_anns.append(path.name)  # stale (not the rows we have): rebuilt from the vectors
+            return None
+        return ann
 
     def _load_ann(self, kind: str) -> Any:
         """The kind's ANN, with the rows the saved file misses added (and rows past the items dropped)."""
-        import faiss
-
         path, info = self.folder / f"ann-{kind}.faiss", self.meta["ann"]
         saved = self._ann_counts().get(kind, 0)
         rows = self.rows_of(kind)
         ann = None
         if path.is_file() and 0 < saved <= len(rows):
-            ann = faiss.read_index(str(path))
-            if ann.ntotal != saved or int(faiss.vector_to_array(ann.id_map)[-1]) != rows[saved - 1]:
-                ann = None  # stale cache (not the rows we have): rebuild from the vectors
+            ann = self._read_saved_ann(path, saved, rows)
         if ann is None:
             ann, saved = _new_ann(self.dim, info.get("hnsw_m", DEFAULT_HNSW_M),
                                   info.get("ef_construction", DEFAULT_EF_CONSTRUCTION),
-                                  info.get("ef_search", DEFAULT_EF_SEARCH), info["type"] == "flat"), 0  # fmt: skip
+                                  info.get("ef_search", DEFAULT_EF_SEARCH), info.get("type") == "flat"), 0  # fmt: skip
         if saved < len(rows):
             missing = rows[saved:]
             ann.add_with_ids(np.ascontiguousarray(self.vectors[missing]), missing)
@@ -183,7 +473,7 @@ class VectorStore:
     # ------------------------------------------------------------------------------------------------ writing
     def close(self) -> None:
         if self._lock is not None:
-            self._lock.close()
+            os.close(self._lock)
             self._lock = None
 
     def __enter__(self) -> VectorStore:
@@ -206,19 +496,37 @@ class VectorStore:
         if not len(items):
             return
         start = len(self.items)
+        items = [{**item, "row": start + i} for i, item in enumerate(items)]
         # Vectors first: rows without items are cut on open; items never point past the vectors.
         for name, data in (("vectors.f32", vectors.tobytes()),
                            ("items.jsonl", b"".join(json.dumps(item).encode() + b"\n" for item in items))):  # fmt: skip
-            with open(self.folder / name, "ab") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            fd = _open_fd(self.folder / name, os.O_WRONLY | os.O_APPEND, self.argument)
+            try:
+                _write_fd(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self.items.extend(items)
         self.vectors = self._map_vectors()
         for kind in KINDS:
             rows = np.array([start + i for i, item in enumerate(items) if item["kind"] == kind], dtype=np.int64)
             if len(rows):
                 self.anns[kind].add_with_ids(vectors[rows - start], rows)
+
+    def remove_paths(self, paths: Iterable[str]) -> int:
+        """Drop every row of `paths` (e.g. images edited since they were indexed); returns the rows removed. The
+        files are rewritten as a repair is, and the ANNs rebuilt from the remaining vectors."""
+        if not self.writable:
+            raise RuntimeError("this VectorStore was opened read-only")
+        paths = set(paths)
+        keep = [row for row, item in enumerate(self.items) if item["path"] not in paths]
+        removed = len(self.items) - len(keep)
+        if removed:
+            self.vectors = None  # release the map of the file about to be replaced
+            self.items = self._rewrite([self.items[row] for row in keep], keep, len(self.items))
+            self.vectors = self._map_vectors()
+            self.anns = {kind: self._load_ann(kind) for kind in KINDS}
+        return removed
 
     def save_ann(self) -> None:
         """Write the ANN files (atomically each; `ann.json` last, so a count never exceeds its file)."""
@@ -277,16 +585,6 @@ def faiss_threads(count: int = 1) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def open_store(folder: str | os.PathLike[str], writable: bool = False) -> Iterator[VectorStore]:
-    """`VectorStore(folder, writable)` as a context manager that releases the write lock."""
-    store = VectorStore(folder, writable=writable)
-    try:
-        yield store
-    finally:
-        store.close()
 
 
 def group_by_path(hits: Iterable[Hit], k: int) -> list[Hit]:
