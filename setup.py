@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "parameterized>=0.9"],
     "notebooks": ["nbmake>=1.5", "ipykernel>=6", "nbformat>=5.9"],
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"],  # mmgem export-onnx
     "mteb": ["mteb>=2.26"],  # mmgem.integrations.mteb

@@ -94,7 +94,7 @@ def build_mmgem(
         image_processor=image_processor or image_processor_for(config.vision_config),
         tokenizer=tokenizer,
         num_image_tokens=config.num_image_tokens,
-        max_length=getattr(config.text_config, "max_position_embeddings", None),
+        context_length=getattr(config.text_config, "max_position_embeddings", None),
     )
     return model, processor
 

@@ -167,19 +167,27 @@ def contrastive_loss(
     return loss, logits_per_image, logits_per_text
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def caption_loss(
+    logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next-token cross-entropy, averaged over the labelled tokens of the (global) batch.
 
     Args:
         logits: [N, L, V] language-model logits over the caption sequence.
         labels: [N, L] token ids to predict, `-100` where no loss is taken (prompt, visual tokens, padding).
             Position t predicts `labels[:, t + 1]` (the shift happens here, as in transformers' causal LMs).
+        shift_labels: [N, L] labels already shifted (position t predicts `shift_labels[:, t]`), as transformers'
+            causal LMs take them (e.g. from a sequence-parallel collator); used instead of `labels` when given.
 
     In a distributed run the token count is summed over ranks (every rank must call this) and each rank returns its
     summed token terms over the global count times the world size, as `contrastive_loss` does.
     """
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [N*(L-1), V]
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # [N*(L-1)]
+    if shift_labels is not None:
+        shift_logits = logits.float().reshape(-1, logits.shape[-1])  # [N*L, V]
+        shift_labels = shift_labels.reshape(-1).to(logits.device)  # [N*L]
+    else:
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [N*(L-1), V]
+        shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # [N*(L-1)]
     _, world_size = _distributed_world()
     tokens = (shift_labels != IGNORE_INDEX).sum()
     if world_size > 1:

@@ -17,6 +17,7 @@ its siblings through single-dot relative imports.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -103,6 +104,9 @@ class MMGEMOutput(ModelOutput):
             Language-model hidden states of the caption sequence, when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             Language-model attention weights, when `output_attentions=True` (eager attention).
+        image_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The vision tower's own output when it ran (its `hidden_states` / `attentions` with
+            `output_hidden_states` / `output_attentions`), as transformers' vision-language models return it.
     """
 
     loss: torch.FloatTensor | None = None
@@ -126,6 +130,12 @@ class MMGEMOutput(ModelOutput):
 
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        """The fields present, in order; the vision tower's output as a tuple too (as transformers' multimodal
+        outputs do), so that a tuple output holds only tensors and tuples."""
+        return tuple(self[k].to_tuple() if k == "image_outputs" else self[k] for k in self.keys())
 
 
 # ---------------------------------------------------------------------------------------------------------- modules
@@ -301,6 +311,24 @@ class MMGEMPreTrainedModel(PreTrainedModel):
     # A dict (empty: tying lives in the language model, collected by `post_init`) so that PEFT also finds the
     # language model's tied embeddings, e.g. to keep the `[EMB]`/`[CAP]` rows of a tied `lm_head` trainable.
     _tied_weights_keys: dict[str, str] = {}
+    # Static-cache generation compiles the forward with fullgraph=True: the value checks are skipped while compiling.
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise the weights that were not loaded: each sub-model (vision tower, language model) with its own
+        scheme, then MM-GEM's own modules.
+
+        transformers' composite dispatch hands a sub-model the outer model's "custom code" flag, under which a module
+        without parameters of its own (e.g. CLIP's attention block, which initialises its q/k/v projections) counts
+        as done and is skipped: a tower missing from a folder would start at N(0, 0.02) instead of its own scheme.
+        Each sub-model is therefore initialised through its own `initialize_weights` first. Loaded weights are never
+        touched (transformers' init functions skip them).
+        """
+        for child in self.children():
+            if isinstance(child, PreTrainedModel):
+                child.initialize_weights()
+        super().initialize_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
         # Only MM-GEM's own modules: the vision tower and the LM are initialised by their own classes.
@@ -391,14 +419,40 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
     def _vision_feature_map(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the vision tower once: patch tokens [B, g*g, C] and the feature map [B, C, g, g]."""
+        patch_tokens, feature_map, _ = self._run_vision_tower(pixel_values)
+        return patch_tokens, feature_map
+
+    def _run_vision_tower(
+        self, pixel_values: torch.Tensor, output_hidden_states: Any = False, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Patch tokens [B, g*g, C], the feature map [B, C, g, g] and the tower's own output."""
         self._check_pixel_values(pixel_values)
         dtype = next(self.vision_model.parameters()).dtype
-        hidden = self.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state  # [B, P + g*g, C]
+        flags = self._output_kwargs(output_hidden_states, output_attentions)
+        tower_output = self.vision_model(pixel_values=pixel_values.to(dtype), return_dict=True, **flags)
+        hidden = tower_output.last_hidden_state  # [B, P + g*g, C]
         num_patches = self.config.patch_grid_size**2
         patch_tokens = hidden[:, -num_patches:]  # drop CLS / register tokens, which come first
         if self.config.vision_output_needs_norm:
             patch_tokens = self._vision_post_layernorm()(patch_tokens)
-        return patch_tokens, self.pool_aggregator.to_feature_map(patch_tokens)
+        return patch_tokens, self.pool_aggregator.to_feature_map(patch_tokens), tower_output
+
+    def _output_flag(self, name: str, value: Any) -> Any:
+        """An `output_hidden_states` / `output_attentions` / `return_dict` argument, else the config's value.
+        (`output_hidden_states` may also be a list of layer indices, which the sub-models take as it is.)"""
+        if value is not None:
+            return value
+        return bool(getattr(self.config, name, name == "return_dict"))
+
+    @staticmethod
+    def _output_kwargs(output_hidden_states: Any, output_attentions: Any) -> dict[str, Any]:
+        """The output switches to pass to a sub-model: only those that are on (a sub-model then uses its defaults)."""
+        flags = {}
+        if output_hidden_states is not None and output_hidden_states is not False:
+            flags["output_hidden_states"] = output_hidden_states
+        if output_attentions:
+            flags["output_attentions"] = True
+        return flags
 
     def _vision_post_layernorm(self) -> nn.Module:
         tower = self.vision_model
@@ -428,14 +482,23 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return self.visual_token_projection(torch.cat(tokens))
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, boxes: BoxesInput = None, **kwargs: Any
-    ) -> MMGEMFeaturesOutput:
+        self,
+        pixel_values: torch.Tensor,
+        boxes: BoxesInput = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMGEMFeaturesOutput | tuple:
         """Image embeddings, or region embeddings when `boxes` are given.
 
         Args:
             pixel_values: `[B, 3, H, W]` from [`MMGEMProcessor`].
             boxes: one `[R_i, 4]` tensor per image, normalised xyxy in the frame of `pixel_values` (the processor
                 converts boxes in original image pixels). Region rows are returned instead of image rows.
+            output_hidden_states, output_attentions: return the vision tower's hidden states / attention weights
+                (default: the config's values).
+            return_dict: `False` returns a tuple (default: `config.return_dict`).
 
         Returns:
             [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` (or `[sum R_i, D]`) in `pooler_output`, not
@@ -443,11 +506,20 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         """
         if boxes is not None:  # validate before running the tower
             _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
-        patch_tokens, feature_map = self._vision_feature_map(pixel_values)
-        embeds, region_index = self._visual_embeddings(feature_map, boxes, include_images=boxes is None)
-        return MMGEMFeaturesOutput(
-            last_hidden_state=patch_tokens, pooler_output=embeds, region_image_index=region_index
+        patch_tokens, feature_map, tower_output = self._run_vision_tower(
+            pixel_values,
+            self._output_flag("output_hidden_states", output_hidden_states),
+            self._output_flag("output_attentions", output_attentions),
         )
+        embeds, region_index = self._visual_embeddings(feature_map, boxes, include_images=boxes is None)
+        output = MMGEMFeaturesOutput(
+            last_hidden_state=patch_tokens,
+            pooler_output=embeds,
+            hidden_states=tower_output.get("hidden_states"),
+            attentions=tower_output.get("attentions"),
+            region_image_index=region_index,
+        )
+        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
 
     def get_visual_tokens(self, pixel_values: torch.Tensor, boxes: BoxesInput = None) -> torch.Tensor:
         """The h2 visual tokens that replace the `<image>` placeholders: `[B, K, H_lm]`, or `[sum R_i, K, H_lm]`
@@ -512,6 +584,17 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                     f"context of {context}; truncate the text (MMGEMProcessor(..., truncation=True) does it)."
                 )
 
+    @staticmethod
+    def _right_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] where each input position goes when the real tokens move to the front of their row, in order,
+        padding behind them: a permutation given by running counts (what a stable sort on "is padding" gives,
+        without the sort)."""
+        mask = attention_mask.bool()  # [B, L]
+        lengths = mask.sum(dim=1)  # [B]
+        real_rank = mask.long().cumsum(dim=1) - 1  # [B, L]
+        pad_rank = (~mask).long().cumsum(dim=1) - 1  # [B, L]
+        return torch.where(mask, real_rank, lengths[:, None] + pad_rank)  # [B, L]
+
     def _embedding_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, emb_id: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -526,13 +609,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = attention_mask.bool()  # [B, L]
-        lengths = mask.sum(dim=1)  # [B]
-        # Move real tokens to the front of each row, keeping their order, padding behind them: a permutation given
-        # by running counts (what a stable sort on "is padding" gives, without the sort).
-        real_rank = mask.long().cumsum(dim=1) - 1  # [B, L]
-        pad_rank = (~mask).long().cumsum(dim=1) - 1  # [B, L]
-        destination = torch.where(mask, real_rank, lengths[:, None] + pad_rank)  # [B, L]
+        lengths = attention_mask.bool().sum(dim=1)  # [B]
+        destination = self._right_padded_positions(attention_mask)  # [B, L]
         ids = torch.empty_like(input_ids).scatter(1, destination, input_ids)  # [B, L]
         last = ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # [B]
         needs_emb = last != emb_id  # [B]
@@ -548,8 +626,14 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return ids, new_mask.long(), lengths
 
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> MMGEMFeaturesOutput:
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> MMGEMFeaturesOutput | tuple:
         """Text embeddings: h3 of the language model's last hidden state at `[EMB]`.
 
         Traceable: `torch.compile(model.get_text_features, fullgraph=True)` and ONNX export (`mmgem export-onnx`)
@@ -559,10 +643,15 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             input_ids: `[B, L]` token ids, left or right padded, with or without a final `[EMB]` (appended here
                 when missing).
             attention_mask: `[B, L]`, 1 for real tokens.
+            output_hidden_states, output_attentions: return the language model's hidden states / attention weights
+                (default: the config's values).
+            return_dict: `False` returns a tuple (default: `config.return_dict`).
 
         Returns:
             [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` in `pooler_output` (not normalised) and the LM's last
-            hidden states `[B, L + 1, H]` (right padded, `[EMB]` appended) in `last_hidden_state`.
+            hidden states `[B, L, H]` at the positions of `input_ids` in `last_hidden_state` (and in each of
+            `hidden_states`). `attentions` are those of the sequence the LM reads: `tokens [EMB] padding`, right
+            padded, `L + 1` wide.
         """
         emb_id = self._require_token_id("emb_token_id")
         self._check_text_inputs(input_ids, attention_mask)
@@ -571,11 +660,27 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         context = getattr(self.config.text_config, "max_position_embeddings", None)
         if context is not None:
             position_ids = position_ids.clamp(max=context - 1)  # only the padding column can pass the context
-        hidden = self.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # [B, L + 1, H]
+        flags = self._output_kwargs(
+            self._output_flag("output_hidden_states", output_hidden_states),
+            self._output_flag("output_attentions", output_attentions),
+        )
+        decoder_output = self.get_decoder()(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, return_dict=True, **flags
+        )
+        hidden = decoder_output.last_hidden_state  # [B, L + 1, H]
         at_emb = hidden.gather(1, (lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)  # [B, H]
-        return MMGEMFeaturesOutput(last_hidden_state=hidden, pooler_output=self.text_projection(at_emb))
+        # Back to the caller's token positions: [B, L, H] aligned with `input_ids`, whatever its padding side.
+        positions = self._right_padded_positions(
+            attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        )[..., None].expand(-1, -1, hidden.shape[-1])  # [B, L, H]
+        hidden_states = decoder_output.get("hidden_states")
+        output = MMGEMFeaturesOutput(
+            last_hidden_state=hidden.gather(1, positions),
+            pooler_output=self.text_projection(at_emb),
+            hidden_states=None if hidden_states is None else tuple(h.gather(1, positions) for h in hidden_states),
+            attentions=decoder_output.get("attentions"),
+        )
+        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
 
     # ------------------------------------------------------------------ captioning inputs
     def _merge_visual_tokens(
@@ -584,16 +689,31 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         """Token embeddings with the `<image>` placeholders replaced by `visual_tokens` [N_vis, K, H]."""
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [N, L, H]
-        if input_ids is None or self.config.image_token_id is None:
+        placeholders = self._placeholder_mask(input_ids, inputs_embeds)
+        if placeholders is None:
             return inputs_embeds
-        placeholders = input_ids == self.config.image_token_id  # [N, L]
-        if not _skip_value_checks() and input_ids.shape[1] > 1:
+        if not _skip_value_checks() and placeholders.shape[1] > 1:
             # Checked on prompts only: a decoding step (one new token, no placeholder) must not wait for the device.
             self._check_placeholders(placeholders, visual_tokens)
         if visual_tokens is None:
             return inputs_embeds
         # No branch on the placeholder count: with none (decoding steps) masked_scatter changes nothing.
         return inputs_embeds.masked_scatter(placeholders[..., None], visual_tokens.to(inputs_embeds.dtype))
+
+    def _placeholder_mask(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """[N, L] True at the `<image>` placeholders: the `<image>` id in `input_ids`, or, when only `inputs_embeds`
+        are given, the rows equal to the `<image>` token's embedding (as transformers' LLaVA finds them)."""
+        image_id = self.config.image_token_id
+        if image_id is None:
+            return None
+        if input_ids is not None:
+            return input_ids == image_id
+        if inputs_embeds is None:
+            return None
+        image_embedding = self.get_input_embeddings()(torch.tensor(image_id, device=inputs_embeds.device))  # [H]
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(dim=-1)
 
     def _check_placeholders(self, placeholders: torch.Tensor, visual_tokens: torch.Tensor | None) -> None:
         """The `<image>` placeholders [N, L] must match the visual tokens [N_vis, K, H] one to one."""
@@ -667,8 +787,12 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         caption_rows: CaptionRows | None = None,
         text_keys: torch.LongTensor | None = None,
         image_keys: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> MMGEMOutput:
+    ) -> MMGEMOutput | tuple:
         r"""
         The joint training step, and the captioning forward that `generate` calls.
 
@@ -686,7 +810,8 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             visual_tokens (`[N_vis, K, H_lm]`, *optional*): precomputed h2 outputs (used by `generate`).
             cache / past_key_values (*optional*): the language model's KV cache (the name depends on the
                 transformers release).
-            inputs_embeds (`[N, L, H_lm]`, *optional*): instead of `input_ids` for the caption sequence.
+            inputs_embeds (`[N, L, H_lm]`, *optional*): instead of `input_ids` for the caption sequence. Without
+                `input_ids`, the rows equal to the `<image>` token's embedding are the placeholders (as in LLaVA).
             use_cache (`bool`, *optional*): return the KV cache.
             logits_to_keep (`int` or tensor): as in transformers' causal LMs.
             return_loss (`bool`, defaults to `True`): compute the losses whose inputs are present.
@@ -699,8 +824,22 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 negatives of each other in the contrastive loss. Default: identical token sequences share a key.
             image_keys (`[B]`, *optional*): likewise per image (e.g. the source image); default: bit-identical
                 pixel values share a key. Region rows never share an image key.
+            shift_labels (`[N, L]`, *optional*): caption targets already shifted left by one (position t predicts
+                `shift_labels[:, t]`), as transformers' causal LMs take them; used instead of `labels`.
+            output_hidden_states, output_attentions (`bool`, *optional*): return the language model's (and, in
+                `image_outputs`, the vision tower's) hidden states / attention weights; default: the config's.
+            return_dict (`bool`, *optional*): `False` returns a tuple of the outputs present (default:
+                `config.return_dict`).
         """
+        if past_key_values is not None and CACHE_NAME == "cache" and not _skip_value_checks():
+            warnings.warn(
+                "`past_key_values` is deprecated for `MMGEMModel.forward` with this transformers release: use `cache`.",
+                FutureWarning,
+                stacklevel=2,
+            )
         cache = cache if cache is not None else past_key_values
+        output_hidden_states = self._output_flag("output_hidden_states", output_hidden_states)
+        output_attentions = self._output_flag("output_attentions", output_attentions)
         if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
             check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
         has_captions = input_ids is not None or inputs_embeds is not None
@@ -719,24 +858,29 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 f"`text_input_ids` has {text_input_ids.shape[0]} rows; expected one per image then one per region "
                 f"({batch_size} + {num_regions})."
             )
-        needs_visual_tokens = (
-            input_ids is not None
-            and visual_tokens is None
-            and self.config.image_token_id is not None
-            and bool((input_ids == self.config.image_token_id).any())
-        )
+        placeholders = self._placeholder_mask(input_ids, inputs_embeds) if visual_tokens is None else None
+        needs_visual_tokens = placeholders is not None and bool(placeholders.any())
+        source = "input_ids" if input_ids is not None else "inputs_embeds"
         if needs_visual_tokens and pixel_values is None:
-            raise ValueError("`input_ids` contains `<image>` placeholders but `pixel_values` is missing.")
+            raise ValueError(f"`{source}` contains `<image>` placeholders but `pixel_values` is missing.")
         if needs_visual_tokens:
-            num_rows = int((input_ids == self.config.image_token_id).any(dim=1).sum())
+            num_rows = int(placeholders.any(dim=1).sum())
             caption_rows = self._check_caption_rows(caption_rows, num_rows, batch_size, boxes)
+        elif pixel_values is not None and has_captions and not has_texts and visual_tokens is None:
+            # The images would be dropped silently: a caption sequence takes them only through its placeholders.
+            raise ValueError(
+                f"`pixel_values` are given but `{source}` holds no `<image>` placeholder to take them: start each "
+                f"caption sequence with {self.config.num_image_tokens} `<image>` tokens (MMGEMProcessor writes "
+                "them), or, with `inputs_embeds`, the `<image>` token's embedding at those positions."
+            )
 
         # One vision forward feeds both objectives.
         feature_map = None
-        if pixel_values is not None and (has_texts or needs_visual_tokens):
-            _, feature_map = self._vision_feature_map(pixel_values)
-
         output = MMGEMOutput()
+        tower_output = None
+        if pixel_values is not None and (has_texts or needs_visual_tokens):
+            _, feature_map, tower_output = self._run_vision_tower(pixel_values, output_hidden_states, output_attentions)
+
         losses = []
         if has_texts:
             image_embeds, _ = self._visual_embeddings(feature_map, boxes, include_images=True)
@@ -762,31 +906,40 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
             if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
+            flags = self._output_kwargs(output_hidden_states, output_attentions)
             lm_output = self.language_model(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                return_dict=True,
                 **{self._lm_cache_argument: cache},
+                **flags,
                 **kwargs,
             )
             output.logits = lm_output.logits
             output.hidden_states = lm_output.get("hidden_states")
             output.attentions = lm_output.get("attentions")
             setattr(output, CACHE_NAME, lm_output.get(self._lm_cache_argument))
-            if labels is not None and return_loss:
-                if labels.shape != output.logits.shape[:2]:
-                    raise ValueError(
-                        f"`labels` must have the shape of `input_ids` {tuple(output.logits.shape[:2])}; "
-                        f"got {tuple(labels.shape)}."
-                    )
-                output.loss_caption = caption_loss(output.logits, labels)
+            if (labels is not None or shift_labels is not None) and return_loss:
+                for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+                    if targets is not None and targets.shape != output.logits.shape[:2]:
+                        raise ValueError(
+                            f"`{name}` must have the shape of `input_ids` {tuple(output.logits.shape[:2])}; "
+                            f"got {tuple(targets.shape)}."
+                        )
+                output.loss_caption = caption_loss(output.logits, labels, shift_labels)
                 losses.append(self.config.caption_loss_weight * output.loss_caption)
+        elif labels is not None or shift_labels is not None:
+            raise ValueError("`labels` / `shift_labels` need the caption sequences (`input_ids` or `inputs_embeds`).")
 
         if losses:
             output.loss = torch.stack(losses).sum()
-        return output
+        # Rebuilt so that the fields (and a tuple output) follow the declared order, loss first: a ModelOutput
+        # otherwise keeps them in the order they were set.
+        output = MMGEMOutput(**dict(output.items()), image_outputs=tower_output)
+        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
 
     @staticmethod
     def _false_negative_keys(
@@ -846,7 +999,17 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         if not length_given and config.max_new_tokens is None and config.max_length in (None, 20):
             # transformers' default total length (20, or prompt + 20) would cut captions after the K visual tokens.
             kwargs["max_new_tokens"] = DEFAULT_MAX_CAPTION_TOKENS
-        if input_ids is None and kwargs.get("inputs_embeds") is None:
+        inputs_embeds = kwargs.get("inputs_embeds")
+        if input_ids is None and inputs_embeds is not None and kwargs.get("visual_tokens") is not None:
+            # The images reach the prompt only through its `<image>` rows: refuse rather than caption without them.
+            placeholders = self._placeholder_mask(None, inputs_embeds)
+            if placeholders is None or not bool(placeholders.any()):
+                raise ValueError(
+                    "`inputs_embeds` holds no `<image>` placeholder rows to take the images of `pixel_values`: put "
+                    "the `<image>` token's embedding (`model.get_input_embeddings()(image_token_id)`) at the "
+                    f"{self.config.num_image_tokens} visual positions of each prompt, or pass `input_ids`."
+                )
+        if input_ids is None and inputs_embeds is None:
             if kwargs.get("visual_tokens") is None:
                 raise ValueError("`generate` needs `pixel_values` (or `visual_tokens`) or `input_ids`.")
             input_ids, attention_mask = self._default_caption_prompt(kwargs["visual_tokens"].shape[0], self.device)

@@ -8,22 +8,31 @@
 Each subclasses the stock pipeline of its task (same call signature, options and output format) and feeds the model
 through `MMGEMProcessor`, so the token layouts (`<bos> text [EMB]`, `<bos> <image>*K [CAP]`) are the model's own.
 
+Images given as paths, URLs or base64 strings are opened by MM-GEM's own loader (`processing_mmgem.load_rgb_image`,
+through the processor), as every other entry point opens them: the same pixels (no EXIF rotation: region boxes are
+pixel coordinates of the stored image), the same limits (`MMGEM_MAX_IMAGE_BYTES`, `MMGEM_MAX_IMAGE_PIXELS` checked
+before decoding, URL downloads within `MMGEM_IMAGE_URL_TIMEOUT` seconds in all, or the pipeline's `timeout`).
+
 This file is remote code: it travels to the Hub next to the weights and imports only transformers.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import (
     FeatureExtractionPipeline,
+    GenerationConfig,
     ImageFeatureExtractionPipeline,
     ImageTextToTextPipeline,
     ZeroShotImageClassificationPipeline,
 )
-from transformers.image_utils import load_image, valid_images
+from transformers.image_utils import valid_images
+
+from .processing_mmgem import load_rgb_image
 
 # task -> pipeline class in this file; written to `config.custom_pipelines` by the model.
 PIPELINE_CLASSES = {
@@ -56,7 +65,26 @@ class _MMGEMPipelineMixin:
             raise ValueError(f"{type(self).__name__} needs an MM-GEM model; got {type(self.model).__name__}.")
 
     def _pixel_values(self, image: Any, timeout: float | None) -> torch.Tensor:
-        return self.processor(images=[load_image(image, timeout=timeout)])["pixel_values"].to(self.dtype)
+        return self.processor(images=[image], **_timeout_option(timeout))["pixel_values"].to(self.dtype)
+
+
+def _timeout_option(timeout: float | None) -> dict[str, Any]:
+    """The pipelines' `timeout` (seconds for a URL download) as the processor's image option."""
+    return {} if timeout is None else {"images_kwargs": {"image_url_timeout": timeout}}
+
+
+def _is_image_input(images: Any) -> bool:
+    """Images (PIL, arrays, tensors) or references to images (a path, an http(s) URL, base64), or a list of them."""
+    items = images if isinstance(images, (list, tuple)) else [images]
+    return bool(items) and all(isinstance(item, (str, os.PathLike)) or valid_images(item) for item in items)
+
+
+# Options of `generate` (beam search, sampling, lengths...), which the caption pipeline hands to `generate`: its
+# stock parent would take the unknown ones for processor options and drop them.
+_GENERATE_OPTIONS = frozenset(GenerationConfig().to_dict()) - {"max_length", "transformers_version"}
+_GENERATE_OPTIONS |= {
+    "assistant_model", "streamer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
+}  # fmt: skip
 
 
 class MMGEMZeroShotImageClassificationPipeline(_MMGEMPipelineMixin, ZeroShotImageClassificationPipeline):
@@ -102,7 +130,7 @@ class MMGEMImageTextToTextPipeline(_MMGEMPipelineMixin, ImageTextToTextPipeline)
     added by the processor) and gives the same caption; text in a user message is refused."""
 
     def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
-        if text is None and images is not None and valid_images(images):
+        if text is None and images is not None and _is_image_input(images):
             if isinstance(images, (list, tuple)):
                 return [
                     super(ImageTextToTextPipeline, self).__call__({"images": image, "text": None}, **kwargs)
@@ -111,12 +139,56 @@ class MMGEMImageTextToTextPipeline(_MMGEMPipelineMixin, ImageTextToTextPipeline)
             return super(ImageTextToTextPipeline, self).__call__({"images": images, "text": None}, **kwargs)
         return super().__call__(images=images, text=text, **kwargs)
 
-    def preprocess(self, inputs: Any = None, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+    def _sanitize_parameters(self, generate_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> tuple:
+        """As the stock pipeline's, with `generate` options given directly (`num_beams=3`, `do_sample=True`, ...) moved
+        into `generate_kwargs`, as the README shows them."""
+        moved = {key: kwargs.pop(key) for key in list(kwargs) if key in _GENERATE_OPTIONS and key != "max_new_tokens"}
+        if moved:
+            generate_kwargs = dict(generate_kwargs or {})
+            for key, value in moved.items():
+                if key in generate_kwargs:
+                    raise ValueError(f"`{key}` is given twice: as an argument and in `generate_kwargs`.")
+                generate_kwargs[key] = value
+        return super()._sanitize_parameters(generate_kwargs=generate_kwargs, **kwargs)
+
+    def preprocess(
+        self,
+        inputs: Any = None,
+        timeout: float | None = None,
+        processor_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         if isinstance(inputs, dict) and inputs.get("text") is None and "images" in inputs:
-            model_inputs = self.processor(images=load_image(inputs["images"], timeout=timeout)).to(dtype=self.dtype)
+            kwargs.pop("continue_final_message", None)  # a chat option; there is no chat here
+            options = {**kwargs, **(processor_kwargs or {}), **_timeout_option(timeout)}
+            model_inputs = self.processor(images=inputs["images"], **options).to(dtype=self.dtype)
             model_inputs["text"] = ""  # no prompt text: the full text is the caption
             return model_inputs
+        if processor_kwargs is not None:
+            kwargs["processor_kwargs"] = processor_kwargs
+        if hasattr(inputs, "messages"):  # the chat form: its images are opened here, by MM-GEM's loader
+            inputs.messages = _chat_with_loaded_images(inputs.messages, timeout)
         return super().preprocess(inputs, timeout=timeout, **kwargs)
+
+
+def _chat_with_loaded_images(messages: list[dict[str, Any]], timeout: float | None) -> list[dict[str, Any]]:
+    """A copy of a chat whose image parts (`image`, `url` or `path`) hold RGB images opened by `load_rgb_image`, so
+    that the chat form gives the pixels (and the limits) of every other entry point."""
+    loaded = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    reference = next((part[key] for key in ("image", "url", "path") if part.get(key) is not None), None)
+                    if reference is not None:
+                        part = {k: v for k, v in part.items() if k not in ("url", "path")}
+                        part["image"] = load_rgb_image(reference, len(parts), url_timeout=timeout)
+                parts.append(part)
+            message = {**message, "content": parts}
+        loaded.append(message)
+    return loaded
 
 
 class MMGEMImageFeatureExtractionPipeline(_MMGEMPipelineMixin, ImageFeatureExtractionPipeline):

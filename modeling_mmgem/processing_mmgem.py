@@ -4,8 +4,6 @@ This file is remote code: it travels to the Hub next to the weights and imports 
 own dependencies (numpy, PIL).
 """
 
-from __future__ import annotations
-
 import base64
 import io
 import os
@@ -20,6 +18,7 @@ import torch
 from PIL import Image, ImageCms
 from transformers import BatchFeature, ProcessorMixin
 from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 
 from .utils_mmgem import box_problem, image_size_problem, input_limit, too_many_boxes
 
@@ -29,6 +28,26 @@ IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 IGNORE_INDEX = -100
 IMAGE_PROCESSOR_BACKENDS = ("pil", "torchvision")
+# `padding` values that pad to the longest row (a batch is always padded to one width: the ids are tensors).
+PAD_TO_LONGEST = (None, False, True, "longest", "do_not_pad")
+
+
+class MMGEMImagesKwargs(ImagesKwargs, total=False):
+    """The image options of `MMGEMProcessor.__call__`: those of the image processor (`do_rescale`, `do_normalize`,
+    `image_mean`, ...), `allow_image_references`: whether strings may be opened as files / URLs (see
+    `load_rgb_image`; sentence-transformers' module config sets it to False), and `image_url_timeout`: seconds a URL
+    download may take (default `MMGEM_IMAGE_URL_TIMEOUT`; the pipelines' `timeout`)."""
+
+    allow_image_references: bool
+    image_url_timeout: float
+
+
+class MMGEMProcessorKwargs(ProcessingKwargs, total=False):
+    """The keyword arguments `MMGEMProcessor.__call__` takes, merged by transformers' `ProcessorMixin._merge_kwargs`
+    (flat, per modality in `text_kwargs` / `images_kwargs`, or in `common_kwargs`; one passed twice is an error)."""
+
+    images_kwargs: MMGEMImagesKwargs
+    _defaults = {"text_kwargs": {"padding": "longest"}, "common_kwargs": {"return_tensors": "pt"}}
 
 # The chat form of captioning (transformers' image-text-to-text pipeline, `apply_chat_template`): a user message
 # holding ONE image becomes the caption prompt; MM-GEM takes no instruction, so text in a user or system message is
@@ -97,7 +116,9 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 _WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
-def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) -> Image.Image:
+def load_rgb_image(
+    image: Any, index: int = 0, allow_references: bool = True, url_timeout: float | None = None
+) -> Image.Image:
     """The one image loader of MM-GEM: anything it accepts as an image -> an RGB PIL image.
 
     Accepted: a PIL image in any mode; a numpy array or torch tensor (HW, HWC or CHW with C in 1, 3, 4; uint8, or
@@ -123,6 +144,7 @@ def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) ->
         allow_references: whether strings and paths may be opened (files, URLs, base64). sentence-transformers
             turns any text that ends in `.png` or starts with `http` into an image reference; its MM-GEM module
             config sets this to False so that a text is never read as a file or fetched.
+        url_timeout: seconds a URL download may take in all; default `MMGEM_IMAGE_URL_TIMEOUT`.
     """
     if isinstance(image, (str, os.PathLike)):
         if not allow_references:
@@ -131,12 +153,12 @@ def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) ->
                 "URLs: give the image as a PIL image or array. (sentence-transformers reads texts that end in an "
                 'image extension or start with http as images; to embed such a text, pass it as {"text": ...}.)'
             )
-        image = _open_image_reference(os.fspath(image), index)
+        image = _open_image_reference(os.fspath(image), index, url_timeout)
     elif isinstance(image, (bytes, bytearray)):
         image = _open_image_bytes(bytes(image), index, "the given bytes")
     if isinstance(image, Image.Image):
         _check_image_size(image.width, image.height, index)
-        return _pil_to_rgb(image)
+        return _without_orientation(_pil_to_rgb(image))
     channels_first = isinstance(image, torch.Tensor)
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
@@ -151,6 +173,17 @@ def load_rgb_image(image: Any, index: int = 0, allow_references: bool = True) ->
             f"got {type(image).__name__}."
         )
     return _pil_to_rgb(Image.fromarray(_array_to_uint8(image, index, channels_first)))
+
+
+def _without_orientation(image: Image.Image) -> Image.Image:
+    """`image` (a new RGB image, not the caller's) without its EXIF / XMP metadata: the pixels are the stored ones,
+    and a later EXIF-honouring step (transformers' `load_image`, `ImageOps.exif_transpose`) must not rotate them
+    after all, or the same file would give other pixels (and boxes other regions) on another path."""
+    for key in ("exif", "xmp", "XML:com.adobe.xmp"):
+        image.info.pop(key, None)
+    if getattr(image, "_exif", None) is not None:
+        image._exif = None  # Pillow caches the parsed EXIF on the image
+    return image
 
 
 def _check_image_size(width: int, height: int, index: int) -> None:
@@ -222,13 +255,14 @@ def _array_to_uint8(image: np.ndarray, index: int, channels_first: bool = False)
     return np.ascontiguousarray(array)
 
 
-def _open_image_reference(reference: str, index: int) -> Image.Image:
+def _open_image_reference(reference: str, index: int, url_timeout: float | None = None) -> Image.Image:
     """A local image file, an http(s) URL or a base64 / `data:image/...` string, opened and read with PIL."""
     is_url = reference.startswith(("http://", "https://"))
     max_bytes = int(input_limit("max_image_bytes"))
     try:
         if is_url:
-            data = _download(reference, max_bytes, input_limit("image_url_timeout"), index)
+            timeout = input_limit("image_url_timeout") if url_timeout is None else url_timeout
+            data = _download(reference, max_bytes, timeout, index)
         elif os.path.isfile(reference):
             if os.path.getsize(reference) > max_bytes:
                 raise ValueError(
@@ -346,6 +380,16 @@ def image_frame_transform(image_processor: Any, width: int, height: int) -> tupl
     return new_w / width, new_h / height, float(offset_x), float(offset_y), frame_w, frame_h
 
 
+class _FrameSettings:
+    """The resize / crop settings of an image processor with per-call overrides (`images_kwargs`), for
+    `image_frame_transform`: boxes map through the transform the pixels actually went through."""
+
+    def __init__(self, image_processor: Any, overrides: dict[str, Any]) -> None:
+        for name in ("do_resize", "size", "do_center_crop", "crop_size"):
+            value = overrides.get(name)
+            setattr(self, name, value if value is not None else getattr(image_processor, name, None))
+
+
 def boxes_to_model_frame(image_processor: Any, boxes: Any, width: int, height: int, index: int) -> torch.Tensor:
     """Pixel xyxy boxes of an original `width x height` image -> normalised xyxy in the model's frame [R, 4].
 
@@ -426,7 +470,8 @@ class MMGEMProcessor(ProcessorMixin):
         image_processor: a transformers image processor (CLIP or SigLIP).
         tokenizer: a tokenizer that has the MM-GEM special tokens (see `add_mmgem_special_tokens`).
         num_image_tokens (`int`): `K`, visual tokens per image or region (`config.num_image_tokens`).
-        max_length (`int`, *optional*): longest sequence the language model takes (its context).
+        context_length (`int`, *optional*): longest sequence the language model takes (its context); texts longer
+            than it are refused, or cut with `truncation=True`. (Folders saved before name it `max_length`.)
         image_processing_backend (`str`, *optional*, defaults to `"pil"`): the image processor implementation,
             `"pil"` or `"torchvision"`. It is saved with the processor, and a processor of the other implementation
             (e.g. the torchvision one that transformers picks on reload wherever torchvision is installed) is turned
@@ -434,24 +479,29 @@ class MMGEMProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
+    valid_processor_kwargs = MMGEMProcessorKwargs
 
     def __init__(
         self,
         image_processor: Any = None,
         tokenizer: Any = None,
         num_image_tokens: int = 16,
-        max_length: int | None = None,
+        context_length: int | None = None,
         chat_template: str | None = None,
         image_processing_backend: str = "pil",
         **kwargs: Any,
     ) -> None:
+        # `max_length` is the tokenizer's per-call option; processors saved before took the context under that name.
+        if context_length is None and "max_length" in kwargs:
+            context_length = kwargs.pop("max_length")
         if image_processing_backend not in IMAGE_PROCESSOR_BACKENDS:
             raise ValueError(
                 f"`image_processing_backend` must be one of {IMAGE_PROCESSOR_BACKENDS}; "
                 f"got {image_processing_backend!r}."
             )
         self.num_image_tokens = num_image_tokens
-        self.max_length = max_length
+        self.context_length = context_length
+        self.image_token = IMAGE_TOKEN  # the placeholder token, as transformers' vision-language processors name it
         self.image_processing_backend = image_processing_backend
         image_processor = image_processor_with_backend(image_processor, image_processing_backend)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
@@ -483,14 +533,14 @@ class MMGEMProcessor(ProcessorMixin):
             return max_length
         model_max = getattr(self.tokenizer, "model_max_length", None)
         model_max = model_max if isinstance(model_max, int) and model_max < 1_000_000 else None
-        limits = [n for n in (self.max_length, model_max) if n is not None]
+        limits = [n for n in (self.context_length, model_max) if n is not None]
         return min(limits) if limits else None
 
     def _tokenize_texts(self, texts: Sequence[str], argument: str) -> list[list[int]]:
         """Token ids of each text, read as plain text: a user's "<image>", "[EMB]" or "</s>" is spelled out in
         ordinary tokens (`split_special_tokens`), never turned into a control token."""
         texts = _as_text_list(texts, argument)
-        control_ids = set(self.tokenizer.all_special_ids) | set(self._special_ids().values())
+        control_ids = self._control_ids()
         token_lists = []
         for i, text in enumerate(texts):
             if not text.strip():
@@ -499,11 +549,23 @@ class MMGEMProcessor(ProcessorMixin):
             if control_ids.intersection(tokens):
                 # A tokenizer that ignores `split_special_tokens` (some slow ones): refuse rather than pass it on.
                 raise ValueError(
-                    f"`{argument}[{i}]` contains a control token of the tokenizer (e.g. <image>, [EMB], [CAP], bos, "
-                    f"eos, pad) that this tokenizer cannot spell out as text: {text[:200]!r}."
+                    f"`{argument}[{i}]` contains a control token (<image>, [EMB], [CAP], or the tokenizer's bos, "
+                    f"eos or pad) that this tokenizer cannot spell out as text: {text[:200]!r}."
                 )
             token_lists.append(tokens)
         return token_lists
+
+    def _control_ids(self) -> set[int]:
+        """The ids a text must never produce: MM-GEM's `[EMB]`, `[CAP]`, `<image>` and the tokenizer's bos / eos /
+        pad, which steer the layouts. The unknown token is NOT one of them: a tokenizer without byte fallback
+        (WordPiece, a Metaspace BPE) writes it for characters outside its vocabulary, and the text is then read as
+        that tokenizer reads it."""
+        tokenizer = self.tokenizer
+        ids = set(self._special_ids().values())
+        ids |= {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        ids.discard(None)
+        ids.discard(tokenizer.unk_token_id)  # a tokenizer whose pad (or eos) is its unk: unknowns are still text
+        return ids
 
     def _fit(self, tokens: list[int], room: int | None, truncation: bool, argument: str, index: int) -> list[int]:
         if room is None or len(tokens) <= room:
@@ -572,7 +634,9 @@ class MMGEMProcessor(ProcessorMixin):
         pattern = f"^(?:{bos})?{re.escape(IMAGE_TOKEN + CAP_TOKEN)}(?P<caption_start>.*)$"
         return re.match(pattern, text, flags=re.DOTALL) if isinstance(text, str) else None
 
-    def chat_prompt_inputs(self, images: Any, prompts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+    def chat_prompt_inputs(
+        self, images: Any, prompts: str | Sequence[str], **image_options: Any
+    ) -> dict[str, torch.Tensor]:
         """Caption prompts rendered by the chat template, one image each: `pixel_values`, and `input_ids` /
         `attention_mask` (left padded) `<bos> <image>*K [CAP] caption-start` (the caption start read as plain text)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -588,18 +652,25 @@ class MMGEMProcessor(ProcessorMixin):
             start = self._chat_prompt(text)["caption_start"]
             rows.append(prompt + (self._tokenize_texts([start], "text")[0] if start.strip() else []))
         input_ids, attention_mask = self._batch(rows, special["pad"], left=True)
-        pixel_values, _ = self._prepare_images(flat, None)
+        pixel_values, _ = self._prepare_images(flat, None, **image_options)
         return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
 
     # ------------------------------------------------------------------ images
     def _prepare_images(
-        self, images: Any, boxes: Any | None, allow_references: bool = True
+        self,
+        images: Any,
+        boxes: Any | None,
+        allow_references: bool = True,
+        url_timeout: float | None = None,
+        **image_options: Any,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """`pixel_values` of the images (the image processor run with `image_options`, e.g. `do_rescale`) and the
+        boxes mapped to the model's frame through the same resize and crop."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:
             raise ValueError("`images` must contain at least one image.")
-        pil_images = [load_rgb_image(image, i, allow_references) for i, image in enumerate(images)]
+        pil_images = [load_rgb_image(image, i, allow_references, url_timeout) for i, image in enumerate(images)]
         frame_boxes = None
         if boxes is not None:
             if not isinstance(boxes, (list, tuple)) or len(boxes) != len(pil_images):
@@ -608,13 +679,15 @@ class MMGEMProcessor(ProcessorMixin):
                     f"({len(pil_images)} images); got {type(boxes).__name__} of length "
                     f"{len(boxes) if hasattr(boxes, '__len__') else 'n/a'}."
                 )
+            frame = _FrameSettings(self.image_processor, image_options)
             frame_boxes = [
-                boxes_to_model_frame(self.image_processor, b, image.width, image.height, i)
+                boxes_to_model_frame(frame, b, image.width, image.height, i)
                 for i, (image, b) in enumerate(zip(pil_images, boxes))
             ]
             if sum(len(b) for b in frame_boxes) == 0:
                 raise ValueError("`boxes` contains no box; pass `boxes=None` for whole images.")
-        pixel_values = self.image_processor(images=pil_images, return_tensors="pt")["pixel_values"]
+        image_options = {k: v for k, v in image_options.items() if v is not None and k != "return_tensors"}
+        pixel_values = self.image_processor(images=pil_images, return_tensors="pt", **image_options)["pixel_values"]
         return pixel_values, frame_boxes
 
     # ------------------------------------------------------------------ main entry
@@ -624,9 +697,6 @@ class MMGEMProcessor(ProcessorMixin):
         text: str | Sequence[str] | None = None,
         boxes: Sequence[Any] | None = None,
         region_text: Sequence[Sequence[str]] | None = None,
-        truncation: bool = False,
-        max_length: int | None = None,
-        return_tensors: str | None = "pt",
         **kwargs: Any,
     ) -> BatchFeature:
         """Build model inputs; see the class docstring for what each combination of arguments gives.
@@ -636,27 +706,45 @@ class MMGEMProcessor(ProcessorMixin):
             text: one string or a list: texts to embed, or with `images` the captions of the images.
             boxes: per image, a list of `[x0, y0, x1, y1]` boxes in original image pixels.
             region_text: with `images`, `text` and `boxes`, per image, the captions of its boxes.
-            truncation: cut texts that do not fit the language model's context instead of raising.
-            max_length: override of the context length used for truncation.
-            text_kwargs: (in `kwargs`) `{"truncation": ..., "max_length": ...}` as transformers' v5 processors take
-                them, equivalent to the two arguments above.
+            kwargs: transformers' processor options (`MMGEMProcessorKwargs`), flat or nested in `text_kwargs`,
+                `images_kwargs` or `common_kwargs`; one given twice is an error. Text: `truncation` (cut texts that
+                do not fit the context instead of raising), `max_length` (the longest sequence, for truncation and
+                for `padding="max_length"`), `padding` (`"longest"`, the default, or `"max_length"`),
+                `pad_to_multiple_of`. Images: the image processor's (`do_rescale`, `do_normalize`, `image_mean`,
+                ...) and `allow_image_references`. `return_tensors`: `"pt"` (the default).
+
+        Returns:
+            A `BatchFeature` whose keys are `model_input_names` (those the call builds), plus `boxes` and
+            `caption_rows` when `boxes` are given.
         """
+        options = self._merge_kwargs(
+            MMGEMProcessorKwargs, tokenizer_init_kwargs=getattr(self.tokenizer, "init_kwargs", {}), **kwargs
+        )
+        text_options, image_options = options["text_kwargs"], dict(options["images_kwargs"])
+        return_tensors = text_options.get("return_tensors", image_options.get("return_tensors", "pt"))
         if return_tensors not in ("pt", None):
             raise ValueError(f"`return_tensors` must be 'pt'; got {return_tensors!r}.")
-        # transformers' v5 calling convention (used by sentence-transformers) nests tokenizer options in `text_kwargs`.
-        text_kwargs = kwargs.get("text_kwargs") or {}
-        truncation = truncation or bool(text_kwargs.get("truncation", False))
-        max_length = max_length if max_length is not None else text_kwargs.get("max_length")
+        truncation = text_options.get("truncation") not in (None, False, "do_not_truncate")
+        max_length = text_options.get("max_length")
+        pad_width = self._pad_width_rule(
+            text_options.get("padding"), max_length, text_options.get("pad_to_multiple_of")
+        )
+        allow_references = bool(image_options.pop("allow_image_references", True))
+        url_timeout = image_options.pop("image_url_timeout", None)
+        if url_timeout is not None and not (isinstance(url_timeout, (int, float)) and url_timeout > 0):
+            raise ValueError(f"`image_url_timeout` must be a positive number of seconds; got {url_timeout!r}.")
+        image_options["url_timeout"] = url_timeout
         if images is None and text is None:
             raise ValueError("Give `images`, `text`, or both.")
         texts_list = [text] if isinstance(text, str) else text
         if images is not None and isinstance(texts_list, (list, tuple)) and texts_list:
             if all(self._chat_prompt(t) is not None for t in texts_list):  # rendered by `apply_chat_template`
-                return BatchFeature(self.chat_prompt_inputs(images, text))
+                data = self.chat_prompt_inputs(images, text, **image_options)
+                return BatchFeature(self._padded(data, pad_width, prompts=True))
         if images is None:
             if boxes is not None:
                 raise ValueError("`boxes` need `images`.")
-            return BatchFeature(self.embedding_inputs(text, truncation, max_length))
+            return BatchFeature(self._padded(self.embedding_inputs(text, truncation, max_length), pad_width))
         # Texts are checked and tokenised first, so that bad text fails before any image work.
         text_data: dict[str, Any] = {}
         if text is not None:
@@ -664,20 +752,63 @@ class MMGEMProcessor(ProcessorMixin):
             embedding = self.embedding_inputs(texts, truncation, max_length)
             text_data = {"text_input_ids": embedding["input_ids"], "text_attention_mask": embedding["attention_mask"]}
             text_data.update(self.caption_targets(texts, truncation, max_length))
-        # sentence-transformers' module config sets `images_kwargs={"allow_image_references": False}`: see
-        # `load_rgb_image`.
-        allow_references = bool((kwargs.get("images_kwargs") or {}).get("allow_image_references", True))
-        pixel_values, frame_boxes = self._prepare_images(images, boxes, allow_references)
+        pixel_values, frame_boxes = self._prepare_images(images, boxes, allow_references, **image_options)
         data: dict[str, Any] = {"pixel_values": pixel_values}
         if frame_boxes is not None:
             data["boxes"] = frame_boxes
             # Tells `MMGEMModel.forward` which visual tokens the caption sequences take.
             data["caption_rows"] = "images_and_regions" if text_data else "regions"
-        if not text_data:
+        prompts = not text_data
+        if prompts:
             num_rows = pixel_values.shape[0] if frame_boxes is None else sum(len(b) for b in frame_boxes)
             text_data = self.caption_prompt(num_rows)
         data.update(text_data)
-        return BatchFeature(data)
+        return BatchFeature(self._padded(data, pad_width, prompts=prompts))
+
+    @staticmethod
+    def _pad_width_rule(padding: Any, max_length: int | None, multiple: int | None) -> Any:
+        """How wide the id tensors are padded, from the tokenizer options `padding` / `max_length` /
+        `pad_to_multiple_of`: a function of the longest row's length."""
+        if padding not in PAD_TO_LONGEST and padding != "max_length":
+            raise ValueError(
+                f"`padding` must be 'longest' (or True / False: a batch is always padded to one width) or "
+                f"'max_length'; got {padding!r}."
+            )
+        if padding == "max_length" and max_length is None:
+            raise ValueError("`padding='max_length'` needs `max_length`.")
+        if multiple is not None and (not isinstance(multiple, int) or multiple < 1):
+            raise ValueError(f"`pad_to_multiple_of` must be a positive int; got {multiple!r}.")
+
+        def width(longest: int) -> int:
+            target = max(longest, max_length) if padding == "max_length" else longest
+            return target if multiple is None else -(-target // multiple) * multiple
+
+        return width
+
+    def _padded(self, data: dict[str, Any], pad_width: Any, prompts: bool = False) -> dict[str, Any]:
+        """`data` with its id tensors padded to `pad_width(longest)` columns: caption prompts on the left (as
+        generation needs), everything else on the right."""
+        pad_id = self._special_ids()["pad"]
+        fill = {
+            "input_ids": pad_id,
+            "attention_mask": 0,
+            "labels": IGNORE_INDEX,
+            "text_input_ids": pad_id,
+            "text_attention_mask": 0,
+        }
+        groups = (("input_ids", "attention_mask", "labels"), ("text_input_ids", "text_attention_mask"))
+        for keys in groups:
+            present = [k for k in keys if k in data]
+            if not present:
+                continue
+            width = pad_width(data[present[0]].shape[1])
+            for key in present:
+                tensor = data[key]
+                extra = width - tensor.shape[1]
+                if extra > 0:
+                    side = (extra, 0) if prompts and key != "labels" else (0, extra)
+                    data[key] = torch.nn.functional.pad(tensor, side, value=fill[key])
+        return data
 
     @staticmethod
     def _training_texts(images: Any, text: Any, boxes: Any, region_text: Any) -> list[str]:
@@ -732,7 +863,32 @@ class MMGEMProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values", "boxes"]
+        """What `__call__` returns for images with captions (a training batch); texts alone give the first two,
+        images alone the first three. With `boxes`, `boxes` and `caption_rows` are added."""
+        return ["input_ids", "attention_mask", "pixel_values", "text_input_ids", "text_attention_mask", "labels"]
+
+    @property
+    def image_token_id(self) -> int:
+        """The id of the `<image>` placeholder token."""
+        return self._special_ids()["image"]
+
+    @classmethod
+    def get_processor_dict(cls, *args: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """As `ProcessorMixin.get_processor_dict`; folders saved before name the context `max_length`."""
+        processor_dict, other = super().get_processor_dict(*args, **kwargs)
+        if "max_length" in processor_dict and "context_length" not in processor_dict:
+            processor_dict = dict(processor_dict)
+            processor_dict["context_length"] = processor_dict.pop("max_length")
+        return processor_dict, other
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `ProcessorMixin.to_dict`, with the `auto_map` entry `save_pretrained` writes for this remote-code class
+        always present, so that a processor built from its parts, a loaded one and a saved one compare equal."""
+        output = super().to_dict()
+        if type(self)._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            output["auto_map"] = {**(output.get("auto_map") or {}), self._auto_class: f"{module}.{type(self).__name__}"}
+        return output
 
 
 MMGEMProcessor.register_for_auto_class("AutoProcessor")

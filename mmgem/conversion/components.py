@@ -358,7 +358,7 @@ def make_processor(config: MMGEMConfig, image_processor: Any, tokenizer: Any) ->
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=config.num_image_tokens,
-        max_length=getattr(config.text_config, "max_position_embeddings", None),
+        context_length=getattr(config.text_config, "max_position_embeddings", None),
     )
 
 
