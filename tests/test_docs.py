@@ -264,6 +264,8 @@ TOP_LEVEL = sorted(p.name for p in REPO_ROOT.iterdir() if not p.name.startswith(
 INLINE_CODE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 MMGEM_COMMAND = re.compile(r"(?:(?:^|[\s`(|;&])mmgem|-m mmgem\.cli)[ \t]+((?:--debug[ \t]+)?)([a-z][\w-]*)")
+# Paths of another project that a page names (transformers' own test files): `<!-- docs-test: external-paths: A B -->`
+EXTERNAL_PATHS = re.compile(r"<!--\s*docs-test:\s*external-paths:(?P<paths>.*?)-->")
 DOTTED_NAME = re.compile(r"^(modeling_mmgem|mmgem|conversion|benchmarks|experiments)(\.\w+)+$")
 
 
@@ -358,9 +360,11 @@ def flag_problems(text: str) -> list[str]:
 
 def mention_problems(page: Path) -> list[str]:
     prose, blocks = prose_and_code(page)
+    external = tuple(p.rstrip("/") for m in EXTERNAL_PATHS.finditer(prose) for p in m.group("paths").split())
     problems = []
     for token in INLINE_CODE.findall(prose):
-        for problem in (repo_path_problems(token), dotted_name_problem(token)):
+        path_problem = None if external and token.rstrip("/").startswith(external) else repo_path_problems(token)
+        for problem in (path_problem, dotted_name_problem(token)):
             if problem:
                 problems.append(problem)
         if token.startswith(("mmgem ", "mmgem-convert ")):
