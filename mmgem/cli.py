@@ -52,6 +52,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "index": Command("mmgem.search.indexer", "embed an image folder or webdataset shards into a searchable index"),
     "search": Command("mmgem.search.searcher", "search an index by text, image or image region"),
+    "embed": Command("mmgem.scale.ray_embed", "embed (and caption) an image collection on Ray Data with actor pools"),
     "app": Command("mmgem.app.gradio_app", "a web app to try a model: captions, zero-shot labels, regions, search"),
 }
 DEBUG_FLAG = "--debug"

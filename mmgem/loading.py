@@ -18,7 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmgem.errors import checking_user_input
+import torch
+
+from mmgem.errors import MMGEMUserError, checking_user_input, one_line
 from modeling_mmgem.modeling_mmgem import MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor
 
@@ -84,6 +86,8 @@ def check_hub_id(path: str | os.PathLike[str], argument: str = "model") -> None:
     except HFValidationError:
         raise FileNotFoundError(f"`{argument}` {text}: no such folder ({expected}).") from None
     if text.startswith((".", "~")) or text.count("/") != 1:
+        # A bare name (`nonexistent_dir`) is a valid legacy repo id, but no MM-GEM repo has one: asking the Hub would
+        # only retry for seconds offline and end in a traceback.
         raise FileNotFoundError(f"`{argument}` {text}: no such folder ({expected}).")
 
 
@@ -170,16 +174,64 @@ def load_model(
     """
     with checking_user_input():  # the path and the folder's contents are the user's input
         check_model_folder(path, argument, trust_remote_code)
+    local = Path(path).is_dir()
     try:
         processor = MMGEMProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        config = MMGEMModel.config_class.from_pretrained(str(path))
     except ValueError as error:
         if "trust_remote_code" in str(error):
             raise _remote_code_error(error, argument) from error
         raise
-    config = MMGEMModel.config_class.from_pretrained(str(path))
+    except OSError as error:  # a repo id the Hub does not have, or a Hub that cannot be reached
+        if local:
+            raise
+        raise MMGEMUserError(
+            f"`{argument}` {path}: no such folder, and no MM-GEM repo of that name could be loaded from the Hub "
+            f"({one_line(error)[:300]})."
+        ) from error
     with checking_user_input():
         check_tokenizer_matches(config, processor.tokenizer, argument)
+        if local:
+            check_weight_shapes(path, config, argument)
     return MMGEMModel.from_pretrained(str(path), config=config), processor
 
 
-__all__ = ["check_hub_id", "check_model_folder", "check_tokenizer_matches", "foreign_code_references", "load_model"]
+def check_weight_shapes(folder: str | os.PathLike[str], config: Any, argument: str = "model") -> None:
+    """Raise a ValueError naming the weights whose shapes in the folder's safetensors files differ from the model
+    that config.json describes (read from the files' headers; no weight is loaded)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, argument).get("weight_map", {})
+        files = sorted({folder / name for name in weight_map.values()})
+    else:
+        files = [folder / "model.safetensors"]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {key: tuple(value.shape) for key, value in MMGEMModel(config).state_dict().items()}
+    wrong = []
+    for file in files:
+        with safe_open(str(file), "pt") as weights:
+            for key in weights.keys():
+                shape = tuple(weights.get_slice(key).get_shape())
+                if key in expected and expected[key] != shape:
+                    wrong.append(f"{key} is {list(shape)} in {file.name}, {list(expected[key])} for config.json")
+    if wrong:
+        raise ValueError(
+            f"`{argument}` {folder}: {len(wrong)} weight(s) do not have the shapes config.json describes, e.g. "
+            f"{'; '.join(wrong[:3])} (the weights and config.json come from different models)."
+        )
+
+
+__all__ = [
+    "check_hub_id",
+    "check_model_folder",
+    "check_tokenizer_matches",
+    "check_weight_shapes",
+    "foreign_code_references",
+    "load_model",
+]

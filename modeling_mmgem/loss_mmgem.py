@@ -193,8 +193,7 @@ def caption_loss(
     if world_size > 1:
         tokens = tokens.clone()
         dist.all_reduce(tokens)
-    if not bool(tokens > 0):
-        # No caption token in the batch: a zero that still depends on the logits keeps DDP and autograd happy.
-        return shift_logits.sum() * 0.0
     summed = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return summed * (world_size / tokens.to(summed.dtype))
+    # No branch on the count (it would wait for the device): a batch without caption tokens sums to a zero that
+    # still depends on the logits, which keeps DDP and autograd happy.
+    return summed * (world_size / tokens.clamp(min=1).to(summed.dtype))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,15 @@ from .utils_mmgem import (
 )
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
+
+
+class FlatBoxes(NamedTuple):
+    """The region boxes of a batch, flattened: `boxes` [R, 4] (normalised xyxy) and `image_index` [R]."""
+
+    boxes: torch.Tensor
+    image_index: torch.Tensor
+
+
 # What the caption rows of `forward` (`input_ids`) are: one per image, one per region, or one per image then one
 # per region (the layout MMGEMProcessor gives for a training batch with regions).
 CaptionRows = Literal["images", "regions", "images_and_regions"]
@@ -232,8 +241,13 @@ class MMGEMPoolAggregator(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------- checks
-def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate `boxes` (one [R_i, 4] tensor per image, or a [B, R, 4] tensor) and flatten them.
+def _flatten_boxes(
+    boxes: BoxesInput, batch_size: int, device: torch.device | str, check_values: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate `boxes` (one [R_i, 4] tensor per image, or a [B, R, 4] tensor) and flatten them on `device`.
+
+    Structure (types, shapes, counts) is always checked; the coordinates only with `check_values` (it reads them on
+    the host: the training step, whose boxes the processor already checked, skips it).
 
     Returns:
         boxes [R_total, 4] (float32, normalised xyxy) and image_index [R_total].
@@ -252,19 +266,19 @@ def _flatten_boxes(boxes: BoxesInput, batch_size: int, device: torch.device) -> 
         raise ValueError(f"{expected}; got {len(boxes)} box sets for {batch_size} images.")
     flat, index = [], []
     for i, image_boxes in enumerate(boxes):
-        image_boxes = torch.as_tensor(image_boxes, dtype=torch.float32)
+        image_boxes = torch.as_tensor(image_boxes, dtype=torch.float32, device=device)
         if image_boxes.ndim != 2 or image_boxes.shape[-1] != 4:
             raise ValueError(f"{expected}; boxes[{i}] has shape {tuple(image_boxes.shape)}.")
-        # Tolerate rounding of boxes that touch the border.
-        problem = box_problem(image_boxes, 1.0, 1.0, "image (normalised frame)", tolerance=1e-4)
-        problem = problem or too_many_boxes(image_boxes.shape[0])
+        problem = too_many_boxes(image_boxes.shape[0])
+        if check_values and not problem:  # tolerate rounding of boxes that touch the border
+            problem = box_problem(image_boxes, 1.0, 1.0, "image (normalised frame)", tolerance=1e-4)
         if problem:
             raise ValueError(f"{expected}; boxes[{i}] {problem}: {image_boxes.tolist()}.")
         flat.append(image_boxes.clamp(0, 1))
-        index.append(torch.full((image_boxes.shape[0],), i, dtype=torch.long))
+        index.append(torch.full((image_boxes.shape[0],), i, dtype=torch.long, device=device))
     if not flat or sum(b.shape[0] for b in flat) == 0:
         raise ValueError(f"{expected}; got no box at all.")
-    return torch.cat(flat).to(device), torch.cat(index).to(device)
+    return torch.cat(flat), torch.cat(index)
 
 
 def _skip_value_checks() -> bool:
@@ -395,7 +409,17 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return self.language_model.base_model
 
     # ------------------------------------------------------------------ vision
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+    def _checks_values(self) -> bool:
+        """Whether `forward` checks the values of its inputs (token ids in the vocabulary, finite pixels, boxes in
+        the image, placeholders matching the visual tokens), which reads them on the host.
+
+        Not in training mode: the training step takes what MMGEMProcessor / MMGEMCollator made and checked, and a
+        step that waits for the device is a slow step. Nor under torch.compile or tracing. The eager entry points
+        (`get_image_features`, `get_text_features`, `get_visual_tokens`, `generate`) always check.
+        """
+        return not self.training and not _skip_value_checks()
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor, check_values: bool = True) -> None:
         vision = self.config.vision_config
         channels = getattr(vision, "num_channels", 3)
         size = vision.image_size
@@ -414,19 +438,20 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             raise TypeError(f"`pixel_values` must be a float tensor (use MMGEMProcessor); got {pixel_values.dtype}.")
         if pixel_values.shape[0] == 0:
             raise ValueError("`pixel_values` has no images (batch size 0); give at least one image.")
-        if not _skip_value_checks() and not torch.isfinite(pixel_values).all():
+        if check_values and not _skip_value_checks() and not torch.isfinite(pixel_values).all():
             raise ValueError("`pixel_values` contains NaN or inf (use MMGEMProcessor to prepare images).")
 
     def _vision_feature_map(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the vision tower once: patch tokens [B, g*g, C] and the feature map [B, C, g, g]."""
+        """Run the vision tower once on checked `pixel_values`: patch tokens [B, g*g, C], feature map [B, C, g, g]."""
+        self._check_pixel_values(pixel_values)
         patch_tokens, feature_map, _ = self._run_vision_tower(pixel_values)
         return patch_tokens, feature_map
 
     def _run_vision_tower(
         self, pixel_values: torch.Tensor, output_hidden_states: Any = False, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Patch tokens [B, g*g, C], the feature map [B, C, g, g] and the tower's own output."""
-        self._check_pixel_values(pixel_values)
+        """Patch tokens [B, g*g, C], the feature map [B, C, g, g] and the tower's own output (`pixel_values`
+        checked by the caller)."""
         dtype = next(self.vision_model.parameters()).dtype
         flags = self._output_kwargs(output_hidden_states, output_attentions)
         tower_output = self.vision_model(pixel_values=pixel_values.to(dtype), return_dict=True, **flags)
@@ -460,24 +485,24 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return norm
 
     def _visual_embeddings(
-        self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool
+        self, feature_map: torch.Tensor, regions: FlatBoxes | None, include_images: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """h1 embeddings [B (+R), D] of the images (if `include_images`) then of the regions."""
+        """h1 embeddings [B (+R), D] of the images (if `include_images`) then of the regions (`_flatten_boxes`)."""
         vectors = [self.pool_aggregator.pool_global(feature_map)] if include_images else []
         region_index = None
-        if boxes is not None:
-            flat_boxes, region_index = _flatten_boxes(boxes, feature_map.shape[0], feature_map.device)
+        if regions is not None:
+            flat_boxes, region_index = regions
             vectors.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[1])
         return self.image_projection(torch.cat(vectors)), region_index
 
     def _visual_tokens(
-        self, feature_map: torch.Tensor, boxes: BoxesInput, include_images: bool, include_regions: bool = True
+        self, feature_map: torch.Tensor, regions: FlatBoxes | None, include_images: bool, include_regions: bool = True
     ) -> torch.Tensor:
-        """h2 visual tokens [B (+R), K, H_lm] of the images (if `include_images`) then of the regions (if `boxes`
-        and `include_regions`)."""
+        """h2 visual tokens [B (+R), K, H_lm] of the images (if `include_images`) then of the regions (if `regions`,
+        from `_flatten_boxes`, and `include_regions`)."""
         tokens = [self.pool_aggregator.pool_grid(feature_map)] if include_images else []
-        if boxes is not None and include_regions:
-            flat_boxes, region_index = _flatten_boxes(boxes, feature_map.shape[0], feature_map.device)
+        if regions is not None and include_regions:
+            flat_boxes, region_index = regions
             tokens.append(self.pool_aggregator.pool_regions(feature_map, flat_boxes, region_index)[0])
         return self.visual_token_projection(torch.cat(tokens))
 
@@ -504,14 +529,14 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             [`MMGEMFeaturesOutput`] with the embeddings `[B, D]` (or `[sum R_i, D]`) in `pooler_output`, not
             normalised, as transformers' `CLIPModel.get_image_features`.
         """
-        if boxes is not None:  # validate before running the tower
-            _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
+        regions = self._regions(pixel_values, boxes)  # validated before the tower runs
+        self._check_pixel_values(pixel_values)
         patch_tokens, feature_map, tower_output = self._run_vision_tower(
             pixel_values,
             self._output_flag("output_hidden_states", output_hidden_states),
             self._output_flag("output_attentions", output_attentions),
         )
-        embeds, region_index = self._visual_embeddings(feature_map, boxes, include_images=boxes is None)
+        embeds, region_index = self._visual_embeddings(feature_map, regions, include_images=boxes is None)
         output = MMGEMFeaturesOutput(
             last_hidden_state=patch_tokens,
             pooler_output=embeds,
@@ -524,10 +549,18 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
     def get_visual_tokens(self, pixel_values: torch.Tensor, boxes: BoxesInput = None) -> torch.Tensor:
         """The h2 visual tokens that replace the `<image>` placeholders: `[B, K, H_lm]`, or `[sum R_i, K, H_lm]`
         for the regions when `boxes` are given."""
-        if boxes is not None:
-            _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
+        regions = self._regions(pixel_values, boxes)
         _, feature_map = self._vision_feature_map(pixel_values)
-        return self._visual_tokens(feature_map, boxes, include_images=boxes is None)
+        return self._visual_tokens(feature_map, regions, include_images=boxes is None)
+
+    def _regions(self, pixel_values: Any, boxes: BoxesInput, check_values: bool = True) -> FlatBoxes | None:
+        """`boxes` flattened on the model's device (None without boxes), checked against the images."""
+        if boxes is None:
+            return None
+        if isinstance(boxes, torch.Tensor):
+            boxes = list(boxes.unbind(0))
+        batch_size = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1
+        return FlatBoxes(*_flatten_boxes(boxes, batch_size, self.device, check_values))
 
     # ------------------------------------------------------------------ text embedding
     def _require_token_id(self, name: str) -> int:
@@ -653,8 +686,19 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             `hidden_states`). `attentions` are those of the sequence the LM reads: `tokens [EMB] padding`, right
             padded, `L + 1` wide.
         """
-        emb_id = self._require_token_id("emb_token_id")
         self._check_text_inputs(input_ids, attention_mask)
+        return self._text_features(input_ids, attention_mask, output_hidden_states, output_attentions, return_dict)
+
+    def _text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> MMGEMFeaturesOutput | tuple:
+        """`get_text_features` on inputs already checked (by it, or by the processor for a training step)."""
+        emb_id = self._require_token_id("emb_token_id")
         ids, mask, lengths = self._embedding_inputs(input_ids, attention_mask, emb_id)
         position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)  # [B, L + 1]
         context = getattr(self.config.text_config, "max_position_embeddings", None)
@@ -692,7 +736,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         placeholders = self._placeholder_mask(input_ids, inputs_embeds)
         if placeholders is None:
             return inputs_embeds
-        if not _skip_value_checks() and placeholders.shape[1] > 1:
+        if self._checks_values() and placeholders.shape[1] > 1:
             # Checked on prompts only: a decoding step (one new token, no placeholder) must not wait for the device.
             self._check_placeholders(placeholders, visual_tokens)
         if visual_tokens is None:
@@ -732,12 +776,12 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _check_caption_rows(
-        caption_rows: CaptionRows | None, num_rows: int, batch_size: int, boxes: BoxesInput
+        caption_rows: CaptionRows | None, num_rows: int, batch_size: int, num_regions: int | None
     ) -> CaptionRows:
-        """The layout of the caption rows (`caption_rows`, which is required with `boxes`), checked against the
-        number of caption sequences."""
+        """The layout of the caption rows (`caption_rows`, which is required with boxes; `num_regions` is None
+        without boxes), checked against the number of caption sequences."""
         if caption_rows is None:
-            if boxes is not None:
+            if num_regions is not None:
                 raise ValueError(
                     "`caption_rows` must say what the caption sequences of `input_ids` are when `boxes` are given: "
                     "'images', 'regions' or 'images_and_regions' (MMGEMProcessor sets it)."
@@ -745,9 +789,9 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             caption_rows = "images"
         if caption_rows not in CAPTION_ROWS:
             raise ValueError(f"`caption_rows` must be one of {CAPTION_ROWS}; got {caption_rows!r}.")
-        if caption_rows != "images" and boxes is None:
+        if caption_rows != "images" and num_regions is None:
             raise ValueError(f"`caption_rows={caption_rows!r}` needs `boxes`.")
-        num_regions = 0 if boxes is None else sum(len(b) for b in boxes)
+        num_regions = num_regions or 0
         expected = {"images": batch_size, "regions": num_regions, "images_and_regions": batch_size + num_regions}
         if num_rows != expected[caption_rows]:
             raise ValueError(
@@ -840,32 +884,36 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         output_hidden_states = self._output_flag("output_hidden_states", output_hidden_states)
         output_attentions = self._output_flag("output_attentions", output_attentions)
-        if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
+        check_values = self._checks_values()  # not in a training step: see `_checks_values`
+        if check_values and isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
             check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
         has_captions = input_ids is not None or inputs_embeds is not None
         has_texts = text_input_ids is not None
+        regions = None
         if pixel_values is not None:
-            self._check_pixel_values(pixel_values)
+            self._check_pixel_values(pixel_values, check_values)
             batch_size = pixel_values.shape[0]
-            if boxes is not None:
-                boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
-                _flatten_boxes(boxes, batch_size, "cpu")
+            regions = self._regions(pixel_values, boxes, check_values)
         elif has_texts:
             raise ValueError("`text_input_ids` are given without `pixel_values`: the contrastive loss needs both.")
-        num_regions = 0 if boxes is None else sum(len(b) for b in boxes)
+        num_regions = 0 if regions is None else regions.boxes.shape[0]
         if has_texts and text_input_ids.shape[0] != batch_size + num_regions:
             raise ValueError(
                 f"`text_input_ids` has {text_input_ids.shape[0]} rows; expected one per image then one per region "
                 f"({batch_size} + {num_regions})."
             )
         placeholders = self._placeholder_mask(input_ids, inputs_embeds) if visual_tokens is None else None
-        needs_visual_tokens = placeholders is not None and bool(placeholders.any())
+        if check_values:
+            needs_visual_tokens = placeholders is not None and bool(placeholders.any())
+        else:  # a training batch: every caption sequence of the processor starts with its placeholders
+            needs_visual_tokens = placeholders is not None and pixel_values is not None
         source = "input_ids" if input_ids is not None else "inputs_embeds"
         if needs_visual_tokens and pixel_values is None:
             raise ValueError(f"`{source}` contains `<image>` placeholders but `pixel_values` is missing.")
         if needs_visual_tokens:
-            num_rows = int(placeholders.any(dim=1).sum())
-            caption_rows = self._check_caption_rows(caption_rows, num_rows, batch_size, boxes)
+            num_rows = int(placeholders.any(dim=1).sum()) if check_values else placeholders.shape[0]
+            region_count = None if regions is None else num_regions
+            caption_rows = self._check_caption_rows(caption_rows, num_rows, batch_size, region_count)
         elif pixel_values is not None and has_captions and not has_texts and visual_tokens is None:
             # The images would be dropped silently: a caption sequence takes them only through its placeholders.
             raise ValueError(
@@ -883,8 +931,10 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
         losses = []
         if has_texts:
-            image_embeds, _ = self._visual_embeddings(feature_map, boxes, include_images=True)
-            text_embeds = self.get_text_features(text_input_ids, text_attention_mask).pooler_output
+            image_embeds, _ = self._visual_embeddings(feature_map, regions, include_images=True)
+            if check_values:
+                self._check_text_inputs(text_input_ids, text_attention_mask)
+            text_embeds = self._text_features(text_input_ids, text_attention_mask, return_dict=True).pooler_output
             output.image_embeds = F.normalize(image_embeds.float(), dim=-1)
             output.text_embeds = F.normalize(text_embeds.float(), dim=-1)
             row_keys = None
@@ -902,7 +952,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         if has_captions:
             if needs_visual_tokens:
                 with_images, with_regions = caption_rows != "regions", caption_rows != "images"
-                visual_tokens = self._visual_tokens(feature_map, boxes, with_images, with_regions)
+                visual_tokens = self._visual_tokens(feature_map, regions, with_images, with_regions)
             embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
             if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
@@ -986,10 +1036,7 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         """
         kwargs.pop("caption_rows", None)  # the prompt rows are the images, or the regions with `boxes`
         if pixel_values is not None and kwargs.get("visual_tokens") is None:
-            if boxes is not None:
-                boxes = list(boxes.unbind(0)) if isinstance(boxes, torch.Tensor) else boxes
-                _flatten_boxes(boxes, pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else -1, "cpu")
-            kwargs["visual_tokens"] = self.get_visual_tokens(pixel_values, boxes)
+            kwargs["visual_tokens"] = self.get_visual_tokens(pixel_values, boxes)  # checks images and boxes once
         special_ids = [self.config.image_token_id, self.config.emb_token_id, self.config.cap_token_id]
         if "suppress_tokens" not in kwargs and not self.generation_config.suppress_tokens:
             # A caption never contains MM-GEM's special tokens; a generated `<image>` would also read as a placeholder.

@@ -208,3 +208,26 @@ def test_server_caps_upload_size_and_deletes_uploads(tmp_path):
         assert isinstance(caption, str)
     finally:
         stop(process)
+
+
+def test_a_shard_rewritten_with_new_content_is_embedded_again(tools, tmp_path):
+    import tarfile
+
+    drawn = draw_images(tmp_path / "drawn", 4)
+    shard = tmp_path / "part.tar"
+
+    def write_shard(pictures):
+        with tarfile.open(shard, "w") as tar:
+            for i, picture in enumerate(pictures):
+                tar.add(picture, arcname=f"sample{i}.png")
+
+    write_shard(drawn[:3])
+    build(tools, shard, tmp_path / "index", region_grids=[])
+    write_shard([drawn[0], drawn[3], drawn[2]])  # sample1 now holds another picture
+    summary = build(tools, shard, tmp_path / "index", region_grids=[])
+    assert (summary["reembedded"], summary["added"]) == (1, 1)
+    store = VectorStore(tmp_path / "index")
+    assert store.count("image") == 3
+    row = next(r for r, i in enumerate(store.items) if i["path"].endswith("#sample1.png"))
+    np.testing.assert_allclose(store.vectors[row], tools.embed_image(load_image(str(drawn[3]))), atol=1e-5)
+    assert build(tools, shard, tmp_path / "index", region_grids=[])["added"] == 0

@@ -529,7 +529,7 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--language-model" in capsys.readouterr().err
     missing = str(tmp_path / "no-such-folder")  # not a Hub id either: refused without any network call
     assert main(["--output-dir", str(tmp_path / "out"), "--vision-model", missing, "--language-model", missing]) == 2
-    assert f"`vision_model` {missing!r} is neither a local model folder nor a model repo" in capsys.readouterr().err
+    assert f"`--vision-model` {missing!r} is neither a local model folder nor a model repo" in capsys.readouterr().err
 
 
 def test_hub_id_of_local_paths(tmp_path):

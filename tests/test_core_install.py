@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 # Import and distribution names of the extras' packages (setup.py EXTRAS) and what they alone pull in.
 EXTRA_PACKAGES = ("datasets", "matplotlib", "mpl_toolkits", "webdataset", "faiss", "faiss_cpu", "gradio",
                   "gradio_client", "mteb", "onnx", "onnxruntime", "onnxscript", "pycocoevalcap", "usearch", "nbmake",
-                  "playwright")  # fmt: skip
+                  "playwright", "deepspeed", "ray", "lancedb")  # fmt: skip
 
 SCRIPT = """
 import importlib.util

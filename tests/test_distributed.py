@@ -9,6 +9,7 @@ batch, false-negative masking across ranks included.
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import socket
 import time
@@ -147,9 +148,12 @@ def test_two_gloo_processes_with_unequal_rows_match_one_process_on_the_concatena
 
 
 @pytest.mark.slow
-def test_mmgem_train_runs_under_torchrun_with_two_cpu_processes(tmp_path):
-    """`torchrun --nproc_per_node 2 -m mmgem.cli train ...`: DDP on CPU (gloo); rank 0 writes the model."""
+@pytest.mark.timeout(SPAWN_DEADLINE_S + 60)
+def test_readme_torchrun_command_trains_one_distributed_model_on_cpu(tmp_path):
+    """The README's `torchrun --nproc_per_node 2 -m mmgem.cli train ...`, as a user types it on a CPU machine (no
+    --use_cpu, no --ddp_backend): one DDP model whose data is split between the ranks, saved once by rank 0."""
     import json
+    import shutil
     import subprocess
     import sys
 
@@ -157,22 +161,63 @@ def test_mmgem_train_runs_under_torchrun_with_two_cpu_processes(tmp_path):
 
     paths = generate_dataset(tmp_path / "data", 8, 2, 2, image_size=32, seed=5, progress=False)
     output = tmp_path / "out"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", LOOPBACK_ENV["MASTER_ADDR"], "--master_port", str(_free_port()),
-        "-m", "mmgem.cli", "train", "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir",
-        str(output), "--stage", "2", "--max-steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no",
-        "--use_cpu", "true", "--ddp_backend", "gloo", "--ddp_timeout", str(int(RENDEZVOUS_TIMEOUT.total_seconds())),
-        "--torch-threads", "1", "--disable_tqdm", "true", "--logging_steps", "1",
+        torchrun, "--nproc_per_node", "2", "-m", "mmgem.cli", "train",
+        "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir", str(output), "--stage", "2",
+        "--max-steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
     ]  # fmt: skip
-    env = {**os.environ, **LOOPBACK_ENV, "OMP_NUM_THREADS": "1"}
+    # torchrun reads its rendezvous options from PET_* variables: a free loopback port, the command line unchanged.
+    env = {
+        **os.environ, **LOOPBACK_ENV, "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+    }  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SPAWN_DEADLINE_S)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in completed.stderr
     assert completed.stdout.count("Saved the trained MM-GEM") == 1  # rank 0 only
     log = json.loads((output / "training_log.json").read_text())
     steps = [row for row in log if "loss" in row]
     assert [row["step"] for row in steps] == [1, 2]
     assert all("loss_contrastive" in row and "loss_caption" in row for row in steps)
-    # 2 processes x 2 images per device: each step saw 4 images.
-    assert log[-1]["epoch"] == pytest.approx(1.0)
+    # 8 records, 2 processes x 2 images per device: the ranks read different halves, so 2 steps are one epoch (two
+    # independent replicas would log 0.5).
+    assert [row["epoch"] for row in steps] == [pytest.approx(0.5), pytest.approx(1.0)]
     assert (output / "model.safetensors").is_file()
+    assert not (output / ".mmgem-final.tmp").exists()
+    assert sorted(p.name for p in output.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_launch_on_a_cpu_machine_gets_gloo_ddp_and_a_non_distributed_launch_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers.training_args import ParallelMode
+
+    from mmgem.training import distributed
+
+    monkeypatch.setattr(distributed, "has_accelerator", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = SimpleNamespace(use_cpu=False, ddp_backend=None, deepspeed=None)
+    distributed.complete_launch_options(args)
+    assert (args.use_cpu, args.ddp_backend) == (True, "gloo")
+    # DeepSpeed runs on its own CPU accelerator, which needs use_cpu off, in a gloo group set up beforehand, with
+    # torch's Adam: the recipe's config is otherwise kept.
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "vitl14-tinyllama" / "deepspeed_zero2.json"
+    groups = []
+    monkeypatch.setattr(distributed, "_deepspeed_process_group", groups.append)
+    args = SimpleNamespace(use_cpu=False, ddp_backend=None, deepspeed=str(recipe))
+    distributed.complete_launch_options(args)
+    assert (args.use_cpu, args.ddp_backend, groups) == (False, None, [args])
+    written = json.loads(recipe.read_text())
+    assert "torch_adam" not in written["optimizer"]["params"]
+    written["optimizer"]["params"]["torch_adam"] = True
+    assert args.deepspeed == written
+
+    with pytest.raises(ValueError, match=r"launched as 2 processes .*parallel_mode=not_parallel"):
+        distributed.check_launch(SimpleNamespace(parallel_mode=ParallelMode.NOT_PARALLEL))
+    distributed.check_launch(SimpleNamespace(parallel_mode=ParallelMode.DISTRIBUTED))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    args = SimpleNamespace(use_cpu=False, ddp_backend=None, deepspeed=None)
+    distributed.complete_launch_options(args)
+    distributed.check_launch(SimpleNamespace(parallel_mode=ParallelMode.NOT_PARALLEL))
+    assert (args.use_cpu, args.ddp_backend) == (False, None)

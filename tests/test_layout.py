@@ -161,6 +161,8 @@ LAZY_PROJECT_MODULES = {
     "modeling_mmgem.processing_mmgem": "the processor, after the arguments are checked",
     "mmgem.search": "the search index (FAISS, extra `search`)",
     "mmgem.search.sources": "the search index (FAISS, extra `search`)",
+    "mmgem.search.searcher": "the search index (FAISS, extra `search`)",
+    "mmgem.search.indexer": "the search index (FAISS, extra `search`)",
     "mmgem.integrations.sentence_transformers": "sentence-transformers, optional for the comparison benchmarks",
 }
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
-from benchmarks.audit_inputs import expected_pixels  # noqa: E402  (the documented reading of an array image)
+from tests.audit_inputs import expected_pixels  # noqa: E402  (the documented reading of an array image)
 
 pytestmark = pytest.mark.fast
 

@@ -4,7 +4,8 @@
   stage 2 on Visual Genome regions, with the recipe's bf16, activation checkpointing and data options.
 - FSDP: the config is what the Trainer reads; accelerate has no FSDP on CPU, so the sharding itself is tried with
   torch's FSDP2 over gloo, the recipe's wrapped layer classes, against the unsharded model.
-- DeepSpeed (not installed, no CPU support): the JSON parses and every "auto" entry is one the Trainer fills.
+- DeepSpeed: the JSON parses and every "auto" entry is one the Trainer fills (tests/test_deepspeed.py runs it on 2 CPU
+  ranks).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,6 +267,8 @@ def test_imagefolder_data(dataset, tmp_path):
         (dict(from_scratch="tiny", data="missing.jsonl"), "`data` does not exist"),
         (dict(from_scratch="tiny", resume_from_checkpoint="latest"), "no checkpoint"),
         (dict(from_scratch="tiny", not_an_option=1), "Unknown training options"),
+        (dict(from_scratch="tiny", stage=2, max_regions_per_image=-1), "`max_regions_per_image` must be a positive"),
+        (dict(from_scratch="tiny", output_dir=None), "`output_dir` is required"),
     ],
 )
 def test_arguments_are_checked_before_work(dataset, tmp_path, options, message):
@@ -273,6 +276,7 @@ def test_arguments_are_checked_before_work(dataset, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         train(**options)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not Path("trainer_output").exists()  # TrainingArguments' stand-in for a missing output_dir
 
 
 def test_stage2_needs_regions(tmp_path):

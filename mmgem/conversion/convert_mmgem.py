@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None, prog: str = "mmgem-convert") -> int:
     except ValueError as error:
         if debug_requested():
             raise
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {_in_flag_terms(one_line(error), parser, argv)}", file=sys.stderr)
         return 2
     except (HubPushError, RuntimeError, AssertionError, FileExistsError) as error:
         if debug_requested():
@@ -412,6 +412,17 @@ def main(argv: list[str] | None = None, prog: str = "mmgem-convert") -> int:
     else:
         print(f"Done: {args.output_dir}")
     return 0
+
+
+def _in_flag_terms(message: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> str:
+    """The message in the words of the command line (`from_checkpoint` -> `--from-checkpoint`)."""
+    from mmgem.cli import in_cli_terms
+
+    flags = [next((o for o in a.option_strings if o.startswith("--")), "") for a in parser._actions]
+    message = in_cli_terms(message, [f for f in flags if f], list(sys.argv[1:] if argv is None else argv))
+    for flag in flags:  # "pass overwrite (--overwrite)" -> "pass --overwrite"
+        message = message.replace(f"{flag[2:].replace('-', '_')} ({flag})", flag)
+    return message
 
 
 def mmgem_main(argv: list[str] | None = None) -> int:

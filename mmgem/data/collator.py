@@ -37,7 +37,10 @@ class MMGEMCollator:
             share draws, each epoch draws anew, and a resumed run continues the stream where it stopped instead of
             replaying it (`MMGEMCollatorCallback` keeps rank and position in step with the Trainer).
         rank: this process's rank among the data-parallel ranks (set by `MMGEMCollatorCallback` in training).
-        truncation: cut texts longer than the language model's context instead of failing.
+        truncation: cut texts longer than the language model's context instead of failing. Texts are first cut to
+            :data:`CHARS_PER_TOKEN` characters per token of context (:func:`clip_text`), so that a 12 MB caption
+            costs no more to tokenize than one that fills the context: tokenizers read a text whole before they
+            truncate it.
         unique_region_texts: with stage 2, leave out a region whose caption already occurs in the batch (as an
             image caption or another region's caption, compared after `normalize_text`). Identical texts are
             false negatives of each other in the contrastive loss: InfoNCE would push apart the embeddings of two
@@ -74,6 +77,11 @@ class MMGEMCollator:
         self.start_batch = 0  # index of the first batch of the current DataLoader pass (set by the callback)
         self._calls = 0  # batches collated by this copy (one copy per DataLoader worker) since `start_at`
         self._rng = random.Random(0)
+
+    def _clip(self, text: Any) -> Any:
+        if not self.truncation:
+            return text
+        return clip_text(text, getattr(self.processor.tokenizer, "model_max_length", None))
 
     def start_at(self, batch_index: int, rank: int | None = None) -> None:
         """Continue the random stream from `batch_index` (batches collated since the run started), e.g. on resume."""
@@ -116,7 +124,7 @@ class MMGEMCollator:
         self._rng = random.Random(f"{self.seed}/{self.rank}/{self._batch_index()}")
         self._calls += 1
         images = [item["image"] for item in items]
-        captions = [item["caption"] for item in items]
+        captions = [self._clip(item["caption"]) for item in items]
         if self.stage == 1:
             return self._with_keys(self.processor(images=images, text=captions, truncation=self.truncation), captions)
         regions = [self._regions(item) for item in items]
@@ -125,7 +133,7 @@ class MMGEMCollator:
         if not any(regions):
             # A stage-2 batch whose images have no regions is still a valid image-text batch.
             return self._with_keys(self.processor(images=images, text=captions, truncation=self.truncation), captions)
-        region_captions = [[region["caption"] for region in per_image] for per_image in regions]
+        region_captions = [[self._clip(region["caption"]) for region in per_image] for per_image in regions]
         batch = self.processor(
             images=images,
             text=captions,
@@ -140,6 +148,23 @@ class MMGEMCollator:
         """Add `text_keys` [B (+R)]: the rows' texts (images first, then regions) hashed after `normalize_text`."""
         batch["text_keys"] = torch.tensor([text_key(text) for text in texts], dtype=torch.long)
         return batch
+
+
+CHARS_PER_TOKEN = 32  # natural text needs 3-6 characters per token; runs such as "=====" at most a few dozen
+MAX_CONTEXT_FOR_CLIPPING = 1_000_000  # tokenizers without a real limit report ~1e30 as model_max_length
+
+
+def clip_text(text: Any, context: int | None) -> Any:
+    """`text` cut to `CHARS_PER_TOKEN * context` characters (a non-string, or no usable context: unchanged).
+
+    The tokens of the cut text are those of the whole text up to the context length whenever the kept part averages
+    under `CHARS_PER_TOKEN` characters per token, so truncation gives the same batch, only without tokenizing
+    megabytes that are thrown away.
+    """
+    if not isinstance(text, str) or not context or context > MAX_CONTEXT_FOR_CLIPPING:
+        return text
+    limit = CHARS_PER_TOKEN * int(context)
+    return text if len(text) <= limit else text[:limit]
 
 
 def visible_regions(image_processor: Any, image: Any, regions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

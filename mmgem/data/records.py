@@ -7,7 +7,7 @@ Two sources give the same :class:`ImageRecord` list:
   "regions": [{"box": [x0, y0, x1, y1], "caption": str}, ...] (optional), ...}`; other keys are kept in
   `ImageRecord.metadata`.
 - :func:`load_imagefolder_records`: a `datasets` imagefolder (images plus a `metadata.jsonl` with `file_name`,
-  `caption` and the same optional columns), loaded offline; records then hold in-memory PIL images.
+  `caption` and the same optional columns), loaded offline; records hold the image files' paths.
 
 Boxes are pixel coordinates of the original image, `0 <= x0 < x1 <= width` and `0 <= y0 < y1 <= height` (right and
 bottom edges exclusive, as `PIL.Image.getbbox`). Every record is validated; a problem names the file, the line (or
@@ -32,12 +32,15 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mmgem.data.paths import is_inside, opt_in_hint, outside_problem, resolve_in_root
+from mmgem.data.safe_json import JSONProblem, parse_json
 from mmgem.optional import require
 from modeling_mmgem.processing_mmgem import load_rgb_image
 from modeling_mmgem.utils_mmgem import box_problem, too_many_boxes
 
 OnError = Literal["fail", "skip"]
-MAX_REPORTED_PROBLEMS = 20
+MAX_REPORTED_PROBLEMS = 3  # problems listed in an error or warning (the count says how many there are)
+MAX_PROBLEM_CHARS = 400  # one listed problem at most (see `shorten`)
 _RECORD_KEYS = ("image", "file_name", "caption", "long_caption", "regions")
 _BOX_RULE = "0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height"
 
@@ -176,16 +179,29 @@ def _apply_policy(
     """Raise (fail) or warn (skip) about the collected problems; return the good records."""
     if not problems:
         return records
-    listed = problems[:max_reported]
+    listed = [shorten(p) for p in problems[:max_reported]]
     more = len(problems) - len(listed)
     details = "\n".join(f"  - {p}" for p in listed) + (f"\n  ... and {more} more" if more else "")
+    hint = opt_in_hint(problems)
     if on_error == "fail":
-        raise ValueError(f"{source}: {bad} of {total} records are invalid ({len(problems)} problems):\n{details}")
+        raise ValueError(
+            f"{source}: {bad} of {total} records are invalid ({len(problems)} problems){hint}; the first:\n{details}"
+        )
     warnings.warn(
-        f"{source}: skipped {bad} of {total} records with problems (a bad region drops its whole record):\n{details}",
+        f"{source}: skipped {bad} of {total} records with problems (a bad region drops its whole record){hint}; "
+        f"the first:\n{details}",
         stacklevel=3,
     )
     return records
+
+
+def shorten(problem: str, limit: int = MAX_PROBLEM_CHARS) -> str:
+    """`problem` cut in the middle to at most `limit` characters (its start names the record, its end what was
+    expected; a hostile value in between must not make a message huge)."""
+    if len(problem) <= limit:
+        return problem
+    half = (limit - 5) // 2
+    return f"{problem[:half]} ... {problem[-half:]}"
 
 
 def _check_policy(on_error: str) -> None:
@@ -204,20 +220,12 @@ def _image_file(
 
     The image is decoded here, as training will (the loader's size limits included), so that a truncated file or a
     decompression bomb is reported with its line now instead of stopping training at its first batch. A path
-    outside `base` (absolute, `../`, or a symlink leading out) is refused unless `allow_outside`.
+    outside `base` (absolute, `../`, or a symlink leading out) is refused unless `allow_outside` (the data-root
+    rule of `mmgem.data.paths`).
     """
-    if not isinstance(value, str) or not value.strip():
-        return None, None, f'missing "image" (expected a path relative to the .jsonl file), got {value!r}'
-    path = base / value
-    if not allow_outside and not path.resolve().is_relative_to(base):
-        return (
-            None,
-            None,
-            (
-                f"image path {value!r} leads outside the data folder {base} (expected a path inside it; pass "
-                "allow_outside_data_root / --allow-outside-data-root to read it anyway)"
-            ),
-        )
+    path, problem = resolve_in_root(base, value, allow_outside=allow_outside, what='"image"')
+    if path is None:
+        return None, None, problem
     if not path.is_file():
         return None, None, f"image file not found: {path} (expected an existing image file)"
     try:
@@ -227,12 +235,12 @@ def _image_file(
     return str(path), size, None
 
 
-def _parse_line(text: str) -> tuple[dict[str, Any] | None, str | None]:
-    """A JSON object from one line, or None and the problem."""
+def _parse_line(text: bytes | str) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON object from one line, or None and the problem (malformed, not UTF-8, too deep, a huge integer)."""
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as error:
-        return None, f"malformed JSON ({error.msg} at column {error.colno}; expected one JSON object per line)"
+        raw = parse_json(text)
+    except JSONProblem as error:
+        return None, f"{error} (expected one JSON object per line)"
     if not isinstance(raw, dict):
         return None, f"a JSON {type(raw).__name__} (expected a JSON object)"
     return raw, None
@@ -269,7 +277,7 @@ def load_jsonl_records(
     records: list[ImageRecord] = []
     problems: list[str] = []
     total = bad = 0
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:  # bytes: a line that is not UTF-8 is one bad record, not a crash
         for line_number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
@@ -284,7 +292,7 @@ def load_jsonl_records(
 
 
 def _jsonl_record(
-    text: str, base: Path, line_number: int, allow_outside: bool = False
+    text: bytes | str, base: Path, line_number: int, allow_outside: bool = False
 ) -> tuple[ImageRecord | None, list[str]]:
     raw, problem = _parse_line(text)
     if raw is None:
@@ -298,19 +306,25 @@ def _jsonl_record(
 # datasets imagefolder
 
 
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+
+
 def load_imagefolder_records(
     folder: str | os.PathLike[str],
     split: str = "train",
     on_error: OnError = "fail",
     cache_dir: str | os.PathLike[str] | None = None,
     max_reported: int = MAX_REPORTED_PROBLEMS,
+    allow_outside_data_root: bool = False,
 ) -> list[ImageRecord]:
     """Read an imagefolder dataset (images plus `metadata.jsonl`) with `datasets`, offline, as records.
 
     The metadata has one row per image: `file_name` (relative to the metadata file), `caption`, and optionally
     `long_caption` and `regions` (as in the JSON Lines format); other columns go to `ImageRecord.metadata`.
-    Records hold decoded in-memory PIL images (`ImageRecord.image`). Validation and `on_error` work as in
-    :func:`load_jsonl_records`; problems name the metadata row (1-based, in split order) and its file name.
+    Each image is decoded once to validate it and then dropped: records hold the file's path (`image_path`), so
+    memory does not grow with the number of images. Validation and `on_error` work as in
+    :func:`load_jsonl_records`; problems name the metadata row (1-based, in split order) and its file name. Image
+    files must lie inside `folder` (the data-root rule of `mmgem.data.paths`) unless `allow_outside_data_root`.
 
     Args:
         folder: the imagefolder root (`datasets.load_dataset("imagefolder", data_dir=folder)`).
@@ -318,6 +332,7 @@ def load_imagefolder_records(
         on_error: "fail" or "skip", see :func:`load_jsonl_records`.
         cache_dir: the `datasets` cache folder (default: the usual Hugging Face cache); not inside `folder`.
         max_reported: how many problems the error or warning lists.
+        allow_outside_data_root: accept image files outside `folder` (reached through symbolic links).
     """
     # Deferred: importing `datasets` is slow, only this loader needs it, and it is the extra `data`.
     datasets = require("datasets", "data", "Reading an imagefolder")
@@ -326,6 +341,11 @@ def load_imagefolder_records(
     if cache_dir is not None and Path(folder).resolve() in Path(cache_dir).resolve().parents:
         # The builder would read its own cache files back as data on the next load.
         raise ValueError(f"cache_dir {cache_dir} is inside the data folder {folder}; put it elsewhere.")
+    if not any(any(Path(folder).rglob(name)) for name in METADATA_FILES):
+        raise ValueError(
+            f"{folder}: no metadata.jsonl in this image folder (expected one JSON line per image with \"file_name\" "
+            'and "caption"; see mmgem.data.records.export_imagefolder).'
+        )
     dataset = datasets.load_dataset(
         "imagefolder", data_dir=os.fspath(folder), split=split, cache_dir=None if cache_dir is None else str(cache_dir)
     )
@@ -337,9 +357,13 @@ def load_imagefolder_records(
     problems: list[str] = []
     bad = 0
     for row_number, row in enumerate(dataset, start=1):
-        image, name, image_problem = _decode_image(row.pop("image"))
+        value = row.pop("image")
+        image, name, image_problem = _decode_image(value, folder, allow_outside_data_root)
         extra = [image_problem] if image_problem else []
         size = image.size if image is not None else None
+        if image is not None and value.get("path") and Path(value["path"]).is_file():
+            image.close()
+            image = str(Path(value["path"]).resolve())  # the path, not the pixels: memory stays flat
         record, record_problems = _build_record(row, image, size, row_number, extra)
         if record is not None:
             records.append(record)
@@ -349,13 +373,17 @@ def load_imagefolder_records(
     return _apply_policy(f"{folder} [{split}]", len(dataset), records, problems, bad, on_error, max_reported)
 
 
-def _decode_image(value: dict[str, Any]) -> tuple[Image.Image | None, str, str | None]:
+def _decode_image(
+    value: dict[str, Any], folder: str | os.PathLike[str] | None = None, allow_outside: bool = False
+) -> tuple[Image.Image | None, str, str | None]:
     """Decode an undecoded `datasets.Image` value: (loaded PIL image, file name, problem)."""
     path = value.get("path") or ""
     name = Path(path).name or "<bytes>"
+    if path and folder is not None and not allow_outside and not value.get("bytes") and not is_inside(path, folder):
+        return None, name, outside_problem(path, Path(folder).resolve())
     try:
-        # Decoded now, within the loader's size limits: the record must not depend on the file staying open, and a
-        # truncated file or a decompression bomb is reported with its row instead of stopping training.
+        # Decoded now, within the loader's size limits: a truncated file or a decompression bomb is reported with
+        # its row instead of stopping training.
         image = load_rgb_image(value["bytes"] if value.get("bytes") else path)
     except ValueError as error:
         return None, name, f"cannot read image {path} ({error}; expected a PIL-readable image)"
@@ -394,7 +422,7 @@ def load_records(
     """Records of a .jsonl file or of an imagefolder (a folder with `metadata.jsonl`)."""
     path = Path(data)
     if path.is_dir():
-        return load_imagefolder_records(path, on_error=on_error)
+        return load_imagefolder_records(path, on_error=on_error, allow_outside_data_root=allow_outside_data_root)
     return load_jsonl_records(path, on_error=on_error, allow_outside_data_root=allow_outside_data_root)
 
 

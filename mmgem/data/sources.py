@@ -32,18 +32,20 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mmgem.data.formats import RawSample, Shard, Source, SourceOptions
 from mmgem.data.formats.detect import _HUB_ID, FORMATS, _is_shard_pattern, detect_format, open_source
+from mmgem.data.paths import opt_in_hint
 from mmgem.data.records import (
-    MAX_REPORTED_PROBLEMS,
     ImageRecord,
     RegionRecord,
     _box_problem,
     _build_record,
     _check_policy,
+    shorten,
 )
 from modeling_mmgem.processing_mmgem import load_rgb_image
 
 SOURCE_SEPARATOR = "::"
 SKIP_REPORT_EVERY = 1000
+SKIP_WARNINGS = 20  # bad samples warned about one by one, then a count every SKIP_REPORT_EVERY
 
 
 @dataclass
@@ -144,6 +146,7 @@ def open_sources(args: Any, shuffle: bool = True) -> tuple[list[Source], list[fl
             image_root=root, image_column=args.image_column, caption_column=args.caption_column,
             regions_column=args.regions_column, split=args.data_split, resampled=args.data_resampled,
             shuffle=shuffle, shuffle_buffer=args.shuffle_buffer,
+            allow_outside_data_root=bool(getattr(args, "allow_outside_data_root", False)),
         )  # fmt: skip
         sources.append(open_source(spec, data_format, options, args.data_on_error))
     return sources, weights
@@ -283,12 +286,12 @@ class StreamingImageTextDataset(IterableDataset):
             epoch += 1
 
     def _bad(self, source: Source, key: str, problems: list[str]) -> None:
-        details = "; ".join(problems)
+        details = shorten(f"{key}: " + "; ".join(problems)) + opt_in_hint(problems)
         if self.on_error == "fail":
-            raise ValueError(f"{key}: {details} (pass --data-on-error skip to drop bad samples).")
+            raise ValueError(f"{details} (pass --data-on-error skip to drop bad samples).")
         self.skipped += 1
-        if self.skipped <= MAX_REPORTED_PROBLEMS:
-            warnings.warn(f"skipped {key}: {details}", stacklevel=2)
+        if self.skipped <= SKIP_WARNINGS:
+            warnings.warn(f"skipped {details}", stacklevel=2)
         elif self.skipped % SKIP_REPORT_EVERY == 0:
             warnings.warn(f"{source.name}: {self.skipped} bad samples skipped so far in this reader", stacklevel=2)
 

@@ -85,6 +85,10 @@ def _karpathy(folder: Path, dataset: str, options: BenchmarkOptions):
     images = _limit(karpathy_images(json.loads(path.read_text(encoding="utf-8")), folder, {split}, str(path)), options)
     if not images:
         raise ValueError(f"{path}: no image of split {split!r}.")
+    unusable = [i for i in images if i.problem]
+    if unusable:
+        first = unusable[0]
+        raise ValueError(f"{path}: {len(unusable)} entries are unusable, e.g. {first.label}: {first.problem}")
     _check_images(dataset, [i.path for i in images])
     return images
 
@@ -233,7 +237,7 @@ def load_refcocog(name: str, folder: Path, options: BenchmarkOptions) -> RegionT
         if not files:
             raise ValueError(f"refcocog: no refs(umd).p + instances.json nor parquet files in {folder}.")
         references = [r for f in files for r in parquet_references(str(f), SourceOptions(image_root=str(folder)))]
-    references = _limit([r for r in references if r.box is not None and r.sentences], options)
+    references = _limit([r for r in references if r.box is not None and r.sentences and not r.problem], options)
     if not references:
         raise ValueError(f"refcocog: no reference of split {split!r} in {folder}.")
     _check_images(name, [r.image for r in references])

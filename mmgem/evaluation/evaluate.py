@@ -323,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mmgem.loading import load_model
 
         records = load_records(args.data, args.data_on_error, args.allow_outside_data_root)
-    model, processor = load_model(args.model, args.trust_remote_code)
+        if not records:
+            raise ValueError(f"`--data` {args.data} holds no record to evaluate (expected one JSON object per line).")
+    model, processor = load_model(args.model, args.trust_remote_code, argument="--model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate_model(
         model.to(device), processor, records, tasks=args.tasks, classes=(labels or {}).get("classes"),

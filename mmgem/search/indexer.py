@@ -30,12 +30,15 @@ from mmgem.cli import command_parser
 from mmgem.errors import MMGEMUserError, checking_user_input
 from mmgem.loading import load_model
 from mmgem.optional import require
+from mmgem.search.lance_store import export_store, new_folder
 from mmgem.search.sources import ImageSource, iter_folder, iter_shards, resolve_images
 from mmgem.search.store import VectorStore, faiss_threads
 from modeling_mmgem.processing_mmgem import image_frame_transform
 
 DEFAULT_REGION_GRIDS = (2,)
 DEFAULT_BATCH_SIZE = 32
+BACKENDS = ("faiss", "lancedb")
+LANCE_ROWS = "rows"  # `--backend lancedb`: the FAISS-format rows the table is built from (resumable)
 SAVE_ANN_EVERY_S = 120.0  # the ANN cache is rewritten at most this often (and at the end)
 
 
@@ -78,8 +81,8 @@ def encode_batch(
     pixel_values = inputs["pixel_values"].to(model.device)
     # The model's own steps, called once, so that the tower's feature map serves images, regions and captions.
     _, feature_map = model._vision_feature_map(pixel_values)
-    frame_boxes = [b.to(model.device) for b in inputs["boxes"]] if region_grids else None
-    embeds, _ = model._visual_embeddings(feature_map, frame_boxes, include_images=True)  # [B + sum R, D]
+    regions = model._regions(pixel_values, inputs["boxes"]) if region_grids else None  # flattened, checked
+    embeds, _ = model._visual_embeddings(feature_map, regions, include_images=True)  # [B + sum R, D]
     embeds = F.normalize(embeds.float(), dim=-1)
     image_embeds, region_embeds = embeds[: len(images)], embeds[len(images) :]
     caption_texts = caption_embeds = None
@@ -218,7 +221,8 @@ def _index(
             pending = [s for s in pending if s.path not in done]
             total = len(pending)
         else:
-            pending, total = iter_shards(locations, skip=done), None
+            indexed = {item["path"]: item for item in store.items if item["kind"] == "image"}
+            pending, total = iter_shards(locations, skip=indexed), None
         bar = tqdm(total=total, desc="Indexing images", unit="img", disable=not progress)
         for batch in _batched(pending, batch_size):
             loaded = []
@@ -227,6 +231,10 @@ def _index(
                     loaded.append((source, source.load()))
                 except Exception as error:  # noqa: BLE001 - one broken file must not stop the run
                     summary["failed"].append(f"{source.path}: {type(error).__name__}: {error}")
+            replaced = [s.path for s, _ in loaded if s.replaces]
+            if replaced:  # shard members whose content changed since indexed: their old rows go first
+                store.remove_paths(replaced)
+                summary["reembedded"] += len(replaced)
             if loaded:
                 vectors, items = _rows_for_batch(
                     [s for s, _ in loaded], [im for _, im in loaded], processor, model, region_grids, captions,
@@ -241,7 +249,7 @@ def _index(
                 last_save = time.perf_counter()
         bar.close()
         if kind == "shards":
-            summary["skipped"] = len(done)
+            summary["skipped"] = len(done) - summary["reembedded"]
         store.save_ann()
     finally:
         store.close()
@@ -281,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--region-grids", default=",".join(map(str, DEFAULT_REGION_GRIDS)),
                         help="grid sizes of the region boxes indexed per image, e.g. 2,3 (0: no regions)")  # fmt: skip
     parser.add_argument("--exact", action="store_true", help="a flat (exact) FAISS index instead of HNSW")
+    parser.add_argument("--backend", choices=BACKENDS, default="faiss",
+                        help="faiss, or lancedb (a LanceDB table; rows kept in OUTPUT/rows)")  # fmt: skip
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow Python code shipped in the --model folder to run")  # fmt: skip
@@ -302,11 +312,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    rows = Path(args.output) / LANCE_ROWS if args.backend == "lancedb" else Path(args.output)
+    if args.backend == "lancedb":
+        with checking_user_input():
+            new_folder(Path(args.output), keep=[LANCE_ROWS])  # what the LanceDB export will need, checked first
     summary = index_images(
-        model.eval().to(device), processor, args.images, args.output, model_name=name, batch_size=args.batch_size,
+        model.eval().to(device), processor, args.images, rows, model_name=name, batch_size=args.batch_size,
         region_grids=grids, captions=args.captions, max_new_tokens=args.caption_tokens, exact=args.exact,
         progress=not args.no_progress,
     )  # fmt: skip
+    if args.backend == "lancedb":  # the rows (resumable, appended) go into a LanceDB table in OUTPUT
+        export_store(rows, args.output, exact=args.exact, keep=[LANCE_ROWS])
     rate = summary["added"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
     print(
         f"Indexed {summary['added']} new images ({rate:.1f} images/s), skipped {summary['skipped']} already "

@@ -36,6 +36,7 @@ from mmgem.embedding import encode_images, encode_regions, encode_texts
 from mmgem.errors import MMGEMUserError, checking_user_input, one_line
 from mmgem.loading import load_model
 from mmgem.search.indexer import model_fingerprint, require_search_extra
+from mmgem.search.lance_store import LanceStore, open_index
 from mmgem.search.sources import load_image
 from mmgem.search.store import Hit, VectorStore, faiss_threads, group_by_path
 
@@ -109,10 +110,11 @@ class ImageSearch:
     """Text, image and region search over an index folder, with the model it was built with."""
 
     def __init__(
-        self, index: str | os.PathLike[str] | VectorStore, model: Any = None, processor: Any = None,
+        self, index: str | os.PathLike[str] | VectorStore | LanceStore, model: Any = None, processor: Any = None,
         device: str | None = None, trust_remote_code: bool = False,
     ) -> None:  # fmt: skip
-        self.store = index if isinstance(index, VectorStore) else VectorStore(index)
+        # the FAISS store, or LanceDB (mmgem.search.lance_store)
+        self.store = index if isinstance(index, (VectorStore, LanceStore)) else open_index(index)
         index = self.store.folder
         built_with = self.store.meta["model"]
         if model is None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class ImageSource:
     path: str
     load: Callable[[], Image.Image]
     metadata: dict[str, Any] = field(default_factory=dict)
+    replaces: bool = False  # the key is indexed, but its content changed since: the old rows must go first
 
 
 def _open_rgb(data: bytes | str | os.PathLike[str]) -> Image.Image:
@@ -92,8 +94,15 @@ def iter_folder(root: str) -> Iterator[ImageSource]:
                           metadata={"bytes": stat.st_size, "mtime": stat.st_mtime})  # fmt: skip
 
 
-def iter_shards(urls: list[str], skip: set[str] = frozenset()) -> Iterator[ImageSource]:
-    """The image samples of webdataset shards, in order; samples whose key is in `skip` are not decoded."""
+def member_digest(data: bytes) -> str:
+    """A short content hash of a shard member, stored with its rows to notice a shard rewritten with new content."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def iter_shards(urls: list[str], skip: Collection[str] | Mapping[str, dict] = frozenset()) -> Iterator[ImageSource]:
+    """The image samples of webdataset shards, in order; samples whose key is in `skip` are not decoded. With a
+    mapping (key -> the item indexed for it), a key whose member changed (digest, else size) is yielded again, marked
+    `replaces`."""
     import webdataset as wds
 
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
@@ -102,13 +111,19 @@ def iter_shards(urls: list[str], skip: set[str] = frozenset()) -> Iterator[Image
         if extension is None:
             continue
         key = f"{sample['__url__']}#{sample['__key__']}.{extension}"
+        data = sample[extension]
+        replaces = False
         if key in skip:
-            continue
-        metadata: dict[str, Any] = {"bytes": len(sample[extension])}
+            indexed = skip[key] if isinstance(skip, Mapping) else None
+            if indexed is None or (indexed.get("digest", member_digest(data)), indexed.get("bytes")) == (
+                    member_digest(data), len(data)):  # fmt: skip
+                continue
+            replaces = True
+        metadata: dict[str, Any] = {"bytes": len(data), "digest": member_digest(data)}
         text_key = next((t for t in TEXT_KEYS if t in sample), None)
         if text_key is not None:
             metadata["text"] = sample[text_key].decode("utf-8", errors="replace").strip()
-        yield ImageSource(key, load=lambda data=sample[extension]: _open_rgb(data), metadata=metadata)
+        yield ImageSource(key, load=lambda data=data: _open_rgb(data), metadata=metadata, replaces=replaces)
 
 
 def member_name(name: str) -> str:

@@ -431,10 +431,10 @@ class VectorStore:
         try:
             counts = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, UnicodeDecodeError, ValueError):
-            self.rebuilt_anns.append("ann.json")
-            return {}
+            counts = None
         if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
-            self.rebuilt_anns.append("ann.json")
+            if "ann.json" not in self.rebuilt_anns:
+                self.rebuilt_anns.append("ann.json")
             return {}
         return counts
 

@@ -17,6 +17,7 @@ from mmgem.data.collator import STAGES
 from mmgem.data.sampling import check_group_size
 from mmgem.data.sources import DataSourceArguments, check_data_arguments
 from mmgem.presets import PRESETS
+from mmgem.training.distributed import check_launch, complete_launch_options
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -108,6 +109,16 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Images per device and step."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
 
+    def __post_init__(self) -> None:
+        # TrainingArguments quietly replaces a missing output_dir by "trainer_output"; MM-GEM requires one (the
+        # usage marks it required and check_arguments refuses a run without it).
+        self.output_dir_missing = self.output_dir is None
+        # Before the Trainer's own set-up picks the devices: under torchrun / accelerate launch on CPU the ranks
+        # must form one process group (see mmgem.training.distributed).
+        complete_launch_options(self)
+        super().__post_init__()
+        check_launch(self)
+
     def __getstate__(self) -> dict[str, Any]:
         """What pickling (the Trainer's `training_args.bin` in OUT and every checkpoint) stores: the options without
         any secret. `--hub_token` stays usable in this process but is never written to a file."""
@@ -121,7 +132,7 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
 # ---------------------------------------------------------------------------------------------------------- checks
 def check_arguments(args: MMGEMTrainingArguments) -> None:
     """Raise a ValueError naming the argument for every inconsistent option, before any work starts."""
-    if not args.output_dir:
+    if not args.output_dir or getattr(args, "output_dir_missing", False):
         raise ValueError("`output_dir` is required: the folder the trained model is written to.")
     if (args.model is None) == (args.from_scratch is None):
         raise ValueError("Give exactly one of `model` (a saved MM-GEM) and `from_scratch` (a preset or JSON file).")
@@ -155,6 +166,11 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
         raise ValueError(
             f"`vision_learning_rate_multiplier` must be > 0; got {args.vision_learning_rate_multiplier!r}."
         )
+    if args.max_regions_per_image is not None and args.max_regions_per_image < 1:
+        raise ValueError(
+            "`max_regions_per_image` must be a positive int (or left out: all regions); "
+            f"got {args.max_regions_per_image!r}."
+        )
     if args.hard_negative_field is not None:
         check_group_size(args.per_device_train_batch_size, args.hard_negative_group_size)
     if args.torch_threads is not None and args.torch_threads < 1:
@@ -165,6 +181,8 @@ def make_arguments(args: MMGEMTrainingArguments | None = None, **kwargs: Any) ->
     """`MMGEMTrainingArguments` from keyword arguments (or a copy of `args` with them applied)."""
     if args is not None:
         values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+        if getattr(args, "output_dir_missing", False):
+            values["output_dir"] = None  # still missing unless given now
         values.update(kwargs)
         kwargs = values
     known = {f.name for f in fields(MMGEMTrainingArguments) if f.init}

@@ -6,7 +6,7 @@
 #   REGIONS="grit/{00000..01999}.tar::vg/region_descriptions.json" REGION_WEIGHTS="4::1" VG_IMAGES=vg/ \
 #   bash recipes/vitl14-tinyllama/run.sh
 #
-# ENGINE: ddp (activation checkpointing, works today), deepspeed (ZeRO-2; needs `pip install deepspeed` and GPUs) or
+# ENGINE: ddp (activation checkpointing, works today), deepspeed (ZeRO-2; the `deepspeed` extra; CPU too) or
 # fsdp (FSDP2 through fsdp.json; sharding checked on CPU over gloo, see docs/training.md). The contrastive loss
 # always gathers the embeddings of every GPU, so its negatives are the global batch (NPROC x per-device batch).
 set -euo pipefail

@@ -20,12 +20,14 @@ Hub repos), `llava` (LLaVA / ShareGPT4V conversations), `coco` (COCO captions), 
 from __future__ import annotations
 
 import functools
-import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmgem.data.paths import resolve_in_root
+from mmgem.data.safe_json import read_json_file
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -59,7 +61,13 @@ class SourceOptions:
     resampled: bool = False
     shuffle: bool = True
     shuffle_buffer: int = 1000
+    allow_outside_data_root: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def data_root(self, default: Path) -> Path:
+        """The folder the format's image paths are relative to: `--image-root`, else `default` (the annotation
+        file's folder). Paths must stay inside it (`mmgem.data.paths`)."""
+        return Path(self.image_root) if self.image_root else Path(default)
 
 
 class Source:
@@ -101,31 +109,42 @@ class IndexedSource(Source):
 
 @functools.lru_cache(maxsize=8)
 def read_json(path: str) -> Any:
-    """A JSON file's content (cached: detection and the reader parse each annotation file once)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: malformed JSON ({error.msg} at line {error.lineno}).") from error
+    """A JSON file's content (cached: detection and the reader parse each annotation file once), decoded by
+    `mmgem.data.safe_json` (depth and integer limits, UTF-8 checked): a problem is a ValueError naming the file."""
+    return read_json_file(path)
 
 
-def resolve_image(root: Path, relative: Any) -> tuple[str | None, str | None]:
-    """`root / relative` as a path string, or None and the problem (the file is opened later)."""
-    if not isinstance(relative, str) or not relative.strip():
-        return None, f"no image file name (got {relative!r})"
-    path = root / relative
+def resolve_image(
+    root: Path, relative: Any, allow_outside: bool = False, what: str = "image"
+) -> tuple[str | None, str | None]:
+    """`root / relative` as a path string under the data-root rule (`mmgem.data.paths`), or None and the problem.
+    The file must exist; it is decoded later."""
+    path, problem = resolve_in_root(root, relative, allow_outside=allow_outside, what=what)
+    if path is None:
+        return None, problem
     if not path.is_file():
         return None, f"image file not found: {path}"
     return str(path), None
 
 
+def type_problem(value: Any, expected: type | tuple[type, ...], what: str) -> str | None:
+    """Say "<what> is a <type> (expected a <expected>)" when `value` is not of `expected`, else None."""
+    if isinstance(value, expected):
+        return None
+    names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+    return f"{what} is a {type(value).__name__} (expected a {names})"
+
+
+def is_number(value: Any) -> bool:
+    """A finite-or-not real number, bool excluded (JSON `true` is not a coordinate)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def xywh_to_xyxy(box: Sequence[float]) -> list[float] | None:
     """`[x, y, width, height]` -> `[x0, y0, x1, y1]` (pixels, right/bottom exclusive); None if not 4 numbers."""
-    if not isinstance(box, list | tuple) or len(box) != 4:
+    if not isinstance(box, list | tuple) or len(box) != 4 or not all(is_number(v) for v in box):
         return None
-    try:
-        x, y, width, height = (float(v) for v in box)
-    except (TypeError, ValueError):
-        return None
+    x, y, width, height = (float(v) for v in box)
     return [x, y, x + width, y + height]
 
 
@@ -133,8 +152,12 @@ def largest_region_caption(regions: Sequence[dict[str, Any]]) -> str | None:
     """The caption of the largest box: the whole-image caption of region-only data (Visual Genome, RefCOCO)."""
 
     def area(region: dict[str, Any]) -> float:
-        box = region.get("box") or [0, 0, 0, 0]
+        box = region["box"]
         return (box[2] - box[0]) * (box[3] - box[1])
 
-    captioned = [r for r in regions if isinstance(r.get("caption"), str) and r.get("box")]
+    captioned = [
+        r for r in regions
+        if isinstance(r, dict) and isinstance(r.get("caption"), str) and isinstance(r.get("box"), list)
+        and len(r["box"]) == 4 and all(is_number(v) for v in r["box"])
+    ]  # fmt: skip
     return max(captioned, key=area)["caption"] if captioned else None

@@ -15,8 +15,9 @@ from mmgem.data.formats import IndexedSource, RawSample, SourceOptions, read_jso
 
 
 def first_gpt_turn(entry: dict[str, Any]) -> str | None:
-    """The value of the first turn from "gpt" (None if there is none)."""
-    for turn in entry.get("conversations") or []:
+    """The value of the first turn from "gpt" (None if there is none, or "conversations" is not a list)."""
+    turns = entry.get("conversations")
+    for turn in turns if isinstance(turns, list) else []:
         if isinstance(turn, dict) and turn.get("from") == "gpt":
             return turn.get("value")
     return None
@@ -30,7 +31,8 @@ class ConversationSource(IndexedSource):
         self.entries = read_json(path) if entries is None else entries
         if not isinstance(self.entries, list):
             raise ValueError(f"{path}: expected a JSON list of conversations, got a {type(self.entries).__name__}.")
-        self.root = Path(options.image_root) if options.image_root else Path(path).resolve().parent
+        self.root = options.data_root(Path(path).resolve().parent)
+        self.allow_outside = options.allow_outside_data_root
         self.shuffle = options.shuffle
 
     def __len__(self) -> int:
@@ -41,9 +43,9 @@ class ConversationSource(IndexedSource):
         key = f"{self.name} entry {index}"
         if not isinstance(entry, dict):
             return RawSample(key, None, f"a {type(entry).__name__} (expected a conversation object)")
-        if entry.get("id") is not None:
-            key += f" (id {entry['id']})"
-        image, problem = resolve_image(self.root, entry.get("image"))
+        if isinstance(entry.get("id"), str | int):
+            key += f" (id {str(entry['id'])[:80]})"
+        image, problem = resolve_image(self.root, entry.get("image"), self.allow_outside)
         if problem:
             return RawSample(key, None, problem)
         caption = first_gpt_turn(entry)

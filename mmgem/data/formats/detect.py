@@ -128,9 +128,13 @@ def open_source(spec: str, data_format: str | None, options: SourceOptions, on_e
             return hf.ArrowSource(spec, options, refcoco.RefcocoRowConverter)
         return refcoco.RefcocoSource(spec, options)
     if name == "jsonl":
-        return local.RecordListSource(f"jsonl:{spec}", load_jsonl_records(spec, on_error=on_error), options.shuffle)
+        records = load_jsonl_records(spec, on_error=on_error, allow_outside_data_root=options.allow_outside_data_root)
+        return local.RecordListSource(f"jsonl:{spec}", records, options.shuffle)
     if name == "imagefolder":
-        records = load_imagefolder_records(spec, split=options.split or "train", on_error=on_error)
+        records = load_imagefolder_records(
+            spec, split=options.split or "train", on_error=on_error,
+            allow_outside_data_root=options.allow_outside_data_root,
+        )  # fmt: skip
         return local.RecordListSource(f"imagefolder:{spec}", records, options.shuffle)
     if not Path(spec).is_file():
         raise ValueError(f"`--data` {spec}: the {name} format reads a JSON file; it does not exist.")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mmgem.data.formats import is_number
+
 GRIT_FIELDS = "[char_start, char_end, x0, y0, x1, y1, score] with normalised xyxy"
 
 
@@ -28,8 +30,10 @@ def grit_regions(caption: Any, metadata: dict[str, Any], key: str = "noun_chunks
         if not isinstance(chunk, list | tuple) or len(chunk) < 6:
             return [], f'"{key}"[{index}] = {chunk!r} is not {GRIT_FIELDS}'
         start, end = chunk[0], chunk[1]
-        if not (isinstance(start, int | float) and isinstance(end, int | float) and 0 <= start < end <= len(caption)):
+        if not (is_number(start) and is_number(end) and 0 <= start < end <= len(caption)):
             return [], f'"{key}"[{index}] character span {start}:{end} is outside the {len(caption)}-character caption'
+        if not all(is_number(v) for v in chunk[2:6]):
+            return [], f'"{key}"[{index}] box {list(chunk[2:6])!r} is not 4 numbers ({GRIT_FIELDS})'
         phrase = caption[int(start) : int(end)].strip()
         regions.append({"box_normalized": [float(v) for v in chunk[2:6]], "caption": phrase})
     return regions, None

@@ -20,6 +20,7 @@ from typing import Any
 
 from mmgem.data.formats import IndexedSource, RawSample, Shard, Source, SourceOptions
 from mmgem.data.formats.grit import grit_regions
+from mmgem.data.paths import OPT_IN, resolve_in_root
 from mmgem.optional import require
 
 TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
@@ -49,6 +50,7 @@ class RowConverter:
         self.caption_column = options.caption_column or "caption"
         self.regions_column = options.regions_column
         self.root = Path(options.image_root) if options.image_root else root
+        self.allow_outside = options.allow_outside_data_root
 
     def check_columns(self, columns: list[str], name: str) -> None:
         wanted = {"--image-column": self.image_column, "--caption-column": self.caption_column}
@@ -87,7 +89,14 @@ class RowConverter:
         if isinstance(value, bytes) or hasattr(value, "mode"):  # encoded bytes or a PIL image
             return value, None
         if isinstance(value, str) and value:
-            path = Path(value) if self.root is None else self.root / value
+            if self.root is None and not self.allow_outside:  # a Hub dataset naming a file of this machine
+                return None, f"image path {value[:200]!r} in a Hub dataset ({OPT_IN})"
+            if self.root is None:  # opted in: the path as written (relative to the working folder)
+                path, problem = Path(value), None
+            else:
+                path, problem = resolve_in_root(self.root, value, allow_outside=self.allow_outside)
+            if path is None:
+                return None, problem
             return (str(path), None) if path.is_file() else (None, f"image file not found: {path}")
         return None, f"no image in column {self.image_column!r} (got {type(value).__name__})"
 
@@ -123,7 +132,7 @@ class ArrowSource(IndexedSource):
                 raise ValueError(f"{path}: not a datasets folder and no .parquet/.arrow file in it.")
             builder = TABLE_SUFFIXES[files[0].suffix]
             dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
-        root = folder if folder.is_dir() else folder.parent
+        root = (folder if folder.is_dir() else folder.parent).resolve()
         self.convert = converter(options, root)
         self.convert.check_columns(list(dataset.column_names), self.name)
         self.dataset = _undecoded(dataset, self.convert.image_column)

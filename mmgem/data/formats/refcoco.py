@@ -15,15 +15,22 @@ serves as one.
 
 from __future__ import annotations
 
-import json
 import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmgem.data.formats import IndexedSource, RawSample, SourceOptions, largest_region_caption, xywh_to_xyxy
+from mmgem.data.formats import (
+    IndexedSource,
+    RawSample,
+    SourceOptions,
+    largest_region_caption,
+    read_json,
+    xywh_to_xyxy,
+)
 from mmgem.data.formats.hf import ArrowSource, RowConverter
+from mmgem.data.paths import resolve_in_root
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Reference:
     sentences: list[str]
     ref_id: Any = None
     image_key: Any = None  # groups the references of one image
+    problem: str | None = None  # why the reference is unusable (its sample is then a bad record)
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -47,7 +55,11 @@ class _PlainUnpickler(pickle.Unpickler):
 def load_refer_pickle(path: str | Path) -> list[dict[str, Any]]:
     """The refs list of a refer-API pickle, loaded without running code (Python 2 strings decoded as UTF-8)."""
     with open(path, "rb") as handle:
-        refs = _PlainUnpickler(handle, encoding="utf-8", errors="replace").load()
+        try:
+            refs = _PlainUnpickler(handle, encoding="utf-8", errors="replace").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                RecursionError) as error:  # fmt: skip
+            raise ValueError(f"{path}: not a readable refer pickle ({type(error).__name__}: {error}).") from None
     if not isinstance(refs, list):
         raise ValueError(f"{path}: expected a pickled list of refs, got a {type(refs).__name__}.")
     return refs
@@ -61,23 +73,52 @@ def find_instances(refs_path: Path) -> Path:
     return path
 
 
-def refer_references(refs_path: str | Path, image_root: Path, split: str | None) -> list[Reference]:
-    """References of `split` (all when None) from a refs pickle and its instances.json."""
+def _key(value: Any) -> Any:
+    """An id usable as a dict key (int or str), else None."""
+    return value if isinstance(value, int | str) and not isinstance(value, bool) else None
+
+
+def _sentences(value: Any) -> list[Any]:
+    """The raw texts of a refer `sentences` list (anything else: none)."""
+    if not isinstance(value, list):
+        return []
+    return [s.get("raw") or s.get("sent") for s in value if isinstance(s, dict)]
+
+
+def refer_references(
+    refs_path: str | Path, image_root: Path, split: str | None, allow_outside: bool = False
+) -> list[Reference]:
+    """References of `split` (all when None) from a refs pickle and its instances.json. An entry of the wrong type,
+    or whose image leaves the data root, is a reference with a `problem` (reported when its sample is read)."""
 
     refs_path = Path(refs_path)
     refs = load_refer_pickle(refs_path)
-    instances = json.loads(find_instances(refs_path).read_text(encoding="utf-8"))
-    boxes = {a["id"]: a.get("bbox") for a in instances.get("annotations", [])}
-    files = {i["id"]: i.get("file_name") for i in instances.get("images", [])}
+    instances_path = find_instances(refs_path)
+    instances = read_json(str(instances_path))
+    if not isinstance(instances, dict):
+        raise ValueError(f"{instances_path}: expected a COCO instances JSON object with 'images' and 'annotations'.")
+    annotations, images = instances.get("annotations"), instances.get("images")
+    annotations = annotations if isinstance(annotations, list) else []
+    images = images if isinstance(images, list) else []
+    boxes = {_key(a.get("id")): a.get("bbox") for a in annotations if isinstance(a, dict)}
+    files = {_key(i.get("id")): i.get("file_name") for i in images if isinstance(i, dict)}
     references = []
-    for ref in refs:
+    for number, ref in enumerate(refs):
+        if not isinstance(ref, dict):
+            problem = f"refs[{number}] is a {type(ref).__name__} (expected a dict)"
+            references.append(Reference(None, None, [], f"refs[{number}]", ("refs", number), problem))
+            continue
         if split is not None and ref.get("split") != split:
             continue
-        file_name = files.get(ref.get("image_id"))
-        path = str(image_root / file_name) if file_name else None
-        box = xywh_to_xyxy(boxes.get(ref.get("ann_id")) or [])
-        sentences = [s.get("raw") or s.get("sent") for s in ref.get("sentences") or [] if isinstance(s, dict)]
-        references.append(Reference(path, box, sentences, ref.get("ref_id"), ref.get("image_id")))
+        image_key, ref_id = _key(ref.get("image_id")), _key(ref.get("ref_id"))
+        if image_key is None or image_key not in files:
+            problem = f"ref {ref_id}: image_id {str(ref.get('image_id'))[:80]!r} is not an image of instances.json"
+            references.append(Reference(None, None, [], ref_id, ("refs", number), problem))
+            continue
+        path, problem = resolve_in_root(image_root, files[image_key], allow_outside=allow_outside, what='"file_name"')
+        box = xywh_to_xyxy(boxes.get(_key(ref.get("ann_id"))) or [])
+        sentences = _sentences(ref.get("sentences"))
+        references.append(Reference(str(path) if path else None, box, sentences, ref_id, image_key, problem))
     return references
 
 
@@ -101,8 +142,8 @@ class RefcocoSource(IndexedSource):
             if found is None:
                 raise ValueError(f"{path}: no refs(*).p file in the folder.")
             refs_path = found
-        root = Path(options.image_root) if options.image_root else refs_path.parent
-        references = refer_references(refs_path, root, options.split or "train")
+        root = options.data_root(refs_path.resolve().parent)
+        references = refer_references(refs_path, root, options.split or "train", options.allow_outside_data_root)
         if not references:
             raise ValueError(f"{self.name}: no reference of split {options.split or 'train'!r}.")
         by_image: dict[Any, list[Reference]] = {}
@@ -116,7 +157,10 @@ class RefcocoSource(IndexedSource):
 
     def sample(self, index: int, rng: random.Random) -> RawSample:
         references = self.images[index]
-        key = f"{self.name} image {references[0].image_key}"
+        key = f"{self.name} image {str(references[0].image_key)[:80]}"
+        problem = next((r.problem for r in references if r.problem), None)
+        if problem:
+            return RawSample(key, None, problem)
         path = references[0].image
         if path is None or not Path(path).is_file():
             return RawSample(key, None, f"image file not found: {path}")
@@ -151,11 +195,16 @@ class RefcocoRowConverter(RowConverter):
         if box is None:
             return RawSample(key, None, f"bbox {row.get('bbox')!r} is not [x, y, width, height]")
         answers = row.get(self.caption_column)
-        answers = [answers] if isinstance(answers, str) else [a for a in answers or [] if isinstance(a, str)]
+        answers = [answers] if isinstance(answers, str) else _strings(answers)
         if not answers:
             return RawSample(key, None, f"no expression in column {self.caption_column!r}")
         text = random.choice(answers)
         return RawSample(key, {"image": image, "caption": text, "regions": [{"box": box, "caption": text}]})
+
+
+def _strings(value: Any) -> list[str]:
+    """The strings of a list column value (anything else: none)."""
+    return [a for a in value if isinstance(a, str)] if isinstance(value, list | tuple) else []
 
 
 def parquet_references(path: str, options: SourceOptions) -> list[Reference]:
@@ -167,7 +216,7 @@ def parquet_references(path: str, options: SourceOptions) -> list[Reference]:
         row = source.dataset[index]
         image, _ = convert._image(row.get(convert.image_column))
         answers = row.get(convert.caption_column)
-        answers = [answers] if isinstance(answers, str) else list(answers or [])
+        answers = [answers] if isinstance(answers, str) else _strings(answers)
         key = row.get("file_name") or (image if isinstance(image, str) else None) or index
         references.append(Reference(image, xywh_to_xyxy(row.get("bbox") or []), answers, index, key))
     return references

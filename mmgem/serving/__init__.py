@@ -1,0 +1,1 @@
+"""Serving MM-GEM with inference engines."""
