@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # The CPU wheel of torch (a plain `torch` requirement would pull a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
+# Where no local CPU wheel of torch is configured for pip, name the CPU index:
+#   make venv TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 # Lowest transformers release the fast tests are run against (keep in sync with setup.py).
 MIN_TRANSFORMERS ?= 5.18.0
 # DeepSpeed builds from its sdist against the CPU torch above (no compiled ops; ~20 s), hence no build isolation.
@@ -12,15 +15,15 @@ DEEPSPEED_SPEC ?= deepspeed==0.19.8
 MIN_VENV ?= .venv-min
 PYTEST_FLAGS ?= -q
 
-.PHONY: venv chromium test test-fast test-min test-serve test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
+.PHONY: venv chromium docs results test test-fast test-min test-serve test-notebooks notebooks lint demo bench bench-quick bench-gpu experiments experiments-quick clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(PIP) install -q setuptools wheel
 	$(PIP) install -q --no-build-isolation $(DEEPSPEED_SPEC)
-	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench,deepspeed,scale]"
+	$(PIP) install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench,deepspeed,scale,docs]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,11 +31,20 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check .
 
-test: venv lint chromium
+test: venv lint chromium docs
 	$(PY) -m pytest $(PYTEST_FLAGS)
 	$(MAKE) test-notebooks
 	$(MAKE) test-min
 	$(MAKE) test-serve
+
+# The documentation site (mkdocs.yml): a broken link, a missing page or an API docstring that cannot be rendered
+# fails the build. tests/test_docs.py runs the pages' code blocks.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site  # not --quiet: it hides the warnings that --strict counts
+
+# docs/results.md and the README's results table, from the JSON committed under docs/ and experiments/.
+results: venv
+	$(PY) -m mmgem.results
 
 # Debian's chromium for the browser test of the web app (tests/test_app.py); CI runs as root on a fresh machine.
 CHROMIUM ?= /usr/bin/chromium
@@ -50,7 +62,7 @@ notebooks: venv
 $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
-	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(MIN_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(MIN_VENV)/bin/pip install -q -e ".[dev,notebooks,data,plots,eval,onnx,mteb,search,app,bench]" "transformers==$(MIN_TRANSFORMERS)"
 	touch $@
 
@@ -65,7 +77,7 @@ SERVE_VENV ?= .venv-serve
 $(SERVE_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
-	$(SERVE_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(SERVE_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	$(SERVE_VENV)/bin/pip install -q -e ".[dev,vllm]" $(TORCH_SPEC)
 	$(SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
@@ -92,4 +104,4 @@ experiments: venv
 	$(PY) -m experiments.run
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) $(SERVE_VENV) demo-output *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) $(SERVE_VENV) demo-output site *.egg-info

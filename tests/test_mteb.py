@@ -108,3 +108,11 @@ def test_samples_with_image_and_text_embed_as_the_normalised_sum(folder):
     expected = image_only + text_only
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(both, expected, atol=1e-6)
+
+
+def test_a_folder_in_the_working_directory_gets_a_name_mteb_accepts():
+    from mmgem.integrations.mteb import mmgem_model_meta
+
+    # mteb refuses names without an organization; `load_mteb_model("my-model")` must not fail on that.
+    assert mmgem_model_meta("my-model").name == "local/my-model"
+    assert mmgem_model_meta("you/my-model").name == "you/my-model"

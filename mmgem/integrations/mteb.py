@@ -90,9 +90,11 @@ class MMGEMEncoder(AbsEncoder):
 
 def mmgem_model_meta(model_name: str, revision: str | None = None, embed_dim: int | None = None) -> ModelMeta:
     """mteb's metadata for an MM-GEM: modalities image + text, cosine similarity, our loader."""
+    # mteb wants names of the form "organization/model"; a folder in the working directory has no organization.
+    name = model_name if "/" in model_name else f"local/{model_name}"
     return ModelMeta(
         loader=MMGEMEncoder,
-        name=model_name,
+        name=name,
         model_type=["dense"],
         languages=["eng-Latn"],
         revision=revision or "local",

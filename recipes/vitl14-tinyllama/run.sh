@@ -7,8 +7,8 @@
 #   bash recipes/vitl14-tinyllama/run.sh
 #
 # ENGINE: ddp (activation checkpointing, works today), deepspeed (ZeRO-2; the `deepspeed` extra; CPU too) or
-# fsdp (see README.md: blocked by the model's scalar temperature parameter). The contrastive loss always gathers the
-# embeddings of every GPU, so its negatives are the global batch (NPROC x per-device batch).
+# fsdp (FSDP2 through fsdp.json; sharding checked on CPU over gloo, see docs/training.md). The contrastive loss
+# always gathers the embeddings of every GPU, so its negatives are the global batch (NPROC x per-device batch).
 set -euo pipefail
 
 RECIPE=recipes/vitl14-tinyllama
