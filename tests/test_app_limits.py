@@ -20,7 +20,7 @@ from PIL import Image
 pytest.importorskip("faiss", reason="the index needs the search extra (pip install 'mmgem[search]')")
 gr = pytest.importorskip("gradio", reason="the app needs the app extra (pip install 'mmgem[app]')")
 
-from benchmarks.audit_inputs import png_claiming  # noqa: E402
+from tests.audit_inputs import png_claiming  # noqa: E402
 from mmgem.app import space_app  # noqa: E402
 from mmgem.app.gradio_app import index_search_functions  # noqa: E402
 from mmgem.search import ImageSearch, VectorStore, index_images  # noqa: E402
