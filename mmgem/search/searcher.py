@@ -59,7 +59,7 @@ def check_region(region: Sequence[float], width: int, height: int) -> None:
                              "y0 < y1 (pixels).")  # fmt: skip
 
 
-def check_text_options(store: VectorStore, caption_weight: float | None) -> float:
+def check_text_options(store: VectorStore | LanceStore, caption_weight: float | None) -> float:
     """The caption weight of a text query (default: 0.5 with captions, else 0), checked against the index."""
     has_captions = store.count("caption") > 0
     weight = (DEFAULT_CAPTION_WEIGHT if has_captions else 0.0) if caption_weight is None else caption_weight
@@ -71,7 +71,7 @@ def check_text_options(store: VectorStore, caption_weight: float | None) -> floa
     return weight
 
 
-def check_image_options(store: VectorStore, region: Sequence[float] | None, target: str | None) -> str:
+def check_image_options(store: VectorStore | LanceStore, region: Sequence[float] | None, target: str | None) -> str:
     """The target of an image query (default: regions with a region, else images), checked against the index."""
     target = target or ("regions" if region is not None else "images")
     if target not in TARGETS:
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         query_image = load_query_image(args.image) if args.image is not None else None
         if region is not None:
             check_region(region, query_image.width, query_image.height)
-        store = VectorStore(args.index)  # a damaged index, or options it cannot answer, fail before the model loads
+        store = open_index(args.index)  # a damaged index, or options it cannot answer, fail before the model loads
         if query_image is not None:
             check_image_options(store, region, args.target)
         else:
