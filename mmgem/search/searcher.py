@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         query_image = load_query_image(args.image) if args.image is not None else None
         if region is not None:
             check_region(region, query_image.width, query_image.height)
-        store = VectorStore(args.index)  # a damaged index, or options it cannot answer, fail before the model loads
+        store = open_index(args.index)  # a damaged index, or options it cannot answer, fail before the model loads
         if query_image is not None:
             check_image_options(store, region, args.target)
         else:
