@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "parameterized>=0.9"],
+    # gguf: the real-weights tests load a GGUF LLM from the package registry (tests/real_weights.py)
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "hypothesis>=6.100", "parameterized>=0.9", "gguf>=0.10"],
     "notebooks": ["nbmake>=1.5", "ipykernel>=6", "nbformat>=5.9"],
     "onnx": ["onnx>=1.17", "onnxruntime>=1.20", "onnxscript>=0.5"],  # mmgem export-onnx
     "mteb": ["mteb>=2.26"],  # mmgem.integrations.mteb

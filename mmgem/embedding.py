@@ -32,15 +32,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from modeling_mmgem.image_loading_mmgem import load_rgb_image
+
 Boxes = Sequence[Sequence[float]]  # one image's pixel boxes, xyxy in the original image
 
 
 def load_image(value: Any, index: int = 0) -> Image.Image:
     """An RGB image from a path, URL, encoded bytes, an array or a PIL image (the project's one image loader);
     `index` is its position in the caller's list, for error messages (`images[index]`)."""
-    # Imported here: the processor module pulls transformers' model machinery, which `--help` paths never need.
-    from modeling_mmgem.processing_mmgem import load_rgb_image
-
     return load_rgb_image(value, index)
 
 

@@ -1,10 +1,10 @@
 """modeling_mmgem: MM-GEM (arXiv 2405.19333) as a Hugging Face model.
 
 This folder holds exactly the remote code that `save_pretrained` copies next to the weights
-(`configuration_mmgem.py`, `modeling_mmgem.py`, `processing_mmgem.py` and the `loss_mmgem.py` and `utils_mmgem.py`
-they import): it imports only the standard library, torch and transformers (and numpy / PIL, which transformers'
-image processors use). The library around it (building, data, training,
-evaluation, integrations) is the `mmgem` package, which imports this one, never the reverse.
+(`configuration_mmgem.py`, `modeling_mmgem.py`, `processing_mmgem.py`, `pipeline_mmgem.py` and the
+`image_loading_mmgem.py`, `loss_mmgem.py` and `utils_mmgem.py` they import): it imports only the standard library,
+torch and transformers (and numpy / PIL, which transformers' image processors use). The library around it (building,
+data, training, evaluation, integrations) is the `mmgem` package, which imports this one, never the reverse.
 
 The public names are imported lazily, so that light tools (the dataset generator, the CLI's help) start without
 importing torch and transformers.
@@ -23,7 +23,7 @@ _PUBLIC = {
     "MMGEMPreTrainedModel": ".modeling_mmgem",
     "MMGEMProcessor": ".processing_mmgem",
     "add_mmgem_special_tokens": ".processing_mmgem",
-    "load_rgb_image": ".processing_mmgem",
+    "load_rgb_image": ".image_loading_mmgem",
 }
 
 __all__ = sorted(_PUBLIC)

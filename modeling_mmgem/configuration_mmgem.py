@@ -34,6 +34,27 @@ def _as_config(value: Any, default_model_type: str, argument: str) -> Pretrained
     raise ValueError(f"`{argument}` must be None, a dict or a PretrainedConfig, got {type(value).__name__}.")
 
 
+# task -> pipeline class of pipeline_mmgem.py, which travels with the model: `config.custom_pipelines`.
+PIPELINE_CLASSES = {
+    "zero-shot-image-classification": "MMGEMZeroShotImageClassificationPipeline",
+    "image-text-to-text": "MMGEMImageTextToTextPipeline",
+    "image-to-text": "MMGEMImageTextToTextPipeline",  # an alias of image-text-to-text in transformers 5.24
+    "image-feature-extraction": "MMGEMImageFeatureExtractionPipeline",
+    "feature-extraction": "MMGEMTextFeatureExtractionPipeline",
+}
+# `register_for_auto_class` records one auto class per class; the model also serves AutoModelForImageTextToText.
+EXTRA_AUTO_MAP = {"AutoModelForImageTextToText": "modeling_mmgem.MMGEMModel"}
+
+
+def custom_pipelines_config() -> dict[str, dict[str, Any]]:
+    """The `custom_pipelines` entry of config.json: each task served by its class in pipeline_mmgem.py, on
+    `AutoModel`."""
+    return {
+        task: {"impl": f"pipeline_mmgem.{name}", "pt": ["AutoModel"], "type": "multimodal"}
+        for task, name in PIPELINE_CLASSES.items()
+    }
+
+
 class MMGEMConfig(PretrainedConfig):
     r"""
     Configuration of an [`MMGEMModel`]: a vision tower and one causal language model that does both text embedding
@@ -117,6 +138,9 @@ class MMGEMConfig(PretrainedConfig):
         self.region_sampling_ratio = region_sampling_ratio
         self.initializer_range = initializer_range
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        # What a saved folder serves: the Auto classes and transformers' pipelines of its remote code.
+        kwargs["auto_map"] = {**EXTRA_AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        kwargs["custom_pipelines"] = {**custom_pipelines_config(), **(kwargs.get("custom_pipelines") or {})}
         super().__init__(**kwargs)
         self._check()
 
@@ -231,4 +255,4 @@ if __name__ == "modeling_mmgem.configuration_mmgem":
     # `trust_remote_code`, so e.g. `MMGEMProcessor.from_pretrained(folder)` does not prompt for it.
     AutoConfig.register("mmgem", MMGEMConfig, exist_ok=True)
 
-__all__ = ["MMGEMConfig"]
+__all__ = ["MMGEMConfig", "PIPELINE_CLASSES", "custom_pipelines_config"]

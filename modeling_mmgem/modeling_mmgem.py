@@ -36,16 +36,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_mmgem import MMGEMConfig
+from .image_loading_mmgem import box_problem, too_many_boxes
 from .loss_mmgem import NO_KEY, caption_loss, contrastive_loss, pixel_row_keys, token_row_keys
-from .pipeline_mmgem import custom_pipelines_config
-from .utils_mmgem import (
-    CACHE_NAME,
-    DEFAULT_MAX_CAPTION_TOKENS,
-    box_problem,
-    cache_argument,
-    register_checkpoint_upgrades,
-    too_many_boxes,
-)
+from .utils_mmgem import CACHE_NAME, DEFAULT_MAX_CAPTION_TOKENS, cache_argument, register_checkpoint_upgrades
 
 BoxesInput = list[torch.Tensor] | torch.Tensor | None
 
@@ -367,8 +360,11 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MMGEMConfig) -> None:
         super().__init__(config)
-        self.vision_model = AutoModel.from_config(config.vision_config)
+        vision_model = AutoModel.from_config(config.vision_config)
+        # The language model is the first child: PEFT's prompt learning (prompt tuning, P-tuning) takes the first
+        # pretrained child as the backbone and looks there for the vocabulary-sized word embedding table.
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_model = vision_model
         vision_hidden = config.vision_config.hidden_size
         text_hidden = config.text_config.hidden_size
         self.pool_aggregator = MMGEMPoolAggregator(
@@ -384,13 +380,18 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
             | set(getattr(self.language_model, "_no_split_modules", None) or [])
         )
         self._lm_cache_argument = cache_argument(self.language_model.forward)
-        # `register_for_auto_class` records one auto class; the model also serves AutoModelForImageTextToText.
-        auto_map = dict(getattr(config, "auto_map", None) or {})
-        auto_map.setdefault("AutoModelForImageTextToText", f"modeling_mmgem.{type(self).__name__}")
-        config.auto_map = auto_map
-        # transformers' pipelines for the four tasks the model serves (pipeline_mmgem.py travels with this file).
-        config.custom_pipelines = {**custom_pipelines_config(), **(getattr(config, "custom_pipelines", None) or {})}
         self.post_init()
+
+    @staticmethod
+    def pipeline_classes() -> dict[str, type]:
+        """transformers' pipeline class of each task the model serves (`config.custom_pipelines`).
+
+        Imported here, not with the model: transformers' pipeline machinery is a tenth of a second that loading a
+        model never needs. (`save_pretrained` copies pipeline_mmgem.py next to this file through this import.)
+        """
+        from .pipeline_mmgem import pipeline_classes
+
+        return pipeline_classes()
 
     # ------------------------------------------------------------------ embeddings plumbing (resize, tying, PEFT)
     def get_input_embeddings(self) -> nn.Module:
@@ -885,11 +886,56 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         output_hidden_states = self._output_flag("output_hidden_states", output_hidden_states)
         output_attentions = self._output_flag("output_attentions", output_attentions)
         check_values = self._checks_values()  # not in a training step: see `_checks_values`
+        regions, caption_rows, needs_visual_tokens = self._forward_layout(
+            input_ids, inputs_embeds, pixel_values, boxes, text_input_ids, visual_tokens, caption_rows, check_values
+        )
+
+        # One vision forward feeds both objectives.
+        output = MMGEMOutput()
+        feature_map = tower_output = None
+        if pixel_values is not None and (text_input_ids is not None or needs_visual_tokens):
+            _, feature_map, tower_output = self._run_vision_tower(pixel_values, output_hidden_states, output_attentions)
+        losses = []
+        if text_input_ids is not None:
+            row_keys = (text_keys, image_keys)
+            loss = self._contrastive_step(output, feature_map, regions, pixel_values, text_input_ids,
+                                          text_attention_mask, row_keys, check_values)  # fmt: skip
+            if return_loss:
+                output.loss_contrastive = loss
+                losses.append(self.config.contrastive_loss_weight * loss)
+        if input_ids is not None or inputs_embeds is not None:
+            if needs_visual_tokens:
+                with_images, with_regions = caption_rows != "regions", caption_rows != "images"
+                visual_tokens = self._visual_tokens(feature_map, regions, with_images, with_regions)
+            flags = self._output_kwargs(output_hidden_states, output_attentions)
+            lm_inputs = {"use_cache": use_cache, "logits_to_keep": logits_to_keep, self._lm_cache_argument: cache}
+            self._caption_step(output, input_ids, inputs_embeds, attention_mask, position_ids, visual_tokens,
+                               {**lm_inputs, **flags, **kwargs})  # fmt: skip
+            if (labels is not None or shift_labels is not None) and return_loss:
+                output.loss_caption = self._caption_loss(output.logits, labels, shift_labels)
+                losses.append(self.config.caption_loss_weight * output.loss_caption)
+        elif labels is not None or shift_labels is not None:
+            raise ValueError("`labels` / `shift_labels` need the caption sequences (`input_ids` or `inputs_embeds`).")
+
+        if losses:
+            output.loss = torch.stack(losses).sum()
+        # Rebuilt so that the fields (and a tuple output) follow the declared order, loss first: a ModelOutput
+        # otherwise keeps them in the order they were set.
+        output = MMGEMOutput(**dict(output.items()), image_outputs=tower_output)
+        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
+
+    def _forward_layout(
+        self, input_ids: Any, inputs_embeds: Any, pixel_values: Any, boxes: BoxesInput, text_input_ids: Any,
+        visual_tokens: Any, caption_rows: CaptionRows | None, check_values: bool,
+    ) -> tuple[FlatBoxes | None, CaptionRows | None, bool]:  # fmt: skip
+        """Check how `forward`'s inputs fit together, before any work: the flattened regions, the layout of the
+        caption rows, and whether the caption sequences take visual tokens from `pixel_values`. Values are read only
+        with `check_values` (see `_checks_values`)."""
         if check_values and isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2:
             check_token_ids(input_ids, self.config.text_config.vocab_size, "input_ids")
         has_captions = input_ids is not None or inputs_embeds is not None
         has_texts = text_input_ids is not None
-        regions = None
+        regions, batch_size = None, 0
         if pixel_values is not None:
             self._check_pixel_values(pixel_values, check_values)
             batch_size = pixel_values.shape[0]
@@ -921,75 +967,60 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 f"caption sequence with {self.config.num_image_tokens} `<image>` tokens (MMGEMProcessor writes "
                 "them), or, with `inputs_embeds`, the `<image>` token's embedding at those positions."
             )
+        return regions, caption_rows, needs_visual_tokens
 
-        # One vision forward feeds both objectives.
-        feature_map = None
-        output = MMGEMOutput()
-        tower_output = None
-        if pixel_values is not None and (has_texts or needs_visual_tokens):
-            _, feature_map, tower_output = self._run_vision_tower(pixel_values, output_hidden_states, output_attentions)
+    def _contrastive_step(
+        self, output: MMGEMOutput, feature_map: torch.Tensor, regions: FlatBoxes | None, pixel_values: torch.Tensor,
+        text_input_ids: torch.Tensor, text_attention_mask: torch.Tensor | None,
+        row_keys: tuple[torch.Tensor | None, torch.Tensor | None], check_values: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        """L_Emb: image (then region) rows h1 against their texts' h3 at `[EMB]`; fills the embeddings and logits of
+        `output` and returns the loss. `row_keys`: the caller's (text_keys, image_keys), or None each."""
+        image_embeds, _ = self._visual_embeddings(feature_map, regions, include_images=True)  # [B + R, D]
+        if check_values:
+            self._check_text_inputs(text_input_ids, text_attention_mask)
+        text_embeds = self._text_features(text_input_ids, text_attention_mask, return_dict=True).pooler_output
+        output.image_embeds = F.normalize(image_embeds.float(), dim=-1)
+        output.text_embeds = F.normalize(text_embeds.float(), dim=-1)
+        keys = None
+        if self.config.mask_false_negatives:
+            num_regions = 0 if regions is None else regions.boxes.shape[0]
+            keys = self._false_negative_keys(pixel_values, text_input_ids, text_attention_mask, num_regions, *row_keys)
+        loss, output.logits_per_image, output.logits_per_text = contrastive_loss(
+            output.image_embeds, output.text_embeds, self.logit_scale(), keys
+        )
+        return loss
 
-        losses = []
-        if has_texts:
-            image_embeds, _ = self._visual_embeddings(feature_map, regions, include_images=True)
-            if check_values:
-                self._check_text_inputs(text_input_ids, text_attention_mask)
-            text_embeds = self._text_features(text_input_ids, text_attention_mask, return_dict=True).pooler_output
-            output.image_embeds = F.normalize(image_embeds.float(), dim=-1)
-            output.text_embeds = F.normalize(text_embeds.float(), dim=-1)
-            row_keys = None
-            if self.config.mask_false_negatives:
-                row_keys = self._false_negative_keys(
-                    pixel_values, text_input_ids, text_attention_mask, num_regions, text_keys, image_keys
-                )
-            loss_c, output.logits_per_image, output.logits_per_text = contrastive_loss(
-                output.image_embeds, output.text_embeds, self.logit_scale(), row_keys
-            )
-            if return_loss:
-                output.loss_contrastive = loss_c
-                losses.append(self.config.contrastive_loss_weight * loss_c)
+    def _caption_step(
+        self, output: MMGEMOutput, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, visual_tokens: torch.Tensor | None,
+        lm_kwargs: dict[str, Any],
+    ) -> None:  # fmt: skip
+        """The language model over the caption sequences, `<image>` placeholders replaced by `visual_tokens`; fills
+        the logits, hidden states, attentions and cache of `output`."""
+        embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
+        cache = lm_kwargs.get(self._lm_cache_argument)
+        if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
+        lm_output = self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
+            **lm_kwargs,
+        )  # fmt: skip
+        output.logits = lm_output.logits
+        output.hidden_states = lm_output.get("hidden_states")
+        output.attentions = lm_output.get("attentions")
+        setattr(output, CACHE_NAME, lm_output.get(self._lm_cache_argument))
 
-        if has_captions:
-            if needs_visual_tokens:
-                with_images, with_regions = caption_rows != "regions", caption_rows != "images"
-                visual_tokens = self._visual_tokens(feature_map, regions, with_images, with_regions)
-            embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
-            if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
-            flags = self._output_kwargs(output_hidden_states, output_attentions)
-            lm_output = self.language_model(
-                inputs_embeds=embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                return_dict=True,
-                **{self._lm_cache_argument: cache},
-                **flags,
-                **kwargs,
-            )
-            output.logits = lm_output.logits
-            output.hidden_states = lm_output.get("hidden_states")
-            output.attentions = lm_output.get("attentions")
-            setattr(output, CACHE_NAME, lm_output.get(self._lm_cache_argument))
-            if (labels is not None or shift_labels is not None) and return_loss:
-                for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
-                    if targets is not None and targets.shape != output.logits.shape[:2]:
-                        raise ValueError(
-                            f"`{name}` must have the shape of `input_ids` {tuple(output.logits.shape[:2])}; "
-                            f"got {tuple(targets.shape)}."
-                        )
-                output.loss_caption = caption_loss(output.logits, labels, shift_labels)
-                losses.append(self.config.caption_loss_weight * output.loss_caption)
-        elif labels is not None or shift_labels is not None:
-            raise ValueError("`labels` / `shift_labels` need the caption sequences (`input_ids` or `inputs_embeds`).")
-
-        if losses:
-            output.loss = torch.stack(losses).sum()
-        # Rebuilt so that the fields (and a tuple output) follow the declared order, loss first: a ModelOutput
-        # otherwise keeps them in the order they were set.
-        output = MMGEMOutput(**dict(output.items()), image_outputs=tower_output)
-        return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
+    @staticmethod
+    def _caption_loss(
+        logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """L_Gen over the caption tokens (`labels`, or `shift_labels` already shifted), shapes checked first."""
+        for name, targets in (("labels", labels), ("shift_labels", shift_labels)):
+            if targets is not None and targets.shape != logits.shape[:2]:
+                expected, got = tuple(logits.shape[:2]), tuple(targets.shape)
+                raise ValueError(f"`{name}` must have the shape of `input_ids` {expected}; got {got}.")
+        return caption_loss(logits, labels, shift_labels)
 
     @staticmethod
     def _false_negative_keys(

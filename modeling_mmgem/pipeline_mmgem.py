@@ -32,24 +32,8 @@ from transformers import (
 )
 from transformers.image_utils import valid_images
 
-from .processing_mmgem import load_rgb_image
-
-# task -> pipeline class in this file; written to `config.custom_pipelines` by the model.
-PIPELINE_CLASSES = {
-    "zero-shot-image-classification": "MMGEMZeroShotImageClassificationPipeline",
-    "image-text-to-text": "MMGEMImageTextToTextPipeline",
-    "image-to-text": "MMGEMImageTextToTextPipeline",  # an alias of image-text-to-text in transformers 5.24
-    "image-feature-extraction": "MMGEMImageFeatureExtractionPipeline",
-    "feature-extraction": "MMGEMTextFeatureExtractionPipeline",
-}
-
-
-def custom_pipelines_config() -> dict[str, dict[str, Any]]:
-    """The `custom_pipelines` entry of config.json: each task served by its class here, on `AutoModel`."""
-    return {
-        task: {"impl": f"pipeline_mmgem.{name}", "pt": ["AutoModel"], "type": "multimodal"}
-        for task, name in PIPELINE_CLASSES.items()
-    }
+from .configuration_mmgem import PIPELINE_CLASSES, custom_pipelines_config
+from .image_loading_mmgem import load_rgb_image
 
 
 class _MMGEMPipelineMixin:
@@ -222,4 +206,9 @@ class MMGEMTextFeatureExtractionPipeline(_MMGEMPipelineMixin, FeatureExtractionP
         return embeds if return_tensors else embeds.tolist()
 
 
-__all__ = list(PIPELINE_CLASSES.values()) + ["PIPELINE_CLASSES", "custom_pipelines_config"]
+def pipeline_classes() -> dict[str, type]:
+    """The pipeline class of each task in `config.custom_pipelines`."""
+    return {task: globals()[name] for task, name in PIPELINE_CLASSES.items()}
+
+
+__all__ = list(PIPELINE_CLASSES.values()) + ["PIPELINE_CLASSES", "custom_pipelines_config", "pipeline_classes"]

@@ -4,23 +4,16 @@ This file is remote code: it travels to the Hub next to the weights and imports 
 own dependencies (numpy, PIL).
 """
 
-import base64
-import io
-import os
 import re
-import time
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageCms
 from transformers import BatchFeature, ProcessorMixin
 from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 
-from .utils_mmgem import box_problem, image_size_problem, input_limit, too_many_boxes
+from .image_loading_mmgem import FrameSettings, boxes_to_model_frame, load_rgb_image
 
 EMB_TOKEN = "[EMB]"
 CAP_TOKEN = "[CAP]"
@@ -72,9 +65,11 @@ CHAT_TEMPLATE = (
 def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[str, int]:
     """Add `[EMB]`, `[CAP]`, `<image>` (and a pad token if missing) to `tokenizer`; update `model` to match.
 
-    With `model`, the token embeddings are resized to the new vocabulary (new rows initialised like the model's
-    other weights, `mean_resizing=False`; original rows unchanged) and the config / generation config get the new
-    token ids. Idempotent.
+    With `model`, the token embeddings are resized to the new vocabulary and the config / generation config get the
+    new token ids. Idempotent. The original rows are unchanged; the new rows, input and output embeddings alike (tied
+    or not), start at the mean of the vocabulary's rows (transformers' `mean_resizing=True`: a sample of the old rows'
+    mean and covariance scaled by 1e-9), so a pretrained LM keeps its text predictions (a new token's logit is the
+    vocabulary's mean logit) and training starts the new tokens from inside the vocabulary's distribution.
 
     Returns:
         The ids: `{"emb_token_id", "cap_token_id", "image_token_id", "pad_token_id"}`.
@@ -91,8 +86,10 @@ def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[s
         "pad_token_id": tokenizer.pad_token_id,
     }
     if model is not None:
-        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = model.get_input_embeddings().weight
+        if embeddings.shape[0] < len(tokenizer):
+            # A model built on the meta device (a skeleton whose weights are loaded later) has no rows to average.
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=embeddings.device.type != "meta")
         text_config = model.config.text_config
         text_config.pad_token_id = ids["pad_token_id"]
         for name in ("emb_token_id", "cap_token_id", "image_token_id"):
@@ -106,316 +103,6 @@ def add_mmgem_special_tokens(tokenizer: Any, model: Any | None = None) -> dict[s
         text_config.bos_token_id = tokenizer.bos_token_id
         text_config.eos_token_id = tokenizer.eos_token_id
     return ids
-
-
-# ---------------------------------------------------------------------------------------------- images and boxes
-# PIL modes that carry an alpha channel (premultiplied "La" / "RGBa" included); "P", "L" and "RGB" images may carry
-# a transparent colour in `info["transparency"]` instead.
-_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
-# Single-channel modes with more than 8 bits: PIL's own conversion to RGB clips them instead of rescaling.
-_WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-
-
-def load_rgb_image(
-    image: Any, index: int = 0, allow_references: bool = True, url_timeout: float | None = None
-) -> Image.Image:
-    """The one image loader of MM-GEM: anything it accepts as an image -> an RGB PIL image.
-
-    Accepted: a PIL image in any mode; a numpy array or torch tensor (HW, HWC or CHW with C in 1, 3, 4; uint8, or
-    float in [0, 1]); an image file path, an http(s) URL, or a base64 / `data:image/...` string; encoded image bytes.
-    Transparency is composited onto white (never left to turn black), 16-bit and float grey images are rescaled to 8
-    bits, and the pixels are kept as stored (no EXIF rotation: region boxes are pixel coordinates of the stored image,
-    as the data records read them). The processor, the sentence-transformers integration and the data records all
-    load images here, so an image gives the same pixels, and the same embeddings, whichever way it comes in.
-
-    Limits (see `utils_mmgem.INPUT_LIMITS`, each overridable with an environment variable): an image may have at most
-    `MMGEM_MAX_IMAGE_PIXELS` pixels and an aspect ratio of `MMGEM_MAX_ASPECT_RATIO` (checked from the file header,
-    before decoding: no decompression bomb is decoded), an encoded image at most `MMGEM_MAX_IMAGE_BYTES`, and a URL
-    download takes at most `MMGEM_IMAGE_URL_TIMEOUT` seconds in all.
-
-    Arrays and tensors: uint8 (or another integer type with values in [0, 255]) or float in [0, 1]; other ranges,
-    complex, boolean and object arrays are refused rather than guessed at. The layout of a 3-D input follows its
-    library's convention where both readings are possible (e.g. 3 x H x 3): channels first for torch tensors (as
-    `pixel_values` and torchvision), channels last for numpy arrays (as PIL and matplotlib).
-
-    Args:
-        image: the image.
-        index: its position in the caller's list, for error messages (`images[index]`).
-        allow_references: whether strings and paths may be opened (files, URLs, base64). sentence-transformers
-            turns any text that ends in `.png` or starts with `http` into an image reference; its MM-GEM module
-            config sets this to False so that a text is never read as a file or fetched.
-        url_timeout: seconds a URL download may take in all; default `MMGEM_IMAGE_URL_TIMEOUT`.
-    """
-    if isinstance(image, (str, os.PathLike)):
-        if not allow_references:
-            raise ValueError(
-                f"`images[{index}]` is a string ({os.fspath(image)[:100]!r}) and this call does not open files or "
-                "URLs: give the image as a PIL image or array. (sentence-transformers reads texts that end in an "
-                'image extension or start with http as images; to embed such a text, pass it as {"text": ...}.)'
-            )
-        image = _open_image_reference(os.fspath(image), index, url_timeout)
-    elif isinstance(image, (bytes, bytearray)):
-        image = _open_image_bytes(bytes(image), index, "the given bytes")
-    if isinstance(image, Image.Image):
-        _check_image_size(image.width, image.height, index)
-        return _without_orientation(_pil_to_rgb(image))
-    channels_first = isinstance(image, torch.Tensor)
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
-        if image.is_floating_point() and image.dtype not in (torch.float32, torch.float64):
-            image = image.float()  # bf16 / fp16: numpy has no bf16
-        if image.is_complex():
-            raise TypeError(f"`images[{index}]` is a complex tensor; expected uint8 or float pixel values.")
-        image = image.numpy()
-    if not isinstance(image, np.ndarray):
-        raise TypeError(
-            f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
-            f"got {type(image).__name__}."
-        )
-    return _pil_to_rgb(Image.fromarray(_array_to_uint8(image, index, channels_first)))
-
-
-def _without_orientation(image: Image.Image) -> Image.Image:
-    """`image` (a new RGB image, not the caller's) without its EXIF / XMP metadata: the pixels are the stored ones,
-    and a later EXIF-honouring step (transformers' `load_image`, `ImageOps.exif_transpose`) must not rotate them
-    after all, or the same file would give other pixels (and boxes other regions) on another path."""
-    for key in ("exif", "xmp", "XML:com.adobe.xmp"):
-        image.info.pop(key, None)
-    if getattr(image, "_exif", None) is not None:
-        image._exif = None  # Pillow caches the parsed EXIF on the image
-    return image
-
-
-def _check_image_size(width: int, height: int, index: int) -> None:
-    problem = image_size_problem(width, height)
-    if problem:
-        raise ValueError(f"`images[{index}]` {problem}.")
-
-
-def _pil_to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: transparency composited onto white, wide grey modes rescaled to 8 bits."""
-    if image.mode in _WIDE_GREY_MODES:
-        grey = np.asarray(image, dtype=np.float64)
-        if image.mode == "F":
-            grey = grey * 255.0 if grey.max(initial=0.0) <= 1.0 else grey  # float images are taken to be in [0, 1]
-        elif grey.max(initial=0.0) > 255:
-            grey = grey / 257.0  # 16-bit range (65535 -> 255)
-        image = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L")
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")  # PIL: no La -> RGBA
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode == "LAB":  # PIL's plain conversion copies the channels; a colour transform is needed
-        return ImageCms.applyTransform(image, _lab_to_srgb())
-    return image.convert("RGB")
-
-
-def _lab_to_srgb() -> Any:
-    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
-
-
-def _array_to_uint8(image: np.ndarray, index: int, channels_first: bool = False) -> np.ndarray:
-    """An HW / HWC / CHW array (uint8, or float in [0, 1]) -> an HW or HWC uint8 array for `Image.fromarray`.
-
-    `channels_first` decides a 3-D shape that reads both ways (first and last axes both 1, 3 or 4)."""
-    array = image
-    if array.dtype.kind not in "uif":
-        raise TypeError(
-            f"`images[{index}]` has dtype {array.dtype}; expected uint8 (0-255) or float (0-1) pixel values."
-        )
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and (channels_first or array.shape[-1] not in (1, 3, 4)):
-        array = array.transpose(1, 2, 0)  # CHW -> HWC
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or min(array.shape[:2]) < 1:
-        raise ValueError(
-            f"`images[{index}]` must have shape [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4); "
-            f"got {tuple(image.shape)}."
-        )
-    _check_image_size(array.shape[1], array.shape[0], index)
-    if array.dtype.kind in "ui" and array.dtype != np.uint8:
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"`images[{index}]` is an integer array with values in [{low}, {high}]; expected 0-255 (uint8)."
-            )
-        array = array.astype(np.uint8)
-    elif array.dtype.kind == "f":
-        array = np.asarray(array, dtype=np.float32)
-        if not np.isfinite(array).all():
-            raise ValueError(f"`images[{index}]` contains NaN or inf.")
-        low, high = float(array.min()), float(array.max())
-        if low < 0.0 or high > 1.0:
-            # One bright pixel must not switch the whole image to another scale: refuse instead of guessing.
-            raise ValueError(
-                f"`images[{index}]` is a float array with values in [{low:g}, {high:g}]; float images must be in "
-                "[0, 1] (give uint8 for 0-255 values)."
-            )
-        array = np.rint(array * 255.0).astype(np.uint8)
-    return np.ascontiguousarray(array)
-
-
-def _open_image_reference(reference: str, index: int, url_timeout: float | None = None) -> Image.Image:
-    """A local image file, an http(s) URL or a base64 / `data:image/...` string, opened and read with PIL."""
-    is_url = reference.startswith(("http://", "https://"))
-    max_bytes = int(input_limit("max_image_bytes"))
-    try:
-        if is_url:
-            timeout = input_limit("image_url_timeout") if url_timeout is None else url_timeout
-            data = _download(reference, max_bytes, timeout, index)
-        elif os.path.isfile(reference):
-            if os.path.getsize(reference) > max_bytes:
-                raise ValueError(
-                    f"`images[{index}]`: {reference[:200]!r} has more than {max_bytes:,} bytes (MMGEM_MAX_IMAGE_BYTES)."
-                )
-            with open(reference, "rb") as file:
-                data = file.read()
-        elif reference.startswith("data:image/") or _looks_like_base64(reference):
-            if len(reference) * 3 // 4 > max_bytes:
-                raise ValueError(f"`images[{index}]`: the base64 image has more than {max_bytes:,} bytes.")
-            data = base64.b64decode(reference.split(",", 1)[1] if reference.startswith("data:") else reference)
-        else:
-            raise ValueError(
-                f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
-                f"{reference[:200]!r} is not an existing file, an http(s) URL or base64 image data."
-            )
-    except ValueError:
-        raise
-    except Exception as error:  # urllib, base64 and the file system raise many types; name the argument instead
-        raise ValueError(
-            f"`images[{index}]` must be a PIL image, a numpy array, a torch tensor or an image path / URL; "
-            f"{reference[:200]!r} could not be loaded: {error}"
-        ) from error
-    return _open_image_bytes(data, index, repr(reference[:200]))
-
-
-def _download(url: str, max_bytes: int, timeout: float, index: int) -> bytes:
-    """The body of `url`, read in chunks within `timeout` seconds in all (a server that never answers, or drips
-    bytes, cannot hold the caller) and at most `max_bytes` long."""
-    deadline = time.monotonic() + timeout
-    chunks, size = [], 0
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        while chunk := response.read(65536):
-            size += len(chunk)
-            if size > max_bytes:
-                raise ValueError(f"`images[{index}]`: {url[:200]!r} sends more than {max_bytes:,} bytes.")
-            if time.monotonic() > deadline:
-                raise ValueError(f"`images[{index}]`: {url[:200]!r} took more than {timeout:g} s to download.")
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _open_image_bytes(data: bytes, index: int, source: str) -> Image.Image:
-    """Encoded image bytes (PNG, JPEG, ...), decoded now: the result does not depend on a file staying open.
-
-    The size limits are checked on the header, before any pixel is decoded."""
-    max_bytes = int(input_limit("max_image_bytes"))
-    if len(data) > max_bytes:
-        raise ValueError(f"`images[{index}]`: {source} has more than {max_bytes:,} bytes (MMGEM_MAX_IMAGE_BYTES).")
-    try:
-        opened = Image.open(io.BytesIO(data))  # the header only
-    except Image.DecompressionBombError:  # PIL refuses headers of over twice its own limit in `open` itself
-        opened = None
-    except Exception as error:  # PIL raises many types for broken files; name the argument instead
-        raise ValueError(f"`images[{index}]`: {source} is not a readable image: {error}") from error
-    size = _header_size(data) if opened is None else opened.size
-    size_problem = image_size_problem(*size) if size is not None else "claims more pixels than PIL decodes"
-    if size_problem is not None:
-        raise ValueError(f"`images[{index}]`: {source} {size_problem}.")
-    try:
-        with opened:
-            opened.load()
-            return opened.copy()
-    except Exception as error:  # PIL raises many types for broken files (truncated ones...); name the argument
-        raise ValueError(f"`images[{index}]`: {source} is not a readable image: {error}") from error
-
-
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header of a PNG, for images PIL refuses to open at all (over twice its limit)."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return None
-
-
-def _looks_like_base64(reference: str) -> bool:
-    """A long string of base64 characters only (a path of that shape would have to exist to be read as one)."""
-    return len(reference) > 64 and all(c.isalnum() or c in "+/=\n" for c in reference)
-
-
-def _size_dict(value: Any) -> dict[str, int]:
-    if isinstance(value, dict):
-        return dict(value)
-    if hasattr(value, "items"):
-        return {k: v for k, v in value.items() if v is not None}
-    if isinstance(value, int):
-        return {"height": value, "width": value}
-    return {
-        k: getattr(value, k) for k in ("height", "width", "shortest_edge", "longest_edge") if getattr(value, k, None)
-    }
-
-
-def image_frame_transform(image_processor: Any, width: int, height: int) -> tuple[float, float, float, float, int, int]:
-    """How the image processor maps an original `width x height` image to the model's frame.
-
-    Returns:
-        (scale_x, scale_y, offset_x, offset_y, frame_width, frame_height): a pixel x in the original image lands at
-        `x * scale_x - offset_x` in the model frame of size `frame_width x frame_height` (resize, then crop).
-    """
-    new_w, new_h = width, height
-    if getattr(image_processor, "do_resize", False):
-        size = _size_dict(image_processor.size)
-        if "shortest_edge" in size:
-            short, long = (width, height) if width <= height else (height, width)
-            new_short = size["shortest_edge"]
-            new_long = int(new_short * long / short)
-            new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-        else:
-            new_w, new_h = size["width"], size["height"]
-    offset_x = offset_y = 0.0
-    frame_w, frame_h = new_w, new_h
-    if getattr(image_processor, "do_center_crop", False):
-        crop = _size_dict(image_processor.crop_size)
-        frame_w, frame_h = crop["width"], crop["height"]
-        offset_x, offset_y = (new_w - frame_w) // 2, (new_h - frame_h) // 2
-    return new_w / width, new_h / height, float(offset_x), float(offset_y), frame_w, frame_h
-
-
-class _FrameSettings:
-    """The resize / crop settings of an image processor with per-call overrides (`images_kwargs`), for
-    `image_frame_transform`: boxes map through the transform the pixels actually went through."""
-
-    def __init__(self, image_processor: Any, overrides: dict[str, Any]) -> None:
-        for name in ("do_resize", "size", "do_center_crop", "crop_size"):
-            value = overrides.get(name)
-            setattr(self, name, value if value is not None else getattr(image_processor, name, None))
-
-
-def boxes_to_model_frame(image_processor: Any, boxes: Any, width: int, height: int, index: int) -> torch.Tensor:
-    """Pixel xyxy boxes of an original `width x height` image -> normalised xyxy in the model's frame [R, 4].
-
-    Boxes must lie inside the original image and have positive area; a box the center crop removes entirely is
-    refused, one it cuts is clipped to the visible part.
-    """
-    expected = (
-        f"`boxes[{index}]` must be a list of [x0, y0, x1, y1] in pixels of the original image "
-        f"({width}x{height}) with 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height"
-    )
-    problem = box_problem(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, width, height, "image")
-    if problem is None and hasattr(boxes, "__len__"):
-        problem = too_many_boxes(len(boxes))
-    if problem:
-        raise ValueError(f"{expected}; a box {problem}: {boxes!r}.")
-    array = np.asarray(boxes.tolist() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
-    if array.size == 0:
-        return torch.zeros(0, 4)
-    array = array.reshape(-1, 4)
-    x0, y0, x1, y1 = array.T
-    sx, sy, ox, oy, fw, fh = image_frame_transform(image_processor, width, height)
-    frame = np.stack([(x0 * sx - ox) / fw, (y0 * sy - oy) / fh, (x1 * sx - ox) / fw, (y1 * sy - oy) / fh], axis=1)
-    frame = np.clip(frame, 0.0, 1.0)
-    if ((frame[:, 2] <= frame[:, 0]) | (frame[:, 3] <= frame[:, 1])).any():
-        raise ValueError(f"{expected}; a box lies entirely in the part the center crop removes: {array.tolist()}.")
-    return torch.tensor(frame, dtype=torch.float32)
 
 
 def _as_text_list(texts: Any, argument: str, allow_empty: bool = False) -> list[str]:
@@ -508,19 +195,25 @@ class MMGEMProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ tokens
     def _special_ids(self) -> dict[str, int]:
-        vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (EMB_TOKEN, CAP_TOKEN, IMAGE_TOKEN) if t not in vocab]
-        if missing or self.tokenizer.pad_token_id is None:
+        """The ids of `[EMB]`, `[CAP]`, `<image>` and the pad token; looked up once per tokenizer state (adding
+        tokens or changing the pad token looks them up again), since every call of the processor needs them."""
+        tokenizer = self.tokenizer
+        key = (id(tokenizer), len(tokenizer), tokenizer.pad_token_id)
+        cached = self.__dict__.get("_special_ids_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        tokens = (EMB_TOKEN, CAP_TOKEN, IMAGE_TOKEN)
+        ids = tokenizer.convert_tokens_to_ids(list(tokens))
+        unknown = tokenizer.unk_token_id
+        missing = [t for t, i in zip(tokens, ids) if i is None or (i == unknown and t != tokenizer.unk_token)]
+        if missing or tokenizer.pad_token_id is None:
             raise ValueError(
                 f"`tokenizer` lacks the MM-GEM special tokens {missing or ['pad']}: call "
                 "`add_mmgem_special_tokens(tokenizer, model)` first."
             )
-        return {
-            "emb": vocab[EMB_TOKEN],
-            "cap": vocab[CAP_TOKEN],
-            "image": vocab[IMAGE_TOKEN],
-            "pad": self.tokenizer.pad_token_id,
-        }
+        special = {"emb": ids[0], "cap": ids[1], "image": ids[2], "pad": tokenizer.pad_token_id}
+        self.__dict__["_special_ids_cache"] = (key, special)  # not an __init__ argument: never saved
+        return special
 
     def _bos(self) -> list[int]:
         bos = self.tokenizer.bos_token_id
@@ -679,7 +372,7 @@ class MMGEMProcessor(ProcessorMixin):
                     f"({len(pil_images)} images); got {type(boxes).__name__} of length "
                     f"{len(boxes) if hasattr(boxes, '__len__') else 'n/a'}."
                 )
-            frame = _FrameSettings(self.image_processor, image_options)
+            frame = FrameSettings(self.image_processor, image_options)
             frame_boxes = [
                 boxes_to_model_frame(frame, b, image.width, image.height, i)
                 for i, (image, b) in enumerate(zip(pil_images, boxes))

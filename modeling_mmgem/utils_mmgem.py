@@ -8,7 +8,6 @@ single-dot relative import), so it imports only the standard library, torch and 
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,118 +18,6 @@ from transformers import GenerationMixin
 # Caption length `generate` uses when neither the call nor the saved generation config sets one (transformers'
 # model-agnostic default of 20 tokens in total would cut captions right after the K visual tokens).
 DEFAULT_MAX_CAPTION_TOKENS = 64
-
-
-# ---------------------------------------------------------------------------------------------- input limits
-# Caps on what one input may cost, each overridable with an environment variable (read at every call). A small
-# file can decode to a huge image (a 300 KB PNG of 1 x 100,000 pixels resizes to 1.4 GB for a 224 px tower), and
-# region pooling copies the feature map once per box.
-INPUT_LIMITS = {
-    "max_image_pixels": ("MMGEM_MAX_IMAGE_PIXELS", 64_000_000),  # width * height of one image (8000 x 8000)
-    "max_aspect_ratio": ("MMGEM_MAX_ASPECT_RATIO", 32.0),  # long side / short side
-    "max_boxes_per_image": ("MMGEM_MAX_BOXES_PER_IMAGE", 512),
-    "image_url_timeout": ("MMGEM_IMAGE_URL_TIMEOUT", 10.0),  # seconds for a whole image download
-    "max_image_bytes": ("MMGEM_MAX_IMAGE_BYTES", 64 * 2**20),  # an encoded image (file, URL, base64, bytes)
-}
-
-
-def input_limit(name: str) -> float:
-    """The current value of the input limit `name` (see `INPUT_LIMITS`): its environment variable, else the
-    default."""
-    variable, default = INPUT_LIMITS[name]
-    value = os.environ.get(variable)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"The environment variable {variable} must be a positive number; got {value!r}.") from None
-    if number <= 0:
-        raise ValueError(f"The environment variable {variable} must be a positive number; got {value!r}.")
-    return number
-
-
-def image_size_problem(width: int, height: int) -> str | None:
-    """Why a `width x height` image is refused (too many pixels, too elongated, empty), or None."""
-    if width < 1 or height < 1:
-        return f"is empty ({width}x{height} pixels)"
-    max_pixels, max_ratio = input_limit("max_image_pixels"), input_limit("max_aspect_ratio")
-    if width * height > max_pixels:
-        return (
-            f"has {width}x{height} = {width * height:,} pixels, more than the {int(max_pixels):,} allowed "
-            "(MMGEM_MAX_IMAGE_PIXELS); resize it first"
-        )
-    if max(width, height) / min(width, height) > max_ratio:
-        return (
-            f"is {width}x{height} pixels, an aspect ratio above the {max_ratio:g} allowed (MMGEM_MAX_ASPECT_RATIO): "
-            "the resize to the model's input would make it huge; crop it first"
-        )
-    return None
-
-
-def too_many_boxes(count: int) -> str | None:
-    """Why `count` boxes for one image are refused, or None."""
-    limit = int(input_limit("max_boxes_per_image"))
-    if count > limit:
-        return f"has {count} boxes, more than the {limit} allowed per image (MMGEM_MAX_BOXES_PER_IMAGE)"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------- boxes
-def box_problem(
-    boxes: Any,
-    width: float | None = 1.0,
-    height: float | None = 1.0,
-    frame: str = "image",
-    tolerance: float = 0.0,
-) -> str | None:
-    """Why `boxes` are not valid xyxy boxes of a `width x height` frame, or None when they are.
-
-    The one box check of MM-GEM: the data records (pixel boxes of the original image), the processor (the same,
-    before it maps them to the model's frame) and the model (boxes normalised to the `1 x 1` frame of
-    `pixel_values`) all call it. A valid box has 4 finite numbers `x0, y0, x1, y1` with `0 <= x0 < x1 <= width` and
-    `0 <= y0 < y1 <= height` (right and bottom edges exclusive, as `PIL.Image.getbbox`).
-
-    Args:
-        boxes: one box (4 numbers) or several (`[R, 4]`: nested lists, numpy array or tensor).
-        width, height: size of the frame; None skips the bounds check (e.g. the image size is unknown).
-        frame: how the problem names the frame (`"32x24 image"` gives "... is outside the 32x24 image").
-        tolerance: how far a box may cross the frame's border (rounding of boxes that touch it).
-
-    Returns:
-        A phrase to follow the boxes' name in an error message (e.g. "has zero or negative area"), or None.
-    """
-    if isinstance(boxes, (list, tuple)) and any(_has_non_number(item) for item in boxes):
-        return "is not 4 numbers"
-    try:
-        array = torch.as_tensor(boxes, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        return "is not 4 numbers"
-    if array.ndim == 1 and array.numel():
-        array = array[None]
-    if array.numel() == 0:
-        return None  # no box: nothing to check
-    if array.ndim != 2 or array.shape[-1] != 4:
-        return f"is not 4 numbers per box (shape {tuple(array.shape)})"
-    if not torch.isfinite(array).all():
-        return "contains NaN or inf"
-    x0, y0, x1, y1 = array.unbind(-1)
-    if ((x1 <= x0) | (y1 <= y0)).any():
-        return "has zero or negative area"
-    if width is not None and height is not None:
-        low, right, bottom = -tolerance, width + tolerance, height + tolerance
-        if ((x0 < low) | (y0 < low) | (x1 > right) | (y1 > bottom)).any():
-            return f"is outside the {frame}"
-    return None
-
-
-def _has_non_number(value: Any) -> bool:
-    """Whether (nested lists of) numbers hold something else: a string, a boolean, None or an empty list."""
-    if isinstance(value, (list, tuple)):
-        return len(value) == 0 or any(_has_non_number(item) for item in value)
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        return True
-    return False
 
 
 # ---------------------------------------------------------------------------------------------- transformers releases
@@ -203,11 +90,6 @@ def register_checkpoint_upgrades(class_names: tuple[str, ...]) -> bool:
 __all__ = [
     "CACHE_NAME",
     "DEFAULT_MAX_CAPTION_TOKENS",
-    "INPUT_LIMITS",
-    "box_problem",
-    "image_size_problem",
-    "input_limit",
-    "too_many_boxes",
     "cache_argument",
     "enable_activation_checkpointing",
     "pil_image_processor_class",

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 from transformers import pipeline
 
-from modeling_mmgem.processing_mmgem import load_rgb_image
+from modeling_mmgem.image_loading_mmgem import load_rgb_image
 
 from .outside import saved_tiny_folder
 

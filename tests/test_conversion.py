@@ -245,6 +245,28 @@ def test_composition_matches_the_source_components(sources, vision, language, dr
         assert model.dtype == torch.float32 and composition.notes
 
 
+@pytest.mark.parametrize("language", ["llama", "qwen2"])  # untied fp32, tied bf16
+def test_new_token_rows_start_at_the_vocabulary_mean(sources, language):
+    """The rows added for [EMB], [CAP], <image> (and pad) start at the mean of the vocabulary's rows (transformers'
+    mean-resizing), input and output embeddings alike: the new tokens' logits are the vocabulary's mean logit, so the
+    composed language model continues a text exactly as the source LM does."""
+    composition = compose(str(sources["clip"]), str(sources[language]), **MMGEM_OPTIONS)
+    model = composition.model
+    source_lm = AutoModelForCausalLM.from_pretrained(sources[language], dtype=model.dtype).eval()
+    vocab = source_lm.config.vocab_size
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        rows = getattr(model, name)().weight.float()
+        assert rows.shape[0] == vocab + 3
+        mean = getattr(source_lm, name)().weight.float().mean(0)
+        # bf16 rows: the mean rounded to bf16; the sampling noise of mean-resizing is 1e-9 * covariance
+        torch.testing.assert_close(rows[vocab:], mean.expand(3, -1), atol=1e-2 * mean.abs().max().item(), rtol=1e-2)
+    prompts = torch.randint(3, vocab, (4, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = source_lm.generate(prompts, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        got = model.language_model.generate(prompts, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
 def test_siglip_and_qwen2_bf16_sharded(sources, tmp_path):
     output = convert(
         str(sources["siglip"]),

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -153,6 +155,7 @@ def test_a_cycle_is_found():
 # Project modules a function may import where it needs them, and why: an optional extra, or transformers' model
 # machinery (~5 s) kept out of the paths that only build a parser (`mmgem evaluate --help`, `mmgem app --help`).
 LAZY_PROJECT_MODULES = {
+    "modeling_mmgem.pipeline_mmgem": "transformers' pipeline machinery, which loading a model never needs",
     "mmgem.app.space_app": "gradio (extra `app`)",
     "mmgem.integrations.mteb": "mteb (extra `mteb`)",
     "mmgem.plots": "matplotlib, only when the demo draws its figures",
@@ -200,3 +203,27 @@ def test_imports_inside_functions_are_not_for_the_standard_library():
                 if names[0].split(".")[0] in sys.stdlib_module_names:
                     misplaced.append(f"{module}:{node.lineno} {names[0]}")
     assert misplaced == []
+
+
+def test_loading_a_model_imports_no_pipeline_machinery_and_a_saved_folder_serves_the_pipelines(tmp_path):
+    """The model's remote code keeps transformers' pipelines out of a plain load (a tenth of a second each time);
+    the saved folder still declares every pipeline and carries their file, whose classes the model lists."""
+    import subprocess
+
+    model, processor = tiny_mmgem()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert set(config["custom_pipelines"]) == set(model.pipeline_classes())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_mmgem.MMGEMModel"
+    assert (tmp_path / "pipeline_mmgem.py").is_file()
+    script = (
+        "import sys\nfrom transformers import AutoModel\n"
+        f"AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+        "print(sorted(m for m in sys.modules if 'pipeline' in m))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pipeline_mmgem" not in result.stdout and "transformers.pipelines" not in result.stdout, result.stdout

@@ -452,3 +452,44 @@ def test_all_linear_targets_are_warned_about(folder):
         warnings.simplefilter("always")
         apply_lora(load_base(folder), r=2)  # the MM-GEM config: no warning
     assert not [w for w in caught if "all-linear" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------------ prompt learning
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompt_learning_finds_the_language_models_word_embeddings(folder, processor, method, tmp_path):
+    """PEFT's prompt tuning and P-tuning take the first pretrained child as the backbone and its vocabulary-sized
+    parameter as the word embeddings: that must be the language model's table (not something in the vision tower).
+    A few steps on captions train the virtual tokens only; the saved adapter reloads to the same outputs."""
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    torch.manual_seed(0)
+    base = load_base(folder)
+    config = (
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        if method == "prompt_tuning"
+        else PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16)
+    )
+    peft_model = get_peft_model(base, config)
+    assert peft_model.word_embeddings is base.get_input_embeddings()
+    assert peft_model.transformer_backbone_name == "language_model"
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
+    inputs = processor.tokenizer(CAPTIONS, return_tensors="pt", padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    losses = []
+    for _ in range(3):
+        loss = peft_model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[name]) for name, p in base.named_parameters())  # only the prompt trained
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_base(folder), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected, rtol=0, atol=1e-6)

@@ -11,8 +11,7 @@ from PIL import Image
 
 from mmgem.data.records import ImageRecord, _box_problem
 from mmgem.integrations.sentence_transformers import encode_regions
-from modeling_mmgem.processing_mmgem import load_rgb_image
-from modeling_mmgem.utils_mmgem import box_problem
+from modeling_mmgem.image_loading_mmgem import box_problem, load_rgb_image
 from tests.conftest import random_images
 
 pytestmark = pytest.mark.fast

@@ -204,11 +204,15 @@ def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_pa
         torch.testing.assert_close(resumed[key], full[key], msg=key)
 
 
-def test_lora_saves_a_merged_model_and_the_adapter(stage1, dataset, tmp_path):
+def test_lora_saves_a_merged_model_and_the_adapter(stage1, dataset, tmp_path, monkeypatch):
     folder, _ = stage1
-    train(model=str(folder), data=str(dataset["train"]), output_dir=str(tmp_path), max_steps=2, lora=True, lora_r=4,
+    # `--model runs/stage1` as typed in a shell: relative to the working directory of the training run.
+    monkeypatch.chdir(folder.parent)
+    train(model=folder.name, data=str(dataset["train"]), output_dir=str(tmp_path), max_steps=2, lora=True, lora_r=4,
           learning_rate=1e-2, **FAST)  # fmt: skip
-    assert (tmp_path / "lora_adapter" / "adapter_config.json").is_file()
+    adapter_config = json.loads((tmp_path / "lora_adapter" / "adapter_config.json").read_text())
+    # The adapter names its base by absolute path: it loads from any directory, not only where it was trained.
+    assert adapter_config["base_model_name_or_path"] == str(folder.resolve())
     before, after = _weights(folder), _weights(tmp_path)
     assert set(before) == set(after)  # merged: a plain MM-GEM again, no LoRA keys
     changed = {k for k in before if not torch.equal(before[k], after[k])}

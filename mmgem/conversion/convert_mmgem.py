@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mmgem.cli import HelpFormatter
+from mmgem.cli import HelpFormatter, in_cli_terms
 from mmgem.conversion.checkpoints import (
     checkpoint_kind,
     load_merged_adapter,
@@ -416,8 +416,6 @@ def main(argv: list[str] | None = None, prog: str = "mmgem-convert") -> int:
 
 def _in_flag_terms(message: str, parser: argparse.ArgumentParser, argv: list[str] | None) -> str:
     """The message in the words of the command line (`from_checkpoint` -> `--from-checkpoint`)."""
-    from mmgem.cli import in_cli_terms
-
     flags = [next((o for o in a.option_strings if o.startswith("--")), "") for a in parser._actions]
     message = in_cli_terms(message, [f for f in flags if f], list(sys.argv[1:] if argv is None else argv))
     for flag in flags:  # "pass overwrite (--overwrite)" -> "pass --overwrite"

@@ -17,7 +17,7 @@ import torch
 from transformers import BatchFeature, TrainerCallback
 
 from mmgem.data.text import normalize_text
-from modeling_mmgem.processing_mmgem import image_frame_transform
+from modeling_mmgem.image_loading_mmgem import image_frame_transform
 
 STAGES = (1, 2)
 

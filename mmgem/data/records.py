@@ -35,8 +35,7 @@ from torch.utils.data import Dataset
 from mmgem.data.paths import is_inside, opt_in_hint, outside_problem, resolve_in_root
 from mmgem.data.safe_json import JSONProblem, parse_json
 from mmgem.optional import require
-from modeling_mmgem.processing_mmgem import load_rgb_image
-from modeling_mmgem.utils_mmgem import box_problem, too_many_boxes
+from modeling_mmgem.image_loading_mmgem import box_problem, load_rgb_image, too_many_boxes
 
 OnError = Literal["fail", "skip"]
 MAX_REPORTED_PROBLEMS = 3  # problems listed in an error or warning (the count says how many there are)

@@ -41,7 +41,7 @@ from mmgem.data.records import (
     _check_policy,
     shorten,
 )
-from modeling_mmgem.processing_mmgem import load_rgb_image
+from modeling_mmgem.image_loading_mmgem import load_rgb_image
 
 SOURCE_SEPARATOR = "::"
 SKIP_REPORT_EVERY = 1000

@@ -33,6 +33,7 @@ What the config trains (everything else stays frozen):
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -264,7 +265,21 @@ def apply_lora(
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     warn_if_all_linear(peft_model, targets)
     record_auto_model_base(peft_model)
+    record_absolute_base_path(peft_model)
     return peft_model
+
+
+def record_absolute_base_path(peft_model: Any) -> None:
+    """Record a base model loaded from a local folder by its absolute path in the adapter configs.
+
+    PEFT writes the base's `name_or_path` as given (`runs/stage2`): relative to the directory the adapter was made in,
+    and read as a Hub id anywhere else. A folder that exists here is what `from_pretrained` loaded, so its absolute
+    path names the same base from any working directory.
+    """
+    for config in peft_model.peft_config.values():
+        path = config.base_model_name_or_path
+        if path and os.path.isdir(path) and not os.path.isabs(path):
+            config.base_model_name_or_path = os.path.abspath(path)
 
 
 ALL_LINEAR_WARNING = (

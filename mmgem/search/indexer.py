@@ -33,7 +33,7 @@ from mmgem.optional import require
 from mmgem.search.lance_store import export_store, new_folder
 from mmgem.search.sources import ImageSource, iter_folder, iter_shards, resolve_images
 from mmgem.search.store import VectorStore, faiss_threads
-from modeling_mmgem.processing_mmgem import image_frame_transform
+from modeling_mmgem.image_loading_mmgem import image_frame_transform
 
 DEFAULT_REGION_GRIDS = (2,)
 DEFAULT_BATCH_SIZE = 32

@@ -18,8 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from modeling_mmgem.processing_mmgem import load_rgb_image
-from modeling_mmgem.utils_mmgem import input_limit
+from modeling_mmgem.image_loading_mmgem import input_limit, load_rgb_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_EXTENSIONS = (".tar", ".tar.gz", ".tgz")

@@ -28,6 +28,7 @@ from mmgem.data.formats import IMAGE_EXTENSIONS, RawSample, Shard, Source, Sourc
 from mmgem.data.formats.grit import grit_regions
 from mmgem.data.safe_json import JSONProblem, parse_json
 from mmgem.optional import require
+from modeling_mmgem.image_loading_mmgem import input_limit
 
 
 class WebDatasetSource(Source):
@@ -87,8 +88,6 @@ class OversizedMember:
 
 def member_byte_limit() -> int:
     """The largest tar member read (`MMGEM_MAX_IMAGE_BYTES`, the cap on one encoded image)."""
-    from modeling_mmgem.utils_mmgem import input_limit
-
     return int(input_limit("max_image_bytes"))
 
 
