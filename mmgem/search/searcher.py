@@ -59,7 +59,7 @@ def check_region(region: Sequence[float], width: int, height: int) -> None:
                              "y0 < y1 (pixels).")  # fmt: skip
 
 
-def check_text_options(store: VectorStore, caption_weight: float | None) -> float:
+def check_text_options(store: VectorStore | LanceStore, caption_weight: float | None) -> float:
     """The caption weight of a text query (default: 0.5 with captions, else 0), checked against the index."""
     has_captions = store.count("caption") > 0
     weight = (DEFAULT_CAPTION_WEIGHT if has_captions else 0.0) if caption_weight is None else caption_weight
@@ -71,7 +71,7 @@ def check_text_options(store: VectorStore, caption_weight: float | None) -> floa
     return weight
 
 
-def check_image_options(store: VectorStore, region: Sequence[float] | None, target: str | None) -> str:
+def check_image_options(store: VectorStore | LanceStore, region: Sequence[float] | None, target: str | None) -> str:
     """The target of an image query (default: regions with a region, else images), checked against the index."""
     target = target or ("regions" if region is not None else "images")
     if target not in TARGETS:
