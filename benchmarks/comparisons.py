@@ -112,8 +112,9 @@ def text_embedding(ctx: SuiteContext) -> list[Record]:
         )
     notes = f"{bm.spec.text_length} tokens max"
     return [
-        ctx.record("text_embedding", ours, f"{type(backbone).__name__} forward", base, batch, target="<= 1.05",
-                   notes=notes)
+        ctx.record(
+            "text_embedding", ours, f"{type(backbone).__name__} forward", base, batch, target="<= 1.05", notes=notes
+        )
     ]
 
 
@@ -145,8 +146,15 @@ def caption_decode(ctx: SuiteContext) -> list[Record]:
     }
     notes = f"prefix {prefix_len} tokens, {steps} new tokens"
     return [
-        ctx.record("caption_decode_per_token", per_token["ours"], f"{type(lm).__name__}.generate", per_token["base"],
-                   batch, target="<= 1.05", notes=notes)
+        ctx.record(
+            "caption_decode_per_token",
+            per_token["ours"],
+            f"{type(lm).__name__}.generate",
+            per_token["base"],
+            batch,
+            target="<= 1.05",
+            notes=notes,
+        )
     ]
 
 
@@ -195,8 +203,17 @@ def training_step(ctx: SuiteContext) -> list[Record]:
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
-    return [ctx.record("training_step", ours, "embedding step + caption step", base, batch, target="< 1",
-                       notes="forward + backward; one vision forward shared")]
+    return [
+        ctx.record(
+            "training_step",
+            ours,
+            "embedding step + caption step",
+            base,
+            batch,
+            target="< 1",
+            notes="forward + backward; one vision forward shared",
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- sentence-transformers
@@ -251,8 +268,7 @@ def sentence_transformers_encode(ctx: SuiteContext) -> list[Record]:
         lambda: st.encode(texts, batch_size=batch, convert_to_tensor=True, show_progress_bar=False),
         direct_texts,
     )
-    records.append(ctx.record("st_encode_text", ours, "processor + get_text_features", base, batch,
-                              target="<= 1.1"))
+    records.append(ctx.record("st_encode_text", ours, "processor + get_text_features", base, batch, target="<= 1.1"))
 
     images = pil_images(bm, bm.spec.image_batch)
     batch = len(images)
@@ -267,8 +283,7 @@ def sentence_transformers_encode(ctx: SuiteContext) -> list[Record]:
         lambda: st.encode(images, batch_size=batch, convert_to_tensor=True, show_progress_bar=False),
         direct_images,
     )
-    records.append(ctx.record("st_encode_image", ours, "processor + get_image_features", base, batch,
-                              target="<= 1.1"))
+    records.append(ctx.record("st_encode_image", ours, "processor + get_image_features", base, batch, target="<= 1.1"))
     return records
 
 
@@ -304,6 +319,16 @@ def checkpoint_loading(ctx: SuiteContext) -> list[Record]:
             f"peak RSS - RSS after imports ({runs['ours'][0]['peak_method']}); baseline peak "
             f"{base_peak / gb:.3g} GB = {base_peak / weights:.2f} x"
         )
-        records.append(ctx.record("load_peak_rss", median(ours_peak) / gb, "safetensors size", weights / gb, 1,
-                                  target="<= 1.3", unit="GB", notes=notes))
+        records.append(
+            ctx.record(
+                "load_peak_rss",
+                median(ours_peak) / gb,
+                "safetensors size",
+                weights / gb,
+                1,
+                target="<= 1.3",
+                unit="GB",
+                notes=notes,
+            )
+        )
     return records

@@ -57,8 +57,14 @@ def visual_tokens_curve(ctx: SuiteContext) -> dict[str, Any]:
                 bm.device,
                 ctx.plan,
             )
-        points.append({"visual_tokens": k * k, "pool_grid": k, "first_token_s": median(samples["first"]),
-                       "caption_s": median(samples["caption"])})
+        points.append(
+            {
+                "visual_tokens": k * k,
+                "pool_grid": k,
+                "first_token_s": median(samples["first"]),
+                "caption_s": median(samples["caption"]),
+            }
+        )
     llava, prompt = ctx.llava(), llava_prompt(bm, 1)
     samples = interleaved(
         {
@@ -68,8 +74,11 @@ def visual_tokens_curve(ctx: SuiteContext) -> dict[str, Any]:
         bm.device,
         ctx.plan,
     )
-    reference = {"visual_tokens": bm.config.patch_grid_size**2, "first_token_s": median(samples["first"]),
-                 "caption_s": median(samples["caption"])}
+    reference = {
+        "visual_tokens": bm.config.patch_grid_size**2,
+        "first_token_s": median(samples["first"]),
+        "caption_s": median(samples["caption"]),
+    }
     return {"name": "visual_tokens", "new_tokens": steps, "batch": 1, "points": points, "llava": reference}
 
 
@@ -95,8 +104,13 @@ def text_length_curve(ctx: SuiteContext) -> dict[str, Any]:
             timed = {"ours": lambda inputs=inputs: model.get_text_features(**inputs)}
             samples = interleaved(timed, bm.device, ctx.plan)
             points.append({"tokens": length, "seconds": median(samples["ours"])})
-    return {"name": "text_length", "batch": 1, "context": bm.spec.context, "clip_context": CLIP_TEXT_CONTEXT,
-            "points": points}
+    return {
+        "name": "text_length",
+        "batch": 1,
+        "context": bm.spec.context,
+        "clip_context": CLIP_TEXT_CONTEXT,
+        "points": points,
+    }
 
 
 def batch_curve(ctx: SuiteContext) -> dict[str, Any]:
@@ -119,8 +133,7 @@ def batch_curve(ctx: SuiteContext) -> dict[str, Any]:
                 ctx.plan,
             )
         points.append({"batch": b, **{f"{key}_per_s": b / median(value) for key, value in samples.items()}})
-    return {"name": "batch", "text_length": bm.spec.text_length, "new_tokens": bm.spec.decode_tokens,
-            "points": points}
+    return {"name": "batch", "text_length": bm.spec.text_length, "new_tokens": bm.spec.decode_tokens, "points": points}
 
 
 def plot_curves(curves: dict[str, dict[str, Any]], folder: Path, title: str) -> list[Path]:
@@ -147,8 +160,12 @@ def plot_curves(curves: dict[str, dict[str, Any]], folder: Path, title: str) -> 
     if "text_length" in curves:
         c = curves["text_length"]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([p["tokens"] for p in c["points"]], [p["seconds"] * 1e3 for p in c["points"]], "o-",
-                label="MM-GEM get_text_features")
+        ax.plot(
+            [p["tokens"] for p in c["points"]],
+            [p["seconds"] * 1e3 for p in c["points"]],
+            "o-",
+            label="MM-GEM get_text_features",
+        )
         ax.axvline(c["clip_context"], color="gray", ls="--", label=f"CLIP text limit ({c['clip_context']})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("text length (tokens)")
@@ -158,8 +175,11 @@ def plot_curves(curves: dict[str, dict[str, Any]], folder: Path, title: str) -> 
         c = curves["batch"]
         fig, ax = plt.subplots(figsize=(6, 4))
         x = [p["batch"] for p in c["points"]]
-        for key, label in (("image", "image embeddings"), ("text", f"text embeddings ({c['text_length']} tok)"),
-                           ("caption", f"captions ({c['new_tokens']} tok)")):
+        for key, label in (
+            ("image", "image embeddings"),
+            ("text", f"text embeddings ({c['text_length']} tok)"),
+            ("caption", f"captions ({c['new_tokens']} tok)"),
+        ):
             ax.plot(x, [p[f"{key}_per_s"] for p in c["points"]], "o-", label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

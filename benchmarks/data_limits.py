@@ -100,8 +100,14 @@ def run_case(name: str, code_root: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"mmgem-{name}-") as scratch:
         env = {**os.environ, "PYTHONPATH": str(code_root)}
         # cwd: `python -c` puts the current folder first on sys.path, which must not shadow `code_root`.
-        result = subprocess.run([sys.executable, "-c", PRELUDE + CASES[name], scratch], env=env, cwd=scratch,
-                                capture_output=True, text=True, timeout=1800)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", PRELUDE + CASES[name], scratch],
+            env=env,
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         return {"error": (result.stderr.strip().splitlines() or ["no output"])[-1][:300]}

@@ -69,9 +69,13 @@ def pipeline_loader(pattern: str, processor: Any, batch_size: int, workers: int)
     source = WebDatasetSource(pattern, SourceOptions(resampled=True, shuffle_buffer=100))
     dataset = StreamingImageTextDataset([source], with_regions=False, epochs=None)
     return DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=MMGEMCollator(processor, stage=1),
-        prefetch_factor=4 if workers else None, multiprocessing_context="fork" if workers else None,
-    )  # fmt: skip
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=MMGEMCollator(processor, stage=1),
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers else None,
+    )
 
 
 def images_per_second(loader: DataLoader, batch_size: int, warmup: int, batches: int) -> float:
@@ -124,16 +128,25 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 pipeline_loader(pattern, bench.processor, args.batch_size, 1), args.batch_size, 2, args.batches
             )
             together = images_per_second(
-                pipeline_loader(pattern, bench.processor, args.batch_size, args.workers), args.batch_size, 2,
+                pipeline_loader(pattern, bench.processor, args.batch_size, args.workers),
+                args.batch_size,
+                2,
                 args.batches,
-            )  # fmt: skip
-            rows.append({
-                "size": name, "model": spec.describe(), "image_px": spec.vision["image_size"],
-                "pipeline_images_per_s_per_worker": per_worker, "workers": args.workers,
-                f"pipeline_images_per_s_with_{args.workers}_workers": together,
-                "train_step_s": step_seconds, "train_batch": args.batch_size, "model_images_per_s": consumed,
-                "workers_needed": consumed / per_worker,
-            })  # fmt: skip
+            )
+            rows.append(
+                {
+                    "size": name,
+                    "model": spec.describe(),
+                    "image_px": spec.vision["image_size"],
+                    "pipeline_images_per_s_per_worker": per_worker,
+                    "workers": args.workers,
+                    f"pipeline_images_per_s_with_{args.workers}_workers": together,
+                    "train_step_s": step_seconds,
+                    "train_batch": args.batch_size,
+                    "model_images_per_s": consumed,
+                    "workers_needed": consumed / per_worker,
+                }
+            )
             del bench
     return rows
 
@@ -168,8 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(args)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-               "device": args.device, "dtype": args.dtype, "load_average": os.getloadavg()}  # fmt: skip
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "device": args.device,
+        "dtype": args.dtype,
+        "load_average": os.getloadavg(),
+    }
     (output / "data_pipeline.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
     text = table(rows, args.workers)
     (output / "data_pipeline.md").write_text(text + "\n")

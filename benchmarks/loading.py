@@ -145,9 +145,27 @@ def measure_in_subprocess(
         TRANSFORMERS_VERBOSITY="error",
         OMP_NUM_THREADS=str(threads),
     )
-    command = [sys.executable, "-m", "benchmarks.loading", "--side", side, "--path", str(path), "--device", device,
-               "--dtype", dtype, "--threads", str(threads), "--clock", clock, "--text-type", model_types[0],
-               "--vision-type", model_types[1]]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.loading",
+        "--side",
+        side,
+        "--path",
+        str(path),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--threads",
+        str(threads),
+        "--clock",
+        clock,
+        "--text-type",
+        model_types[0],
+        "--vision-type",
+        model_types[1],
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"loading benchmark ({side}) failed:\n{result.stderr[-4000:]}")

@@ -24,22 +24,40 @@ VOCAB_SIZE = 32000
 
 def clip_vit_large_config() -> transformers.CLIPConfig:
     vision = dict(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-        patch_size=14, projection_dim=768,
-    )  # fmt: skip
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    )
     text = dict(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, vocab_size=49408,
-        max_position_embeddings=77, projection_dim=768,
-    )  # fmt: skip
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        projection_dim=768,
+    )
     return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)
 
 
 def tinyllama_config() -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-        vocab_size=VOCAB_SIZE, max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
 
 
 def tinyllama_sized_tokenizer() -> transformers.PreTrainedTokenizerFast:

@@ -74,5 +74,3 @@ def markdown_table(records: list[Record]) -> str:
             f"{_format_value(r.baseline_s, r.unit)} | {r.ratio:.3f} | {r.target} | {met} |"
         )
     return "\n".join(lines)
-
-

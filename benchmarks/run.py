@@ -61,11 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=None, help="output folder")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (median)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall (default) or cpu: process CPU time, robust on a CPU shared with other jobs "
-                             "(use with --threads 1; CPU device only)")
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of: {', '.join([*COMPARISONS, *CURVES])}")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall (default) or cpu: process CPU time, robust on a CPU shared with other jobs "
+        "(use with --threads 1; CPU device only)",
+    )
+    parser.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join([*COMPARISONS, *CURVES])}")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     check_args(args)

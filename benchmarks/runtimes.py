@@ -52,7 +52,7 @@ def onnx_encode(ctx: SuiteContext) -> list[Record]:
         ctx.record("onnx_text_encode", text_ours, "PyTorch eager", text_base, bm.spec.text_batch, notes="onnxruntime"),
         ctx.record(
             "onnx_image_encode", image_ours, "PyTorch eager", image_base, bm.spec.image_batch, notes="onnxruntime"
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -81,7 +81,7 @@ def compiled_encode(ctx: SuiteContext) -> list[Record]:
             text_base,
             bm.spec.text_batch,
             notes="torch.compile fullgraph, inductor",
-        ),  # fmt: skip
+        ),
         ctx.record(
             "compiled_image_encode",
             image_ours,
@@ -89,5 +89,5 @@ def compiled_encode(ctx: SuiteContext) -> list[Record]:
             image_base,
             bm.spec.image_batch,
             notes="torch.compile fullgraph, inductor",
-        ),  # fmt: skip
+        ),
     ]

@@ -60,8 +60,15 @@ def embed_benchmark(size: str, count: int, seed: int, workdir: Path) -> dict[str
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray actor runs
     start = time.perf_counter()
-    index_images(bench.model, bench.processor, str(workdir / "images"), workdir / "index", model_name=str(model_dir),
-                 region_grids=(), progress=False)  # fmt: skip
+    index_images(
+        bench.model,
+        bench.processor,
+        str(workdir / "images"),
+        workdir / "index",
+        model_name=str(model_dir),
+        region_grids=(),
+        progress=False,
+    )
     results["mmgem_index_images_per_s"] = count / (time.perf_counter() - start)
     torch.set_num_threads(threads)
 
@@ -69,8 +76,15 @@ def embed_benchmark(size: str, count: int, seed: int, workdir: Path) -> dict[str
     try:
         for actors in (1, 2):
             start = time.perf_counter()
-            embed_collection(model_dir, workdir / "images", workdir / f"ray-{actors}", concurrency=actors,
-                             batch_size=32, part_size=max(1, count // 4), progress=False)  # fmt: skip
+            embed_collection(
+                model_dir,
+                workdir / "images",
+                workdir / f"ray-{actors}",
+                concurrency=actors,
+                batch_size=32,
+                part_size=max(1, count // 4),
+                progress=False,
+            )
             results[f"ray_{actors}_actor_images_per_s"] = count / (time.perf_counter() - start)
     finally:
         ray.shutdown()
@@ -103,8 +117,9 @@ def search_benchmark(count: int, dim: int, num_queries: int, seed: int, workdir:
         store, seconds = build_store(workdir / "faiss", vectors)
         results["faiss_build_s"] = seconds
         results["faiss_query_ms"] = _latency_ms(lambda q: store.search(q, "image", 10), queries)
-        results["faiss_recall@10"] = _recall([[h.row for h in hits] for hits in store.search(queries, "image", 10)],
-                                             exact)  # fmt: skip
+        results["faiss_recall@10"] = _recall(
+            [[h.row for h in hits] for hits in store.search(queries, "image", 10)], exact
+        )
     store.close()
 
     folder = workdir / "lance"
@@ -117,8 +132,9 @@ def search_benchmark(count: int, dim: int, num_queries: int, seed: int, workdir:
     lance = LanceStore(folder)
     results["lancedb_ann"] = "flat (exact scan)" if lance.exact else "IVF_HNSW_SQ + refine"
     results["lancedb_query_ms"] = _latency_ms(lambda q: lance.search(q, "image", 10), queries)
-    results["lancedb_recall@10"] = _recall([[h.row for h in hits] for hits in lance.search(queries, "image", 10)],
-                                           exact)  # fmt: skip
+    results["lancedb_recall@10"] = _recall(
+        [[h.row for h in hits] for hits in lance.search(queries, "image", 10)], exact
+    )
     results["lancedb_exact_query_ms"] = _latency_ms(lambda q: lance.search(q, "image", 10, exact=True), queries[:20])
     return results
 

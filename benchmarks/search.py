@@ -102,13 +102,35 @@ def query_benchmarks(count: int, dim: int, plan: TimingPlan, seed: int, workdir:
     ann = store.meta["ann"]
     notes = f"FAISS HNSW M={ann['hnsw_m']} efConstruction={ann['ef_construction']} efSearch={ann['ef_search']}"
     return [
-        Record(f"query_latency_{count}", median(samples["ours"]), "torch matmul + topk (exact)",
-               median(samples["exact"]), target="report", notes=f"{notes}; build {build_s:.1f} s", **common),
-        Record(f"ann_only_latency_{count}", median(samples["ann"]), "torch matmul + topk (exact)",
-               median(samples["exact"]), target="report", notes=f"{notes}; the FAISS call alone", **common),
-        Record(f"recall@10_{count}", recall, "exact top 10", 1.0, target=f">= {RECALL_TARGET}", unit="recall",
-               notes=f"{notes}; {exact_notes}", **common),
-    ]  # fmt: skip
+        Record(
+            f"query_latency_{count}",
+            median(samples["ours"]),
+            "torch matmul + topk (exact)",
+            median(samples["exact"]),
+            target="report",
+            notes=f"{notes}; build {build_s:.1f} s",
+            **common,
+        ),
+        Record(
+            f"ann_only_latency_{count}",
+            median(samples["ann"]),
+            "torch matmul + topk (exact)",
+            median(samples["exact"]),
+            target="report",
+            notes=f"{notes}; the FAISS call alone",
+            **common,
+        ),
+        Record(
+            f"recall@10_{count}",
+            recall,
+            "exact top 10",
+            1.0,
+            target=f">= {RECALL_TARGET}",
+            unit="recall",
+            notes=f"{notes}; {exact_notes}",
+            **common,
+        ),
+    ]
 
 
 def library_comparison(count: int, dim: int, plan: TimingPlan, seed: int) -> list[Record]:
@@ -141,11 +163,22 @@ def library_comparison(count: int, dim: int, plan: TimingPlan, seed: int) -> lis
     common = dict(size=f"{count} x {dim}", device="cpu", dtype="float32", batch=1)
     return [
         Record(f"usearch_vs_faiss_build_{count}", usearch_build, "FAISS IndexHNSWFlat", faiss_build, **common),
-        Record(f"usearch_vs_faiss_query_{count}", median(samples["usearch"]), "FAISS IndexHNSWFlat",
-               median(samples["faiss"]), **common),
-        Record(f"usearch_vs_faiss_recall@10_{count}", float(usearch_recall), "FAISS IndexHNSWFlat",
-               float(faiss_recall), unit="recall", **common),
-    ]  # fmt: skip
+        Record(
+            f"usearch_vs_faiss_query_{count}",
+            median(samples["usearch"]),
+            "FAISS IndexHNSWFlat",
+            median(samples["faiss"]),
+            **common,
+        ),
+        Record(
+            f"usearch_vs_faiss_recall@10_{count}",
+            float(usearch_recall),
+            "FAISS IndexHNSWFlat",
+            float(faiss_recall),
+            unit="recall",
+            **common,
+        ),
+    ]
 
 
 def indexing_benchmark(size: str, num_images: int, plan: TimingPlan, seed: int, workdir: Path) -> list[Record]:
@@ -161,8 +194,9 @@ def indexing_benchmark(size: str, num_images: int, plan: TimingPlan, seed: int, 
 
     def ours() -> Any:
         runs["n"] += 1
-        return index_images(bench.model, bench.processor, str(folder), workdir / f"index-{runs['n']}",
-                            batch_size=32, progress=False)  # fmt: skip
+        return index_images(
+            bench.model, bench.processor, str(folder), workdir / f"index-{runs['n']}", batch_size=32, progress=False
+        )
 
     def baseline() -> Any:
         return encode_images(bench.model, bench.processor, [load_image(p) for p in paths], batch_size=32)
@@ -170,10 +204,24 @@ def indexing_benchmark(size: str, num_images: int, plan: TimingPlan, seed: int, 
     with faiss_threads(1):
         samples = interleaved({"ours": ours, "baseline": baseline}, torch.device("cpu"), plan)
     ours_s, base_s = median(samples["ours"]), median(samples["baseline"])
-    notes = (f"{num_images / ours_s:.1f} images/s indexed (image + 2x2 regions, FAISS add, files) vs "
-             f"{num_images / base_s:.1f} images/s embedded")  # fmt: skip
-    return [Record("indexing", ours_s, "decode + embed_images, same images", base_s, size=size, device="cpu",
-                   dtype="float32", batch=num_images, target="report", notes=notes)]  # fmt: skip
+    notes = (
+        f"{num_images / ours_s:.1f} images/s indexed (image + 2x2 regions, FAISS add, files) vs "
+        f"{num_images / base_s:.1f} images/s embedded"
+    )
+    return [
+        Record(
+            "indexing",
+            ours_s,
+            "decode + embed_images, same images",
+            base_s,
+            size=size,
+            device="cpu",
+            dtype="float32",
+            batch=num_images,
+            target="report",
+            notes=notes,
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default=None, help="vector counts, comma-separated (default 10000,100000)")
     parser.add_argument("--images", type=int, default=None, help="images to index (default 256; quick 64)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall, or cpu (process CPU time: robust on a shared machine; use with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall, or cpu (process CPU time: robust on a shared machine; use with --threads 1)",
+    )
     parser.add_argument("--libraries", action="store_true", help="also compare FAISS with usearch (equal settings)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0)

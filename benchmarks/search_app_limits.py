@@ -56,11 +56,16 @@ def app_peak_rss(repo: Path, workdir: Path) -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(repo), GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1",
-               no_proxy="127.0.0.1")  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "mmgem.cli", "app", "--model", str(workdir / "model"), "--port",
-                                str(port)], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    env = dict(
+        os.environ, PYTHONPATH=str(repo), GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1", no_proxy="127.0.0.1"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mmgem.cli", "app", "--model", str(workdir / "model"), "--port", str(port)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         for _ in range(600):
@@ -87,8 +92,10 @@ def app_peak_rss(repo: Path, workdir: Path) -> str:
     finally:
         process.terminate()
         process.wait()
-    return (f"app, {bomb.stat().st_size / 1e3:.0f} kB PNG of 144 MP: peak RSS {before} -> {after} MB "
-            f"(+{after - before} MB); {outcome}")  # fmt: skip
+    return (
+        f"app, {bomb.stat().st_size / 1e3:.0f} kB PNG of 144 MP: peak RSS {before} -> {after} MB "
+        f"(+{after - before} MB); {outcome}"
+    )
 
 
 def shard_hit_ms(repo: Path, workdir: Path) -> str:
@@ -102,12 +109,14 @@ def shard_hit_ms(repo: Path, workdir: Path) -> str:
             info = tarfile.TarInfo(f"./s{i:05d}.png")  # as `tar -C dir -cf x.tar .` names them
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    code = (f"import sys, time; sys.path.insert(0, {str(repo)!r})\n"
-            "from mmgem.search.sources import load_image\n"
-            f"keys = [{str(shard)!r} + f'#s{{i:05d}}.png' for i in range(0, 10_000, 500)]\n"
-            "for label in ('first', 'warm'):\n"
-            "    start = time.perf_counter(); [load_image(k) for k in keys]\n"
-            "    print(f'{label} {(time.perf_counter() - start) / len(keys) * 1000:.2f}')\n")  # fmt: skip
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(repo)!r})\n"
+        "from mmgem.search.sources import load_image\n"
+        f"keys = [{str(shard)!r} + f'#s{{i:05d}}.png' for i in range(0, 10_000, 500)]\n"
+        "for label in ('first', 'warm'):\n"
+        "    start = time.perf_counter(); [load_image(k) for k in keys]\n"
+        "    print(f'{label} {(time.perf_counter() - start) / len(keys) * 1000:.2f}')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if result.returncode:
         return f"shard hits: failed ({result.stderr.strip().splitlines()[-1][:120]})"
@@ -116,8 +125,11 @@ def shard_hit_ms(repo: Path, workdir: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.search_app_limits", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.search_app_limits",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code is measured")
     parser.add_argument("--skip-app", action="store_true", help="only the shard hits (no gradio needed)")
     args = parser.parse_args(argv)

@@ -69,20 +69,41 @@ class SizeSpec:
 SIZES: dict[str, SizeSpec] = {
     # The unit-test size: seconds for the whole suite.
     "tiny": SizeSpec(
-        name="tiny", architecture=architecture("tiny", text_config={"vocab_size": 512}), image_batch=4,
-        text_batch=4, text_length=24, caption_batch=2, caption_length=12, decode_tokens=8, curve_batches=(1, 2, 4, 8),
+        name="tiny",
+        architecture=architecture("tiny", text_config={"vocab_size": 512}),
+        image_batch=4,
+        text_batch=4,
+        text_length=24,
+        caption_batch=2,
+        caption_length=12,
+        decode_tokens=8,
+        curve_batches=(1, 2, 4, 8),
     ),
     # A few minutes for the whole suite on 2 CPU cores; same shape ratios as the paper model, much thinner.
     "small": SizeSpec(
-        name="small", architecture=architecture("small"), image_batch=8, text_batch=8, text_length=32,
-        caption_batch=4, caption_length=24, decode_tokens=16, curve_batches=(1, 2, 4, 8, 16),
+        name="small",
+        architecture=architecture("small"),
+        image_batch=8,
+        text_batch=8,
+        text_length=32,
+        caption_batch=4,
+        caption_length=24,
+        decode_tokens=16,
+        curve_batches=(1, 2, 4, 8, 16),
     ),
     # The paper's instance: CLIP ViT-L/14 at 224 px and TinyLlama-1.1B shapes, random weights.
     "paper": SizeSpec(
-        name="paper", architecture=architecture("paper"), image_batch=32, text_batch=32, text_length=128,
-        caption_batch=8, caption_length=32, decode_tokens=32, curve_batches=(1, 2, 4, 8, 16, 32, 64),
+        name="paper",
+        architecture=architecture("paper"),
+        image_batch=32,
+        text_batch=32,
+        text_length=128,
+        caption_batch=8,
+        caption_length=32,
+        decode_tokens=32,
+        curve_batches=(1, 2, 4, 8, 16, 32, 64),
     ),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -109,8 +130,13 @@ def build_bench_model(spec: SizeSpec, device: torch.device, dtype: torch.dtype, 
     # Room for the special tokens in the table: no resize (the table is as large as the real model's).
     vocab_size = max(spec.text["vocab_size"], num_regular + 4)
     model, processor = build_mmgem(
-        spec.vision, spec.text, tokenizer, vocab_size=vocab_size, device=device,
-        pool_grid_size=spec.pool_grid_size, projection_dim=spec.projection_dim,
-    )  # fmt: skip
+        spec.vision,
+        spec.text,
+        tokenizer,
+        vocab_size=vocab_size,
+        device=device,
+        pool_grid_size=spec.pool_grid_size,
+        projection_dim=spec.projection_dim,
+    )
     model.to(dtype=dtype).eval()
     return BenchModel(model, processor, spec, device, dtype, range(4, num_regular))

@@ -57,9 +57,7 @@ class TimingPlan:
             raise ValueError(f"`TimingPlan.clock` must be one of {sorted(CLOCKS)}; got {self.clock!r}.")
 
 
-def interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, plan: TimingPlan
-) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, plan: TimingPlan) -> dict[str, list[float]]:
     """Time several callables in rotating order; returns seconds per call for each name and repetition.
 
     All callables share one `inner` count (calls per timed block), chosen so that the slowest block lasts at least

@@ -61,12 +61,17 @@ def build_folder(size: str, path: Path) -> Path:
     """A random MM-GEM of the preset `size`, saved with its processor as an exported folder."""
     spec = architecture(size)
     torch.manual_seed(0)
-    tokenizer = train_tokenizer(DEFAULT_CORPUS, vocab_size=300, model_max_length=spec["text_config"].get(
-        "max_position_embeddings", 512))  # fmt: skip
+    tokenizer = train_tokenizer(
+        DEFAULT_CORPUS, vocab_size=300, model_max_length=spec["text_config"].get("max_position_embeddings", 512)
+    )
     model, processor = build_mmgem(
-        spec["vision_config"], spec["text_config"], tokenizer, vocab_size=spec["vocab_size"],
-        pool_grid_size=spec["pool_grid_size"], projection_dim=spec["projection_dim"],
-    )  # fmt: skip
+        spec["vision_config"],
+        spec["text_config"],
+        tokenizer,
+        vocab_size=spec["vocab_size"],
+        pool_grid_size=spec["pool_grid_size"],
+        projection_dim=spec["projection_dim"],
+    )
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

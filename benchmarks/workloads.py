@@ -77,8 +77,10 @@ def pil_images(bm: BenchModel, count: int, seed: int = 0) -> list[Image.Image]:
     """Random RGB images a bit larger than the model's input (so the processor resizes and crops, as in real use)."""
     size = bm.config.vision_config.image_size
     rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (size + size // 4, size + size // 2, 3), dtype=np.uint8)) for _ in
-            range(count)]
+    return [
+        Image.fromarray(rng.randint(0, 255, (size + size // 4, size + size // 2, 3), dtype=np.uint8))
+        for _ in range(count)
+    ]
 
 
 def sentences(count: int, words: int, seed: int = 0) -> list[str]:

@@ -120,8 +120,10 @@ def verdict_objectives(table: dict[str, dict[str, Stat]]) -> tuple[str, str]:
         learned &= ref.mean >= floor
         worse = delta < 0 and counts(delta, se, ref.mean)
         conflict |= worse
-        notes.append(f"{name}: joint {joint.format()} vs {reference.replace('_', '-')} {ref.format()}, "
-                     f"difference {_fmt_delta(delta, se)}{' (counts)' if worse else ''}")  # fmt: skip
+        notes.append(
+            f"{name}: joint {joint.format()} vs {reference.replace('_', '-')} {ref.format()}, "
+            f"difference {_fmt_delta(delta, se)}{' (counts)' if worse else ''}"
+        )
     reason = "; ".join(notes) + "."
     if single_seed:
         return UNCLEAR, reason + " One seed: no spread to judge a difference."
@@ -138,15 +140,19 @@ def verdict_pool(table: dict[str, dict[str, Stat]], grids: Sequence[int], defaul
     if not ref.n or not few.n:
         return UNCLEAR, "missing results."
     delta, se = difference(few, ref)
-    notes = [f"caption CIDEr {default}x{default} {few.format()} vs full {full}x{full} {ref.format()}, "
-             f"difference {_fmt_delta(delta, se)}"]  # fmt: skip
+    notes = [
+        f"caption CIDEr {default}x{default} {few.format()} vs full {full}x{full} {ref.format()}, "
+        f"difference {_fmt_delta(delta, se)}"
+    ]
     for k in grids[:-1]:
         if k != default:
             other = _get(table, f"pool_{k}", "caption/cider")
             d, s = difference(other, ref)
             notes.append(f"{k}x{k}: {other.format()} ({_fmt_delta(d, s)})")
-    for metric, what in (("train/cpu_s_per_step", "training CPU s/step"),
-                         ("generation/cpu_ms_per_image", "generation CPU ms/image")):  # fmt: skip
+    for metric, what in (
+        ("train/cpu_s_per_step", "training CPU s/step"),
+        ("generation/cpu_ms_per_image", "generation CPU ms/image"),
+    ):
         fast, slow = _get(table, f"pool_{default}", metric), _get(table, f"pool_{full}", metric)
         if fast.n and slow.n:
             notes.append(f"{what} {fast.mean:.3g} vs {slow.mean:.3g}")
@@ -161,8 +167,10 @@ def verdict_pool(table: dict[str, dict[str, Stat]], grids: Sequence[int], defaul
 
 def verdict_stages(table: dict[str, dict[str, Stat]]) -> tuple[str, str]:
     """Claim 3: stage 2 gives region captioning and region retrieval that stage 1 (same budget) does not."""
-    checks = [("region caption CIDEr", "region_caption/cider", LEARNED_CIDER),
-              ("region R@1 (mean of both directions)", "region_retrieval/mean_R@1", LEARNED_FLOOR)]  # fmt: skip
+    checks = [
+        ("region caption CIDEr", "region_caption/cider", LEARNED_CIDER),
+        ("region R@1 (mean of both directions)", "region_retrieval/mean_R@1", LEARNED_FLOOR),
+    ]
     notes, better, single_seed, learned = [], True, False, True
     for name, metric, floor in checks:
         stage2, control = _get(table, "stage2", metric), _get(table, "stage1_more", metric)
@@ -173,8 +181,10 @@ def verdict_stages(table: dict[str, dict[str, Stat]]) -> tuple[str, str]:
         learned &= stage2.mean >= floor
         gain = delta > 0 and counts(delta, se, control.mean if control.mean else stage2.mean)
         better &= gain
-        notes.append(f"{name}: stage 2 {stage2.format()} vs stage 1 continued {control.format()}, "
-                     f"difference {_fmt_delta(delta, se)}{' (counts)' if gain else ''}")  # fmt: skip
+        notes.append(
+            f"{name}: stage 2 {stage2.format()} vs stage 1 continued {control.format()}, "
+            f"difference {_fmt_delta(delta, se)}{' (counts)' if gain else ''}"
+        )
     reason = "; ".join(notes) + "."
     if single_seed:
         return UNCLEAR, reason + " One seed: no spread to judge a difference."
@@ -202,8 +212,10 @@ def verdict_long(table: dict[str, dict[str, Stat]], variants: Sequence[str]) -> 
         else:
             status = UNCLEAR
         per_variant[variant] = status
-        notes.append(f"{variant}: MM-GEM {ours.format()} vs CLIP {clip.format()} mean R@1, difference "
-                     f"{_fmt_delta(delta, se)} ({status})")  # fmt: skip
+        notes.append(
+            f"{variant}: MM-GEM {ours.format()} vs CLIP {clip.format()} mean R@1, difference "
+            f"{_fmt_delta(delta, se)} ({status})"
+        )
     statuses = set(per_variant.values())
     overall = statuses.pop() if len(statuses) == 1 else UNCLEAR
     return overall, "; ".join(notes) + ".", per_variant
@@ -227,8 +239,14 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def bar_plot(table: dict[str, dict[str, Stat]], arms: Sequence[tuple[str, str]], metrics: Sequence[tuple[str, str]],
-             title: str, path: Path, ylabel: str = "score") -> Path:  # fmt: skip
+def bar_plot(
+    table: dict[str, dict[str, Stat]],
+    arms: Sequence[tuple[str, str]],
+    metrics: Sequence[tuple[str, str]],
+    title: str,
+    path: Path,
+    ylabel: str = "score",
+) -> Path:
     """Grouped bars (one group per metric, one bar per arm) with the seeds' standard deviation as error bars."""
     plt = _plt()
     figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) + 2), 3.6))
@@ -255,8 +273,14 @@ def pool_plot(table: dict[str, dict[str, Stat]], grids: Sequence[int], path: Pat
 
     def line(axis: Any, metric: str, label: str) -> None:
         stats = [_get(table, f"pool_{k}", metric) for k in grids]
-        axis.errorbar(tokens, [s.mean for s in stats], yerr=[s.std if s.n > 1 else 0 for s in stats], marker="o",
-                      capsize=3, label=label)  # fmt: skip
+        axis.errorbar(
+            tokens,
+            [s.mean for s in stats],
+            yerr=[s.std if s.n > 1 else 0 for s in stats],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
 
     line(left, "caption/cider", "CIDEr")
     left2 = left.twinx()
@@ -303,19 +327,20 @@ def loss_plot(results: dict[str, dict[int, dict[str, Any]]], arms: Sequence[tupl
 
 
 # ---------------------------------------------------------------------------------------------------------- tables
-def metric_table(table: dict[str, dict[str, Stat]], arms: Sequence[tuple[str, str]],
-                 columns: Sequence[tuple[str, str, int]]) -> str:  # fmt: skip
+def metric_table(
+    table: dict[str, dict[str, Stat]], arms: Sequence[tuple[str, str]], columns: Sequence[tuple[str, str, int]]
+) -> str:
     """A markdown table: one row per arm, one column per (metric, header, digits); cells are mean ± std."""
-    lines = ["| arm | " + " | ".join(header for _, header, _ in columns) + " |",
-             "|---|" + "---|" * len(columns)]  # fmt: skip
+    lines = ["| arm | " + " | ".join(header for _, header, _ in columns) + " |", "|---|" + "---|" * len(columns)]
     for arm, label in arms:
         cells = [_get(table, arm, key).format(digits) for key, _, digits in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def per_seed_table(results: dict[str, dict[int, dict[str, Any]]], arms: Sequence[tuple[str, str]],
-                   metrics: Sequence[tuple[str, str]]) -> str:  # fmt: skip
+def per_seed_table(
+    results: dict[str, dict[int, dict[str, Any]]], arms: Sequence[tuple[str, str]], metrics: Sequence[tuple[str, str]]
+) -> str:
     """Every seed's value of the headline metrics (the appendix)."""
     lines = ["| arm | seed | " + " | ".join(h for _, h in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for arm, label in arms:
@@ -331,21 +356,31 @@ def _labels(context: dict[str, Any], claim: str) -> list[tuple[str, str]]:
 
 
 RETRIEVAL_COLUMNS = [
-    ("image_to_text/R@1", "image→text R@1", 3), ("text_to_image/R@1", "text→image R@1", 3),
-    ("zero_shot/accuracy", "zero-shot acc.", 3), ("caption/cider", "caption CIDEr", 2),
-    ("caption/bleu4", "BLEU-4", 3), ("caption/exact_match", "exact match", 3),
-]  # fmt: skip
+    ("image_to_text/R@1", "image→text R@1", 3),
+    ("text_to_image/R@1", "text→image R@1", 3),
+    ("zero_shot/accuracy", "zero-shot acc.", 3),
+    ("caption/cider", "caption CIDEr", 2),
+    ("caption/bleu4", "BLEU-4", 3),
+    ("caption/exact_match", "exact match", 3),
+]
 POOL_COLUMNS = [
-    ("caption/cider", "caption CIDEr", 2), ("caption/bleu4", "BLEU-4", 3), ("caption/exact_match", "exact match", 3),
-    ("retrieval/R@1", "retrieval R@1", 3), ("train/s_per_step", "train s/step", 2),
-    ("train/cpu_s_per_step", "train CPU s/step", 2), ("generation/ms_per_image", "generation ms/image", 1),
+    ("caption/cider", "caption CIDEr", 2),
+    ("caption/bleu4", "BLEU-4", 3),
+    ("caption/exact_match", "exact match", 3),
+    ("retrieval/R@1", "retrieval R@1", 3),
+    ("train/s_per_step", "train s/step", 2),
+    ("train/cpu_s_per_step", "train CPU s/step", 2),
+    ("generation/ms_per_image", "generation ms/image", 1),
     ("generation/cpu_ms_per_image", "generation CPU ms/image", 1),
-]  # fmt: skip
+]
 STAGE_COLUMNS = [
-    ("region_caption/cider", "region caption CIDEr", 2), ("region_caption/exact_match", "region exact match", 3),
-    ("region_retrieval/R@1", "region→text R@1", 3), ("region_retrieval/text_to_region_R@1", "text→region R@1", 3),
-    ("retrieval/R@1", "image retrieval R@1", 3), ("caption/cider", "image caption CIDEr", 2),
-]  # fmt: skip
+    ("region_caption/cider", "region caption CIDEr", 2),
+    ("region_caption/exact_match", "region exact match", 3),
+    ("region_retrieval/R@1", "region→text R@1", 3),
+    ("region_retrieval/text_to_region_R@1", "text→region R@1", 3),
+    ("retrieval/R@1", "image retrieval R@1", 3),
+    ("caption/cider", "image caption CIDEr", 2),
+]
 
 
 LONG_MODELS = (("clip", "CLIP, 77 tokens"), ("mmgem77", "MM-GEM cut to 77 tokens"), ("mmgem", "MM-GEM"))
@@ -353,14 +388,19 @@ LONG_MODELS = (("clip", "CLIP, 77 tokens"), ("mmgem77", "MM-GEM cut to 77 tokens
 
 def long_table(table: dict[str, dict[str, Stat]], variants: Sequence[str]) -> str:
     """Claim 4: per variant and model, R@1 of the stage-1 model and R@1/R@5 after long fine-tuning."""
-    lines = ["| variant | model | stage 1 only: image→text R@1 | text→image R@1 | fine-tuned: image→text R@1 | "
-             "R@5 | text→image R@1 | R@5 | fine-tune s/step |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| variant | model | stage 1 only: image→text R@1 | text→image R@1 | fine-tuned: image→text R@1 | "
+        "R@5 | text→image R@1 | R@5 | fine-tune s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant in variants:
         for model, label in LONG_MODELS:
             zs, ft = f"long_{variant}_{model}_zs", f"long_{variant}_{model}"
             cells = [_get(table, zs, "image_to_text/R@1").format(), _get(table, zs, "text_to_image/R@1").format()]
-            cells += [_get(table, ft, k).format() for k in ("image_to_text/R@1", "image_to_text/R@5",
-                                                            "text_to_image/R@1", "text_to_image/R@5")]  # fmt: skip
+            cells += [
+                _get(table, ft, k).format()
+                for k in ("image_to_text/R@1", "image_to_text/R@5", "text_to_image/R@1", "text_to_image/R@5")
+            ]
             cells.append(_get(table, ft, "train/s_per_step").format(2))
             lines.append(f"| {variant} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -374,8 +414,15 @@ def long_plot(table: dict[str, dict[str, Stat]], variants: Sequence[str], path: 
         positions = np.arange(len(LONG_MODELS))
         for offset, suffix, name, hatch in ((-0.2, "_zs", "stage 1 only", "//"), (0.2, "", "fine-tuned", "")):
             stats = [_get(table, f"long_{variant}_{m}{suffix}", "retrieval/R@1") for m, _ in LONG_MODELS]
-            axis.bar(positions + offset, [s.mean if s.n else 0 for s in stats], 0.4, hatch=hatch, label=name,
-                     yerr=[s.std if s.n > 1 else 0 for s in stats], capsize=3)  # fmt: skip
+            axis.bar(
+                positions + offset,
+                [s.mean if s.n else 0 for s in stats],
+                0.4,
+                hatch=hatch,
+                label=name,
+                yerr=[s.std if s.n > 1 else 0 for s in stats],
+                capsize=3,
+            )
         axis.set_xticks(positions, [label for _, label in LONG_MODELS], fontsize=8)
         axis.set_ylabel("mean R@1 (both directions)")
         axis.set_title(f"Claim 4, {variant} variant ({split} split)", fontsize=10)
@@ -408,8 +455,13 @@ def write_report(report_dir: str | os.PathLike[str], context: dict[str, Any]) ->
     _scale_cider_bars(figures / "claim1_objectives.png", table, objectives, split)
     loss_plot(results, objectives, figures / "claim1_losses.png")
     pool_plot(table, grids, figures / "claim2_pool.png")
-    bar_plot(table, stages, [(k, h) for k, h, _ in STAGE_COLUMNS if "cider" not in k],
-             f"Claim 3: regions after stage 1 vs stage 2 ({split} split)", figures / "claim3_stages.png")  # fmt: skip
+    bar_plot(
+        table,
+        stages,
+        [(k, h) for k, h, _ in STAGE_COLUMNS if "cider" not in k],
+        f"Claim 3: regions after stage 1 vs stage 2 ({split} split)",
+        figures / "claim3_stages.png",
+    )
     long_plot(table, variants, figures / "claim4_long.png", split)
 
     v1, r1 = verdict_objectives(table)
@@ -418,24 +470,41 @@ def write_report(report_dir: str | os.PathLike[str], context: dict[str, Any]) ->
     v4, r4, per_variant = verdict_long(table, variants)
     verdicts = {"objectives": (v1, r1), "pool": (v2, r2), "stages": (v3, r3), "long": (v4, r4)}
 
-    keys = ("command", "budget", "jobs", "threads", "environment", "wall_s", "cpu_s", "load_before", "load_after",
-            "visibility", "task_log", "regenerated", "started", "split")  # fmt: skip
+    keys = (
+        "command",
+        "budget",
+        "jobs",
+        "threads",
+        "environment",
+        "wall_s",
+        "cpu_s",
+        "load_before",
+        "load_after",
+        "visibility",
+        "task_log",
+        "regenerated",
+        "started",
+        "split",
+    )
     summary = {key: context.get(key) for key in keys}
     summary["verdicts"] = {k: {"verdict": v, "reason": r} for k, (v, r) in verdicts.items()}
     summary["long_verdict_per_variant"] = per_variant
     summary["aggregate"] = {
-        arm: {k: {"mean": s.mean, "std": None if math.isnan(s.std) else s.std, "n": s.n, "values": s.values}
-              for k, s in stats.items()}
+        arm: {
+            k: {"mean": s.mean, "std": None if math.isnan(s.std) else s.std, "n": s.n, "values": s.values}
+            for k, s in stats.items()
+        }
         for arm, stats in table.items()
-    }  # fmt: skip
+    }
     _atomic_write(report_dir / "results.json", json.dumps(summary, indent=1, sort_keys=True, default=str) + "\n")
 
     text = _report_text(context, table, verdicts, per_variant, grids, grid, objectives, pool, stages, long_arms, budget)
     return _atomic_write(report_dir / "REPORT.md", text)
 
 
-def _scale_cider_bars(path: Path, table: dict[str, dict[str, Stat]], arms: Sequence[tuple[str, str]],
-                      split: str) -> None:  # fmt: skip
+def _scale_cider_bars(
+    path: Path, table: dict[str, dict[str, Stat]], arms: Sequence[tuple[str, str]], split: str
+) -> None:
     """Redraw the claim-1 plot with CIDEr divided by 10, so it shares the [0, 1] axis with the recalls."""
     scaled = {arm: dict(stats) for arm, stats in table.items()}
     for arm, _ in arms:
@@ -459,9 +528,19 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], verdicts: dict[str, tuple[str, str]],
-                 per_variant: dict[str, str], grids: Sequence[int], grid: int, objectives: Any, pool: Any,
-                 stages: Any, long_arms: Any, budget: dict[str, Any]) -> str:  # fmt: skip
+def _report_text(
+    context: dict[str, Any],
+    table: dict[str, dict[str, Stat]],
+    verdicts: dict[str, tuple[str, str]],
+    per_variant: dict[str, str],
+    grids: Sequence[int],
+    grid: int,
+    objectives: Any,
+    pool: Any,
+    stages: Any,
+    long_arms: Any,
+    budget: dict[str, Any],
+) -> str:
     env = context["environment"]
     spec = context["spec"]
     seeds = ", ".join(str(s) for s in budget["seeds"])
@@ -473,10 +552,12 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
     out: list[str] = []
     add = out.append
     add("# MM-GEM's claims in miniature\n")
-    add(f"Generated by `{context['command']}` ({budget['name']} budget) on {context['started']}. "
+    add(
+        f"Generated by `{context['command']}` ({budget['name']} budget) on {context['started']}. "
         f"{budget['note']} Everything below is measured on the project's synthetic shapes data with small models "
         "trained from scratch on CPU; it tests whether each claim of the paper shows up at this scale, not the "
-        "paper's numbers.\n")  # fmt: skip
+        "paper's numbers.\n"
+    )
     add("## Summary\n")
     add("| # | claim (paper) | test here | verdict |\n|---|---|---|---|")
     tests = {
@@ -490,45 +571,66 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
     for key, (number, claim) in CLAIMS.items():
         add(f"| {number} | {claim} | {tests[key]} | **{verdicts[key][0]}** |")
     add("")
-    add("Each verdict applies the rules in [Verdict rules](#verdict-rules), fixed before the runs; the numbers behind "
+    add(
+        "Each verdict applies the rules in [Verdict rules](#verdict-rules), fixed before the runs; the numbers behind "
         "it are in the claim's section. Tables show mean ± standard deviation over seeds "
-        f"({seeds}); every number is from the **{context.get('split', 'test')}** split.\n")  # fmt: skip
+        f"({seeds}); every number is from the **{context.get('split', 'test')}** split.\n"
+    )
 
     add("## How it was run\n")
     load = f"{context['load_before']} before, {context['load_after']} after" if context["load_before"] else "n/a"
-    add(f"- Command: `{context['command']}` (`make experiments` runs `python -m experiments.run`; `--quick` is the "
-        "10-minute variant).")  # fmt: skip
+    add(
+        f"- Command: `{context['command']}` (`make experiments` runs `python -m experiments.run`; `--quick` is the "
+        "10-minute variant)."
+    )
     if context.get("regenerated"):
         again = context["regenerated"]
-        add(f"- This report was regenerated from that run's saved results by `{again['command']}` on "
-            f"{again['started']}; the times below are the original run's.")  # fmt: skip
-    add(f"- Wall time: **{_minutes(context['wall_s'])}** for the whole run, {_minutes(context.get('cpu_s', 0))} of "
+        add(
+            f"- This report was regenerated from that run's saved results by `{again['command']}` on "
+            f"{again['started']}; the times below are the original run's."
+        )
+    add(
+        f"- Wall time: **{_minutes(context['wall_s'])}** for the whole run, {_minutes(context.get('cpu_s', 0))} of "
         f"CPU time (all threads; target: {budget['target_minutes']:.0f} "
         f"min on 2 quiet cores); {context['jobs']} task(s) at a time, {context['threads']} torch thread(s) "
-        "each.")  # fmt: skip
-    add(f"- Machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB RAM, {env['platform']}. "
+        "each."
+    )
+    add(
+        f"- Machine: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB RAM, {env['platform']}. "
         f"Load average (1, 5, 15 min): {load}. A load above the core count means other work shared the CPU: wall "
-        "times are then longer than on a quiet machine, which is why CPU times are reported as well.")  # fmt: skip
-    add(f"- Versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, accelerate "
+        "times are then longer than on a quiet machine, which is why CPU times are reported as well."
+    )
+    add(
+        f"- Versions: Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, accelerate "
         f"{env['accelerate']}, numpy {env['numpy']}; mmgem commit `{env['commit']}`"
-        f"{' with uncommitted changes' if env['dirty'] else ''}.")  # fmt: skip
+        f"{' with uncommitted changes' if env['dirty'] else ''}."
+    )
     tasks = context["task_log"]
     slow = sorted((t for t in tasks if not t["cached"]), key=lambda t: -t["seconds"])[:3]
     if slow:
-        add(f"- {len(tasks)} tasks; the longest: " + ", ".join(f"{t['task']} {t['seconds']:.0f} s" for t in slow)
-            + (f"; {sum(t['cached'] for t in tasks)} reused from an earlier run with the same settings."
-               if any(t["cached"] for t in tasks) else "."))  # fmt: skip
+        add(
+            f"- {len(tasks)} tasks; the longest: "
+            + ", ".join(f"{t['task']} {t['seconds']:.0f} s" for t in slow)
+            + (
+                f"; {sum(t['cached'] for t in tasks)} reused from an earlier run with the same settings."
+                if any(t["cached"] for t in tasks)
+                else "."
+            )
+        )
     add("")
 
     add("## Setup\n")
-    add(f"- **Data**: `mmgem.synthetic.generate_dataset` (seed {budget['data_seed']}): {budget['num_train']} "
+    add(
+        f"- **Data**: `mmgem.synthetic.generate_dataset` (seed {budget['data_seed']}): {budget['num_train']} "
         f"training, {budget['num_val']} validation and {budget['num_test']} test images of {budget['image_size']} px "
         f"with 1 to {budget['max_objects']} coloured shapes, no held-out colour-shape pairs (composition is not what "
         "these claims are about). All arms use the same files. Two copies differ only in the generic opening of the "
         "long descriptions (same images, captions and regions): `strict` (the dataset default, "
         f"`preamble_min_words={context.get('preambles', {}).get('strict', 85)}`) and `mild` "
-        f"(`preamble_min_words={context.get('preambles', {}).get('mild', 40)}`).")  # fmt: skip
-    add(f"- **MM-GEM**: {vision['model_type']} {vision['num_hidden_layers']} layers, hidden {vision['hidden_size']}, "
+        f"(`preamble_min_words={context.get('preambles', {}).get('mild', 40)}`)."
+    )
+    add(
+        f"- **MM-GEM**: {vision['model_type']} {vision['num_hidden_layers']} layers, hidden {vision['hidden_size']}, "
         f"{vision['image_size']} px, patch {vision['patch_size']} ({full}x{full} grid); Llama "
         f"{llm['num_hidden_layers']} layers, hidden {llm['hidden_size']}, {llm['num_attention_heads']} heads; "
         f"projection {spec['projection_dim']}, "
@@ -536,9 +638,15 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
         f"(`mmgem.build.train_tokenizer`, vocabulary {spec['vocab_size']}) trained on every training text "
         "(captions, region captions, both variants' long descriptions), shared by all arms and by CLIP"
         + (f"; {mmgem_params.mean / 1e6:.2f} M parameters" if mmgem_params.n else "")
-        + (". The demo preset's widths, image size and patch grid, with 2 layers per tower instead of 4, to fit the "
-           "time budget." if budget["preset"] == "demo" else f" (the `{budget['preset']}` preset)."))  # fmt: skip
-    add(f"- **Training**: `mmgem.training.train.train` (HF Trainer, `MMGEMCollator`), AdamW, peak learning rate "
+        + (
+            ". The demo preset's widths, image size and patch grid, with 2 layers per tower instead of 4, to fit the "
+            "time budget."
+            if budget["preset"] == "demo"
+            else f" (the `{budget['preset']}` preset)."
+        )
+    )
+    add(
+        f"- **Training**: `mmgem.training.train.train` (HF Trainer, `MMGEMCollator`), AdamW, peak learning rate "
         f"{budget['learning_rate']:g}, cosine schedule, {budget['warmup']:g} warm-up, weight decay "
         f"{budget['weight_decay']:g}, gradient clipping 1.0. Short-caption arms: {budget['steps']} steps of "
         f"{budget['batch_size']} images from scratch. Stage arms: {budget['extra_steps']} further steps at learning "
@@ -546,69 +654,89 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
         f"{budget['max_regions_per_image']} regions per image). Long-text arms: the stage-1 models (MM-GEM's joint "
         f"arm; a CLIP trained the same way) fine-tuned on the long descriptions for {budget['long_steps']} steps of "
         f"{budget['long_batch_size']} images at learning rate {budget['extra_learning_rate']:g}. The seed sets the "
-        "initialisation (set before the model is built) and the data order.")  # fmt: skip
-    add(f"- **Evaluation**: `mmgem.evaluation.evaluate.evaluate_model` on the {context.get('split', 'test')} split for "
+        "initialisation (set before the model is built) and the data order."
+    )
+    add(
+        f"- **Evaluation**: `mmgem.evaluation.evaluate.evaluate_model` on the {context.get('split', 'test')} split for "
         "every arm, the CLIP "
         "baseline included (through a processor adapter): retrieval R@k counts a retrieved caption as right when its "
         "text equals the query's (duplicated captions), zero-shot accuracy on single-object images, greedy captions "
         f"(up to {budget['max_new_tokens']} new tokens) scored with BLEU-4, CIDEr-D and exact match "
         "(`mmgem.evaluation.metrics`), region captioning and region retrieval on the test boxes. Generation time is "
         "the wall time of captioning the test images (vision tower, pooling and greedy decoding, batch "
-        f"{budget['eval_batch_size']}).")  # fmt: skip
-    add("- **Honesty**: the arms share data, budget, seeds, optimiser and evaluation code; no setting was chosen by "
-        "looking at test results (development runs used the validation split and the quick budget).\n")  # fmt: skip
+        f"{budget['eval_batch_size']})."
+    )
+    add(
+        "- **Honesty**: the arms share data, budget, seeds, optimiser and evaluation code; no setting was chosen by "
+        "looking at test results (development runs used the validation split and the quick budget).\n"
+    )
 
     # ------------------------------------------------------------------ claim 1
     add("## Claim 1: the two objectives do not significantly conflict\n")
-    add("Same architecture and budget; `contrastive_loss_weight` or `caption_loss_weight` set to 0 in the config. "
+    add(
+        "Same architecture and budget; `contrastive_loss_weight` or `caption_loss_weight` set to 0 in the config. "
         "A zero weight multiplies the loss term by 0, so that term gives exactly zero gradient (checked in "
         "`tests/test_experiments.py`), but it is still computed: the single-objective arms cost as much time as "
-        "the joint one, and their loss curves still log the unused term.\n")  # fmt: skip
+        "the joint one, and their loss curves still log the unused term.\n"
+    )
     add(metric_table(table, objectives, RETRIEVAL_COLUMNS) + "\n")
     add("![claim 1](figures/claim1_objectives.png)\n")
     add("![claim 1 losses](figures/claim1_losses.png)\n")
-    add(f"**Verdict: {verdicts['objectives'][0]}.** {verdicts['objectives'][1]} The caption-only model's retrieval "
+    add(
+        f"**Verdict: {verdicts['objectives'][0]}.** {verdicts['objectives'][1]} The caption-only model's retrieval "
         "and the embedding-only model's captions show what an untrained head gives (chance level), not a "
-        "comparison.\n")  # fmt: skip
+        "comparison.\n"
+    )
 
     # ------------------------------------------------------------------ claim 2
     add("## Claim 2: few pooled visual tokens keep captioning good\n")
-    add(f"Same joint training with `pool_grid_size` {', '.join(str(k) for k in grids)}: "
+    add(
+        f"Same joint training with `pool_grid_size` {', '.join(str(k) for k in grids)}: "
         f"{', '.join(str(k * k) for k in grids)} "
         f"visual tokens per image (the {full}x{full} grid is every patch, unpooled). The {grid}x{grid} row is the "
         "joint arm of claim 1. Times are wall clock (and process CPU) per training step and per generated "
-        "caption.\n")  # fmt: skip
+        "caption.\n"
+    )
     add(metric_table(table, pool, POOL_COLUMNS) + "\n")
     add("![claim 2](figures/claim2_pool.png)\n")
     add(f"**Verdict: {verdicts['pool'][0]}.** {verdicts['pool'][1]}\n")
 
     # ------------------------------------------------------------------ claim 3
     add("## Claim 3: stage-2 region data gives region captioning and retrieval\n")
-    add("Three models per seed: the joint stage-1 model (regions never seen), and two continuations of it for the "
+    add(
+        "Three models per seed: the joint stage-1 model (regions never seen), and two continuations of it for the "
         "same steps, one on image-caption pairs only (`stage 1 + more stage 1`, the equal-budget control) and one "
         "with regions added to both objectives (`stage 1 + stage 2`). Region captioning generates a caption from the "
         "RoIAlign tokens of each test box; region→text ranks the split's distinct region captions for each box, "
-        "text→region ranks all boxes for each distinct caption.\n")  # fmt: skip
+        "text→region ranks all boxes for each distinct caption.\n"
+    )
     add(metric_table(table, stages, STAGE_COLUMNS) + "\n")
     add("![claim 3](figures/claim3_stages.png)\n")
     add(f"**Verdict: {verdicts['stages'][0]}.** {verdicts['stages'][1]}\n")
 
     # ------------------------------------------------------------------ claim 4
     add("## Claim 4: long-text retrieval, MM-GEM vs a 77-token CLIP\n")
-    add("Every long description starts with generic sentences that no image can be told apart by, then lists each "
+    add(
+        "Every long description starts with generic sentences that no image can be told apart by, then lists each "
         "shape's form, size, colour and position, then the background. A text encoder that reads only the first 77 "
         "tokens sees the opening and at most the first details: **in the `strict` variant this is rigged by "
         "design** (the dataset default puts every detail after token 77), so the `mild` variant, with a shorter "
         "opening, is the fairer test. How much a 77-token encoder (75 text tokens between its start and end tokens) "
-        f"sees of the {context.get('split', 'test')} descriptions, with the run's tokenizer:\n")  # fmt: skip
-    add("| variant | tokens (median / max) | details start at token (median, range) | described objects "
-        "visible to CLIP | descriptions with no detail visible |\n|---|---|---|---|---|")  # fmt: skip
+        f"sees of the {context.get('split', 'test')} descriptions, with the run's tokenizer:\n"
+    )
+    add(
+        "| variant | tokens (median / max) | details start at token (median, range) | described objects "
+        "visible to CLIP | descriptions with no detail visible |\n|---|---|---|---|---|"
+    )
     for variant, v in context["visibility"].items():
-        add(f"| {variant} | {v['tokens_median']:.0f} / {v['tokens_max']:.0f} | {v['detail_start_median']:.0f} "
+        add(
+            f"| {variant} | {v['tokens_median']:.0f} / {v['tokens_max']:.0f} | {v['detail_start_median']:.0f} "
             f"({v['detail_start_min']:.0f}-{v['detail_start_max']:.0f}) | {100 * v['objects_visible']:.0f}% | "
-            f"{100 * v['captions_without_detail']:.0f}% |")  # fmt: skip
+            f"{100 * v['captions_without_detail']:.0f}% |"
+        )
     add("")
-    add("Three models per seed, each first trained on the short image-caption pairs with the same budget (stage 1), "
+    add(
+        "Three models per seed, each first trained on the short image-caption pairs with the same budget (stage 1), "
         "then fine-tuned on one variant's long descriptions with the same steps, batch, schedule and seed: "
         "transformers `CLIPModel` with the same vision tower config and a CLIP text transformer of the LLM's width, "
         "depth and heads (77 learned positions; texts cut to `<bos>` + 75 tokens + end token, as CLIP's tokenizer "
@@ -621,52 +749,81 @@ def _report_text(context: dict[str, Any], table: dict[str, dict[str, Stat]], ver
         "both objectives on the long descriptions (it learns to write them too), CLIP only the contrastive one, so "
         "an MM-GEM step costs more. `stage 1 only` is the stage-1 model evaluated on the long descriptions without "
         "fine-tuning. Retrieval ranks the split's long descriptions (all distinct); R@1 is shown both "
-        "ways.\n")  # fmt: skip
+        "ways.\n"
+    )
     add(long_table(table, list(context["visibility"])) + "\n")
     add("![claim 4](figures/claim4_long.png)\n")
-    add(f"**Verdict: {verdicts['long'][0]}.** {verdicts['long'][1]} Judged on the fine-tuned models; differences "
-        "are in absolute R@1 (mean of both directions); the paper's margin is read as 5 points.\n")  # fmt: skip
+    add(
+        f"**Verdict: {verdicts['long'][0]}.** {verdicts['long'][1]} Judged on the fine-tuned models; differences "
+        "are in absolute R@1 (mean of both directions); the paper's margin is read as 5 points.\n"
+    )
 
     # ------------------------------------------------------------------ rules, limitations, appendix
     add("## Verdict rules\n")
-    add(f"- A difference between two arms counts when it exceeds both twice its standard error over seeds (Welch: "
+    add(
+        f"- A difference between two arms counts when it exceeds both twice its standard error over seeds (Welch: "
         f"sqrt(sd_a²/n_a + sd_b²/n_b)) and {MIN_RELATIVE:.0%} of the reference arm's mean. With one seed nothing "
-        "counts and every verdict is unclear.")  # fmt: skip
-    add(f"- Claim 1 held: the joint arm is not worse, by a counting difference, than the embedding-only arm on "
+        "counts and every verdict is unclear."
+    )
+    add(
+        f"- Claim 1 held: the joint arm is not worse, by a counting difference, than the embedding-only arm on "
         f"retrieval R@1 (mean of both directions) nor than the caption-only arm on caption CIDEr; unclear if a "
-        f"reference arm did not learn its task (R@1 < {LEARNED_FLOOR}, CIDEr < {LEARNED_CIDER}).")  # fmt: skip
+        f"reference arm did not learn its task (R@1 < {LEARNED_FLOOR}, CIDEr < {LEARNED_CIDER})."
+    )
     others = " and ".join(f"{k}x{k}" for k in grids[:-1] if k != grid)
-    add(f"- Claim 2 held: the {grid}x{grid} grid's caption CIDEr is not worse, by a counting difference, than the "
-        f"full grid's. The {others} grids are reported, not judged.")  # fmt: skip
-    add("- Claim 3 held: stage 2 beats the equal-budget stage-1 continuation by a counting difference on both region "
-        "caption CIDEr and region R@1 (mean of both directions).")  # fmt: skip
-    add(f"- Claim 4, per variant: held when MM-GEM's mean R@1 minus CLIP's exceeds {LONG_MARGIN:.2f} and twice its "
+    add(
+        f"- Claim 2 held: the {grid}x{grid} grid's caption CIDEr is not worse, by a counting difference, than the "
+        f"full grid's. The {others} grids are reported, not judged."
+    )
+    add(
+        "- Claim 3 held: stage 2 beats the equal-budget stage-1 continuation by a counting difference on both region "
+        "caption CIDEr and region R@1 (mean of both directions)."
+    )
+    add(
+        f"- Claim 4, per variant: held when MM-GEM's mean R@1 minus CLIP's exceeds {LONG_MARGIN:.2f} and twice its "
         f"standard error is below the difference; did not hold when even the difference plus twice its standard "
         f"error stays below {LONG_MARGIN:.2f}; unclear otherwise. Overall: the common verdict of both variants, or "
-        "unclear when they differ (the per-variant verdicts are in the summary).\n")  # fmt: skip
+        "unclear when they differ (the per-variant verdicts are in the summary).\n"
+    )
     add("## Limitations\n")
-    add("- Synthetic scenes with a vocabulary of a few dozen words and small models trained for minutes: each result "
+    add(
+        "- Synthetic scenes with a vocabulary of a few dozen words and small models trained for minutes: each result "
         "says whether the mechanism shows up at this scale, not how large it is at the paper's scale (ViT-L, "
-        "TinyLlama, web data).")  # fmt: skip
-    add(f"- {len(budget['seeds'])} seed(s) per arm: standard errors are rough; a verdict near a threshold can flip "
+        "TinyLlama, web data)."
+    )
+    add(
+        f"- {len(budget['seeds'])} seed(s) per arm: standard errors are rough; a verdict near a threshold can flip "
         "with more seeds. The data are the same for every seed (only initialisation and data order "
-        "change).")  # fmt: skip
-    add("- Budgets are equal in steps and images, not in compute: zero-weighted losses are still computed, "
+        "change)."
+    )
+    add(
+        "- Budgets are equal in steps and images, not in compute: zero-weighted losses are still computed, "
         "MM-GEM steps on long texts cost more than CLIP steps, and larger pool grids cost more per step (that cost "
-        "is the point of claim 2).")  # fmt: skip
-    add("- The CLIP baseline differs from MM-GEM in more than the text encoder's length: it pools the CLS token "
+        "is the point of claim 2)."
+    )
+    add(
+        "- The CLIP baseline differs from MM-GEM in more than the text encoder's length: it pools the CLS token "
         "(MM-GEM: the patch mean), uses linear projections (MM-GEM: 2-layer MLPs), a text transformer with learned "
         "absolute "
         "positions, and averages the two contrastive directions (MM-GEM sums them, which "
-        "only rescales the gradient for AdamW). The 77-token MM-GEM arm isolates the length limit.")  # fmt: skip
-    add("- Timings come from one shared machine (see the load averages) and are indicative only; compare arms "
-        "within this report, not with other machines.\n")  # fmt: skip
+        "only rescales the gradient for AdamW). The 77-token MM-GEM arm isolates the length limit."
+    )
+    add(
+        "- Timings come from one shared machine (see the load averages) and are indicative only; compare arms "
+        "within this report, not with other machines.\n"
+    )
     add("## Appendix: every seed\n")
-    headline = [("retrieval/R@1", "retrieval R@1"), ("caption/cider", "caption CIDEr"),
-                ("region_caption/cider", "region CIDEr"), ("region_retrieval/mean_R@1", "region R@1"),
-                ("train/s_per_step", "train s/step")]  # fmt: skip
+    headline = [
+        ("retrieval/R@1", "retrieval R@1"),
+        ("caption/cider", "caption CIDEr"),
+        ("region_caption/cider", "region CIDEr"),
+        ("region_retrieval/mean_R@1", "region R@1"),
+        ("train/s_per_step", "train s/step"),
+    ]
     long_all = _labels(context, "long_zero_shot") + long_arms
     add(per_seed_table(context["results"], [*objectives, *pool, *stages, *long_all], headline) + "\n")
-    add("Raw numbers: [results.json](results.json) (every metric, per seed, plus the verdicts and the run's "
-        "settings).\n")  # fmt: skip
+    add(
+        "Raw numbers: [results.json](results.json) (every metric, per seed, plus the verdicts and the run's "
+        "settings).\n"
+    )
     return "\n".join(out)

@@ -40,22 +40,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default=None, help="full (default), quick or micro")
     parser.add_argument("--output-dir", help="work folder: data, results (default experiments/runs/<budget>)")
     parser.add_argument(
-        "--report-dir", help="where REPORT.md, results.json and figures/ go (default: experiments/ for the full "
+        "--report-dir",
+        help="where REPORT.md, results.json and figures/ go (default: experiments/ for the full "
         "budget, else the output dir)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--split", choices=("test", "val"), default="test",
+        "--split",
+        choices=("test", "val"),
+        default="test",
         help="evaluation split (development runs use val; the report's numbers come from test)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--jobs", type=int, default=2, help="tasks run in parallel worker processes (1: one after another in this "
+        "--jobs",
+        type=int,
+        default=2,
+        help="tasks run in parallel worker processes (1: one after another in this "
         "process); small models use two cores better as two single-threaded tasks than as one two-threaded task",
-    )  # fmt: skip
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per task (default cores / jobs)")
     parser.add_argument(
-        "--only-objectives", action="store_true", help="claim 1 alone: the joint, embedding-only and caption-only "
+        "--only-objectives",
+        action="store_true",
+        help="claim 1 alone: the joint, embedding-only and caption-only "
         "stage-1 arms, a table and objectives.json in the output dir (REPORT.md is not rewritten)",
-    )  # fmt: skip
+    )
     parser.add_argument("--steps-scale", type=int, default=1, help="with --only-objectives: stage-1 steps x N")
     parser.add_argument("--seeds", type=int, nargs="+", help="with --only-objectives: these seeds (default all)")
     parser.add_argument("--fresh", action="store_true", help="retrain everything instead of reusing results")
@@ -98,8 +106,9 @@ def environment() -> dict[str, Any]:
 
     def git(*command: str) -> str:
         try:
-            return subprocess.run(["git", *command], cwd=PACKAGE_DIR, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()  # fmt: skip
+            return subprocess.run(
+                ["git", *command], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -110,11 +119,18 @@ def environment() -> dict[str, Any]:
     except ImportError:
         accelerate_version = "n/a"
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "accelerate": accelerate_version, "numpy": numpy.__version__, "commit": git("rev-parse", "--short", "HEAD"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate_version,
+        "numpy": numpy.__version__,
+        "commit": git("rev-parse", "--short", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    }  # fmt: skip
+    }
 
 
 def children_cpu_seconds() -> float:
@@ -139,9 +155,17 @@ def load_average() -> list[float]:
 Results = dict[str, dict[int, dict[str, Any]]]
 
 
-def run_tasks(budget: Any, output: Path, datasets: dict[str, Path], jobs: int, threads: int, fresh: bool,
-              progress: bool, split: str, tasks: list[Task] | None = None,
-              ) -> tuple[Results, list[dict[str, Any]]]:  # fmt: skip
+def run_tasks(
+    budget: Any,
+    output: Path,
+    datasets: dict[str, Path],
+    jobs: int,
+    threads: int,
+    fresh: bool,
+    progress: bool,
+    split: str,
+    tasks: list[Task] | None = None,
+) -> tuple[Results, list[dict[str, Any]]]:
     """Run every task of the budget (or `tasks`); returns `{arm: {seed: result}}` and a log of task durations."""
     runner = TaskRunner(budget, output, datasets, threads, progress, split)
     tasks = tasks if tasks is not None else tasks_for(budget, runner.spec)
@@ -182,8 +206,11 @@ def run_tasks(budget: Any, output: Path, datasets: dict[str, Path], jobs: int, t
     return results, log
 
 
-OBJECTIVE_ARMS = {"joint": {}, "embedding_only": {"caption_loss_weight": 0.0},
-                  "caption_only": {"contrastive_loss_weight": 0.0}}  # fmt: skip
+OBJECTIVE_ARMS = {
+    "joint": {},
+    "embedding_only": {"caption_loss_weight": 0.0},
+    "caption_only": {"contrastive_loss_weight": 0.0},
+}
 
 
 def _objective_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -196,24 +223,34 @@ def _objective_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 def run_objectives(args: argparse.Namespace, budget: Any, threads: int) -> int:
     """Claim 1 alone: the three stage-1 arms (joint as a plain stage-1 task: no continuations or long fine-tunes)."""
     seeds = tuple(args.seeds or budget.seeds)
-    budget = dataclasses.replace(budget, steps=budget.steps * args.steps_scale, seeds=seeds,
-                                 name=f"{budget.name}_objectives_x{args.steps_scale}")  # fmt: skip
+    budget = dataclasses.replace(
+        budget, steps=budget.steps * args.steps_scale, seeds=seeds, name=f"{budget.name}_objectives_x{args.steps_scale}"
+    )
     output = Path(args.output_dir or PACKAGE_DIR / "runs" / budget.name).resolve()
     print(f"Claim 1 only: {budget.steps} stage-1 steps, seeds {list(seeds)}\nOutput: {output}", flush=True)
     began, cpu_began = time.perf_counter(), time.process_time() + children_cpu_seconds()
     datasets = prepare_datasets(budget, output / "data", progress=not args.no_progress)
     tasks = [Task("single", arm, seed, overrides) for seed in seeds for arm, overrides in OBJECTIVE_ARMS.items()]
-    results, _ = run_tasks(budget, output, datasets, args.jobs, threads, args.fresh, not args.no_progress,
-                           args.split, tasks)  # fmt: skip
+    results, _ = run_tasks(
+        budget, output, datasets, args.jobs, threads, args.fresh, not args.no_progress, args.split, tasks
+    )
     table = {
-        arm: {seed: {**_objective_metrics(r["metrics"]), "train_cpu_s": r["train"]["train_cpu_s"]}
-              for seed, r in sorted(per_seed.items())}
+        arm: {
+            seed: {**_objective_metrics(r["metrics"]), "train_cpu_s": r["train"]["train_cpu_s"]}
+            for seed, r in sorted(per_seed.items())
+        }
         for arm, per_seed in results.items()
-    }  # fmt: skip
+    }
     cpu_s = time.process_time() + children_cpu_seconds() - cpu_began
-    summary = {"command": "python -m experiments.run " + " ".join(sys.argv[1:]), "budget": budget.as_dict(),
-               "split": args.split, "results": table, "wall_s": time.perf_counter() - began, "cpu_s": cpu_s,
-               "load_after": load_average()}  # fmt: skip
+    summary = {
+        "command": "python -m experiments.run " + " ".join(sys.argv[1:]),
+        "budget": budget.as_dict(),
+        "split": args.split,
+        "results": table,
+        "wall_s": time.perf_counter() - began,
+        "cpu_s": cpu_s,
+        "load_after": load_average(),
+    }
     (output / "objectives.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(table, indent=1))
     print(f"Wrote {output / 'objectives.json'} ({summary['cpu_s']:.0f} CPU s, {summary['wall_s'] / 60:.1f} min)")
@@ -232,15 +269,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m experiments.run " + " ".join(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    context: dict[str, Any] = {"command": command.strip(), "budget": budget.as_dict(), "jobs": args.jobs,
-                               "threads": threads, "load_before": load_average(), "environment": environment(),
-                               "split": args.split, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
+    context: dict[str, Any] = {
+        "command": command.strip(),
+        "budget": budget.as_dict(),
+        "jobs": args.jobs,
+        "threads": threads,
+        "load_before": load_average(),
+        "environment": environment(),
+        "split": args.split,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     print(f"Experiments, {budget.name} budget: {budget.note}\nOutput: {output}\nReport: {report_dir}", flush=True)
     began, cpu_began = time.perf_counter(), time.process_time() + children_cpu_seconds()
     datasets = prepare_datasets(budget, output / "data", progress=not args.no_progress)
-    results, log = run_tasks(
-        budget, output, datasets, args.jobs, threads, args.fresh, not args.no_progress, args.split
-    )
+    results, log = run_tasks(budget, output, datasets, args.jobs, threads, args.fresh, not args.no_progress, args.split)
     spec = experiment_architecture(budget.preset, budget.vocab_size)
     texts = TaskRunner(budget, output, datasets, threads).training_texts()
     context["visibility"] = {
@@ -248,10 +290,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for variant in LONG_VARIANTS
     }
     context.update(
-        results=results, task_log=log, wall_s=time.perf_counter() - began, load_after=load_average(),
-        cpu_s=time.process_time() + children_cpu_seconds() - cpu_began, spec=spec,
-        arms=[a.__dict__ for a in arms_for(spec)], preambles=dict(LONG_VARIANTS),
-    )  # fmt: skip
+        results=results,
+        task_log=log,
+        wall_s=time.perf_counter() - began,
+        load_after=load_average(),
+        cpu_s=time.process_time() + children_cpu_seconds() - cpu_began,
+        spec=spec,
+        arms=[a.__dict__ for a in arms_for(spec)],
+        preambles=dict(LONG_VARIANTS),
+    )
     if any(not entry["cached"] for entry in log) or not log:
         _write_run_info(output / "run_info.json", context)
     else:
@@ -261,8 +308,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-RUN_KEYS = ("command", "jobs", "threads", "load_before", "load_after", "environment", "started", "wall_s", "cpu_s",
-            "task_log", "budget", "split")  # fmt: skip
+RUN_KEYS = (
+    "command",
+    "jobs",
+    "threads",
+    "load_before",
+    "load_after",
+    "environment",
+    "started",
+    "wall_s",
+    "cpu_s",
+    "task_log",
+    "budget",
+    "split",
+)
 
 
 def _write_run_info(path: Path, context: dict[str, Any]) -> None:

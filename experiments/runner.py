@@ -46,10 +46,17 @@ def prepare_datasets(budget: Budget, folder: Path, progress: bool = True) -> dic
     roots = {}
     for variant, preamble in LONG_VARIANTS.items():
         roots[variant] = ensure_dataset(
-            folder / variant, progress=progress, num_train=budget.num_train, num_val=budget.num_val,
-            num_test=budget.num_test, image_size=budget.image_size, seed=budget.data_seed,
-            max_objects=budget.max_objects, num_heldout_pairs=0, preamble_min_words=preamble,
-        )["root"]  # fmt: skip
+            folder / variant,
+            progress=progress,
+            num_train=budget.num_train,
+            num_val=budget.num_val,
+            num_test=budget.num_test,
+            image_size=budget.image_size,
+            seed=budget.data_seed,
+            max_objects=budget.max_objects,
+            num_heldout_pairs=0,
+            preamble_min_words=preamble,
+        )["root"]
     return roots
 
 
@@ -79,15 +86,28 @@ def fingerprint(*parts: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- options
-def training_options(budget: Budget, seed: int, steps: int, batch_size: int, learning_rate: float,
-                     threads: int) -> dict[str, Any]:  # fmt: skip
+def training_options(
+    budget: Budget, seed: int, steps: int, batch_size: int, learning_rate: float, threads: int
+) -> dict[str, Any]:
     """The `TrainingArguments` values every arm gets (MM-GEM through `train`, CLIP through the Trainer)."""
     return dict(
-        max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=budget.warmup, weight_decay=budget.weight_decay, max_grad_norm=1.0,
-        seed=seed, data_seed=seed, save_strategy="no", logging_steps=max(1, steps // 10), logging_first_step=True,
-        report_to="none", dataloader_num_workers=0, disable_tqdm=True, use_cpu=True,
-    )  # fmt: skip
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=budget.warmup,
+        weight_decay=budget.weight_decay,
+        max_grad_norm=1.0,
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        logging_steps=max(1, steps // 10),
+        logging_first_step=True,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -107,17 +127,28 @@ def _loss_summary(log_history: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------- runner
 def _cost(clock: Stopwatch, steps: int, batch_size: int, metrics: dict[str, Any], model: Any, **extra: Any):
     return {
-        "train_wall_s": clock.wall, "train_cpu_s": clock.cpu, "steps": steps, "batch_size": batch_size,
-        "trainer_runtime_s": metrics.get("train_runtime"), "parameters": sum(p.numel() for p in model.parameters()),
+        "train_wall_s": clock.wall,
+        "train_cpu_s": clock.cpu,
+        "steps": steps,
+        "batch_size": batch_size,
+        "trainer_runtime_s": metrics.get("train_runtime"),
+        "parameters": sum(p.numel() for p in model.parameters()),
         **extra,
-    }  # fmt: skip
+    }
 
 
 class TaskRunner:
     """Runs tasks of one budget; results go to `output/results/<split>/<arm>/seed<k>.json`."""
 
-    def __init__(self, budget: Budget, output: Path, datasets: dict[str, Path], threads: int, progress: bool = False,
-                 split: str = "test"):  # fmt: skip
+    def __init__(
+        self,
+        budget: Budget,
+        output: Path,
+        datasets: dict[str, Path],
+        threads: int,
+        progress: bool = False,
+        split: str = "test",
+    ):
         if split not in ("val", "test"):
             raise ValueError(f"`split` must be 'val' or 'test'; got {split!r}.")
         self.split = split
@@ -172,8 +203,13 @@ class TaskRunner:
         work.mkdir(parents=True)
         method = {"core": self._core, "single": self._single, "clip": self._clip}[task.kind]
         results = json.loads(json.dumps(method(task, work)))  # independent copies of shared records
-        base = {"fingerprint": self.task_fingerprint(task), "seed": task.seed, "task": asdict(task),
-                "threads": self.threads, "split": self.split}  # fmt: skip
+        base = {
+            "fingerprint": self.task_fingerprint(task),
+            "seed": task.seed,
+            "task": asdict(task),
+            "threads": self.threads,
+            "split": self.split,
+        }
         for arm, result in results.items():
             result.update(base, arm=arm)
             _write_json(self.result_path(arm, task.seed), result)
@@ -209,16 +245,33 @@ class TaskRunner:
         processor.save_pretrained(folder)
         return folder
 
-    def _train(self, task: Task, start: Path, output: Path, data: Path, *, stage: int = 1, steps: int,
-               batch_size: int, learning_rate: float, long: bool = False) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    def _train(
+        self,
+        task: Task,
+        start: Path,
+        output: Path,
+        data: Path,
+        *,
+        stage: int = 1,
+        steps: int,
+        batch_size: int,
+        learning_rate: float,
+        long: bool = False,
+    ) -> tuple[Any, dict[str, Any]]:
         """One `mmgem.training.train.train` call from a model folder; returns the result and its cost."""
         options = training_options(self.budget, task.seed, steps, batch_size, learning_rate, self.threads)
         extra = {"max_regions_per_image": self.budget.max_regions_per_image} if stage == 2 else {}
         with Stopwatch() as clock:
             result = train(
-                model=str(start), data=str(data / "train.jsonl"), output_dir=str(output), stage=stage,
-                use_long_caption=long, torch_threads=self.threads, **extra, **options,
-            )  # fmt: skip
+                model=str(start),
+                data=str(data / "train.jsonl"),
+                output_dir=str(output),
+                stage=stage,
+                use_long_caption=long,
+                torch_threads=self.threads,
+                **extra,
+                **options,
+            )
         cost = _cost(clock, steps, batch_size, result.metrics, result.model, stage=stage)
         return result, {"train": cost, "losses": _loss_summary(result.log_history)}
 
@@ -226,8 +279,15 @@ class TaskRunner:
         """Stage 1 from scratch on the image-caption pairs."""
         b = self.budget
         start = self._initial_model(task, overrides, work / "init")
-        return self._train(task, start, work / "stage1", self.datasets["strict"], steps=b.steps,
-                           batch_size=b.batch_size, learning_rate=b.learning_rate)  # fmt: skip
+        return self._train(
+            task,
+            start,
+            work / "stage1",
+            self.datasets["strict"],
+            steps=b.steps,
+            batch_size=b.batch_size,
+            learning_rate=b.learning_rate,
+        )
 
     def _evaluate_short(self, model: Any, processor: Any, regions: bool) -> dict[str, Any]:
         """Split metrics with `evaluate_model`; captioning is timed on its own (generation cost)."""
@@ -236,9 +296,13 @@ class TaskRunner:
         records = load_records(data / f"{self.split}.jsonl")
         templates, reduction = templates_for(labels)
         common = dict(
-            classes=labels["classes"], templates=templates, template_reduction=reduction,
-            batch_size=self.budget.eval_batch_size, max_new_tokens=self.budget.max_new_tokens, progress=self.progress,
-        )  # fmt: skip
+            classes=labels["classes"],
+            templates=templates,
+            template_reduction=reduction,
+            batch_size=self.budget.eval_batch_size,
+            max_new_tokens=self.budget.max_new_tokens,
+            progress=self.progress,
+        )
         with Stopwatch() as clock:
             metrics = dict(evaluate_model(model, processor, records, tasks=SHORT_TASKS, **common).metrics)
         with Stopwatch() as generation:
@@ -253,19 +317,28 @@ class TaskRunner:
         return {
             "metrics": metrics,
             "examples": examples,
-            "generation": {"wall_s": generation.wall, "cpu_s": generation.cpu, "images": n,
-                           "ms_per_image": 1000 * generation.wall / n, "cpu_ms_per_image": 1000 * generation.cpu / n},
+            "generation": {
+                "wall_s": generation.wall,
+                "cpu_s": generation.cpu,
+                "images": n,
+                "ms_per_image": 1000 * generation.wall / n,
+                "cpu_ms_per_image": 1000 * generation.cpu / n,
+            },
             "eval_wall_s": clock.wall + generation.wall,
-        }  # fmt: skip
+        }
 
     def _evaluate_long(self, model: Any, processor: Any, variant: str) -> dict[str, Any]:
         """Retrieval between the split's images and their long descriptions (`evaluate_model`, all arms)."""
         records = long_caption_records(load_records(self.datasets[variant] / f"{self.split}.jsonl"))
         with Stopwatch() as clock:
             result = evaluate_model(
-                model, processor, records, tasks=("retrieval",), batch_size=self.budget.eval_batch_size,
+                model,
+                processor,
+                records,
+                tasks=("retrieval",),
+                batch_size=self.budget.eval_batch_size,
                 progress=self.progress,
-            )  # fmt: skip
+            )
         return {"metrics": dict(result.metrics), "eval_wall_s": clock.wall}
 
     # ------------------------------------------------------------------ task kinds
@@ -282,9 +355,15 @@ class TaskRunner:
         results = {"joint": joint, f"pool_{default_grid(self.spec)}": joint, "stage1": joint}
         for arm, stage in (("stage1_more", 1), ("stage2", 2)):
             continued, record = self._train(
-                task, work / "stage1", work / arm, self.datasets["strict"], stage=stage, steps=b.extra_steps,
-                batch_size=b.batch_size, learning_rate=b.extra_learning_rate,
-            )  # fmt: skip
+                task,
+                work / "stage1",
+                work / arm,
+                self.datasets["strict"],
+                stage=stage,
+                steps=b.extra_steps,
+                batch_size=b.batch_size,
+                learning_rate=b.extra_learning_rate,
+            )
             record.update(self._evaluate_short(continued.model, continued.processor, regions=True))
             results[arm] = record
         results.update(self._long_mmgem(task, work, stage1, joint["train"]))
@@ -309,15 +388,23 @@ class TaskRunner:
             for name, length in (("mmgem", processor.max_length), ("mmgem77", CLIP_CONTEXT)):
                 saved, processor.max_length = processor.max_length, length
                 try:
-                    results[f"long_{variant}_{name}_zs"] = {"train": dict(stage1_cost),
-                                                            **self._evaluate_long(stage1.model, processor, variant)}
+                    results[f"long_{variant}_{name}_zs"] = {
+                        "train": dict(stage1_cost),
+                        **self._evaluate_long(stage1.model, processor, variant),
+                    }
                 finally:
-                    processor.max_length = saved  # fmt: skip
+                    processor.max_length = saved
             for name, start in (("mmgem", work / "stage1"), ("mmgem77", cut)):
                 tuned, record = self._train(
-                    task, start, work / f"long_{variant}_{name}", self.datasets[variant], steps=b.long_steps,
-                    batch_size=b.long_batch_size, learning_rate=b.extra_learning_rate, long=True,
-                )  # fmt: skip
+                    task,
+                    start,
+                    work / f"long_{variant}_{name}",
+                    self.datasets[variant],
+                    steps=b.long_steps,
+                    batch_size=b.long_batch_size,
+                    learning_rate=b.extra_learning_rate,
+                    long=True,
+                )
                 record["stage1_train"] = stage1_cost
                 record.update(self._evaluate_long(tuned.model, tuned.processor, variant))
                 results[f"long_{variant}_{name}"] = record
@@ -339,19 +426,23 @@ class TaskRunner:
         stage1_cost = _cost(clock, b.steps, b.batch_size, metrics, model, stage=1)
         results = {}
         for variant in LONG_VARIANTS:
-            results[f"long_{variant}_clip_zs"] = {"train": dict(stage1_cost),
-                                                  **self._evaluate_long(model, processor, variant)}  # fmt: skip
+            results[f"long_{variant}_clip_zs"] = {
+                "train": dict(stage1_cost),
+                **self._evaluate_long(model, processor, variant),
+            }
             tuned = copy.deepcopy(model)
             records = load_records(self.datasets[variant] / "train.jsonl")
             long = ImageCaptionDataset(records, use_long_caption=True, with_regions=False)
-            options = training_options(b, task.seed, b.long_steps, b.long_batch_size, b.extra_learning_rate,
-                                       self.threads)  # fmt: skip
+            options = training_options(
+                b, task.seed, b.long_steps, b.long_batch_size, b.extra_learning_rate, self.threads
+            )
             with Stopwatch() as clock:
                 metrics = train_clip(tuned, processor, long, work / f"long_{variant}", options)
             results[f"long_{variant}_clip"] = {
                 "train": _cost(clock, b.long_steps, b.long_batch_size, metrics, tuned, stage=1),
-                "stage1_train": stage1_cost, **self._evaluate_long(tuned, processor, variant),
-            }  # fmt: skip
+                "stage1_train": stage1_cost,
+                **self._evaluate_long(tuned, processor, variant),
+            }
         return results
 
 
@@ -370,8 +461,9 @@ def _token_at(ends: Sequence[int], char: int) -> int:
     return next((i for i, end in enumerate(ends) if end > char), len(ends))
 
 
-def long_caption_visibility(root: Path, texts: Sequence[str], vocab_size: int, limit: int,
-                            split: str = "test") -> dict[str, float]:  # fmt: skip
+def long_caption_visibility(
+    root: Path, texts: Sequence[str], vocab_size: int, limit: int, split: str = "test"
+) -> dict[str, float]:
     """How much of the test split's long descriptions a text encoder cut at `limit` text tokens sees.
 
     The tokenizer is the run's own (trained on `texts`, every training text). Per description: the token

@@ -72,22 +72,56 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "full": Budget(
-        name="full", preset="demo", seeds=(0, 1, 2), num_train=2000, num_val=100, num_test=200, image_size=64,
-        steps=200, extra_steps=100, long_steps=150, batch_size=64, long_batch_size=32, target_minutes=45.0,
+        name="full",
+        preset="demo",
+        seeds=(0, 1, 2),
+        num_train=2000,
+        num_val=100,
+        num_test=200,
+        image_size=64,
+        steps=200,
+        extra_steps=100,
+        long_steps=150,
+        batch_size=64,
+        long_batch_size=32,
+        target_minutes=45.0,
         note="`make experiments`: three seeds of every arm.",
     ),
     "quick": Budget(
-        name="quick", preset="demo", seeds=(0,), num_train=1000, num_val=50, num_test=100, image_size=64,
-        steps=100, extra_steps=50, long_steps=75, batch_size=64, long_batch_size=32, target_minutes=10.0,
+        name="quick",
+        preset="demo",
+        seeds=(0,),
+        num_train=1000,
+        num_val=50,
+        num_test=100,
+        image_size=64,
+        steps=100,
+        extra_steps=50,
+        long_steps=75,
+        batch_size=64,
+        long_batch_size=32,
+        target_minutes=10.0,
         note="`--quick`: one seed, half the steps; a smoke run of the whole pipeline, too short for conclusions.",
     ),
     "micro": Budget(
-        name="micro", preset="tiny", seeds=(0,), num_train=24, num_val=8, num_test=12, image_size=32,
-        steps=2, extra_steps=2, long_steps=2, batch_size=8, long_batch_size=8, vocab_size=400,
-        max_new_tokens=4, target_minutes=1.0,
+        name="micro",
+        preset="tiny",
+        seeds=(0,),
+        num_train=24,
+        num_val=8,
+        num_test=12,
+        image_size=32,
+        steps=2,
+        extra_steps=2,
+        long_steps=2,
+        batch_size=8,
+        long_batch_size=8,
+        vocab_size=400,
+        max_new_tokens=4,
+        target_minutes=1.0,
         note="`--budget micro`: the test suite's check of the harness; the numbers mean nothing.",
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------------------- arms
@@ -130,11 +164,23 @@ def arms_for(spec: dict[str, Any]) -> list[Arm]:
     ]
     for variant in LONG_VARIANTS:
         for model, name in (("clip", "CLIP, 77 tokens"), ("mmgem77", "MM-GEM cut to 77 tokens"), ("mmgem", "MM-GEM")):
-            arms.append(Arm(f"long_{variant}_{model}_zs", "long_zero_shot", f"{name} ({variant}, stage 1 only)",
-                            "the stage-1 model, no long descriptions seen"))  # fmt: skip
+            arms.append(
+                Arm(
+                    f"long_{variant}_{model}_zs",
+                    "long_zero_shot",
+                    f"{name} ({variant}, stage 1 only)",
+                    "the stage-1 model, no long descriptions seen",
+                )
+            )
         for model, name in (("clip", "CLIP, 77 tokens"), ("mmgem77", "MM-GEM cut to 77 tokens"), ("mmgem", "MM-GEM")):
-            arms.append(Arm(f"long_{variant}_{model}", "long", f"{name} ({variant})",
-                            "the stage-1 model fine-tuned on the long descriptions"))  # fmt: skip
+            arms.append(
+                Arm(
+                    f"long_{variant}_{model}",
+                    "long",
+                    f"{name} ({variant})",
+                    "the stage-1 model fine-tuned on the long descriptions",
+                )
+            )
     return arms
 
 

@@ -89,19 +89,35 @@ class DemoConfig:
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
-QUICK = dict(num_train=24, num_val=8, num_test=12, image_size=32, preset="tiny", batch_size=8, stage1_steps=2,
-             stage2_steps=2, max_new_tokens=6, threads=1)  # fmt: skip
+QUICK = dict(
+    num_train=24,
+    num_val=8,
+    num_test=12,
+    image_size=32,
+    preset="tiny",
+    batch_size=8,
+    stage1_steps=2,
+    stage2_steps=2,
+    max_new_tokens=6,
+    threads=1,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------- steps
 def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
     """Generate the dataset, or reuse `folder` when it was generated with the same settings."""
     return ensure_dataset(
-        folder, num_train=config.num_train, num_val=config.num_val, num_test=config.num_test,
-        image_size=config.image_size, seed=config.data_seed, max_objects=config.max_objects,
-        num_heldout_pairs=config.num_heldout_pairs, single_object_fraction=config.single_object_fraction,
+        folder,
+        num_train=config.num_train,
+        num_val=config.num_val,
+        num_test=config.num_test,
+        image_size=config.image_size,
+        seed=config.data_seed,
+        max_objects=config.max_objects,
+        num_heldout_pairs=config.num_heldout_pairs,
+        single_object_fraction=config.single_object_fraction,
         size_fractions=config.size_fractions,
-    )  # fmt: skip
+    )
 
 
 def train_stages(
@@ -110,11 +126,16 @@ def train_stages(
     """Stage 1 from scratch, then stage 2 from stage 1; returns the final model, processor and both logs.
     With `curve`, the model is also evaluated during both stages."""
     common = dict(
-        data=str(data), warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay, save_strategy="no", torch_threads=config.threads, seed=config.seed,
-        logging_steps=5, dataloader_num_workers=0,
+        data=str(data),
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        save_strategy="no",
+        torch_threads=config.threads,
+        seed=config.seed,
+        logging_steps=5,
+        dataloader_num_workers=0,
         vision_learning_rate_multiplier=config.vision_learning_rate_multiplier,
-    )  # fmt: skip
+    )
     if config.hard_negative_group_size is not None:
         common.update(hard_negative_field="colour_group", hard_negative_group_size=config.hard_negative_group_size)
     common.update(config.train_overrides)
@@ -124,18 +145,28 @@ def train_stages(
         from_scratch = str(write_architecture(config, output / "architecture.json"))
     print(f"\n== Stage 1: image-caption pairs, {config.stage1_steps} steps, from scratch ({config.preset} preset)")
     stage1 = train(
-        from_scratch=from_scratch, output_dir=str(output / "stage1"), stage=1, max_steps=config.stage1_steps,
-        learning_rate=config.stage1_learning_rate, per_device_train_batch_size=config.batch_size,
-        callbacks=curve.for_stage("stage 1", 0) if curve else (), **common,
-    )  # fmt: skip
+        from_scratch=from_scratch,
+        output_dir=str(output / "stage1"),
+        stage=1,
+        max_steps=config.stage1_steps,
+        learning_rate=config.stage1_learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        callbacks=curve.for_stage("stage 1", 0) if curve else (),
+        **common,
+    )
     histories["stage 1"] = stage1.log_history
     print(f"\n== Stage 2: regions added, {config.stage2_steps} steps")
     stage2 = train(
-        model=str(output / "stage1"), output_dir=str(output / "stage2"), stage=2, max_steps=config.stage2_steps,
-        learning_rate=config.stage2_learning_rate, max_regions_per_image=config.max_regions_per_image,
+        model=str(output / "stage1"),
+        output_dir=str(output / "stage2"),
+        stage=2,
+        max_steps=config.stage2_steps,
+        learning_rate=config.stage2_learning_rate,
+        max_regions_per_image=config.max_regions_per_image,
         per_device_train_batch_size=config.stage2_batch_size or config.batch_size,
-        callbacks=curve.for_stage("stage 2", config.stage1_steps) if curve else (), **common,
-    )  # fmt: skip
+        callbacks=curve.for_stage("stage 2", config.stage1_steps) if curve else (),
+        **common,
+    )
     histories["stage 2"] = stage2.log_history
     return stage2.model, stage2.processor, histories
 
@@ -272,9 +303,16 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
 
     def evaluate(model: Any, processor: Any, show_progress: bool = False) -> Any:
         return evaluate_model(
-            model, processor, records, classes=labels["classes"], templates=templates, template_reduction=reduction,
-            batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens, progress=show_progress,
-        )  # fmt: skip
+            model,
+            processor,
+            records,
+            classes=labels["classes"],
+            templates=templates,
+            template_reduction=reduction,
+            batch_size=config.eval_batch_size,
+            max_new_tokens=config.max_new_tokens,
+            progress=show_progress,
+        )
 
     curve = None
     if config.curve_every:
@@ -311,9 +349,13 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
     )
     targets_table, targets = target_report(result.metrics)
     summary = {
-        "config": asdict(config), "metrics": result.metrics, "targets": targets, "timings": timings,
-        "reload_check": reload, "model_folder": str(model_folder),
-    }  # fmt: skip
+        "config": asdict(config),
+        "metrics": result.metrics,
+        "targets": targets,
+        "timings": timings,
+        "reload_check": reload,
+        "model_folder": str(model_folder),
+    }
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print("\n" + table)
@@ -342,8 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage2-steps", type=int, help=f"stage-2 training steps (default {DemoConfig.stage2_steps})")
     parser.add_argument("--num-train", type=int, help=f"training images (default {DemoConfig.num_train})")
     parser.add_argument("--eval-split", choices=("val", "test"), help="split to evaluate on (default test)")
-    parser.add_argument("--curve-every", type=int,
-                        help="also evaluate every N steps of each stage: OUT/curve.json and OUT/target_curves.png")
+    parser.add_argument(
+        "--curve-every",
+        type=int,
+        help="also evaluate every N steps of each stage: OUT/curve.json and OUT/target_curves.png",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds; the targets are not met)")
     parser.add_argument("--no-progress", action="store_true", help="hide the evaluation progress bars")
     return parser

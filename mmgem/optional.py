@@ -12,5 +12,5 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f"{purpose} needs the package {module.split('.')[0]!r}: pip install \"mmgem[{extra}]\"."
+            f'{purpose} needs the package {module.split(".")[0]!r}: pip install "mmgem[{extra}]".'
         ) from error

@@ -22,34 +22,57 @@ from typing import Any
 def vit(hidden: int, layers: int, heads: int, patch: int, image: int, intermediate: int) -> dict[str, Any]:
     """A CLIP vision tower config (as keyword arguments)."""
     return dict(
-        model_type="clip_vision_model", image_size=image, patch_size=patch, hidden_size=hidden,
-        intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-    )  # fmt: skip
+        model_type="clip_vision_model",
+        image_size=image,
+        patch_size=patch,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
 
 
-def llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, context: int,
-          **extra: Any) -> dict[str, Any]:  # fmt: skip
+def llama(
+    hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, context: int, **extra: Any
+) -> dict[str, Any]:
     """A Llama config (as keyword arguments)."""
     return dict(
-        model_type="llama", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context, **extra,
-    )  # fmt: skip
+        model_type="llama",
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=context,
+        **extra,
+    )
 
 
 def _spec(vision: dict, text: dict, pool_grid_size: int, projection_dim: int, vocab_size: int) -> dict[str, Any]:
-    return dict(vision_config=vision, text_config=text, pool_grid_size=pool_grid_size, projection_dim=projection_dim,
-                vocab_size=vocab_size)  # fmt: skip
+    return dict(
+        vision_config=vision,
+        text_config=text,
+        pool_grid_size=pool_grid_size,
+        projection_dim=projection_dim,
+        vocab_size=vocab_size,
+    )
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _spec(vit(32, 2, 4, 8, 32, 64), llama(32, 2, 4, 2, 64, 256), 2, 32, 320),
     "demo": _spec(vit(128, 4, 4, 8, 64, 256), llama(128, 4, 4, 4, 256, 128), 4, 128, 400),
     "experiments": _spec(vit(128, 2, 4, 8, 64, 256), llama(128, 2, 4, 4, 256, 512), 4, 128, 400),
-    "small": _spec(vit(256, 6, 4, 16, 128, 1024), llama(512, 6, 8, 2, 1376, 1024, rms_norm_eps=1e-5, vocab_size=8192),
-                   4, 256, 8192),
-    "paper": _spec(vit(1024, 24, 16, 14, 224, 4096),
-                   llama(2048, 22, 32, 4, 5632, 2048, rms_norm_eps=1e-5, vocab_size=32000), 4, 768, 32000),
-}  # fmt: skip
+    "small": _spec(
+        vit(256, 6, 4, 16, 128, 1024), llama(512, 6, 8, 2, 1376, 1024, rms_norm_eps=1e-5, vocab_size=8192), 4, 256, 8192
+    ),
+    "paper": _spec(
+        vit(1024, 24, 16, 14, 224, 4096),
+        llama(2048, 22, 32, 4, 5632, 2048, rms_norm_eps=1e-5, vocab_size=32000),
+        4,
+        768,
+        32000,
+    ),
+}
 
 
 def architecture(name: str, **overrides: Any) -> dict[str, Any]:

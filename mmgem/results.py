@@ -95,8 +95,11 @@ def demo_section(root: Path) -> list[str]:
         lines += [f"The last `make demo` run committed (`{DEMO_METRICS}`), on the held-out test split:", ""]
         lines += _table(["", *TARGET_HEADER], [needed, ["measured", *_target_cells(metrics)]]) + [""]
     else:
-        lines += [f"No `make demo` run is committed (its `metrics.json`, copied to {DEMO_METRICS.parent}/, would be "
-                  "shown here); `make demo` prints its own table.", ""]
+        lines += [
+            f"No `make demo` run is committed (its `metrics.json`, copied to {DEMO_METRICS.parent}/, would be "
+            "shown here); `make demo` prints its own table.",
+            "",
+        ]
     points = load(root, DEMO_CURVE)
     lines += [
         f"The demo's settings with a longer stage 2 (3,000 steps), evaluated on the validation split every 250 steps "
@@ -136,8 +139,10 @@ def experiments_section(root: Path) -> list[str]:
         "A verdict says whether a claim shows up at this scale, not how large it is at the paper's.",
         "",
     ]
-    rows = [[claim, results["verdicts"][key]["verdict"], results["verdicts"][key]["reason"]]
-            for key, claim in CLAIMS.items()]  # fmt: skip
+    rows = [
+        [claim, results["verdicts"][key]["verdict"], results["verdicts"][key]["reason"]]
+        for key, claim in CLAIMS.items()
+    ]
     lines += _table(["claim", "verdict", "measured (mean ± sd over seeds; difference and its SE)"], rows) + [""]
     x4 = load(root, CLAIM1_X4)
     lines += [
@@ -164,8 +169,16 @@ def _benchmark_row(record: dict[str, Any]) -> list[str]:
         ours, baseline = _num(record["ours_s"]), _num(record["baseline_s"])
     met = {True: "yes", False: "NO", None: "-"}[record.get("met")]
     name = record["name"] + (f" ({record['notes']})" if record.get("notes") else "")
-    return [name, record["baseline"], str(record["batch"]), ours, baseline, f"{record['ratio']:.3f}",
-            record.get("target") or "-", met]  # fmt: skip
+    return [
+        name,
+        record["baseline"],
+        str(record["batch"]),
+        ours,
+        baseline,
+        f"{record['ratio']:.3f}",
+        record.get("target") or "-",
+        met,
+    ]
 
 
 def benchmarks_section(root: Path) -> list[str]:
@@ -214,18 +227,33 @@ def readme_table(root: Path = REPO_ROOT) -> str:
     bench = {r["name"]: r for r in load(root, next(iter(BENCHMARKS)))}
     met = sum(final[key] >= minimum for key, minimum in TARGETS.items())
     demo = ", ".join(f"{label} {_num(final[key])}" for label, key in zip(TARGET_HEADER, TARGETS))
-    x4 = {arm: {metric: _mean_sd([seed[metric] for seed in seeds.values()])[0] for metric in ("retrieval/R@1",
-          "caption/cider")} for arm, seeds in load(root, CLAIM1_X4)["results"].items()}  # fmt: skip
-    claim1_x4 = (f" in the experiments' budget; at 4x the steps: R@1 {x4['joint']['retrieval/R@1']:.2f} joint vs "
-                 f"{x4['embedding_only']['retrieval/R@1']:.2f} embedding-only, CIDEr {x4['joint']['caption/cider']:.2f}"
-                 f" vs {x4['caption_only']['caption/cider']:.2f} caption-only")  # fmt: skip
+    x4 = {
+        arm: {
+            metric: _mean_sd([seed[metric] for seed in seeds.values()])[0]
+            for metric in ("retrieval/R@1", "caption/cider")
+        }
+        for arm, seeds in load(root, CLAIM1_X4)["results"].items()
+    }
+    claim1_x4 = (
+        f" in the experiments' budget; at 4x the steps: R@1 {x4['joint']['retrieval/R@1']:.2f} joint vs "
+        f"{x4['embedding_only']['retrieval/R@1']:.2f} embedding-only, CIDEr {x4['joint']['caption/cider']:.2f}"
+        f" vs {x4['caption_only']['caption/cider']:.2f} caption-only"
+    )
     rows = [
         [f"demo settings, {final['step']:,} steps (validation split)", f"{demo}: {met} of {len(TARGETS)} targets met"],
-        *[[f"paper's claim {claim[:1]}: {claim[3:]}", verdicts[key]["verdict"] + (claim1_x4 if key == "objectives"
-           else "")] for key, claim in CLAIMS.items()],
-        *[[f"time of {name.replace('_', ' ')}", f"{bench[name]['ratio']:.2f}x {bench[name]['baseline']}"]
-          for name in ("image_embedding", "text_embedding", "caption_first_token", "training_step") if name in bench],
-    ]  # fmt: skip
+        *[
+            [
+                f"paper's claim {claim[:1]}: {claim[3:]}",
+                verdicts[key]["verdict"] + (claim1_x4 if key == "objectives" else ""),
+            ]
+            for key, claim in CLAIMS.items()
+        ],
+        *[
+            [f"time of {name.replace('_', ' ')}", f"{bench[name]['ratio']:.2f}x {bench[name]['baseline']}"]
+            for name in ("image_embedding", "text_embedding", "caption_first_token", "training_step")
+            if name in bench
+        ],
+    ]
     return "\n".join(_table(["what", "result"], rows))
 
 

@@ -488,9 +488,17 @@ def _write_split(
         for index in range(count):
             for attempt in range(_DUPLICATE_TRIES):
                 image, record = _make_record(
-                    settings["seed"], split, index, attempt, bool(singles[index]), settings["image_size"],
-                    settings["max_objects"], pairs, settings["preamble_min_words"], settings["size_fractions"],
-                )  # fmt: skip
+                    settings["seed"],
+                    split,
+                    index,
+                    attempt,
+                    bool(singles[index]),
+                    settings["image_size"],
+                    settings["max_objects"],
+                    pairs,
+                    settings["preamble_min_words"],
+                    settings["size_fractions"],
+                )
                 digest = hashlib.sha1(image.tobytes()).digest()
                 if digest not in seen_hashes:  # keeps the splits disjoint, pixel for pixel
                     break
@@ -567,11 +575,15 @@ def generate_dataset(
         raise FileExistsError(f"{output} exists and is not an empty folder; pass overwrite=True to replace it.")
     heldout = choose_heldout_pairs(seed, num_heldout_pairs)
     settings = {
-        "seed": seed, "image_size": image_size, "max_objects": max_objects,
-        "single_object_fraction": single_object_fraction, "preamble_min_words": preamble_min_words,
-        "heldout_pairs": heldout, "seen_pairs": [p for p in all_pairs() if p not in heldout],
+        "seed": seed,
+        "image_size": image_size,
+        "max_objects": max_objects,
+        "single_object_fraction": single_object_fraction,
+        "preamble_min_words": preamble_min_words,
+        "heldout_pairs": heldout,
+        "seen_pairs": [p for p in all_pairs() if p not in heldout],
         "size_fractions": size_fractions,
-    }  # fmt: skip
+    }
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
@@ -664,10 +676,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=64, help="side of the square images, in pixels")
     parser.add_argument("--seed", type=int, default=0, help="random seed (the same seed writes the same dataset)")
     parser.add_argument("--max-objects", type=int, default=4, help="most shapes drawn in one image")
-    parser.add_argument("--single-object-fraction", type=float, default=0.3,
-                        help="share of images with exactly one shape (the zero-shot classification split)")
-    parser.add_argument("--num-heldout-pairs", type=int, default=4,
-                        help="colour-shape pairs never seen together in train (compositional test)")
+    parser.add_argument(
+        "--single-object-fraction",
+        type=float,
+        default=0.3,
+        help="share of images with exactly one shape (the zero-shot classification split)",
+    )
+    parser.add_argument(
+        "--num-heldout-pairs",
+        type=int,
+        default=4,
+        help="colour-shape pairs never seen together in train (compositional test)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -679,10 +699,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with checking_user_input():  # generate_dataset checks every argument before it draws anything
         paths = generate_dataset(
-            args.output_dir, args.num_train, args.num_val, args.num_test, args.image_size, args.seed,
-            max_objects=args.max_objects, single_object_fraction=args.single_object_fraction,
-            num_heldout_pairs=args.num_heldout_pairs, overwrite=args.overwrite, progress=not args.no_progress,
-        )  # fmt: skip
+            args.output_dir,
+            args.num_train,
+            args.num_val,
+            args.num_test,
+            args.image_size,
+            args.seed,
+            max_objects=args.max_objects,
+            single_object_fraction=args.single_object_fraction,
+            num_heldout_pairs=args.num_heldout_pairs,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
     print(f"Wrote {paths['root']}")
     return 0
 

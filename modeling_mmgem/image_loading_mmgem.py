@@ -131,7 +131,6 @@ def _has_non_number(value: Any) -> bool:
     return False
 
 
-
 # PIL modes that carry an alpha channel (premultiplied "La" / "RGBa" included); "P", "L" and "RGB" images may carry
 # a transparent colour in `info["transparency"]` instead.
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")

@@ -898,8 +898,9 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         losses = []
         if text_input_ids is not None:
             row_keys = (text_keys, image_keys)
-            loss = self._contrastive_step(output, feature_map, regions, pixel_values, text_input_ids,
-                                          text_attention_mask, row_keys, check_values)  # fmt: skip
+            loss = self._contrastive_step(
+                output, feature_map, regions, pixel_values, text_input_ids, text_attention_mask, row_keys, check_values
+            )
             if return_loss:
                 output.loss_contrastive = loss
                 losses.append(self.config.contrastive_loss_weight * loss)
@@ -909,8 +910,15 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
                 visual_tokens = self._visual_tokens(feature_map, regions, with_images, with_regions)
             flags = self._output_kwargs(output_hidden_states, output_attentions)
             lm_inputs = {"use_cache": use_cache, "logits_to_keep": logits_to_keep, self._lm_cache_argument: cache}
-            self._caption_step(output, input_ids, inputs_embeds, attention_mask, position_ids, visual_tokens,
-                               {**lm_inputs, **flags, **kwargs})  # fmt: skip
+            self._caption_step(
+                output,
+                input_ids,
+                inputs_embeds,
+                attention_mask,
+                position_ids,
+                visual_tokens,
+                {**lm_inputs, **flags, **kwargs},
+            )
             if (labels is not None or shift_labels is not None) and return_loss:
                 output.loss_caption = self._caption_loss(output.logits, labels, shift_labels)
                 losses.append(self.config.caption_loss_weight * output.loss_caption)
@@ -925,9 +933,16 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return output if self._output_flag("return_dict", return_dict) else output.to_tuple()
 
     def _forward_layout(
-        self, input_ids: Any, inputs_embeds: Any, pixel_values: Any, boxes: BoxesInput, text_input_ids: Any,
-        visual_tokens: Any, caption_rows: CaptionRows | None, check_values: bool,
-    ) -> tuple[FlatBoxes | None, CaptionRows | None, bool]:  # fmt: skip
+        self,
+        input_ids: Any,
+        inputs_embeds: Any,
+        pixel_values: Any,
+        boxes: BoxesInput,
+        text_input_ids: Any,
+        visual_tokens: Any,
+        caption_rows: CaptionRows | None,
+        check_values: bool,
+    ) -> tuple[FlatBoxes | None, CaptionRows | None, bool]:
         """Check how `forward`'s inputs fit together, before any work: the flattened regions, the layout of the
         caption rows, and whether the caption sequences take visual tokens from `pixel_values`. Values are read only
         with `check_values` (see `_checks_values`)."""
@@ -970,10 +985,16 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return regions, caption_rows, needs_visual_tokens
 
     def _contrastive_step(
-        self, output: MMGEMOutput, feature_map: torch.Tensor, regions: FlatBoxes | None, pixel_values: torch.Tensor,
-        text_input_ids: torch.Tensor, text_attention_mask: torch.Tensor | None,
-        row_keys: tuple[torch.Tensor | None, torch.Tensor | None], check_values: bool,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        output: MMGEMOutput,
+        feature_map: torch.Tensor,
+        regions: FlatBoxes | None,
+        pixel_values: torch.Tensor,
+        text_input_ids: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
+        row_keys: tuple[torch.Tensor | None, torch.Tensor | None],
+        check_values: bool,
+    ) -> torch.Tensor:
         """L_Emb: image (then region) rows h1 against their texts' h3 at `[EMB]`; fills the embeddings and logits of
         `output` and returns the loss. `row_keys`: the caller's (text_keys, image_keys), or None each."""
         image_embeds, _ = self._visual_embeddings(feature_map, regions, include_images=True)  # [B + R, D]
@@ -992,10 +1013,15 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         return loss
 
     def _caption_step(
-        self, output: MMGEMOutput, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
-        attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, visual_tokens: torch.Tensor | None,
+        self,
+        output: MMGEMOutput,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        visual_tokens: torch.Tensor | None,
         lm_kwargs: dict[str, Any],
-    ) -> None:  # fmt: skip
+    ) -> None:
         """The language model over the caption sequences, `<image>` placeholders replaced by `visual_tokens`; fills
         the logits, hidden states, attentions and cache of `output`."""
         embeds = self._merge_visual_tokens(input_ids, inputs_embeds, visual_tokens)
@@ -1003,9 +1029,12 @@ class MMGEMModel(MMGEMPreTrainedModel, GenerationMixin):
         if position_ids is None and attention_mask is not None and attention_mask.ndim == 2 and cache is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0
         lm_output = self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, return_dict=True,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            return_dict=True,
             **lm_kwargs,
-        )  # fmt: skip
+        )
         output.logits = lm_output.logits
         output.hidden_states = lm_output.get("hidden_states")
         output.attentions = lm_output.get("attentions")

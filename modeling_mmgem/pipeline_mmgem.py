@@ -67,8 +67,12 @@ def _is_image_input(images: Any) -> bool:
 # stock parent would take the unknown ones for processor options and drop them.
 _GENERATE_OPTIONS = frozenset(GenerationConfig().to_dict()) - {"max_length", "transformers_version"}
 _GENERATE_OPTIONS |= {
-    "assistant_model", "streamer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
-}  # fmt: skip
+    "assistant_model",
+    "streamer",
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+}
 
 
 class MMGEMZeroShotImageClassificationPipeline(_MMGEMPipelineMixin, ZeroShotImageClassificationPipeline):

@@ -42,6 +42,7 @@ class MMGEMProcessorKwargs(ProcessingKwargs, total=False):
     images_kwargs: MMGEMImagesKwargs
     _defaults = {"text_kwargs": {"padding": "longest"}, "common_kwargs": {"return_tensors": "pt"}}
 
+
 # The chat form of captioning (transformers' image-text-to-text pipeline, `apply_chat_template`): a user message
 # holding ONE image becomes the caption prompt; MM-GEM takes no instruction, so text in a user or system message is
 # refused rather than ignored; a final assistant message (`continue_final_message=True`) is the caption's beginning.

@@ -48,7 +48,6 @@ def pil_image_processor_class(name: str) -> type:
     return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 
-
 # The learnable log temperature is a 1-element tensor: FSDP shards tensors along their first dimension and refuses
 # 0-d parameters. Folders saved before that hold it with shape (); both are read into shape (1,).
 LOGIT_SCALE_KEY = "logit_scale.log_value"
@@ -71,8 +70,9 @@ def register_checkpoint_upgrades(class_names: tuple[str, ...]) -> bool:
         """Shape () -> (1,); tensors already of shape (1,) pass unchanged (and so does saving)."""
 
         @torch.no_grad()
-        def convert(self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str],
-                    **kwargs: Any) -> dict[str, torch.Tensor]:  # fmt: skip
+        def convert(
+            self, input_dict: dict[str, Any], source_patterns: list[str], target_patterns: list[str], **kwargs: Any
+        ) -> dict[str, torch.Tensor]:
             tensors = next(iter(input_dict.values()))
             tensor = tensors[0] if isinstance(tensors, list) else tensors
             return {target_patterns[0]: tensor.reshape(1)}
@@ -86,6 +86,7 @@ def register_checkpoint_upgrades(class_names: tuple[str, ...]) -> bool:
         # overwrite: the remote code may be imported more than once in a process (several folders, reloads).
         register_checkpoint_conversion_mapping(name, [upgrade], overwrite=True)
     return True
+
 
 __all__ = [
     "CACHE_NAME",

@@ -235,8 +235,11 @@ def audit_urls_and_texts(audit: Audit, clean: Path, root: Path) -> None:
     big = root / "big.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (600, 600, 3), dtype=np.uint8)).save(big)
     with environment(MMGEM_MAX_IMAGE_BYTES="100000"):
-        audit.case("3 URLs and texts", "image file over the byte limit",
-                   lambda: refused(lambda: processor(images=[str(big)]), "images[0]", "bytes"))  # fmt: skip
+        audit.case(
+            "3 URLs and texts",
+            "image file over the byte limit",
+            lambda: refused(lambda: processor(images=[str(big)]), "images[0]", "bytes"),
+        )
     st = load_sentence_transformer(clean, device="cpu")
     secret = root / "secret.png"
     Image.new("RGB", (8, 8)).save(secret)
@@ -247,10 +250,16 @@ def audit_urls_and_texts(audit: Audit, clean: Path, root: Path) -> None:
         "text ending in .JPG naming a file": str(shutil.copy(secret, root / "photo.JPG")),
     }
     for name, text in texts.items():
-        audit.case("3 URLs and texts", f"sentence-transformers: {name}",
-                   lambda text=text: refused(lambda: st.encode([text]), "does not open files or URLs"))  # fmt: skip
-    audit.case("3 URLs and texts", 'sentence-transformers: {"text": path} embeds as a text',
-               lambda: st.encode([{"text": str(secret)}]).shape == (1, 32))  # fmt: skip
+        audit.case(
+            "3 URLs and texts",
+            f"sentence-transformers: {name}",
+            lambda text=text: refused(lambda: st.encode([text]), "does not open files or URLs"),
+        )
+    audit.case(
+        "3 URLs and texts",
+        'sentence-transformers: {"text": path} embeds as a text',
+        lambda: st.encode([{"text": str(secret)}]).shape == (1, 32),
+    )
     silent.close()
 
 
@@ -451,7 +460,7 @@ def audit_fuzz(audit: Audit, clean: Path, count: int) -> None:
         "image of an LA numpy array (H, W, 2)": lambda: processor(images=[np.zeros((8, 8, 2), np.uint8)]),
         "object array": lambda: processor(images=[np.array([[object()]])]),
         "complex tensor": lambda: processor(images=[torch.zeros(3, 8, 8, dtype=torch.complex64)]),
-    }  # fmt: skip
+    }
     for name, call in others.items():
         argument = "region_text" if "region_text" in name else "text" if name.startswith("text") else None
         argument = argument or ("pixel_values" if "pixel_values" in name else "input_ids" if "id" in name else "images")
@@ -459,14 +468,23 @@ def audit_fuzz(audit: Audit, clean: Path, count: int) -> None:
     # The correct side of the ambiguous layouts: a CHW tensor of width 3 is channels first.
     chw = torch.rand(3, 8, 3)
     expected = expected_pixels(processor, chw.numpy(), channels_first=True)
-    audit.case(area, "CHW tensor of width 3 read as CHW",
-               lambda: torch.allclose(processor(images=[chw])["pixel_values"], expected))  # fmt: skip
+    audit.case(
+        area,
+        "CHW tensor of width 3 read as CHW",
+        lambda: torch.allclose(processor(images=[chw])["pixel_values"], expected),
+    )
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():
-        audit.case(area, "bf16 tensor image accepted", lambda: processor(images=[torch.rand(3, 8, 8).bfloat16()])[
-            "pixel_values"].shape == (1, 3, 32, 32))  # fmt: skip
-        audit.case(area, "valid ids embed finitely", lambda: bool(torch.isfinite(
-            model.get_text_features(input_ids=ids).pooler_output).all()))  # fmt: skip
+        audit.case(
+            area,
+            "bf16 tensor image accepted",
+            lambda: processor(images=[torch.rand(3, 8, 8).bfloat16()])["pixel_values"].shape == (1, 3, 32, 32),
+        )
+        audit.case(
+            area,
+            "valid ids embed finitely",
+            lambda: bool(torch.isfinite(model.get_text_features(input_ids=ids).pooler_output).all()),
+        )
 
 
 # ---------------------------------------------------------------------------------------------- interrupted runs
@@ -488,8 +506,11 @@ def audit_interrupted(audit: Audit, root: Path) -> None:
 
     for last in ("no trainer_state.json", "truncated state", "no weights"):
         folder = checkpoints(["complete", "complete", last])
-        audit.case(area, f"resume latest, newest checkpoint has {last}",
-                   lambda folder=folder: last_complete_checkpoint(folder) == str(folder / "checkpoint-2"))  # fmt: skip
+        audit.case(
+            area,
+            f"resume latest, newest checkpoint has {last}",
+            lambda folder=folder: last_complete_checkpoint(folder) == str(folder / "checkpoint-2"),
+        )
     dead = 2**22 + 4321
 
     def leftovers(kind: str, output_exists: bool) -> tuple[bool, str]:
@@ -509,8 +530,11 @@ def audit_interrupted(audit: Audit, root: Path) -> None:
 
     for kind in ("partial", "old"):
         for exists in (True, False):
-            audit.case(area, f"killed conversion's .{kind}- folder, output {'present' if exists else 'missing'}",
-                       lambda kind=kind, exists=exists: leftovers(kind, exists))  # fmt: skip
+            audit.case(
+                area,
+                f"killed conversion's .{kind}- folder, output {'present' if exists else 'missing'}",
+                lambda kind=kind, exists=exists: leftovers(kind, exists),
+            )
     audit.case(area, "reload-check child dies with a SIGKILLed conversion", lambda: child_dies(root))
 
 
@@ -564,11 +588,14 @@ def audit_publishing(audit: Audit, clean: Path, root: Path) -> None:
         "notes.md": lambda: (folder / "notes.md").write_text("private"),
         "__pycache__/": lambda: ((folder / "__pycache__").mkdir(), (folder / "__pycache__" / "m.pyc").write_text("")),
         "nested .py file": lambda: ((folder / "sub").mkdir(), (folder / "sub" / "evil.py").write_text("x")),
-    }  # fmt: skip
+    }
     for name, make in strays.items():
         make()
-        audit.case(area, f"push leaves out {name}", lambda: sorted(
-            p.relative_to(folder).as_posix() for p in export_files(folder)[0]) == exported)  # fmt: skip
+        audit.case(
+            area,
+            f"push leaves out {name}",
+            lambda: sorted(p.relative_to(folder).as_posix() for p in export_files(folder)[0]) == exported,
+        )
     args = make_arguments(from_scratch="tiny", data=".", output_dir=str(root / "o"), hub_token=secret)
     buffer = io.BytesIO()
     torch.save(args, buffer)
@@ -579,10 +606,25 @@ def audit_publishing(audit: Audit, clean: Path, root: Path) -> None:
 # The import names of the optional extras' packages (setup.py EXTRAS, "dev" excepted): a test suite installed with
 # `pip install -e '.[dev]'` has none of them.
 OPTIONAL_MODULES = (
-    "nbformat", "nbmake", "ipykernel", "onnx", "onnxruntime", "onnxscript", "mteb", "webdataset", "datasets",
-    "matplotlib", "mpl_toolkits", "pycocoevalcap", "faiss", "faiss_cpu", "usearch", "gradio", "gradio_client",
+    "nbformat",
+    "nbmake",
+    "ipykernel",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "mteb",
+    "webdataset",
+    "datasets",
+    "matplotlib",
+    "mpl_toolkits",
+    "pycocoevalcap",
+    "faiss",
+    "faiss_cpu",
+    "usearch",
+    "gradio",
+    "gradio_client",
     "playwright",
-)  # fmt: skip
+)
 
 
 def site_packages_without_extras(folder: Path) -> Path:
@@ -634,8 +676,11 @@ def audit_data_formats(audit: Audit, root: Path) -> None:
             return good and dataset.skipped == 1, f"{detail}; skipped {dataset.skipped}"
 
         audit.case(area, kind, check)
-    jsonl_lines = {"JSONL line nested 100,000 deep": data.DEEP, "JSONL line with a 5,000-digit integer": data.HUGE_INT,
-                   "JSONL line with an invalid UTF-8 byte": b'{"caption": "\xff"}'}  # fmt: skip
+    jsonl_lines = {
+        "JSONL line nested 100,000 deep": data.DEEP,
+        "JSONL line with a 5,000-digit integer": data.HUGE_INT,
+        "JSONL line with an invalid UTF-8 byte": b'{"caption": "\xff"}',
+    }
     for number, (name, line) in enumerate(jsonl_lines.items()):
 
         def check_line(line: bytes = line, folder: Path = root / f"jsonl-{number}") -> tuple[bool, str]:
@@ -658,8 +703,10 @@ def audit_data_formats(audit: Audit, root: Path) -> None:
             def check_root(kind: str = kind, value: str = value, folder: Path = root / f"root-{kind}-{how[0]}"):
                 path, options = data._outside(kind, folder / "inner", value)
                 data_format = "hf" if kind == "hf" else None
-                return refused(lambda: list(data._stream(path, data_format=data_format, **options)),
-                               "leads outside the data folder")  # fmt: skip
+                return refused(
+                    lambda: list(data._stream(path, data_format=data_format, **options)),
+                    "leads outside the data folder",
+                )
 
             audit.case(root_area, f"{kind}: {how} image path", check_root)
 

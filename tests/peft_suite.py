@@ -34,10 +34,21 @@ def upstream_tests_folder() -> Path:
     archive = sdists / f"peft-{release}.tar.gz"
     if not archive.is_file():
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", f"peft=={release}",
-             "-d", str(sdists)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"peft=={release}",
+                "-d",
+                str(sdists),
+            ],
             check=True,
-        )  # fmt: skip
+        )
     staging = root / f".peft-{release}.partial"
     with tarfile.open(archive) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(f"peft-{release}/tests/") and m.isfile()]

@@ -64,14 +64,18 @@ def write_llava(folder: Path, entries: list[tuple[str, Image.Image | None, str]]
     for index, (name, image, caption) in enumerate(entries):
         if image is not None:
             image.save(folder / "images" / name)
-        rows.append({
-            "id": f"{index:06d}", "image": f"images/{name}",
-            "conversations": [
-                {"from": "human", "value": "<image>\nDescribe this image in detail."},
-                {"from": "gpt", "value": caption},
-                {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "white"},
-            ],
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": f"{index:06d}",
+                "image": f"images/{name}",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nDescribe this image in detail."},
+                    {"from": "gpt", "value": caption},
+                    {"from": "human", "value": "And the colour?"},
+                    {"from": "gpt", "value": "white"},
+                ],
+            }
+        )
     path = folder / "sharegpt4v.json"
     path.write_text(json.dumps(rows))
     return path
@@ -85,9 +89,12 @@ def write_karpathy(folder: Path, dataset: str, entries: list[tuple[str, Image.Im
     for index, (name, image, split, sentences) in enumerate(entries):
         image.save(folder / subfolder / name)
         entry = {
-            "filename": name, "imgid": index, "split": split, "sentids": list(range(5 * index, 5 * index + 5)),
+            "filename": name,
+            "imgid": index,
+            "split": split,
+            "sentids": list(range(5 * index, 5 * index + 5)),
             "sentences": [{"raw": s, "tokens": s.lower().split(), "imgid": index} for s in sentences],
-        }  # fmt: skip
+        }
         if dataset == "coco":
             entry.update(filepath=subfolder, cocoid=1000 + index)
         images.append(entry)
@@ -117,11 +124,23 @@ def write_visual_genome(folder: Path, entries: list[tuple[int, Image.Image, list
     rows = []
     for image_id, image, regions in entries:
         (folder / "VG_100K" / f"{image_id}.jpg").write_bytes(image_bytes(image))  # lossless: exact edges
-        rows.append({"id": image_id, "regions": [
-            {"region_id": 100 * image_id + k, "image_id": image_id, "phrase": phrase, "x": box[0], "y": box[1],
-             "width": box[2] - box[0], "height": box[3] - box[1]}
-            for k, (box, phrase) in enumerate(regions)
-        ]})  # fmt: skip
+        rows.append(
+            {
+                "id": image_id,
+                "regions": [
+                    {
+                        "region_id": 100 * image_id + k,
+                        "image_id": image_id,
+                        "phrase": phrase,
+                        "x": box[0],
+                        "y": box[1],
+                        "width": box[2] - box[0],
+                        "height": box[3] - box[1],
+                    }
+                    for k, (box, phrase) in enumerate(regions)
+                ],
+            }
+        )
     path = folder / "region_descriptions.json"
     path.write_text(json.dumps(rows))
     return path
@@ -139,15 +158,30 @@ def write_refer(folder: Path, entries: list[tuple[str, Image.Image, list[tuple[l
         images.append({"id": image_index + 1, "file_name": name, "width": image.width, "height": image.height})
         for box, sentences, split in regions:
             ann_id = 500 + len(annotations)
-            annotations.append({"id": ann_id, "image_id": image_index + 1, "category_id": 1, "iscrowd": 0,
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})  # fmt: skip
-            refs.append({
-                "ref_id": len(refs), "ann_id": ann_id, "image_id": image_index + 1, "split": split,
-                "category_id": 1, "file_name": name.replace(".png", f"_{ann_id}.png"), "sent_ids": [],
-                "sentences": [{"raw": s, "sent": s.lower(), "tokens": s.lower().split()} for s in sentences],
-            })  # fmt: skip
-    (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                       "categories": [{"id": 1, "name": "shape"}]}))  # fmt: skip
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_index + 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                }
+            )
+            refs.append(
+                {
+                    "ref_id": len(refs),
+                    "ann_id": ann_id,
+                    "image_id": image_index + 1,
+                    "split": split,
+                    "category_id": 1,
+                    "file_name": name.replace(".png", f"_{ann_id}.png"),
+                    "sent_ids": [],
+                    "sentences": [{"raw": s, "sent": s.lower(), "tokens": s.lower().split()} for s in sentences],
+                }
+            )
+    (folder / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "shape"}]})
+    )
     path = folder / "refs(umd).p"
     path.write_bytes(pickle.dumps(refs, protocol=2))
     return path
@@ -163,10 +197,14 @@ def write_refcoco_parquet(path: Path, rows: list[tuple[Image.Image, list[float],
         "answer": [answers for _, _, answers in rows],
         "file_name": [f"COCO_train2014_{i:012d}.jpg" for i in range(len(rows))],
     }
-    features = datasets.Features({
-        "image": datasets.Image(), "bbox": datasets.Sequence(datasets.Value("float64")),
-        "answer": datasets.Sequence(datasets.Value("string")), "file_name": datasets.Value("string"),
-    })  # fmt: skip
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "bbox": datasets.Sequence(datasets.Value("float64")),
+            "answer": datasets.Sequence(datasets.Value("string")),
+            "file_name": datasets.Value("string"),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(table, features=features).to_parquet(str(path))
     return path

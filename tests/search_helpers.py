@@ -16,8 +16,16 @@ import torch
 from mmgem.build import tiny_mmgem
 from mmgem.synthetic import render_scene
 
-PAIRS = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("yellow", "star"), ("purple", "cross"),
-         ("orange", "diamond"), ("cyan", "circle"), ("black", "square")]  # fmt: skip
+PAIRS = [
+    ("red", "circle"),
+    ("blue", "square"),
+    ("green", "triangle"),
+    ("yellow", "star"),
+    ("purple", "cross"),
+    ("orange", "diamond"),
+    ("cyan", "circle"),
+    ("black", "square"),
+]
 
 
 def readable_tiny_mmgem(seed: int = 0):

@@ -27,8 +27,15 @@ from tests.search_helpers import draw_images, readable_tiny_mmgem, save_model
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT_ENV = "MMGEM_APP_SCREENSHOT_DIR"  # where to also save the screenshots (the README's come from here)
 TARGET = "shape_2.png"
 REGION_BOX = (32, 0, 64, 32)  # one cell of the index's 2x2 grid on the 64 px images
@@ -59,8 +66,12 @@ def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 300
 def start_server(argv: list[str], cwd: Path, env_extra: dict[str, str] | None = None):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", GRADIO_ANALYTICS_ENABLED="False",
-               **(env_extra or {}))  # fmt: skip
+    env.update(
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+        GRADIO_ANALYTICS_ENABLED="False",
+        **(env_extra or {}),
+    )
     argv = [a.replace("{port}", str(port)) for a in argv]
     if "GRADIO_SERVER_PORT" in (env_extra or {}):
         env["GRADIO_SERVER_PORT"] = str(port)
@@ -89,8 +100,16 @@ def setup(tmp_path_factory):
     model, processor = readable_tiny_mmgem()
     save_model(model, processor, root / "model")
     draw_images(root / "photos", 6)
-    index_images(model, processor, str(root / "photos"), root / "index", model_name=str(root / "model"),
-                 captions=True, region_grids=[2], progress=False)  # fmt: skip
+    index_images(
+        model,
+        processor,
+        str(root / "photos"),
+        root / "index",
+        model_name=str(root / "model"),
+        captions=True,
+        region_grids=[2],
+        progress=False,
+    )
     from mmgem.app.space_app import MMGEMTools
 
     tools = MMGEMTools(model, processor)
@@ -98,17 +117,29 @@ def setup(tmp_path_factory):
     captions = {p.name: tools.caption(load_image(str(p))) for p in sorted((root / "photos").glob("*.png"))}
     assert list(captions.values()).count(captions[TARGET]) == 1, "the target's caption must single it out"
     return {
-        "root": root, "tools": tools, "caption": captions[TARGET],
+        "root": root,
+        "tools": tools,
+        "caption": captions[TARGET],
         "region_caption": tools.caption(target, REGION_BOX),
         "zero_shot": tools.zero_shot(target, ["red circle", "green triangle"]),
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
 def server(setup):
     root = setup["root"]
-    argv = [sys.executable, "-m", "mmgem.cli", "app", "--model", str(root / "model"), "--index", str(root / "index"),
-            "--port", "{port}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "mmgem.cli",
+        "app",
+        "--model",
+        str(root / "model"),
+        "--index",
+        str(root / "index"),
+        "--port",
+        "{port}",
+    ]
     process, url = start_server(argv, cwd=root, env_extra={"PYTHONPATH": str(REPO)})
     yield url
     stop(process)
@@ -129,8 +160,9 @@ def test_gradio_client_endpoints(server, setup):
     assert probabilities == pytest.approx(setup["zero_shot"], abs=1e-5)
     gallery = client.predict(setup["caption"], 3, 1.0, api_name="/search")
     assert gallery_names(gallery)[0] == TARGET and len(gallery) == 3
-    region_caption, preview, matches = client.predict(handle_file(target), ",".join(map(str, REGION_BOX)), 4,
-                                                      api_name="/region")  # fmt: skip
+    region_caption, preview, matches = client.predict(
+        handle_file(target), ",".join(map(str, REGION_BOX)), 4, api_name="/region"
+    )
     assert region_caption == setup["region_caption"]
     assert gallery_names(matches)[0] == TARGET and matches[0]["caption"].endswith("1.000")
     assert Image.open(preview).size == (64, 64)
@@ -212,19 +244,31 @@ def test_exported_folder_runs_as_a_space_without_mmgem(setup, tmp_path):
     source = (export / "app.py").read_text()
     imported = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import)}
     imported |= {n.module.split(".")[0] for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ImportFrom)}
-    assert imported <= {"__future__", "os", "sys", "collections", "typing", "gradio", "numpy", "torch", "PIL",
-                        "transformers"}  # fmt: skip
+    assert imported <= {
+        "__future__",
+        "os",
+        "sys",
+        "collections",
+        "typing",
+        "gradio",
+        "numpy",
+        "torch",
+        "PIL",
+        "transformers",
+    }
     assert "gradio" in (export / "requirements.txt").read_text()
     card = (export / "README.md").read_text()
     assert "sdk: gradio" in card and "app_file: app.py" in card
     # Run it as a Space runs it, with imports of the project refused.
-    runner = ("import runpy, sys\n"
-              "class Refuse:\n"
-              "    def find_spec(self, name, *args):\n"
-              "        if name.split('.')[0] in ('mmgem', 'modeling_mmgem'):\n"
-              "            raise ImportError(f'{name} must not be needed')\n"
-              "sys.meta_path.insert(0, Refuse())\n"
-              "runpy.run_path('app.py', run_name='__main__')\n")  # fmt: skip
+    runner = (
+        "import runpy, sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, *args):\n"
+        "        if name.split('.')[0] in ('mmgem', 'modeling_mmgem'):\n"
+        "            raise ImportError(f'{name} must not be needed')\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "runpy.run_path('app.py', run_name='__main__')\n"
+    )
     process, url = start_server([sys.executable, "-c", runner], cwd=export, env_extra={"GRADIO_SERVER_PORT": "0"})
     try:
         from gradio_client import Client, handle_file

@@ -39,8 +39,7 @@ def tools():
 
 
 def build(tools, images, output, **kwargs):
-    return index_images(tools.model, tools.processor, str(images), output, model_name="tiny", progress=False,
-                        **kwargs)  # fmt: skip
+    return index_images(tools.model, tools.processor, str(images), output, model_name="tiny", progress=False, **kwargs)
 
 
 def rotated_jpeg(path: Path) -> Path:
@@ -171,17 +170,39 @@ def test_server_caps_upload_size_and_deletes_uploads(tmp_path):
     model_dir = save_model(*readable_tiny_mmgem(), tmp_path / "model")
     temp = tmp_path / "gradio-temp"
     repo = str(Path(__file__).resolve().parents[1])
-    argv = [sys.executable, "-m", "mmgem.cli", "app", "--model", str(model_dir), "--port", "{port}",
-            "--max-upload-mb", "1"]  # fmt: skip
-    process, url = start_server(argv, cwd=tmp_path, env_extra={"PYTHONPATH": repo, "GRADIO_TEMP_DIR": str(temp),
-                                                               "MMGEM_APP_UPLOAD_TTL_S": "2"})  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "mmgem.cli",
+        "app",
+        "--model",
+        str(model_dir),
+        "--port",
+        "{port}",
+        "--max-upload-mb",
+        "1",
+    ]
+    process, url = start_server(
+        argv, cwd=tmp_path, env_extra={"PYTHONPATH": repo, "GRADIO_TEMP_DIR": str(temp), "MMGEM_APP_UPLOAD_TTL_S": "2"}
+    )
     try:
+
         def upload(size: int) -> int:
             boundary = uuid.uuid4().hex
-            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\"\r\n"
-                    "Content-Type: image/png\r\n\r\n").encode() + b"\0" * size + f"\r\n--{boundary}--\r\n".encode()
-            request = urllib.request.Request(url + "gradio_api/upload", data=body, method="POST",
-                                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            body = (
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n'
+                    "Content-Type: image/png\r\n\r\n"
+                ).encode()
+                + b"\0" * size
+                + f"\r\n--{boundary}--\r\n".encode()
+            )
+            request = urllib.request.Request(
+                url + "gradio_api/upload",
+                data=body,
+                method="POST",
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
             try:
                 with urllib.request.urlopen(request, timeout=60) as response:
                     return response.status

@@ -70,8 +70,11 @@ def test_each_mistake_is_one_line_naming_its_flag(files, capsys, monkeypatch, tm
     assert "`--model`" in err and "no such folder" in err and "repo id" in err  # not the Hub's repo-id rules
     err = _mistake(capsys, monkeypatch, ["evaluate", "--model", clip, "--data", good])
     assert "`--model`" in err and "not an MM-GEM model" in err and "clip_vision_model" in err
-    err = _mistake(capsys, monkeypatch, ["train", "--from-scratch", "tiny", "--data", str(tmp_path / "no.jsonl"),
-                                         "--output-dir", out])  # fmt: skip
+    err = _mistake(
+        capsys,
+        monkeypatch,
+        ["train", "--from-scratch", "tiny", "--data", str(tmp_path / "no.jsonl"), "--output-dir", out],
+    )
     assert "`--data`" in err and "`data`" not in err
     err = _mistake(capsys, monkeypatch, ["train", "--from-scratch", "tiny", "--data", bad, "--output-dir", out])
     assert err.startswith(f"mmgem train: error: `--data` {bad}") and "line 2" in err
@@ -88,18 +91,24 @@ def test_each_mistake_is_one_line_naming_its_flag(files, capsys, monkeypatch, tm
 TRAIN = ["train", "--from-scratch", "tiny", "--data", "{good}", "--output-dir", "{out}"]
 # (argv with {placeholders}, words the one line must hold); a row for each mistake the audits found.
 MISTAKES = [
-    (["train", "--model", "nonexistent_dir", "--data", "{good}", "--output-dir", "{out}"],
-     ["`--model` nonexistent_dir", "no such folder"]),
+    (
+        ["train", "--model", "nonexistent_dir", "--data", "{good}", "--output-dir", "{out}"],
+        ["`--model` nonexistent_dir", "no such folder"],
+    ),
     (["evaluate", "--model", "nonexistent_dir", "--data", "{good}"], ["`--model` nonexistent_dir", "no such folder"]),
     (["evaluate", "--model", "{root}/model", "--data", "{root}/empty.jsonl"], ["`--data`", "no record"]),
     (["evaluate", "--model", "{root}/model"], ["`--data` is required"]),
     (["evaluate", "--model", "{root}/model", "--data", "{root}/none.jsonl"], ["`--data` does not exist"]),
     (["evaluate", "--model", "{root}/model", "--data", "{good}", "--batch-size", "0"], ["`--batch-size`"]),
-    (["evaluate", "--model", "{root}/reshaped", "--data", "{good}"],
-     ["`--model`", "embed_tokens.weight is [3, 3]", "config.json"]),
+    (
+        ["evaluate", "--model", "{root}/reshaped", "--data", "{good}"],
+        ["`--model`", "embed_tokens.weight is [3, 3]", "config.json"],
+    ),
     (["evaluate", "--model", "{root}/model", "--data", "{bad}"], ["`--data`", "line 2"]),
-    (["train", "--model", "{root}/reshaped", "--data", "{good}", "--output-dir", "{out}"],
-     ["`--model`", "embed_tokens.weight is [3, 3]"]),
+    (
+        ["train", "--model", "{root}/reshaped", "--data", "{good}", "--output-dir", "{out}"],
+        ["`--model`", "embed_tokens.weight is [3, 3]"],
+    ),
     (["train", "--from-scratch", "tiny", "--data", "{good}"], ["`--output-dir` is required"]),
     ([*TRAIN, "--stage", "2", "--max-regions-per-image", "-1"], ["`--max-regions-per-image`", "positive int"]),
     ([*TRAIN, "--stage", "3"], ["`--stage`", "1 or 2"]),
@@ -110,17 +119,35 @@ MISTAKES = [
     ([*TRAIN, "--shuffle-buffer", "-1"], ["`--shuffle-buffer`", ">= 0"]),
     ([*TRAIN, "--train-num-samples", "0"], ["`--train-num-samples`", "positive"]),
     ([*TRAIN, "--lora-vision", "maybe"], ["`--lora-vision`", "'lora'"]),
-    (["train", "--from-scratch", "tiny", "--data", "{root}/empty.jsonl", "--output-dir", "{out}"],
-     ["`--data`", "no usable record"]),
-    (["train", "--from-scratch", "tiny", "--data", "{root}/no-metadata", "--data-format", "imagefolder",
-      "--output-dir", "{out}"], ["no metadata.jsonl", "file_name"]),
-    (["train", "--from-scratch", "tiny", "--data", "{root}/data/outside.jsonl", "--output-dir", "{out}"],
-     ["outside.jsonl: 20 of 21 records", "... and 17 more", "--allow-outside-data-root"]),
+    (
+        ["train", "--from-scratch", "tiny", "--data", "{root}/empty.jsonl", "--output-dir", "{out}"],
+        ["`--data`", "no usable record"],
+    ),
+    (
+        [
+            "train",
+            "--from-scratch",
+            "tiny",
+            "--data",
+            "{root}/no-metadata",
+            "--data-format",
+            "imagefolder",
+            "--output-dir",
+            "{out}",
+        ],
+        ["no metadata.jsonl", "file_name"],
+    ),
+    (
+        ["train", "--from-scratch", "tiny", "--data", "{root}/data/outside.jsonl", "--output-dir", "{out}"],
+        ["outside.jsonl: 20 of 21 records", "... and 17 more", "--allow-outside-data-root"],
+    ),
     (["generate-data", "--output-dir", "{root}/data"], ["--overwrite"]),
     (["convert", "--from-checkpoint", "{root}/none", "--output-dir", "{out}"], ["`--from-checkpoint`", "saved MM-GEM"]),
-    (["convert", "--from-checkpoint", "{root}/model", "--output-dir", "{root}/data"],
-     ["`--output-dir`", "--overwrite"]),
-]  # fmt: skip
+    (
+        ["convert", "--from-checkpoint", "{root}/model", "--output-dir", "{root}/data"],
+        ["`--output-dir`", "--overwrite"],
+    ),
+]
 
 
 MISTAKE_IDS = [

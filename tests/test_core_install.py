@@ -18,9 +18,27 @@ from .outside import REPO_ROOT, saved_tiny_folder
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 # Import and distribution names of the extras' packages (setup.py EXTRAS) and what they alone pull in.
-EXTRA_PACKAGES = ("datasets", "matplotlib", "mpl_toolkits", "webdataset", "faiss", "faiss_cpu", "gradio",
-                  "gradio_client", "mteb", "onnx", "onnxruntime", "onnxscript", "pycocoevalcap", "usearch", "nbmake",
-                  "playwright", "deepspeed", "ray", "lancedb")  # fmt: skip
+EXTRA_PACKAGES = (
+    "datasets",
+    "matplotlib",
+    "mpl_toolkits",
+    "webdataset",
+    "faiss",
+    "faiss_cpu",
+    "gradio",
+    "gradio_client",
+    "mteb",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "pycocoevalcap",
+    "usearch",
+    "nbmake",
+    "playwright",
+    "deepspeed",
+    "ray",
+    "lancedb",
+)
 
 SCRIPT = """
 import importlib.util
@@ -61,8 +79,13 @@ def test_the_core_install_loads_embeds_and_names_missing_extras(tmp_path):
     folder = saved_tiny_folder(tmp_path / "model")
     script = textwrap.dedent(SCRIPT).format(refused=EXTRA_PACKAGES, folder=str(folder))
     packages = _without_extras(site.getsitepackages()[0], tmp_path / "site-packages")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), packages]), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
-    result = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=500)  # fmt: skip
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), packages]),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
+    )
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]

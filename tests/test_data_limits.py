@@ -153,10 +153,11 @@ def _hostile(kind: str, folder: Path) -> tuple[Path, dict, str]:
             "coco image entry a string": (lambda d: d["images"].__setitem__(1, "1.jpg"), "images[1] is a str"),
             "coco annotation a list": (lambda d: d["annotations"].append([1]), "annotations[3] is a list"),
             "coco annotation image_id a list": (
-                lambda d: d["annotations"].append({"image_id": [10], "caption": "x"}), "is not an integer or string"
+                lambda d: d["annotations"].append({"image_id": [10], "caption": "x"}),
+                "is not an integer or string",
             ),
             "coco file_name a number": (lambda d: d["images"][1].__setitem__("file_name", 7), 'missing "file_name"'),
-        }  # fmt: skip
+        }
         change, words = changes[kind]
         return _edit(path, change), options, words
     if kind.startswith("karpathy"):
@@ -186,9 +187,10 @@ def _hostile(kind: str, folder: Path) -> tuple[Path, dict, str]:
             "refcoco image_id a dict": (lambda refs, _: refs[1].__setitem__("image_id", {}), "is not an image of"),
             "refcoco sentences a string": (lambda refs, _: refs[1].__setitem__("sentences", "x"), "no sentence"),
             "refcoco instances annotation a string": (
-                lambda refs, instances: _edit(instances, lambda d: d["annotations"].__setitem__(1, "a")), "no [x, y"
+                lambda refs, instances: _edit(instances, lambda d: d["annotations"].__setitem__(1, "a")),
+                "no [x, y",
             ),
-        }  # fmt: skip
+        }
         change, words = changes[kind]
         return _refer_with(folder, change), options, words
     if kind.startswith("llava"):
@@ -203,14 +205,29 @@ def _hostile(kind: str, folder: Path) -> tuple[Path, dict, str]:
 
 
 HOSTILE = [
-    "webdataset .json nested 100,000 deep", "webdataset .json with a 5,000-digit integer", "webdataset .json not UTF-8",
-    "grit noun_chunks with string coordinates", "grit noun_chunks with null coordinates",
-    "coco image entry a string", "coco annotation a list", "coco annotation image_id a list", "coco file_name a number",
-    "karpathy image entry an int", "karpathy sentences an int", "karpathy filename null",
-    "visual-genome regions a string", "visual-genome region an int", "visual-genome region x a string",
-    "visual-genome id a list", "refcoco ref a string", "refcoco image_id a dict", "refcoco sentences a string",
-    "refcoco instances annotation a string", "llava conversations an int", "llava entry a list",
-]  # fmt: skip
+    "webdataset .json nested 100,000 deep",
+    "webdataset .json with a 5,000-digit integer",
+    "webdataset .json not UTF-8",
+    "grit noun_chunks with string coordinates",
+    "grit noun_chunks with null coordinates",
+    "coco image entry a string",
+    "coco annotation a list",
+    "coco annotation image_id a list",
+    "coco file_name a number",
+    "karpathy image entry an int",
+    "karpathy sentences an int",
+    "karpathy filename null",
+    "visual-genome regions a string",
+    "visual-genome region an int",
+    "visual-genome region x a string",
+    "visual-genome id a list",
+    "refcoco ref a string",
+    "refcoco image_id a dict",
+    "refcoco sentences a string",
+    "refcoco instances annotation a string",
+    "llava conversations an int",
+    "llava entry a list",
+]
 
 
 @pytest.mark.parametrize("kind", HOSTILE)
@@ -256,8 +273,9 @@ def _outside(kind: str, folder: Path, value: str) -> tuple[Path, dict]:
         folder.mkdir(parents=True)
         good.save(folder / "a.png")
         path = folder / "rows.parquet"
-        pq.write_table(pa.Table.from_pylist([{"image": "a.png", "caption": "a"}, {"image": value, "caption": "b"}]),
-                       path)  # fmt: skip
+        pq.write_table(
+            pa.Table.from_pylist([{"image": "a.png", "caption": "a"}, {"image": value, "caption": "b"}]), path
+        )
         return path, {}
     raise AssertionError(kind)
 
@@ -360,10 +378,29 @@ def test_one_bad_sample_after_many_good_never_stops_a_skip_run(tmp_path):
     samples = [_web() for _ in range(30)] + [_web(DEEP)] + [_web() for _ in range(9)]
     shards = _tar(tmp_path / "shards" / "00000.tar", samples)
     argv = [
-        "--from-scratch", "tiny", "--data", str(shards), "--data-on-error", "skip", "--shuffle-buffer", "0",
-        "--max-steps", "12", "--per_device_train_batch_size", "4", "--output-dir", str(tmp_path / "out"),
-        "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1",
-    ]  # fmt: skip
+        "--from-scratch",
+        "tiny",
+        "--data",
+        str(shards),
+        "--data-on-error",
+        "skip",
+        "--shuffle-buffer",
+        "0",
+        "--max-steps",
+        "12",
+        "--per_device_train_batch_size",
+        "4",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+    ]
     with pytest.warns(UserWarning, match="nested 100,000 levels deep"):
         assert main(argv) == 0  # 48 samples drawn: the bad 31st is met (twice: the stream starts its next pass)
     log = json.loads((tmp_path / "out" / "training_log.json").read_text())

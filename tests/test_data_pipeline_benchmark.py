@@ -12,8 +12,22 @@ def test_data_pipeline_benchmark_reports_pipeline_and_model_rates(tmp_path):
     from benchmarks.data_pipeline import main
 
     output = tmp_path / "out"
-    argv = ["--sizes", "tiny", "--images", "16", "--batch-size", "2", "--batches", "2", "--steps", "1",
-            "--workers", "2", "--output", str(output)]  # fmt: skip
+    argv = [
+        "--sizes",
+        "tiny",
+        "--images",
+        "16",
+        "--batch-size",
+        "2",
+        "--batches",
+        "2",
+        "--steps",
+        "1",
+        "--workers",
+        "2",
+        "--output",
+        str(output),
+    ]
     assert main(argv) == 0
     (row,) = json.loads((output / "data_pipeline.json").read_text())["rows"]
     assert row["size"] == "tiny" and row["image_px"] == 32

@@ -29,18 +29,37 @@ ZERO2 = ROOT / "recipes" / "vitl14-tinyllama" / "deepspeed_zero2.json"
 STEPS = 2
 LEARNING_RATE = 1e-3
 COMMON = [
-    "--stage", "1", "--learning_rate", str(LEARNING_RATE), "--lr_scheduler_type", "constant", "--warmup_steps", "0",
-    "--logging_steps", "1", "--seed", "0", "--disable_tqdm", "true", "--report_to", "none",
-]  # fmt: skip
+    "--stage",
+    "1",
+    "--learning_rate",
+    str(LEARNING_RATE),
+    "--lr_scheduler_type",
+    "constant",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+]
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {
-        **os.environ, **LOOPBACK_ENV, "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
+        **os.environ,
+        **LOOPBACK_ENV,
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "DS_ACCELERATOR": "cpu",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }  # fmt: skip
+    }
     command = [str(torchrun), "--nproc_per_node", "2", "-m", "mmgem.cli", "train", *args]
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SPAWN_DEADLINE_S)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
@@ -78,8 +97,19 @@ def reference(tmp_path_factory):
     from mmgem.training.train import main as train_main
 
     single = root / "single"
-    train_main([*data, "--output-dir", str(single), "--max_steps", str(STEPS), "--per_device_train_batch_size", "4",
-                "--save_strategy", "no"])  # fmt: skip
+    train_main(
+        [
+            *data,
+            "--output-dir",
+            str(single),
+            "--max_steps",
+            str(STEPS),
+            "--per_device_train_batch_size",
+            "4",
+            "--save_strategy",
+            "no",
+        ]
+    )
     return {"start": start, "data": data, "single": single}
 
 
@@ -90,8 +120,18 @@ def test_zero2_on_two_cpu_ranks_matches_one_process_resumes_and_exports(referenc
 
     # Two DeepSpeed ranks (ZeRO-2, the recipe's config), 2 images each per step; a checkpoint every step.
     zero = tmp_path / "zero2"
-    zero_args = ["--output-dir", str(zero), "--max_steps", str(STEPS), "--per_device_train_batch_size", "2",
-                 "--save_steps", "1", "--deepspeed", str(ZERO2)]  # fmt: skip
+    zero_args = [
+        "--output-dir",
+        str(zero),
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        "2",
+        "--save_steps",
+        "1",
+        "--deepspeed",
+        str(ZERO2),
+    ]
     completed = _torchrun([*data, *zero_args])
     assert completed.stdout.count("Saved the trained MM-GEM") == 1
     torch.testing.assert_close(_losses(zero), _losses(single), atol=1e-5, rtol=1e-5)
@@ -99,18 +139,35 @@ def test_zero2_on_two_cpu_ranks_matches_one_process_resumes_and_exports(referenc
     assert [row["epoch"] for row in log if "loss" in row] == [pytest.approx(0.5), pytest.approx(1.0)]
     expected = load_file(single / "model.safetensors")
     _assert_same_weights(load_file(zero / "model.safetensors"), expected, atol=1e-5)
-    assert not torch.equal(load_file(zero / "model.safetensors")["logit_scale.log_value"],
-                           load_file(start / "model.safetensors")["logit_scale.log_value"])  # fmt: skip
+    assert not torch.equal(
+        load_file(zero / "model.safetensors")["logit_scale.log_value"],
+        load_file(start / "model.safetensors")["logit_scale.log_value"],
+    )
     # The ZeRO state of each checkpoint: optimizer partitions per rank.
     assert sorted(p.name for p in (zero / "checkpoint-1" / "global_step1").glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    ]  # fmt: skip
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
 
     # Resume from checkpoint-1: the second step gives the uninterrupted run's weights.
     resumed = tmp_path / "resumed"
-    _torchrun([*data, "--output-dir", str(resumed), "--max_steps", str(STEPS), "--per_device_train_batch_size", "2",
-               "--save_strategy", "no", "--deepspeed", str(ZERO2),
-               "--resume_from_checkpoint", str(zero / "checkpoint-1")])  # fmt: skip
+    _torchrun(
+        [
+            *data,
+            "--output-dir",
+            str(resumed),
+            "--max_steps",
+            str(STEPS),
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+            "--deepspeed",
+            str(ZERO2),
+            "--resume_from_checkpoint",
+            str(zero / "checkpoint-1"),
+        ]
+    )
     _assert_same_weights(load_file(resumed / "model.safetensors"), load_file(zero / "model.safetensors"), 1e-6)
 
     # The last checkpoint exports to a Hub folder with the final weights.
@@ -118,8 +175,9 @@ def test_zero2_on_two_cpu_ranks_matches_one_process_resumes_and_exports(referenc
 
     exported = tmp_path / "exported"
     assert convert_main(["--from-checkpoint", str(zero / f"checkpoint-{STEPS}"), "--output-dir", str(exported)]) in (
-        0, None,
-    )  # fmt: skip
+        0,
+        None,
+    )
     from modeling_mmgem.modeling_mmgem import MMGEMModel
 
     reloaded = MMGEMModel.from_pretrained(exported).state_dict()
@@ -135,9 +193,21 @@ def test_zero3_on_two_cpu_ranks_matches_one_process(reference, tmp_path):
     config["zero_optimization"] = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     zero = tmp_path / "zero3"
-    _torchrun([*reference["data"], "--output-dir", str(zero), "--max_steps", str(STEPS),
-               "--per_device_train_batch_size", "2", "--save_strategy", "no",
-               "--deepspeed", str(tmp_path / "zero3.json")])  # fmt: skip
+    _torchrun(
+        [
+            *reference["data"],
+            "--output-dir",
+            str(zero),
+            "--max_steps",
+            str(STEPS),
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+            "--deepspeed",
+            str(tmp_path / "zero3.json"),
+        ]
+    )
     torch.testing.assert_close(_losses(zero), _losses(reference["single"]), atol=1e-5, rtol=1e-5)
     # The gathered ZeRO-3 weights are saved under the modules' own names; loading maps them as for any checkpoint.
     from modeling_mmgem.modeling_mmgem import MMGEMModel

@@ -163,15 +163,38 @@ def test_readme_torchrun_command_trains_one_distributed_model_on_cpu(tmp_path):
     output = tmp_path / "out"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     command = [
-        torchrun, "--nproc_per_node", "2", "-m", "mmgem.cli", "train",
-        "--from-scratch", "tiny", "--data", str(paths["train"]), "--output-dir", str(output), "--stage", "2",
-        "--max-steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no", "--logging_steps", "1",
-    ]  # fmt: skip
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mmgem.cli",
+        "train",
+        "--from-scratch",
+        "tiny",
+        "--data",
+        str(paths["train"]),
+        "--output-dir",
+        str(output),
+        "--stage",
+        "2",
+        "--max-steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+    ]
     # torchrun reads its rendezvous options from PET_* variables: a free loopback port, the command line unchanged.
     env = {
-        **os.environ, **LOOPBACK_ENV, "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-    }  # fmt: skip
+        **os.environ,
+        **LOOPBACK_ENV,
+        "PET_MASTER_ADDR": "127.0.0.1",
+        "PET_MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SPAWN_DEADLINE_S)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in completed.stderr

@@ -79,7 +79,7 @@ def parse_blocks(text: str, page: Path) -> tuple[list[Block], list[str]]:
             indent, fence, language = match.group("indent"), match.group("fence"), match.group("lang")
             body, j = [], i + 1
             while j < len(lines) and not re.match(rf"^\s*{fence}\s*$", lines[j]):
-                body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
+                body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j].lstrip())
                 j += 1
             if j == len(lines):
                 problems.append(f"{page}:{i + 1}: a code fence that is never closed")
@@ -109,15 +109,34 @@ ALL_BLOCKS = [block for page in doc_pages() for block in page_blocks(page) if bl
 
 # ------------------------------------------------------------------------------------------------ the parser's tests
 def test_parser_finds_blocks_languages_and_skip_reasons():
-    text = "\n".join([
-        "# t", "```python", "x = 1", "```", "", "<!-- docs-test: skip: needs a GPU -->", "```bash", "nvidia-smi",
-        "```", "- item", "  ```bash", "  echo indented", "  ```", "```text", "not run", "```",
-    ])  # fmt: skip
+    text = "\n".join(
+        [
+            "# t",
+            "```python",
+            "x = 1",
+            "```",
+            "",
+            "<!-- docs-test: skip: needs a GPU -->",
+            "```bash",
+            "nvidia-smi",
+            "```",
+            "- item",
+            "  ```bash",
+            "  echo indented",
+            "  ```",
+            "```text",
+            "not run",
+            "```",
+        ]
+    )
     blocks, problems = parse_blocks(text, Path("p.md"))
     assert problems == []
     assert [(b.line, b.runner, b.skip_reason) for b in blocks] == [
-        (2, "python", None), (7, "bash", "needs a GPU"), (11, "bash", None), (14, None, None),
-    ]  # fmt: skip
+        (2, "python", None),
+        (7, "bash", "needs a GPU"),
+        (11, "bash", None),
+        (14, None, None),
+    ]
     assert blocks[2].source == "echo indented\n"
 
 
@@ -196,8 +215,10 @@ def console_scripts(bin_folder: Path) -> Path:
     bin_folder.mkdir(exist_ok=True)
     for name, module, function in CONSOLE_SCRIPT.findall(section):
         script = bin_folder / name
-        script.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; from {module} import {function}; "
-                          f"sys.argv[0] = \"{name}\"; sys.exit({function}())' \"$@\"\n")  # fmt: skip
+        script.write_text(
+            f"#!/bin/sh\nexec {sys.executable} -c 'import sys; from {module} import {function}; "
+            f'sys.argv[0] = "{name}"; sys.exit({function}())\' "$@"\n'
+        )
         script.chmod(0o755)
     return bin_folder
 
@@ -209,8 +230,15 @@ def page_environment(folder: Path) -> dict[str, str]:
     scripts = console_scripts(folder / ".bin")
     env["PATH"] = os.pathsep.join([str(scripts), str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-    env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / ".hf_home"), "TOKENIZERS_PARALLELISM": "false",
-                "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_HOME": str(folder / ".hf_home"),
+            "TOKENIZERS_PARALLELISM": "false",
+            "MPLBACKEND": "Agg",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     return env
 
 
@@ -228,9 +256,13 @@ def run_python(block: Block, run: PageRun) -> None:
 
 def run_bash(block: Block, run: PageRun) -> None:
     result = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", block.source], cwd=run.folder, env=page_environment(run.folder),
-        capture_output=True, text=True, timeout=BASH_TIMEOUT_S,
-    )  # fmt: skip
+        ["bash", "-e", "-o", "pipefail", "-c", block.source],
+        cwd=run.folder,
+        env=page_environment(run.folder),
+        capture_output=True,
+        text=True,
+        timeout=BASH_TIMEOUT_S,
+    )
     assert result.returncode == 0, (
         f"{block.name}: exit status {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     )
@@ -391,8 +423,9 @@ def test_mentioned_paths_names_and_subcommands_exist(page):
 def test_the_declared_commands_run_this_checkout(tmp_path):
     scripts = console_scripts(tmp_path)
     assert {p.name for p in scripts.iterdir()} >= {"mmgem", "mmgem-convert"}
-    result = subprocess.run([str(scripts / "mmgem"), "--help"], capture_output=True, text=True,
-                            env=page_environment(tmp_path), timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [str(scripts / "mmgem"), "--help"], capture_output=True, text=True, env=page_environment(tmp_path), timeout=120
+    )
     assert result.returncode == 0 and "commands:" in result.stdout, result.stderr
 
 
@@ -409,7 +442,8 @@ def test_the_mention_checks_catch_what_they_should():
     assert subcommand_problems("mmgem trian --data x")
     assert subcommand_problems("python -m mmgem.cli bogus")
     assert flag_problems("mmgem train --model m --max_steps 2 --per-device-train-batch-size 4  # --anything") == []
-    assert flag_problems("mmgem train --model m \\\n  --no-such-flag 1") == ["`--no-such-flag` is not an option of "
-                                                                              "`mmgem train`"]
+    assert flag_problems("mmgem train --model m \\\n  --no-such-flag 1") == [
+        "`--no-such-flag` is not an option of `mmgem train`"
+    ]
     assert flag_problems("mmgem-convert --from-checkpoint a --output-dir b --bogus") != []
     assert flag_problems("torchrun -m mmgem.cli train --bogus && mmgem search --index i") != []

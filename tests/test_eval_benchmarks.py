@@ -30,8 +30,10 @@ class StubCache:
 
 
 def _karpathy_fixture(folder, dataset="flickr30k", count=3):
-    entries = [(f"{i}.jpg", shape_image(grey=20 * i), "test", [f"image {i} caption {k}" for k in range(5)])
-               for i in range(count)] + [("train.jpg", shape_image(), "train", ["train"] * 5)]  # fmt: skip
+    entries = [
+        (f"{i}.jpg", shape_image(grey=20 * i), "test", [f"image {i} caption {k}" for k in range(5)])
+        for i in range(count)
+    ] + [("train.jpg", shape_image(), "train", ["train"] * 5)]
     return write_karpathy(folder, dataset, entries)
 
 
@@ -47,10 +49,13 @@ def test_retrieval_recall_matches_a_hand_computation():
     # 2 images, 2 captions each. Image a is closest to b's captions; image b to its own second caption.
     e = torch.eye(3)
     vectors = {
-        "a": e[0], "b": e[1],
-        "a1": e[1] + 0.1 * e[2], "a2": e[0] + 0.5 * e[1],  # a2 is a's best own caption, ranked 2nd for a
-        "b1": e[1] + 0.2 * e[2], "b2": e[1] + 0.01 * e[2],
-    }  # fmt: skip
+        "a": e[0],
+        "b": e[1],
+        "a1": e[1] + 0.1 * e[2],
+        "a2": e[0] + 0.5 * e[1],  # a2 is a's best own caption, ranked 2nd for a
+        "b1": e[1] + 0.2 * e[2],
+        "b2": e[1] + 0.01 * e[2],
+    }
     task = RetrievalTask("toy", ["a", "b"], ["a1", "a2", "b1", "b2"], [0, 0, 1, 1], ks=(1, 2))
     metrics = task.run(StubCache(vectors))
     # image a ranks a2 (0.89) > b2, a1, b1 (all ~0): hit at 1. image b ranks b2 (0.99995) first: hit at 1.
@@ -115,8 +120,11 @@ def test_long_text_benchmarks_read_their_layouts(tmp_path):
 
     docci = tmp_path / "docci"
     (docci / "images").mkdir(parents=True)
-    rows = [{"example_id": f"{s}_{i}", "split": s, "image_file": f"{s}_{i}.jpg", "description": f"{s} {i}"}
-            for s in ("train", "test") for i in range(2)]  # fmt: skip
+    rows = [
+        {"example_id": f"{s}_{i}", "split": s, "image_file": f"{s}_{i}.jpg", "description": f"{s} {i}"}
+        for s in ("train", "test")
+        for i in range(2)
+    ]
     for row in rows:
         shape_image().save(docci / "images" / row["image_file"])
     (docci / "docci_descriptions.jsonlines").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -126,9 +134,9 @@ def test_long_text_benchmarks_read_their_layouts(tmp_path):
     (dci / "annotations").mkdir(parents=True)
     (dci / "photos").mkdir()
     shape_image().save(dci / "photos" / "sa_1.jpg")
-    (dci / "annotations" / "sa_1.json").write_text(json.dumps(
-        {"image": "sa_1.jpg", "short_caption": "A box.", "extra_caption": "It is white.", "mask_data": {}}
-    ))  # fmt: skip
+    (dci / "annotations" / "sa_1.json").write_text(
+        json.dumps({"image": "sa_1.jpg", "short_caption": "A box.", "extra_caption": "It is white.", "mask_data": {}})
+    )
     assert load_benchmark("dci", dci).texts == ["A box. It is white."]
 
     share = tmp_path / "sharegpt4v"
@@ -178,8 +186,11 @@ def test_region_boxes_survive_the_center_crop_exactly():
 
 
 def test_refcocog_refer_layout_groups_regions_by_image(tmp_path):
-    regions = [([8, 4, 40, 30], ["the white box", "a box"], "val"), ([0, 0, 4, 4], ["corner"], "val"),
-               ([1, 1, 5, 5], ["train ref"], "train")]  # fmt: skip
+    regions = [
+        ([8, 4, 40, 30], ["the white box", "a box"], "val"),
+        ([0, 0, 4, 4], ["corner"], "val"),
+        ([1, 1, 5, 5], ["train ref"], "train"),
+    ]
     write_refer(tmp_path, [("COCO_train2014_000000000001.png", shape_image(), regions)])
     task = load_benchmark("refcocog", tmp_path)
     assert len(task.images) == 1 and task.boxes == [[[8.0, 4.0, 40.0, 30.0], [0.0, 0.0, 4.0, 4.0]]]
@@ -217,14 +228,34 @@ def test_mmgem_evaluate_benchmarks_from_the_command_line(tmp_path, tiny, capsys)
     write_refer(tmp_path / "refcocog", [("COCO_train2014_000000000001.png", shape_image(), regions)])
     output = tmp_path / "metrics.json"
     argv = [
-        "--model", str(tmp_path / "model"), "--benchmark", "coco", "coco-captions", "refcocog",
-        "--data-dir", str(tmp_path / "coco"), str(tmp_path / "coco"), str(tmp_path / "refcocog"),
-        "--output", str(output), "--no-progress", "--max-new-tokens", "4", "--batch-size", "4",
-    ]  # fmt: skip
+        "--model",
+        str(tmp_path / "model"),
+        "--benchmark",
+        "coco",
+        "coco-captions",
+        "refcocog",
+        "--data-dir",
+        str(tmp_path / "coco"),
+        str(tmp_path / "coco"),
+        str(tmp_path / "refcocog"),
+        "--output",
+        str(output),
+        "--no-progress",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "4",
+    ]
     assert main(argv) == 0
     metrics = json.loads(output.read_text())
-    assert {"coco/image_to_text/R@10", "coco/text_to_image/R@1", "coco-captions/cider", "coco-captions/meteor",
-            "refcocog/region_caption/cider", "refcocog/text_to_region/R@1"} <= set(metrics)  # fmt: skip
+    assert {
+        "coco/image_to_text/R@10",
+        "coco/text_to_image/R@1",
+        "coco-captions/cider",
+        "coco-captions/meteor",
+        "refcocog/region_caption/cider",
+        "refcocog/text_to_region/R@1",
+    } <= set(metrics)
     assert metrics["coco/image_to_text/R@10"] == 1.0  # 3 images, 15 captions: every image's captions in the top 10
     assert metrics["coco-captions/caption_metrics"] == ["bleu4", "cider", "meteor"]
     table = capsys.readouterr().out
@@ -235,8 +266,16 @@ def test_mmgem_evaluate_benchmarks_from_the_command_line(tmp_path, tiny, capsys)
 
 def test_tables_use_the_papers_columns():
     metrics = {f"flickr30k/{d}/R@{k}": 0.5 for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
-    metrics.update({"urban1k/image_to_text/R@1": 0.8125, "urban1k/text_to_image/R@1": 0.75, "imagenet/top1": 0.7,
-                    "imagenet/top5": 0.9, "coco-captions/bleu4": 0.4, "coco-captions/cider": 1.367})  # fmt: skip
+    metrics.update(
+        {
+            "urban1k/image_to_text/R@1": 0.8125,
+            "urban1k/text_to_image/R@1": 0.75,
+            "imagenet/top1": 0.7,
+            "imagenet/top5": 0.9,
+            "coco-captions/bleu4": 0.4,
+            "coco-captions/cider": 1.367,
+        }
+    )
     text = format_benchmark_tables(metrics, "m")
     assert "| Model | Flickr30K I→T R@1 | Flickr30K I→T R@5 |" in text
     assert "| m     | 50.0" in text and "Urban1k I2T | Urban1k T2I" in text and "81.2" in text

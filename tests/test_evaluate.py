@@ -152,18 +152,28 @@ def _records():
     for index, colour in enumerate(["red", "green", "blue", "red"]):
         image = Image.new("RGB", (16, 16), COLOURS[colour])
         records.append(
-            ImageRecord(image_path=image, caption=f"a {colour} square", metadata={"label": f"{colour} square"},
-                        regions=[RegionRecord(box=[0, 0, 8, 8], caption=f"a {colour} square")], line_number=index + 1)
-        )  # fmt: skip
+            ImageRecord(
+                image_path=image,
+                caption=f"a {colour} square",
+                metadata={"label": f"{colour} square"},
+                regions=[RegionRecord(box=[0, 0, 8, 8], caption=f"a {colour} square")],
+                line_number=index + 1,
+            )
+        )
     return records
 
 
 def test_evaluate_model_embedding_tasks_on_a_stub_with_known_answers():
     records = _records()
     result = evaluate_model(
-        StubModel(), StubProcessor(), records, tasks=("retrieval", "zero_shot"),
-        classes=["red square", "green square", "blue square"], templates=["a {}", "one {}"], progress=False,
-    )  # fmt: skip
+        StubModel(),
+        StubProcessor(),
+        records,
+        tasks=("retrieval", "zero_shot"),
+        classes=["red square", "green square", "blue square"],
+        templates=["a {}", "one {}"],
+        progress=False,
+    )
     metrics = result.metrics
     # Images 0 and 3 are both red with the same caption: either counts, so every retrieval is right.
     for key in ("image_to_text/R@1", "text_to_image/R@1", "image_to_text/R@5", "text_to_image/R@10"):
@@ -178,8 +188,9 @@ def test_evaluate_model_embedding_tasks_on_a_stub_with_known_answers():
 
 def test_zero_shot_labels_must_be_classes_and_tasks_checked():
     with pytest.raises(ValueError, match="not among the classes"):
-        evaluate_model(StubModel(), StubProcessor(), _records(), tasks=("zero_shot",), classes=["red square"],
-                       progress=False)  # fmt: skip
+        evaluate_model(
+            StubModel(), StubProcessor(), _records(), tasks=("zero_shot",), classes=["red square"], progress=False
+        )
     with pytest.raises(ValueError, match="tasks"):
         evaluate_model(StubModel(), StubProcessor(), _records(), tasks=("translation",), progress=False)
 
@@ -237,16 +248,41 @@ def tiny_folder_and_data(tmp_path_factory):
 def test_evaluate_command_writes_all_metrics(tiny_folder_and_data, tmp_path, capsys):
     folder, paths = tiny_folder_and_data
     output = tmp_path / "metrics.json"
-    status = cli_main(["evaluate", "--model", str(folder), "--data", str(paths["test"]), "--output", str(output),
-                       "--max-new-tokens", "4", "--no-progress"])  # fmt: skip
+    status = cli_main(
+        [
+            "evaluate",
+            "--model",
+            str(folder),
+            "--data",
+            str(paths["test"]),
+            "--output",
+            str(output),
+            "--max-new-tokens",
+            "4",
+            "--no-progress",
+        ]
+    )
     assert status == 0
     metrics = json.loads(output.read_text())
     expected = {
-        "image_to_text/R@1", "image_to_text/R@5", "image_to_text/R@10", "text_to_image/R@1", "text_to_image/R@5",
-        "text_to_image/R@10", "zero_shot/accuracy", "caption/bleu4", "caption/cider", "caption/exact_match",
-        "region_caption/bleu4", "region_caption/cider", "region_caption/exact_match", "region_retrieval/R@1",
-        "region_retrieval/text_to_region_R@1", "num_images", "num_regions",
-    }  # fmt: skip
+        "image_to_text/R@1",
+        "image_to_text/R@5",
+        "image_to_text/R@10",
+        "text_to_image/R@1",
+        "text_to_image/R@5",
+        "text_to_image/R@10",
+        "zero_shot/accuracy",
+        "caption/bleu4",
+        "caption/cider",
+        "caption/exact_match",
+        "region_caption/bleu4",
+        "region_caption/cider",
+        "region_caption/exact_match",
+        "region_retrieval/R@1",
+        "region_retrieval/text_to_region_R@1",
+        "num_images",
+        "num_regions",
+    }
     assert expected <= set(metrics)
     assert metrics["num_images"] == 6
     assert all(0.0 <= metrics[k] <= 1.0 for k in expected if "R@" in k or k.endswith(("accuracy", "match")))

@@ -21,8 +21,17 @@ from mmgem.build import DEFAULT_CORPUS, tiny_mmgem
 def micro_run(tmp_path_factory):
     """One micro run of the whole harness (every arm, tiny model, a few steps)."""
     folder = tmp_path_factory.mktemp("experiments")
-    argv = ["--budget", "micro", "--output-dir", str(folder / "work"), "--report-dir", str(folder / "report"),
-            "--no-progress", "--jobs", "1"]  # fmt: skip
+    argv = [
+        "--budget",
+        "micro",
+        "--output-dir",
+        str(folder / "work"),
+        "--report-dir",
+        str(folder / "report"),
+        "--no-progress",
+        "--jobs",
+        "1",
+    ]
     assert main(argv) == 0
     return folder
 
@@ -53,8 +62,17 @@ def test_rerun_reuses_results(micro_run):
     results = sorted((micro_run / "work" / "results").rglob("*.json"))
     stamps = [path.stat().st_mtime_ns for path in results]
     first = json.loads((micro_run / "report" / "results.json").read_text())
-    argv = ["--budget", "micro", "--output-dir", str(micro_run / "work"), "--report-dir", str(micro_run / "again"),
-            "--no-progress", "--jobs", "1"]  # fmt: skip
+    argv = [
+        "--budget",
+        "micro",
+        "--output-dir",
+        str(micro_run / "work"),
+        "--report-dir",
+        str(micro_run / "again"),
+        "--no-progress",
+        "--jobs",
+        "1",
+    ]
     assert main(argv) == 0
     assert [path.stat().st_mtime_ns for path in results] == stamps
     summary = json.loads((micro_run / "again" / "results.json").read_text())
@@ -109,9 +127,11 @@ def test_verdict_rules():
     def arm(retrieval, cider):
         return {"retrieval/R@1": Stat(retrieval), "caption/cider": Stat(cider)}
 
-    same = {"joint": arm([0.80, 0.82, 0.81], [3.0, 3.1, 2.9]),
-            "embedding_only": arm([0.81, 0.80, 0.82], [0.0, 0.0, 0.0]),
-            "caption_only": arm([0.01, 0.02, 0.01], [3.0, 3.0, 3.1])}  # fmt: skip
+    same = {
+        "joint": arm([0.80, 0.82, 0.81], [3.0, 3.1, 2.9]),
+        "embedding_only": arm([0.81, 0.80, 0.82], [0.0, 0.0, 0.0]),
+        "caption_only": arm([0.01, 0.02, 0.01], [3.0, 3.0, 3.1]),
+    }
     assert verdict_objectives(same)[0] == HELD
     worse = dict(same, joint=arm([0.50, 0.52, 0.51], [3.0, 3.1, 2.9]))
     assert verdict_objectives(worse)[0] == NOT_HELD
@@ -127,8 +147,23 @@ def test_verdict_rules():
 
 
 def test_objectives_only_run_trains_the_three_claim_1_arms(tmp_path):
-    assert main(["--budget", "micro", "--only-objectives", "--steps-scale", "2", "--jobs", "1",
-                 "--output-dir", str(tmp_path), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--budget",
+                "micro",
+                "--only-objectives",
+                "--steps-scale",
+                "2",
+                "--jobs",
+                "1",
+                "--output-dir",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "objectives.json").read_text())
     assert summary["budget"]["steps"] == 2 * BUDGETS["micro"].steps
     assert set(summary["results"]) == {"joint", "embedding_only", "caption_only"}

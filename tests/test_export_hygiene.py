@@ -89,4 +89,3 @@ def test_every_exported_file_gets_the_same_mode(tmp_path):
     write_folder(model, processor, tmp_path, build_model_card(model, CardInfo(), "tiny"), "5GB")
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
     assert "model.safetensors" in modes and len(set(modes.values())) == 1, modes
-

@@ -104,8 +104,10 @@ def test_train_and_evaluate_refuse_folder_code(hostile, tmp_path, marker):
 def test_the_opt_in_flags_are_in_the_help(capsys):
     from mmgem.cli import main
 
-    for command, flags in (("train", ["--trust-remote-code", "--allow-outside-data-root"]),
-                           ("evaluate", ["--trust-remote-code", "--allow-outside-data-root"])):  # fmt: skip
+    for command, flags in (
+        ("train", ["--trust-remote-code", "--allow-outside-data-root"]),
+        ("evaluate", ["--trust-remote-code", "--allow-outside-data-root"]),
+    ):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out

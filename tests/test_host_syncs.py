@@ -26,10 +26,22 @@ from modeling_mmgem.modeling_mmgem import check_token_ids
 pytestmark = [pytest.mark.fast, pytest.mark.timeout(300)]
 
 SYNCING = {
-    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
-    torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero, torch.Tensor.cpu, torch.unique,
-    torch.Tensor.unique, torch.masked_select, torch.Tensor.masked_select, torch.argwhere,
-}  # fmt: skip
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+    torch.Tensor.numpy,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.Tensor.cpu,
+    torch.unique,
+    torch.Tensor.unique,
+    torch.masked_select,
+    torch.Tensor.masked_select,
+    torch.argwhere,
+}
 
 
 REPO = Path(__file__).resolve().parents[1]

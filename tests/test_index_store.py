@@ -27,8 +27,10 @@ def file_vectors(index: int) -> np.ndarray:
 
 
 def file_items(index: int) -> list[dict]:
-    return [{"path": f"/photos/{index}.png", "kind": "image" if r == 0 else "region", "file_rows": ROWS}
-            for r in range(ROWS)]  # fmt: skip
+    return [
+        {"path": f"/photos/{index}.png", "kind": "image" if r == 0 else "region", "file_rows": ROWS}
+        for r in range(ROWS)
+    ]
 
 
 def make_index(folder: Path, files: int = FILES) -> Path:
@@ -99,8 +101,10 @@ def test_a_second_writer_is_one_clear_error(tmp_path):
 # ------------------------------------------------------------------------------------------------ damaged items
 DAMAGE = {
     "a stray quote": (lambda ls: ls.__setitem__(10, ls[10].replace(b'"kind"', b'"kind""')), "line 11: not valid JSON"),
-    "an invalid UTF-8 byte": (lambda ls: ls.__setitem__(10, ls[10].replace(b"photos", b"ph\xffotos")),
-                              "line 11: invalid UTF-8"),  # fmt: skip
+    "an invalid UTF-8 byte": (
+        lambda ls: ls.__setitem__(10, ls[10].replace(b"photos", b"ph\xffotos")),
+        "line 11: invalid UTF-8",
+    ),
     "a line removed by hand": (lambda ls: ls.pop(10), "lines 10-11: 2 of the 3 rows of /photos/3.png"),
     "lines swapped by hand": (lambda ls: ls.insert(9, ls.pop(10)), "line 11: row 9 comes after row 10"),
 }
@@ -131,8 +135,9 @@ def test_damage_is_reported_by_line_and_repaired_without_shifting_rows(tmp_path,
 
 def test_a_line_removed_from_an_index_without_rows_is_still_detected(tmp_path):
     folder = make_index(tmp_path / "index")
-    legacy = [json.dumps({k: v for k, v in json.loads(line).items() if k != "row"}).encode() + b"\n"
-              for line in lines(folder)]  # fmt: skip
+    legacy = [
+        json.dumps({k: v for k, v in json.loads(line).items() if k != "row"}).encode() + b"\n" for line in lines(folder)
+    ]
     write_lines(folder, legacy[:4] + legacy[5:])
     with pytest.raises(IndexDamagedError, match="lines 4-5: 2 of the 3 rows of /photos/1.png"):
         VectorStore(folder)

@@ -68,9 +68,16 @@ def test_explicit_incomplete_checkpoint_is_refused(tmp_path):
 
 def test_resume_after_a_kill_during_a_save_and_no_token_in_any_file(dataset, tmp_path):
     options = dict(
-        from_scratch="tiny", data=str(dataset["train"]), per_device_train_batch_size=4, logging_steps=1,
-        disable_tqdm=True, save_strategy="steps", save_steps=1, max_steps=2, hub_token=SECRET,
-    )  # fmt: skip
+        from_scratch="tiny",
+        data=str(dataset["train"]),
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        disable_tqdm=True,
+        save_strategy="steps",
+        save_steps=1,
+        max_steps=2,
+        hub_token=SECRET,
+    )
     output = tmp_path / "run"
     train(output_dir=str(output), **options)
     # The run is killed while checkpoint-2 is written: its trainer_state.json (written last) is cut short.

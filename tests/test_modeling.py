@@ -270,9 +270,15 @@ def test_overfits_eight_image_caption_pairs():
     """A tiny model memorises 8 pairs: perfect in-batch retrieval both ways and exact greedy captions."""
     torch.manual_seed(0)
     captions = [
-        "a red circle", "a blue square", "a green star", "a yellow triangle",
-        "a small purple circle", "a large orange square", "a blue circle on the left", "a red star on the right",
-    ]  # fmt: skip
+        "a red circle",
+        "a blue square",
+        "a green star",
+        "a yellow triangle",
+        "a small purple circle",
+        "a large orange square",
+        "a blue circle on the left",
+        "a red star on the right",
+    ]
     model, processor = tiny_mmgem(texts=captions, projection_type="linear")
     images = random_images(8, seed=1)
     batch = processor(images=images, text=captions)
@@ -408,11 +414,18 @@ def test_folders_saved_with_a_scalar_temperature_still_load(tiny, tmp_path):
 
 def test_config_round_trip_keeps_sub_configs(tmp_path):
     config = MMGEMConfig(
-        vision_config={"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
-                       "num_attention_heads": 4, "vision_use_head": False},
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "num_attention_heads": 4,
+            "vision_use_head": False,
+        },
         text_config={"model_type": "qwen2", "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2},
-        pool_grid_size=2, projection_type="linear",
-    )  # fmt: skip
+        pool_grid_size=2,
+        projection_type="linear",
+    )
     config.save_pretrained(tmp_path)
     loaded = MMGEMConfig.from_pretrained(tmp_path)
     assert loaded.vision_config.model_type == "siglip_vision_model" and loaded.text_config.model_type == "qwen2"

@@ -48,9 +48,7 @@ NOT_RUN = {
     name: "loads a named model from the Hub instead of the parametrized one"
     for name, member in vars(upstream.TestDecoderModels).items()
     if name.startswith("test_")
-    and not any(
-        mark.name == "parametrize" and mark.args[0] == "model_id" for mark in getattr(member, "pytestmark", [])
-    )
+    and not any(mark.name == "parametrize" and mark.args[0] == "model_id" for mark in getattr(member, "pytestmark", []))
 } | {"test_prompt_learning_with_gradient_checkpointing": "trains on a dataset downloaded from the Hub"}
 # Upstream tests that run but are skipped here, with the reason.
 SKIPPED = {

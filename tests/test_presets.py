@@ -41,8 +41,12 @@ def _projection_parameters(in_features: int, out_features: int, projection_type:
 def test_every_preset_builds_with_the_stock_towers_sizes(name):
     vision_config, text_config = _configs(architecture(name))
     spec = architecture(name)
-    config = MMGEMConfig(vision_config=vision_config, text_config=text_config, pool_grid_size=spec["pool_grid_size"],
-                         projection_dim=spec["projection_dim"])  # fmt: skip
+    config = MMGEMConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        pool_grid_size=spec["pool_grid_size"],
+        projection_dim=spec["projection_dim"],
+    )
     with torch.device("meta"):
         model = MMGEMModel(config)
         stock_vision = AutoModel.from_config(vision_config)

@@ -53,9 +53,13 @@ def composed(real_sources, tmp_path_factory) -> dict[str, Path]:
         args = ["--vision-model", str(real_sources["vision"]), "--language-model", str(real_sources[layout])]
         args += ["--output-dir", str(folders[layout]), "--pool-grid-size", "2", "--projection-dim", "64"]
         result = subprocess.run(
-            [sys.executable, "-m", "mmgem.conversion.convert_mmgem", *args], cwd=root, env=env, capture_output=True,
-            text=True, timeout=600,
-        )  # fmt: skip
+            [sys.executable, "-m", "mmgem.conversion.convert_mmgem", *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         assert "Reload check passed" in result.stderr
     return folders
@@ -182,10 +186,31 @@ def test_lora_training_round_trip_on_a_real_llm(composed, shapes, layout, tmp_pa
     work = composed[layout].parent
     output = tmp_path / "lora-run"
     result = run_cli(
-        "train", "--model", composed[layout].name, "--data", str(shapes), "--output-dir", str(output), "--lora",
-        "--lora-r", "4", "--max-steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-        "--save_strategy", "no", "--disable_tqdm", "true", "--logging_steps", "1", cwd=work, timeout=600,
-    )  # fmt: skip
+        "train",
+        "--model",
+        composed[layout].name,
+        "--data",
+        str(shapes),
+        "--output-dir",
+        str(output),
+        "--lora",
+        "--lora-r",
+        "4",
+        "--max-steps",
+        "3",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+        cwd=work,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     log = json.loads((output / "training_log.json").read_text())
     losses = [row["loss"] for row in log if "loss" in row]

@@ -26,10 +26,27 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "vitl14-tinyllama"
 # Tiny-size overrides of the recipe (given after its files: the command line wins).
 TINY = [
-    "--from-scratch", "tiny", "--max-steps", "2", "--per_device_train_batch_size", "2",
-    "--dataloader_num_workers", "1", "--dataloader_prefetch_factor", "2", "--use_cpu", "true",
-    "--torch-threads", "1", "--disable_tqdm", "true", "--logging_steps", "1", "--save_strategy", "no",
-]  # fmt: skip
+    "--from-scratch",
+    "tiny",
+    "--max-steps",
+    "2",
+    "--per_device_train_batch_size",
+    "2",
+    "--dataloader_num_workers",
+    "1",
+    "--dataloader_prefetch_factor",
+    "2",
+    "--use_cpu",
+    "true",
+    "--torch-threads",
+    "1",
+    "--disable_tqdm",
+    "true",
+    "--logging_steps",
+    "1",
+    "--save_strategy",
+    "no",
+]
 
 
 def _args_file(name: str) -> list[str]:
@@ -57,12 +74,30 @@ def test_stage1_dry_runs_on_two_gloo_processes_from_webdataset_shards(tmp_path):
     write_shards(tmp_path / "shards", samples, per_shard=4)
     output = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-        LOOPBACK_ENV["MASTER_ADDR"], "--master_port", str(_free_port()), "-m", "mmgem.cli", "train",
-        *_args_file("stage1.args"), *_args_file("ddp.args"), *TINY, "--data", f"{tmp_path}/shards/{{00000..00003}}.tar",
-        "--output-dir", str(output), "--ddp_backend", "gloo",
-        "--ddp_timeout", str(int(RENDEZVOUS_TIMEOUT.total_seconds())),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        LOOPBACK_ENV["MASTER_ADDR"],
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "mmgem.cli",
+        "train",
+        *_args_file("stage1.args"),
+        *_args_file("ddp.args"),
+        *TINY,
+        "--data",
+        f"{tmp_path}/shards/{{00000..00003}}.tar",
+        "--output-dir",
+        str(output),
+        "--ddp_backend",
+        "gloo",
+        "--ddp_timeout",
+        str(int(RENDEZVOUS_TIMEOUT.total_seconds())),
+    ]
     env = {**os.environ, **LOOPBACK_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SPAWN_DEADLINE_S, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -74,11 +109,19 @@ def test_stage1_dry_runs_on_two_gloo_processes_from_webdataset_shards(tmp_path):
 def test_stage2_dry_runs_on_visual_genome_regions(tmp_path):
     from mmgem.training.train import main
 
-    entries = [(i, shape_image(), [([8, 4, 40, 30], "a white rectangle"), ([20, 10, 30, 20], f"part {i}")])
-               for i in range(4)]  # fmt: skip
+    entries = [
+        (i, shape_image(), [([8, 4, 40, 30], "a white rectangle"), ([20, 10, 30, 20], f"part {i}")]) for i in range(4)
+    ]
     path = write_visual_genome(tmp_path / "vg", entries)
-    argv = [*_args_file("stage2.args"), *_args_file("ddp.args"), *TINY, "--data", str(path), "--output-dir",
-            str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        *_args_file("stage2.args"),
+        *_args_file("ddp.args"),
+        *TINY,
+        "--data",
+        str(path),
+        "--output-dir",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     log = json.loads((tmp_path / "out" / "training_log.json").read_text())
     assert log[0]["loss_contrastive"] > 0 and (tmp_path / "out" / "model.safetensors").is_file()
@@ -135,11 +178,18 @@ def _fsdp2_rank(rank: int, port: int, out: str) -> None:
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         worst = max(float((grads[n] - p.grad).abs().max()) for n, p in reference.named_parameters())
         if rank == 0:
-            Path(out).write_text(json.dumps({
-                "loss": float(loss), "expected": float(expected), "worst_grad_diff": worst,
-                "wrapped": len(wrapped), "sharded": sum(hasattr(p, "full_tensor") for p in model.parameters()),
-                "parameters": len(list(model.parameters())),
-            }))  # fmt: skip
+            Path(out).write_text(
+                json.dumps(
+                    {
+                        "loss": float(loss),
+                        "expected": float(expected),
+                        "worst_grad_diff": worst,
+                        "wrapped": len(wrapped),
+                        "sharded": sum(hasattr(p, "full_tensor") for p in model.parameters()),
+                        "parameters": len(list(model.parameters())),
+                    }
+                )
+            )
     finally:
         dist.destroy_process_group()
 

@@ -21,8 +21,14 @@ def test_the_committed_results_page_and_readme_table_are_generated():
 @pytest.fixture()
 def checkout(tmp_path) -> Path:
     """The files the generator reads and writes, copied into a scratch checkout."""
-    paths = [results.PAGE, results.README, results.DEMO_CURVE, results.EXPERIMENTS, results.CLAIM1_X4,
-             *results.BENCHMARKS]  # fmt: skip
+    paths = [
+        results.PAGE,
+        results.README,
+        results.DEMO_CURVE,
+        results.EXPERIMENTS,
+        results.CLAIM1_X4,
+        *results.BENCHMARKS,
+    ]
     for path in paths:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO_ROOT / path, tmp_path / path)

@@ -47,8 +47,10 @@ def test_the_order_is_a_function_of_seed_and_epoch():
 def test_two_ranks_get_whole_batches_of_the_single_process_order():
     sampler = HardNegativeSampler(GROUPS, batch_size=4, group_size=4, seed=0)
     single = list(BatchSampler(sampler, batch_size=4, drop_last=False))
-    shards = [list(BatchSamplerShard(BatchSampler(sampler, 4, False), num_processes=2, process_index=rank))
-              for rank in range(2)]  # fmt: skip
+    shards = [
+        list(BatchSamplerShard(BatchSampler(sampler, 4, False), num_processes=2, process_index=rank))
+        for rank in range(2)
+    ]
     # accelerate hands batch k to rank k % 2 (and pads the last round from the start): each rank sees whole blocks.
     for k, batch in enumerate(single[:-1]):
         assert shards[k % 2][k // 2] == batch
@@ -80,15 +82,15 @@ def single_object_data(tmp_path_factory):
     from mmgem.synthetic import generate_dataset
 
     folder = tmp_path_factory.mktemp("data") / "singles"
-    return generate_dataset(folder, 40, 2, 2, image_size=32, seed=5, max_objects=1, num_heldout_pairs=0,
-                            progress=False)  # fmt: skip
+    return generate_dataset(folder, 40, 2, 2, image_size=32, seed=5, max_objects=1, num_heldout_pairs=0, progress=False)
 
 
 def test_synthetic_records_carry_their_colour_group(single_object_data):
     from mmgem.synthetic import generate_dataset
 
-    multi = generate_dataset(single_object_data["root"].parent / "multi", 6, 0, 0, image_size=48, seed=1,
-                             progress=False)  # fmt: skip
+    multi = generate_dataset(
+        single_object_data["root"].parent / "multi", 6, 0, 0, image_size=48, seed=1, progress=False
+    )
     for record in load_jsonl_records(multi["train"]) + load_jsonl_records(single_object_data["train"]):
         expected = " ".join(sorted(o["colour"] for o in record.metadata["objects"]))
         assert record.metadata["colour_group"] == expected
@@ -108,9 +110,18 @@ def test_training_batches_hold_whole_colour_groups(single_object_data, tmp_path,
     monkeypatch.setattr(collator.MMGEMCollator, "__call__", spy)
     records = load_jsonl_records(single_object_data["train"])
     groups = Counter(r.metadata["colour_group"] for r in records)
-    train(from_scratch="tiny", data=str(single_object_data["train"]), output_dir=str(tmp_path / "out"), max_steps=10,
-          per_device_train_batch_size=4, hard_negative_field="colour_group", hard_negative_group_size=2,
-          logging_steps=5, save_strategy="no", disable_tqdm=True)  # fmt: skip
+    train(
+        from_scratch="tiny",
+        data=str(single_object_data["train"]),
+        output_dir=str(tmp_path / "out"),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        hard_negative_field="colour_group",
+        hard_negative_group_size=2,
+        logging_steps=5,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     assert len(seen) == 10 and sorted(sum(seen, [])) == sorted(r.metadata["colour_group"] for r in records)
     pairs = [batch[start : start + 2] for batch in seen for start in (0, 2)]
     same = Counter(pair[0] for pair in pairs if pair[0] == pair[1])
@@ -133,8 +144,13 @@ def test_colour_group_helper_matches_the_captions():
 def test_train_rejects_bad_hard_negative_options(single_object_data, tmp_path):
     from mmgem.training.train import train
 
-    common = dict(from_scratch="tiny", data=str(single_object_data["train"]), output_dir=str(tmp_path / "o"),
-                  max_steps=1, disable_tqdm=True)  # fmt: skip
+    common = dict(
+        from_scratch="tiny",
+        data=str(single_object_data["train"]),
+        output_dir=str(tmp_path / "o"),
+        max_steps=1,
+        disable_tqdm=True,
+    )
     with pytest.raises(ValueError, match="multiple of `hard_negative_group_size`"):
         train(hard_negative_field="colour_group", hard_negative_group_size=3, per_device_train_batch_size=4, **common)
     with pytest.raises(ValueError, match="`hard_negative_field` 'shape_group'"):

@@ -48,11 +48,23 @@ def collection(tmp_path_factory):
     import pyarrow as pa
 
     (root / "table").mkdir()
-    pq.write_table(pa.table({"image": [{"bytes": d, "path": None} for d in encoded],
-                             "caption": [f"picture {i}" for i in range(NUM_IMAGES)]}),
-                   root / "table" / "train-00000.parquet")  # fmt: skip
-    return {"root": root, "model": root / "model", "folder": root / "images", "images": images, "model_obj": model,
-            "processor": processor}  # fmt: skip
+    pq.write_table(
+        pa.table(
+            {
+                "image": [{"bytes": d, "path": None} for d in encoded],
+                "caption": [f"picture {i}" for i in range(NUM_IMAGES)],
+            }
+        ),
+        root / "table" / "train-00000.parquet",
+    )
+    return {
+        "root": root,
+        "model": root / "model",
+        "folder": root / "images",
+        "images": images,
+        "model_obj": model,
+        "processor": processor,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +93,15 @@ def test_ray_embedding_of_a_folder_equals_the_single_process_vectors_and_resumes
     from mmgem.scale.ray_embed import embed_collection, part_files
 
     output = tmp_path / "out"
-    summary = embed_collection(collection["model"], collection["folder"], output, concurrency=2, batch_size=3,
-                               part_size=PART_SIZE, progress=False)  # fmt: skip
+    summary = embed_collection(
+        collection["model"],
+        collection["folder"],
+        output,
+        concurrency=2,
+        batch_size=3,
+        part_size=PART_SIZE,
+        progress=False,
+    )
     assert (summary["parts"], summary["written"], summary["skipped"], summary["images"]) == (3, 3, 0, NUM_IMAGES)
     ids, vectors = _read_embeddings(output)
     assert [Path(i).name for i in ids] == [f"{i:02d}.png" for i in range(NUM_IMAGES)]
@@ -93,15 +112,24 @@ def test_ray_embedding_of_a_folder_equals_the_single_process_vectors_and_resumes
     np.testing.assert_array_equal(npy, vectors)
     assert metadata.column("image_path").to_pylist() == ids
     assert npy.dtype == np.float32 and [np.load(f).shape[0] for f in sorted((output / "img_emb").glob("*.npy"))] == [
-        4, 4, 2,
-    ]  # fmt: skip
+        4,
+        4,
+        2,
+    ]
     assert not list(output.rglob(".*.tmp"))
 
     # A rerun after losing one part writes only that part, with the same vectors.
     part_files(output, 1)[0].unlink()
     before = {p: p.stat().st_mtime_ns for p in (part_files(output, 0)[0], part_files(output, 2)[0])}
-    again = embed_collection(collection["model"], collection["folder"], output, concurrency=1, batch_size=4,
-                             part_size=PART_SIZE, progress=False)  # fmt: skip
+    again = embed_collection(
+        collection["model"],
+        collection["folder"],
+        output,
+        concurrency=1,
+        batch_size=4,
+        part_size=PART_SIZE,
+        progress=False,
+    )
     assert (again["written"], again["skipped"], again["images"]) == (1, 2, PART_SIZE)
     assert {p: p.stat().st_mtime_ns for p in before} == before
     np.testing.assert_allclose(_read_embeddings(output)[1], vectors, atol=0, rtol=0)
@@ -119,8 +147,9 @@ def test_ray_embeds_webdataset_shards_and_parquet_with_their_texts(collection, l
     expected = _expected(collection)
     for source in (collection["root"] / "shard-000.tar", collection["root"] / "table"):
         output = tmp_path / source.stem
-        embed_collection(collection["model"], source, output, concurrency=2, batch_size=4, part_size=PART_SIZE,
-                         progress=False)  # fmt: skip
+        embed_collection(
+            collection["model"], source, output, concurrency=2, batch_size=4, part_size=PART_SIZE, progress=False
+        )
         ids, vectors = _read_embeddings(output)
         assert len(ids) == NUM_IMAGES and all("#" in i for i in ids)
         np.testing.assert_allclose(vectors, expected, atol=1e-5, rtol=0)
@@ -158,8 +187,16 @@ def test_lancedb_backend_answers_as_the_faiss_index_for_index_search_and_ray_out
     from mmgem.search.lance_store import LanceStore, is_lance_index
 
     model, processor = collection["model_obj"], collection["processor"]
-    common = ["--model", str(collection["model"]), "--images", str(collection["folder"]), "--no-progress",
-              "--captions", "--caption-tokens", "4"]  # fmt: skip
+    common = [
+        "--model",
+        str(collection["model"]),
+        "--images",
+        str(collection["folder"]),
+        "--no-progress",
+        "--captions",
+        "--caption-tokens",
+        "4",
+    ]
     assert main(["index", *common, "--output", str(tmp_path / "faiss"), "--exact"]) == 0
     assert main(["index", *common, "--output", str(tmp_path / "lance"), "--backend", "lancedb"]) == 0
     assert is_lance_index(tmp_path / "lance") and not is_lance_index(tmp_path / "faiss")
@@ -177,8 +214,20 @@ def test_lancedb_backend_answers_as_the_faiss_index_for_index_search_and_ray_out
 
     # Ray output -> LanceDB without embedding again: the same image hits.
     embedded = tmp_path / "embedded"
-    embed = ["embed", "--model", str(collection["model"]), "--images", str(collection["folder"]), "--output",
-             str(embedded), "--part-size", "4", "--lancedb", str(tmp_path / "from-ray"), "--no-progress"]  # fmt: skip
+    embed = [
+        "embed",
+        "--model",
+        str(collection["model"]),
+        "--images",
+        str(collection["folder"]),
+        "--output",
+        str(embedded),
+        "--part-size",
+        "4",
+        "--lancedb",
+        str(tmp_path / "from-ray"),
+        "--no-progress",
+    ]
     assert main(embed) == 0
     ray_search = ImageSearch(tmp_path / "from-ray", model, processor)
     for query in ("a red circle", "green square"):

@@ -46,8 +46,9 @@ def build(model_and_processor, images, output, **kwargs):
 
 
 def test_index_holds_every_image_region_and_caption(model_and_processor, image_dir, tmp_path):
-    summary = build(model_and_processor, image_dir, tmp_path / "index", captions=True, region_grids=[2, 3],
-                    batch_size=2)  # fmt: skip
+    summary = build(
+        model_and_processor, image_dir, tmp_path / "index", captions=True, region_grids=[2, 3], batch_size=2
+    )
     assert summary["added"] == 5 and summary["failed"] == []
     store = VectorStore(tmp_path / "index")
     paths = sorted({item["path"] for item in store.items})
@@ -79,8 +80,12 @@ def test_vectors_equal_the_models_own_embeddings(model_and_processor, image_dir,
     np.testing.assert_allclose(store.vectors[rows["caption"]], normalise(text, dim=-1)[0].numpy(), atol=1e-5)
     region_rows = [i for i, item in enumerate(store.items) if item["path"] == path and item["kind"] == "region"]
     np.testing.assert_allclose(store.vectors[region_rows], normalise(regions, dim=-1).numpy(), atol=1e-5)
-    assert [store.items[i]["box"] for i in region_rows] == [[0, 0, 32, 32], [32, 0, 64, 32], [0, 32, 32, 64],
-                                                            [32, 32, 64, 64]]  # fmt: skip
+    assert [store.items[i]["box"] for i in region_rows] == [
+        [0, 0, 32, 32],
+        [32, 0, 64, 32],
+        [0, 32, 32, 64],
+        [32, 32, 64, 64],
+    ]
 
 
 def test_search_by_image_region_and_caption_finds_the_exact_match(model_and_processor, image_dir, tmp_path):
@@ -205,13 +210,25 @@ def test_group_by_path_keeps_the_best_hit_per_image():
 def run_cli(*args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(REPO)  # the worktree's code (the venv's editable install may point elsewhere)
-    return subprocess.run([sys.executable, "-m", "mmgem.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "mmgem.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_index_then_search_as_a_user_types_it(model_dir, image_dir, tmp_path):
-    result = run_cli("index", "--model", str(model_dir), "--images", str(image_dir), "--output", "idx",
-                     "--captions", "--region-grids", "2", cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "index",
+        "--model",
+        str(model_dir),
+        "--images",
+        str(image_dir),
+        "--output",
+        "idx",
+        "--captions",
+        "--region-grids",
+        "2",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "Indexed 5 new images" in result.stdout and "Indexing images" in result.stderr  # tqdm bar
     target = image_dir / "shape_1.png"
@@ -272,9 +289,15 @@ def test_search_benchmark_runs_and_meets_the_recall_target(tmp_path):
     argv = ["--quick", "--counts", "300", "--images", "4", "--threads", "1", "--libraries", "--output", str(tmp_path)]
     assert search_benchmark.main(argv) == 0
     records = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
-    assert set(records) == {"query_latency_300", "ann_only_latency_300", "recall@10_300", "indexing",
-                            "usearch_vs_faiss_build_300", "usearch_vs_faiss_query_300",
-                            "usearch_vs_faiss_recall@10_300"}  # fmt: skip
+    assert set(records) == {
+        "query_latency_300",
+        "ann_only_latency_300",
+        "recall@10_300",
+        "indexing",
+        "usearch_vs_faiss_build_300",
+        "usearch_vs_faiss_query_300",
+        "usearch_vs_faiss_recall@10_300",
+    }
     assert records["recall@10_300"]["ours_s"] >= 0.99 and records["recall@10_300"]["met"] is True
     assert all(r["ours_s"] > 0 and r["baseline_s"] > 0 for r in records.values())
     assert "| indexing |" in (tmp_path / "table.md").read_text()

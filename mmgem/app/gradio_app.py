@@ -79,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", help="an index folder written by `mmgem index` (else: search uploaded images)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's 7860, or the next free one)")
-    parser.add_argument("--max-upload-mb", type=float, default=None,
-                        help="largest upload in megabytes (default: $MMGEM_APP_MAX_UPLOAD_MB or 20)")  # fmt: skip
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=None,
+        help="largest upload in megabytes (default: $MMGEM_APP_MAX_UPLOAD_MB or 20)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow Python code shipped in the --model folder to run")  # fmt: skip
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow Python code shipped in the --model folder to run"
+    )
     return parser
 
 

@@ -72,8 +72,10 @@ def _capped_open(path: str) -> Image.Image:
     """Open an image file, refusing more than FALLBACK_MAX_PIXELS from its header (before decoding)."""
     with Image.open(path) as image:
         if image.width * image.height > FALLBACK_MAX_PIXELS:
-            raise ValueError(f"{os.path.basename(path)} has {image.width}x{image.height} pixels, more than "
-                             f"{FALLBACK_MAX_PIXELS:,}; resize it first.")  # fmt: skip
+            raise ValueError(
+                f"{os.path.basename(path)} has {image.width}x{image.height} pixels, more than "
+                f"{FALLBACK_MAX_PIXELS:,}; resize it first."
+            )
         return image.convert("RGB")
 
 
@@ -226,10 +228,14 @@ class UploadedCollection:
 
 # ------------------------------------------------------------------------------------------------ the page
 def build_demo(
-    model: Any, processor: Any, search_text: TextSearch | None = None, search_region: RegionSearch | None = None,
-    title: str = "MM-GEM", default_labels: str = "cat, dog, car, person",
+    model: Any,
+    processor: Any,
+    search_text: TextSearch | None = None,
+    search_region: RegionSearch | None = None,
+    title: str = "MM-GEM",
+    default_labels: str = "cat, dog, car, person",
     load_image: Callable[[str], Image.Image] | None = None,
-) -> gr.Blocks:  # fmt: skip
+) -> gr.Blocks:
     """The Gradio page. With `search_text` / `search_region` (an index), searches go there; else to uploads.
     `load_image` reads uploads (default: the model's own loader, as the index reads its images)."""
     tools = MMGEMTools(model, processor)
@@ -280,10 +286,15 @@ def build_demo(
                 with gr.Column():
                     # A path, not a decoded image: gradio then only reads the header, and our loader (with its
                     # pixel cap) decodes the file when a button needs it.
-                    image = gr.Image(type="filepath", image_mode=None, label="Image (click two corners to draw a box)",
-                                     elem_id="query-image")  # fmt: skip
-                    labels = gr.Textbox(value=default_labels, label="Zero-shot labels (comma-separated)",
-                                        elem_id="labels")  # fmt: skip
+                    image = gr.Image(
+                        type="filepath",
+                        image_mode=None,
+                        label="Image (click two corners to draw a box)",
+                        elem_id="query-image",
+                    )
+                    labels = gr.Textbox(
+                        value=default_labels, label="Zero-shot labels (comma-separated)", elem_id="labels"
+                    )
                     describe_button = gr.Button("Caption and labels", variant="primary", elem_id="describe")
                 with gr.Column():
                     caption = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
@@ -301,10 +312,21 @@ def build_demo(
             query = gr.Textbox(label="Text", placeholder="a red car", elem_id="query", max_length=MAX_QUERY_CHARS)
             with gr.Row():
                 k = gr.Slider(1, 48, value=12, step=1, label="Results")
-                weight = gr.Slider(0.0, 1.0, value=0.5, step=0.05, visible=indexed, elem_id="caption-weight",
-                                   label="Caption weight (0: image embedding only, 1: the model's captions only)")
-            files = gr.File(file_count="multiple", file_types=["image"], visible=not indexed,
-                            label="Images to search (no index given)")  # fmt: skip
+                weight = gr.Slider(
+                    0.0,
+                    1.0,
+                    value=0.5,
+                    step=0.05,
+                    visible=indexed,
+                    elem_id="caption-weight",
+                    label="Caption weight (0: image embedding only, 1: the model's captions only)",
+                )
+            files = gr.File(
+                file_count="multiple",
+                file_types=["image"],
+                visible=not indexed,
+                label="Images to search (no index given)",
+            )
             search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             gallery = gr.Gallery(label="Best matches", columns=4, elem_id="search-gallery")
         first_corner = gr.State(None)
@@ -312,8 +334,12 @@ def build_demo(
         image.upload(lambda path: frame_of_the_model(load, path), image, image, api_visibility="private")
         image.select(corner, [image, first_corner], [first_corner, box], api_visibility="private")
         describe_button.click(describe, [image, labels], [caption, label_output], api_name="describe")
-        region_button.click(region, [image, box, region_k, uploaded], [region_caption, region_preview, region_gallery],
-                            api_name="region")  # fmt: skip
+        region_button.click(
+            region,
+            [image, box, region_k, uploaded],
+            [region_caption, region_preview, region_gallery],
+            api_name="region",
+        )
         files.change(collection.add, files, uploaded, api_visibility="private")
         search_button.click(search, [query, k, weight, uploaded], gallery, api_name="search")
         query.submit(search, [query, k, weight, uploaded], gallery, api_visibility="private")
@@ -335,8 +361,11 @@ def main() -> None:
     model = AutoModel.from_pretrained(location, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(location, trust_remote_code=True)
     port = int(os.environ["GRADIO_SERVER_PORT"]) if "GRADIO_SERVER_PORT" in os.environ else None
-    launch(build_demo(model, processor, title=os.path.basename(location.rstrip("/")) or "MM-GEM"),
-           host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), port=port)  # fmt: skip
+    launch(
+        build_demo(model, processor, title=os.path.basename(location.rstrip("/")) or "MM-GEM"),
+        host=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        port=port,
+    )
 
 
 if __name__ == "__main__":

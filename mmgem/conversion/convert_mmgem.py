@@ -119,11 +119,19 @@ def _start_export(output_dir: str | Path, options: ExportOptions, sources: list[
     return _Export(output_dir, torch_dtype, push_token)
 
 
-def _finish_export(export: _Export, holder: Composition, card_info: CardInfo, options: ExportOptions,
-                   **publish_kwargs: Any) -> Path:  # fmt: skip
+def _finish_export(
+    export: _Export, holder: Composition, card_info: CardInfo, options: ExportOptions, **publish_kwargs: Any
+) -> Path:
     """Write (and reload-check) the folder, then push it if asked."""
-    publish(holder, export.output_dir, card_info, max_shard_size=options.max_shard_size,
-            overwrite=options.overwrite, verify=options.verify, **publish_kwargs)  # fmt: skip
+    publish(
+        holder,
+        export.output_dir,
+        card_info,
+        max_shard_size=options.max_shard_size,
+        overwrite=options.overwrite,
+        verify=options.verify,
+        **publish_kwargs,
+    )
     if options.push_to_hub:
         push_folder(export.output_dir, options.push_to_hub, private=options.private, token=export.push_token)
     return export.output_dir

@@ -342,7 +342,7 @@ def load_imagefolder_records(
         raise ValueError(f"cache_dir {cache_dir} is inside the data folder {folder}; put it elsewhere.")
     if not any(any(Path(folder).rglob(name)) for name in METADATA_FILES):
         raise ValueError(
-            f"{folder}: no metadata.jsonl in this image folder (expected one JSON line per image with \"file_name\" "
+            f'{folder}: no metadata.jsonl in this image folder (expected one JSON line per image with "file_name" '
             'and "caption"; see mmgem.data.records.export_imagefolder).'
         )
     dataset = datasets.load_dataset(

@@ -143,11 +143,16 @@ def open_sources(args: Any, shuffle: bool = True) -> tuple[list[Source], list[fl
     sources = []
     for spec, data_format, root in zip(specs, formats, roots):
         options = SourceOptions(
-            image_root=root, image_column=args.image_column, caption_column=args.caption_column,
-            regions_column=args.regions_column, split=args.data_split, resampled=args.data_resampled,
-            shuffle=shuffle, shuffle_buffer=args.shuffle_buffer,
+            image_root=root,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            regions_column=args.regions_column,
+            split=args.data_split,
+            resampled=args.data_resampled,
+            shuffle=shuffle,
+            shuffle_buffer=args.shuffle_buffer,
             allow_outside_data_root=bool(getattr(args, "allow_outside_data_root", False)),
-        )  # fmt: skip
+        )
         sources.append(open_source(spec, data_format, options, args.data_on_error))
     return sources, weights
 
@@ -183,8 +188,12 @@ def _open_image(value: Any) -> tuple[Image.Image | None, str | None]:
 
 def _clip(box: list[float], size: tuple[int, int]) -> list[float]:
     width, height = size
-    return [min(max(box[0], 0), width), min(max(box[1], 0), height), min(max(box[2], 0), width),
-            min(max(box[3], 0), height)]  # fmt: skip
+    return [
+        min(max(box[0], 0), width),
+        min(max(box[1], 0), height),
+        min(max(box[2], 0), width),
+        min(max(box[3], 0), height),
+    ]
 
 
 def _pixel_regions(raw: dict[str, Any], size: tuple[int, int]) -> tuple[Any, list[str]]:
@@ -243,9 +252,15 @@ class StreamingImageTextDataset(IterableDataset):
     """
 
     def __init__(
-        self, sources: Sequence[Source], weights: Sequence[float] | None = None, on_error: str = "fail",
-        use_long_caption: bool = False, with_regions: bool = True, seed: int = 0, epochs: int | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        sources: Sequence[Source],
+        weights: Sequence[float] | None = None,
+        on_error: str = "fail",
+        use_long_caption: bool = False,
+        with_regions: bool = True,
+        seed: int = 0,
+        epochs: int | None = None,
+    ) -> None:
         _check_policy(on_error)
         if not sources:
             raise ValueError("StreamingImageTextDataset needs at least one source.")

@@ -311,10 +311,13 @@ def format_benchmark_tables(metrics: dict[str, Any], model_name: str = "MM-GEM")
     for bench in ("imagenet", "imagefolder"):
         if f"{bench}/top1" in metrics:
             label = "ImageNet" if bench == "imagenet" else "ImageFolder"
-            tables.append("Zero-shot classification\n" + _table(
-                ["Model", f"{label} top-1", f"{label} top-5"],
-                [model_name, _percent(metrics, f"{bench}/top1"), _percent(metrics, f"{bench}/top5")],
-            ))  # fmt: skip
+            tables.append(
+                "Zero-shot classification\n"
+                + _table(
+                    ["Model", f"{label} top-1", f"{label} top-5"],
+                    [model_name, _percent(metrics, f"{bench}/top1"), _percent(metrics, f"{bench}/top5")],
+                )
+            )
     long = [b for b in ("urban1k", "docci", "dci", "sharegpt4v-1k") if f"{b}/image_to_text/R@1" in metrics]
     if long:
         names = {"urban1k": "Urban1k", "docci": "DOCCI", "dci": "DCI", "sharegpt4v-1k": "ShareGPT4V-1k"}
@@ -325,13 +328,24 @@ def format_benchmark_tables(metrics: dict[str, Any], model_name: str = "MM-GEM")
         tables.append("Long-text retrieval (R@1)\n" + _table(header, row))
     if "coco-captions/bleu4" in metrics:
         keys = [("B@4", "bleu4"), ("M", "meteor"), ("C", "cider"), ("S", "spice")]
-        tables.append("COCO captioning (Karpathy test)\n" + _table(
-            ["Model"] + [k for k, _ in keys], [model_name] + [_percent(metrics, f"coco-captions/{m}") for _, m in keys]
-        ))  # fmt: skip
+        tables.append(
+            "COCO captioning (Karpathy test)\n"
+            + _table(
+                ["Model"] + [k for k, _ in keys],
+                [model_name] + [_percent(metrics, f"coco-captions/{m}") for _, m in keys],
+            )
+        )
     if "refcocog/region_to_text/R@1" in metrics:
-        keys = [("CIDEr", "region_caption/cider"), ("METEOR", "region_caption/meteor"),
-                ("Region→Text R@1", "region_to_text/R@1"), ("Text→Region R@1", "text_to_region/R@1")]  # fmt: skip
-        tables.append("RefCOCOg region captioning and retrieval\n" + _table(
-            ["Model"] + [k for k, _ in keys], [model_name] + [_percent(metrics, f"refcocog/{m}") for _, m in keys]
-        ))  # fmt: skip
+        keys = [
+            ("CIDEr", "region_caption/cider"),
+            ("METEOR", "region_caption/meteor"),
+            ("Region→Text R@1", "region_to_text/R@1"),
+            ("Text→Region R@1", "text_to_region/R@1"),
+        ]
+        tables.append(
+            "RefCOCOg region captioning and retrieval\n"
+            + _table(
+                ["Model"] + [k for k, _ in keys], [model_name] + [_percent(metrics, f"refcocog/{m}") for _, m in keys]
+            )
+        )
     return "\n\n".join(tables)

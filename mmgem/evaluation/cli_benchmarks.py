@@ -54,9 +54,14 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         model, processor = load_model(args.model, args.trust_remote_code)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = EmbeddingCache(
-        model.to(device), processor, args.cache_dir, args.batch_size, not args.no_progress, args.max_new_tokens,
+        model.to(device),
+        processor,
+        args.cache_dir,
+        args.batch_size,
+        not args.no_progress,
+        args.max_new_tokens,
         args.num_beams,
-    )  # fmt: skip
+    )
     metrics: dict[str, Any] = run_tasks(tasks, cache)
     if args.limit:
         metrics["limit"] = args.limit

@@ -168,9 +168,15 @@ def evaluate_model(
 
 
 def _plan_tasks(
-    records: Sequence[Any], images: list[Any], tasks: Sequence[str], classes: Sequence[str] | None,
-    templates: Sequence[str], template_reduction: str, label_fn: Callable[[Any], str | None], limit: int,
-) -> dict[str, Any]:  # fmt: skip
+    records: Sequence[Any],
+    images: list[Any],
+    tasks: Sequence[str],
+    classes: Sequence[str] | None,
+    templates: Sequence[str],
+    template_reduction: str,
+    label_fn: Callable[[Any], str | None],
+    limit: int,
+) -> dict[str, Any]:
     """The engine's tasks for `tasks` on a split, by metric prefix (tasks with nothing to measure are left out)."""
     captions = [r.caption for r in records]
     boxes = [[region.box for region in r.regions] for r in records]
@@ -186,20 +192,27 @@ def _plan_tasks(
         if unknown:
             raise ValueError(f"zero-shot labels {unknown[:5]} are not among the classes of `labels`.")
         planned["zero_shot"] = ZeroShotTask(
-            "zero_shot", [p[0] for p in labelled], [class_list.index(p[1]) for p in labelled], class_list,
-            list(templates), template_reduction,
-        )  # fmt: skip
+            "zero_shot",
+            [p[0] for p in labelled],
+            [class_list.index(p[1]) for p in labelled],
+            class_list,
+            list(templates),
+            template_reduction,
+        )
     if "captioning" in tasks:
-        planned["caption"] = CaptioningTask("caption", images[:limit], [[c] for c in captions[:limit]],
-                                            scorer=caption_metrics)  # fmt: skip
+        planned["caption"] = CaptioningTask(
+            "caption", images[:limit], [[c] for c in captions[:limit]], scorer=caption_metrics
+        )
     if "region_captioning" in tasks and any(boxes[:limit]):
         references = [[region.caption] for r in records[:limit] for region in r.regions]
-        planned["region_caption"] = CaptioningTask("region_caption", images[:limit], references, boxes[:limit],
-                                                   scorer=caption_metrics)  # fmt: skip
+        planned["region_caption"] = CaptioningTask(
+            "region_caption", images[:limit], references, boxes[:limit], scorer=caption_metrics
+        )
     if "region_retrieval" in tasks and any(boxes):
         sentences = [[region.caption] for r in records for region in r.regions]
-        planned["region_retrieval"] = RegionTask("region_retrieval", images, boxes, sentences, distinct_texts=True,
-                                                 caption=False)  # fmt: skip
+        planned["region_retrieval"] = RegionTask(
+            "region_retrieval", images, boxes, sentences, distinct_texts=True, caption=False
+        )
     return planned
 
 
@@ -212,8 +225,14 @@ RENAMED_METRICS = {
     "region_retrieval/region_to_text/R@1": "region_retrieval/R@1",
     "region_retrieval/text_to_region/R@1": "region_retrieval/text_to_region_R@1",
 }
-DROPPED_METRICS = ("retrieval/num_images", "retrieval/num_texts", "zero_shot/top5", "zero_shot/num_classes",
-                   "region_caption/num_images", "region_retrieval/num_regions")  # fmt: skip
+DROPPED_METRICS = (
+    "retrieval/num_images",
+    "retrieval/num_texts",
+    "zero_shot/top5",
+    "zero_shot/num_classes",
+    "region_caption/num_images",
+    "region_retrieval/num_regions",
+)
 
 
 def _documented_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -282,8 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width of the captions (1: greedy)")
     parser.add_argument("--max-caption-images", type=int, help="caption only the first N images")
-    parser.add_argument("--data-on-error", choices=("fail", "skip"), default="fail",
-                        help="bad records: stop with the list of problems, or skip them with a warning")  # fmt: skip
+    parser.add_argument(
+        "--data-on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="bad records: stop with the list of problems, or skip them with a warning",
+    )
     parser.add_argument(
         "--allow-outside-data-root", action="store_true", help="accept image paths outside the --data folder"
     )
@@ -328,11 +351,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, processor = load_model(args.model, args.trust_remote_code, argument="--model")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate_model(
-        model.to(device), processor, records, tasks=args.tasks, classes=(labels or {}).get("classes"),
-        templates=templates, template_reduction=reduction, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, max_caption_images=args.max_caption_images,
+        model.to(device),
+        processor,
+        records,
+        tasks=args.tasks,
+        classes=(labels or {}).get("classes"),
+        templates=templates,
+        template_reduction=reduction,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams,
+        max_caption_images=args.max_caption_images,
         progress=not args.no_progress,
-)  # fmt: skip
+    )
     print(format_table(result.metrics, title=f"MM-GEM {args.model} on {args.data}"))
     if args.output:
         print(f"Wrote {write_metrics(result.metrics, args.output)}")

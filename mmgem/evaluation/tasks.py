@@ -70,9 +70,17 @@ class EmbeddingCache:
     """Embeddings and generated captions of one model, computed once per content (in memory, and on disk when
     `cache_dir` is set). `computed` counts the items actually computed (for tests and logs)."""
 
-    def __init__(self, model: Any, processor: Any, cache_dir: str | Path | None = None, batch_size: int = 64,
-                 progress: bool = True, max_new_tokens: int = 32, num_beams: int = 1,
-                 pad_regions: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 64,
+        progress: bool = True,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        pad_regions: bool = True,
+    ) -> None:
         self.model, self.processor = model, processor
         self.pad_regions = pad_regions  # images with regions padded to a square first (see `regions`)
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -127,8 +135,9 @@ class EmbeddingCache:
 
         def compute() -> torch.Tensor:
             self.computed["regions"] += sum(len(b) for b in boxes)
-            return encode_regions(self.model, self.processor, list(images), boxes, pad_square=self.pad_regions,
-                                  **self._batching())  # fmt: skip
+            return encode_regions(
+                self.model, self.processor, list(images), boxes, pad_square=self.pad_regions, **self._batching()
+            )
 
         key = content_key(list(images), [list(map(tuple, b)) for b in boxes], self.pad_regions)
         return self._cached("regions", key, compute)
@@ -139,9 +148,15 @@ class EmbeddingCache:
         def compute() -> list[str]:
             self.computed["captions"] += len(images) if boxes is None else sum(len(b) for b in boxes)
             decoding = {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": False}
-            return caption(self.model, self.processor, list(images), boxes=boxes,
-                           pad_square=boxes is not None and self.pad_regions,
-                           **self._batching(), **decoding)  # fmt: skip
+            return caption(
+                self.model,
+                self.processor,
+                list(images),
+                boxes=boxes,
+                pad_square=boxes is not None and self.pad_regions,
+                **self._batching(),
+                **decoding,
+            )
 
         settings = (self.max_new_tokens, self.num_beams)
         region_key = [list(map(tuple, b)) for b in boxes] if boxes is not None else []
@@ -253,8 +268,14 @@ def _named(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {f"{name}/{key}": value for key, value in metrics.items()}
 
 
-def _directions(name: str, queries: torch.Tensor, items: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int],
-                labels: tuple[str, str]) -> dict[str, Any]:  # fmt: skip
+def _directions(
+    name: str,
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    relevant: torch.Tensor,
+    ks: Sequence[int],
+    labels: tuple[str, str],
+) -> dict[str, Any]:
     """Recall@k both ways: `labels[0]` ranks `items` for each query, `labels[1]` the reverse."""
     metrics = {}
     for label, (q, i, rel) in zip(labels, ((queries, items, relevant), (items, queries, relevant.t()))):
@@ -384,5 +405,3 @@ def run_tasks(tasks: Sequence[Any], cache: EmbeddingCache) -> dict[str, Any]:
     for task in tqdm(tasks, desc="Benchmarks", disable=not cache.progress or len(tasks) < 2):
         metrics.update(task.run(cache))
     return metrics
-
-

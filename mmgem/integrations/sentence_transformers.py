@@ -250,8 +250,15 @@ def encode_regions(
         raise ValueError(f"`truncate_dim` must be a positive integer or None; got {truncate_dim!r}.")
     show = len(images) > batch_size if show_progress_bar is None else show_progress_bar
     mmgem.eval()  # as SentenceTransformer.encode does: no dropout in embeddings
-    embeddings = embed_regions(mmgem, processor, list(images), list(boxes), batch_size=batch_size,
-                               normalize=normalize_embeddings, progress=show)  # fmt: skip
+    embeddings = embed_regions(
+        mmgem,
+        processor,
+        list(images),
+        list(boxes),
+        batch_size=batch_size,
+        normalize=normalize_embeddings,
+        progress=show,
+    )
     if truncate_dim is not None:
         embeddings = embeddings[:, :truncate_dim]
     return embeddings if convert_to_tensor else embeddings.numpy()

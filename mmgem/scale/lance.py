@@ -28,16 +28,26 @@ def import_embeddings(
         raise ValueError(f"`embeddings` {embeddings} is not an `mmgem embed` output (no manifest.json / embeddings/).")
     manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     if len(parts) != manifest["parts"]:
-        raise ValueError(f"`embeddings` {embeddings} holds {len(parts)} of {manifest['parts']} parts; finish the "
-                         "`mmgem embed` run first (a rerun resumes it).")  # fmt: skip
+        raise ValueError(
+            f"`embeddings` {embeddings} holds {len(parts)} of {manifest['parts']} parts; finish the "
+            "`mmgem embed` run first (a rerun resumes it)."
+        )
     if model is None:
         model, _ = load_model(manifest["model"])
     new_folder(output)
     table = pq.read_table(parts)
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    items = [{"kind": "image", "path": row["image_path"], "width": row["width"], "height": row["height"],
-              "caption": row["caption"] if manifest.get("captions") else None, "text": row["text"]}
-             for row in table.drop_columns(["embedding"]).to_pylist()]  # fmt: skip
+    items = [
+        {
+            "kind": "image",
+            "path": row["image_path"],
+            "width": row["width"],
+            "height": row["height"],
+            "caption": row["caption"] if manifest.get("captions") else None,
+            "text": row["text"],
+        }
+        for row in table.drop_columns(["embedding"]).to_pylist()
+    ]
     write_table(output, vectors, items, build_ann=not exact)
     write_meta(output, vectors.shape[1], model_fingerprint(model, manifest["model"]), (), exact)
     return output

@@ -80,8 +80,13 @@ def write_part(output: Path, part: int, rows: list[dict[str, Any]]) -> None:
     _atomic(npy_file, lambda p: np.save(open(p, "wb"), vectors))
     _atomic(metadata_file, lambda p: pq.write_table(pa.table(columns), p))
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    table = pa.table({"id": [row["id"] for row in rows], **columns,
-                      "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})  # fmt: skip
+    table = pa.table(
+        {
+            "id": [row["id"] for row in rows],
+            **columns,
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+        }
+    )
     _atomic(embeddings_file, lambda p: pq.write_table(table, p))
 
 
@@ -104,8 +109,9 @@ def _check_manifest(output: Path, manifest: dict[str, Any]) -> None:
 class Embedder:
     """One Ray actor: a loaded MM-GEM that turns a batch of keys into vectors (and captions)."""
 
-    def __init__(self, model: str, captions: bool = False, caption_tokens: int | None = None,
-                 threads: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, model: str, captions: bool = False, caption_tokens: int | None = None, threads: int | None = None
+    ) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.model, self.processor = load_model(model)
@@ -183,8 +189,14 @@ def embed_collection(
         keys = list_keys(str(images))
     model = str(Path(model).resolve())
     parts = [keys[start : start + part_size] for start in range(0, len(keys), part_size)]
-    manifest = {"version": FORMAT_VERSION, "model": model, "part_size": part_size, "images": len(keys),
-                "parts": len(parts), "captions": captions}  # fmt: skip
+    manifest = {
+        "version": FORMAT_VERSION,
+        "model": model,
+        "part_size": part_size,
+        "images": len(keys),
+        "parts": len(parts),
+        "captions": captions,
+    }
     output.mkdir(parents=True, exist_ok=True)
     _check_manifest(output, manifest)
     pending = [index for index in range(len(parts)) if not part_done(output, index)]
@@ -201,21 +213,34 @@ def embed_collection(
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     dataset = dataset.map_batches(
         Embedder,
-        fn_constructor_kwargs={"model": model, "captions": captions, "caption_tokens": caption_tokens,
-                               "threads": threads_per_actor if not num_gpus else None},
-        concurrency=concurrency, num_gpus=num_gpus, batch_size=batch_size, batch_format="numpy",
-    )  # fmt: skip
+        fn_constructor_kwargs={
+            "model": model,
+            "captions": captions,
+            "caption_tokens": caption_tokens,
+            "threads": threads_per_actor if not num_gpus else None,
+        },
+        concurrency=concurrency,
+        num_gpus=num_gpus,
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
     buffers: dict[int, list[dict[str, Any]]] = {}
     start = time.perf_counter()
     with tqdm(total=len(rows), desc="embedding", unit="img", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for i, key in enumerate(batch["id"]):
                 part = int(batch["part"][i])
-                buffers.setdefault(part, []).append({
-                    "id": str(key), "image_path": str(key), "embedding": batch["embedding"][i],
-                    "text": batch["text"][i], "width": int(batch["width"][i]), "height": int(batch["height"][i]),
-                    "caption": str(batch["caption"][i]) if "caption" in batch else batch["text"][i],
-                })  # fmt: skip
+                buffers.setdefault(part, []).append(
+                    {
+                        "id": str(key),
+                        "image_path": str(key),
+                        "embedding": batch["embedding"][i],
+                        "text": batch["text"][i],
+                        "width": int(batch["width"][i]),
+                        "height": int(batch["height"][i]),
+                        "caption": str(batch["caption"][i]) if "caption" in batch else batch["text"][i],
+                    }
+                )
                 if len(buffers[part]) == len(parts[part]):  # a part is complete: write it now (resumable)
                     write_part(output, part, buffers.pop(part))
                     summary["written"] += 1
@@ -229,8 +254,9 @@ def embed_collection(
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("embed", "Embed (and caption) an image collection on Ray Data with an actor pool.")
     parser.add_argument("--model", required=True, help="saved MM-GEM folder (every Ray worker must read it)")
-    parser.add_argument("--images", required=True,
-                        help="image folder, webdataset shards (.tar, {..}, folder) or parquet file/folder")  # fmt: skip
+    parser.add_argument(
+        "--images", required=True, help="image folder, webdataset shards (.tar, {..}, folder) or parquet file/folder"
+    )
     parser.add_argument("--output", required=True, help="output folder (created; a rerun skips written parts)")
     parser.add_argument("--concurrency", type=int, default=1, help="actors, each with a model copy")
     parser.add_argument("--num-gpus", type=float, default=0, help="GPUs per actor (0: CPU)")
@@ -238,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--part-size", type=int, default=DEFAULT_PART_SIZE, help="images per output part")
     parser.add_argument("--captions", action="store_true", help="also write each image's generated caption")
     parser.add_argument("--caption-tokens", type=int, help="caption length limit (default: the model's)")
-    parser.add_argument("--lancedb", metavar="INDEX",
-                        help="then load the vectors into this LanceDB index (mmgem search)")  # fmt: skip
+    parser.add_argument(
+        "--lancedb", metavar="INDEX", help="then load the vectors into this LanceDB index (mmgem search)"
+    )
     parser.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -252,10 +279,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray = require("ray", "scale", "`mmgem embed` (Ray Data)")
         ray.init(address=args.ray_address, log_to_driver=False)
     summary = embed_collection(
-        args.model, args.images, args.output, concurrency=args.concurrency, num_gpus=args.num_gpus,
-        batch_size=args.batch_size, part_size=args.part_size, captions=args.captions,
-        caption_tokens=args.caption_tokens, progress=not args.no_progress,
-    )  # fmt: skip
+        args.model,
+        args.images,
+        args.output,
+        concurrency=args.concurrency,
+        num_gpus=args.num_gpus,
+        batch_size=args.batch_size,
+        part_size=args.part_size,
+        captions=args.captions,
+        caption_tokens=args.caption_tokens,
+        progress=not args.no_progress,
+    )
     rate = summary["images"] / summary["seconds"] if summary["seconds"] else 0.0
     print(
         f"Embedded {summary['images']} images into {summary['written']} parts ({rate:.1f} images/s), skipped "

@@ -108,9 +108,14 @@ def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _rows_for_batch(
-    sources: Sequence[ImageSource], images: Sequence[Any], processor: Any, model: Any, region_grids: Sequence[int],
-    captions: bool, max_new_tokens: int | None,
-) -> tuple[np.ndarray, list[dict[str, Any]]]:  # fmt: skip
+    sources: Sequence[ImageSource],
+    images: Sequence[Any],
+    processor: Any,
+    model: Any,
+    region_grids: Sequence[int],
+    captions: bool,
+    max_new_tokens: int | None,
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """The vectors and items of a batch, grouped by file: image, its regions, its caption."""
     image_embeds, boxes, region_embeds, caption_texts, caption_embeds = encode_batch(
         model, processor, images, region_grids, captions, max_new_tokens
@@ -165,9 +170,11 @@ def check_output(output: Path, region_grids: Sequence[int]) -> None:
         return
     meta = VectorStore.check_writable(output, "output")
     if list(meta.get("region_grids", [])) != list(region_grids):
-        raise MMGEMUserError(f"`--region-grids` {','.join(map(str, region_grids)) or 0} is not the index's "
-                             f"{','.join(map(str, meta.get('region_grids', []))) or 0}; pass that, or give a new "
-                             "`--output`.")  # fmt: skip
+        raise MMGEMUserError(
+            f"`--region-grids` {','.join(map(str, region_grids)) or 0} is not the index's "
+            f"{','.join(map(str, meta.get('region_grids', []))) or 0}; pass that, or give a new "
+            "`--output`."
+        )
 
 
 def stale_paths(store: VectorStore, sources: Sequence[ImageSource]) -> list[str]:
@@ -184,10 +191,18 @@ def stale_paths(store: VectorStore, sources: Sequence[ImageSource]) -> list[str]
 
 
 def index_images(
-    model: Any, processor: Any, images: str, output: str | Path, model_name: str | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE, region_grids: Sequence[int] = DEFAULT_REGION_GRIDS, captions: bool = False,
-    max_new_tokens: int | None = None, exact: bool = False, progress: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+    model: Any,
+    processor: Any,
+    images: str,
+    output: str | Path,
+    model_name: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    region_grids: Sequence[int] = DEFAULT_REGION_GRIDS,
+    captions: bool = False,
+    max_new_tokens: int | None = None,
+    exact: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Embed the images of `images` (a folder or shards) into the index folder `output`, creating or extending it.
 
     Returns a summary: images added, skipped (already indexed), failed (unreadable, with reasons), rows, seconds.
@@ -196,17 +211,46 @@ def index_images(
     kind, locations = resolve_images(str(images))
     model_info = model_fingerprint(model, model_name or str(getattr(model.config, "_name_or_path", "")))
     with faiss_threads(1):
-        return _index(model, processor, kind, locations, Path(output), model_info, batch_size, list(region_grids),
-                      captions, max_new_tokens, exact, progress)  # fmt: skip
+        return _index(
+            model,
+            processor,
+            kind,
+            locations,
+            Path(output),
+            model_info,
+            batch_size,
+            list(region_grids),
+            captions,
+            max_new_tokens,
+            exact,
+            progress,
+        )
 
 
 def _index(
-    model: Any, processor: Any, kind: str, locations: list[str], output: Path, model_info: dict[str, Any],
-    batch_size: int, region_grids: list[int], captions: bool, max_new_tokens: int | None, exact: bool, progress: bool,
-) -> dict[str, Any]:  # fmt: skip
+    model: Any,
+    processor: Any,
+    kind: str,
+    locations: list[str],
+    output: Path,
+    model_info: dict[str, Any],
+    batch_size: int,
+    region_grids: list[int],
+    captions: bool,
+    max_new_tokens: int | None,
+    exact: bool,
+    progress: bool,
+) -> dict[str, Any]:
     store = _open_or_create(output, model_info, region_grids, exact)
-    summary: dict[str, Any] = {"added": 0, "skipped": 0, "failed": [], "rows": 0, "repaired": store.repairs,
-                               "rebuilt_caches": store.rebuilt_anns, "reembedded": 0}  # fmt: skip
+    summary: dict[str, Any] = {
+        "added": 0,
+        "skipped": 0,
+        "failed": [],
+        "rows": 0,
+        "repaired": store.repairs,
+        "rebuilt_caches": store.rebuilt_anns,
+        "reembedded": 0,
+    }
     start = last_save = time.perf_counter()
     try:
         if kind == "folder":
@@ -237,9 +281,14 @@ def _index(
                 summary["reembedded"] += len(replaced)
             if loaded:
                 vectors, items = _rows_for_batch(
-                    [s for s, _ in loaded], [im for _, im in loaded], processor, model, region_grids, captions,
+                    [s for s, _ in loaded],
+                    [im for _, im in loaded],
+                    processor,
+                    model,
+                    region_grids,
+                    captions,
                     max_new_tokens,
-                )  # fmt: skip
+                )
                 store.append(vectors, items)
                 summary["added"] += len(loaded)
                 summary["rows"] += len(items)
@@ -286,14 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass")
     parser.add_argument("--captions", action="store_true", help="also caption each image and index the caption")
     parser.add_argument("--caption-tokens", type=int, help="caption length limit (default: the model's)")
-    parser.add_argument("--region-grids", default=",".join(map(str, DEFAULT_REGION_GRIDS)),
-                        help="grid sizes of the region boxes indexed per image, e.g. 2,3 (0: no regions)")  # fmt: skip
+    parser.add_argument(
+        "--region-grids",
+        default=",".join(map(str, DEFAULT_REGION_GRIDS)),
+        help="grid sizes of the region boxes indexed per image, e.g. 2,3 (0: no regions)",
+    )
     parser.add_argument("--exact", action="store_true", help="a flat (exact) FAISS index instead of HNSW")
-    parser.add_argument("--backend", choices=BACKENDS, default="faiss",
-                        help="faiss, or lancedb (a LanceDB table; rows kept in OUTPUT/rows)")  # fmt: skip
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="faiss",
+        help="faiss, or lancedb (a LanceDB table; rows kept in OUTPUT/rows)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow Python code shipped in the --model folder to run")  # fmt: skip
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow Python code shipped in the --model folder to run"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -317,10 +374,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with checking_user_input():
             new_folder(Path(args.output), keep=[LANCE_ROWS])  # what the LanceDB export will need, checked first
     summary = index_images(
-        model.eval().to(device), processor, args.images, rows, model_name=name, batch_size=args.batch_size,
-        region_grids=grids, captions=args.captions, max_new_tokens=args.caption_tokens, exact=args.exact,
+        model.eval().to(device),
+        processor,
+        args.images,
+        rows,
+        model_name=name,
+        batch_size=args.batch_size,
+        region_grids=grids,
+        captions=args.captions,
+        max_new_tokens=args.caption_tokens,
+        exact=args.exact,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     if args.backend == "lancedb":  # the rows (resumable, appended) go into a LanceDB table in OUTPUT
         export_store(rows, args.output, exact=args.exact, keep=[LANCE_ROWS])
     rate = summary["added"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
@@ -331,13 +396,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for failure in summary["failed"][:20]:
         print(f"  unreadable: {failure}", file=sys.stderr)
     if summary["repaired"]:
-        print(f"Repaired {args.output}: dropped the rows of the damaged lines and of the images they belong to "
-              "(those images found in --images were embedded again):", file=sys.stderr)  # fmt: skip
+        print(
+            f"Repaired {args.output}: dropped the rows of the damaged lines and of the images they belong to "
+            "(those images found in --images were embedded again):",
+            file=sys.stderr,
+        )
         for problem in summary["repaired"][:20]:
             print(f"  {problem}", file=sys.stderr)
     if summary["rebuilt_caches"]:
-        print(f"Rebuilt the ANN cache of {args.output} (unreadable or stale: {', '.join(summary['rebuilt_caches'])}).",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"Rebuilt the ANN cache of {args.output} (unreadable or stale: {', '.join(summary['rebuilt_caches'])}).",
+            file=sys.stderr,
+        )
     if summary["reembedded"]:
         print(f"Embedded {summary['reembedded']} images again: changed since they were indexed.", file=sys.stderr)
     return 0

@@ -59,13 +59,15 @@ def write_table(folder: Path, vectors: np.ndarray, items: Sequence[dict[str, Any
     lancedb = require("lancedb", "scale", "The LanceDB search backend")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     extra = [{k: v for k, v in item.items() if k not in BASE_FIELDS} for item in items]
-    table = pa.table({
-        "row": pa.array(np.arange(len(items)), pa.int64()),
-        "kind": [item["kind"] for item in items],
-        "path": [item["path"] for item in items],
-        "fields": [json.dumps(e) for e in extra],
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
-    })  # fmt: skip
+    table = pa.table(
+        {
+            "row": pa.array(np.arange(len(items)), pa.int64()),
+            "kind": [item["kind"] for item in items],
+            "path": [item["path"] for item in items],
+            "fields": [json.dumps(e) for e in extra],
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+        }
+    )
     db = lancedb.connect(str(folder / DATABASE))
     lance_table = db.create_table(TABLE, table, mode="overwrite")
     if build_ann and len(items) >= ANN_MIN_ROWS:
@@ -74,10 +76,20 @@ def write_table(folder: Path, vectors: np.ndarray, items: Sequence[dict[str, Any
 
 
 def write_meta(folder: Path, dim: int, model: dict[str, Any], region_grids: Sequence[int], exact: bool) -> None:
-    meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "model": model,
-            "ann": {"library": "lancedb", "type": "flat" if exact else "ivf_hnsw_sq", "metric": "cosine",
-                    "min_rows": ANN_MIN_ROWS, "refine_factor": REFINE_FACTOR, "nprobes": NPROBES},
-            "region_grids": [int(g) for g in region_grids]}  # fmt: skip
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "dim": int(dim),
+        "model": model,
+        "ann": {
+            "library": "lancedb",
+            "type": "flat" if exact else "ivf_hnsw_sq",
+            "metric": "cosine",
+            "min_rows": ANN_MIN_ROWS,
+            "refine_factor": REFINE_FACTOR,
+            "nprobes": NPROBES,
+        },
+        "region_grids": [int(g) for g in region_grids],
+    }
     write_bytes_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
 
 

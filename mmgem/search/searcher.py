@@ -55,8 +55,9 @@ def check_region(region: Sequence[float], width: int, height: int) -> None:
     x0, y0, x1, y1 = (float(v) for v in region)
     if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
         box = ",".join(f"{v:g}" for v in region)
-        raise MMGEMUserError(f"`region` {box} must lie inside the {width}x{height} query image, with x0 < x1 and "
-                             "y0 < y1 (pixels).")  # fmt: skip
+        raise MMGEMUserError(
+            f"`region` {box} must lie inside the {width}x{height} query image, with x0 < x1 and y0 < y1 (pixels)."
+        )
 
 
 def check_text_options(store: VectorStore | LanceStore, caption_weight: float | None) -> float:
@@ -66,8 +67,10 @@ def check_text_options(store: VectorStore | LanceStore, caption_weight: float | 
     if not 0.0 <= weight <= 1.0:
         raise MMGEMUserError(f"`caption_weight` must be in [0, 1]; got {caption_weight}.")
     if weight > 0 and not has_captions:
-        raise MMGEMUserError("`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`); "
-                             "leave it out or pass 0.")  # fmt: skip
+        raise MMGEMUserError(
+            "`caption_weight` > 0 needs an index built with captions (`mmgem index --captions`); "
+            "leave it out or pass 0."
+        )
     return weight
 
 
@@ -77,8 +80,10 @@ def check_image_options(store: VectorStore | LanceStore, region: Sequence[float]
     if target not in TARGETS:
         raise MMGEMUserError(f"`target` must be one of {TARGETS}; got {target!r}.")
     if target in ("regions", "all") and store.count("region") == 0:
-        raise MMGEMUserError("the index holds no regions (built with `--region-grids 0`): search it with "
-                             "`--target images`, or index with `--region-grids 2`.")  # fmt: skip
+        raise MMGEMUserError(
+            "the index holds no regions (built with `--region-grids 0`): search it with "
+            "`--target images`, or index with `--region-grids 2`."
+        )
     return target
 
 
@@ -110,9 +115,13 @@ class ImageSearch:
     """Text, image and region search over an index folder, with the model it was built with."""
 
     def __init__(
-        self, index: str | os.PathLike[str] | VectorStore | LanceStore, model: Any = None, processor: Any = None,
-        device: str | None = None, trust_remote_code: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        index: str | os.PathLike[str] | VectorStore | LanceStore,
+        model: Any = None,
+        processor: Any = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
         # the FAISS store, or LanceDB (mmgem.search.lance_store)
         self.store = index if isinstance(index, (VectorStore, LanceStore)) else open_index(index)
         index = self.store.folder
@@ -128,9 +137,11 @@ class ImageSearch:
             model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
         if model_fingerprint(model, "")["fingerprint"] != built_with.get("fingerprint"):
-            raise MMGEMUserError(f"`model` is not the model the index {index} was built with "
-                                 f"({built_with.get('name_or_path')}); pass that model, or build an index with "
-                                 "this one (`mmgem index`).")  # fmt: skip
+            raise MMGEMUserError(
+                f"`model` is not the model the index {index} was built with "
+                f"({built_with.get('name_or_path')}); pass that model, or build an index with "
+                "this one (`mmgem index`)."
+            )
         self.model, self.processor = model.eval(), processor
         self._rows_by_path: dict[str, dict[str, int]] = {}
         for row, item in enumerate(self.store.items):
@@ -179,8 +190,11 @@ class ImageSearch:
         if weight == 0.0 or target != "images":
             return self.vectors(vector, k, target, exact)
         with faiss_threads(1):
-            candidates = {h.path for kind in ("image", "caption")
-                          for h in self.store.search(vector, kind, k * CANDIDATE_FACTOR, exact)[0]}  # fmt: skip
+            candidates = {
+                h.path
+                for kind in ("image", "caption")
+                for h in self.store.search(vector, kind, k * CANDIDATE_FACTOR, exact)[0]
+            }
         return sorted((self._fused_hit(path, vector, weight) for path in candidates), key=lambda h: -h.score)[:k]
 
     def _fused_hit(self, path: str, vector: np.ndarray, weight: float) -> Hit:
@@ -191,9 +205,13 @@ class ImageSearch:
         return Hit(rows["image"], (1 - weight) * image_score + weight * caption_score, item)
 
     def image(
-        self, image: Any, k: int = 10, region: Sequence[float] | None = None, target: str | None = None,
+        self,
+        image: Any,
+        k: int = 10,
+        region: Sequence[float] | None = None,
+        target: str | None = None,
         exact: bool = False,
-    ) -> list[Hit]:  # fmt: skip
+    ) -> list[Hit]:
         """The `k` images most like an image, or with `region` like that box of it (default target: regions)."""
         check_k(k)
         target = check_image_options(self.store, region, target)
@@ -232,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exact", action="store_true", help="score every vector instead of the ANN")
     parser.add_argument("--model", help="the model folder, if it moved since indexing")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow Python code shipped in the --model folder to run")  # fmt: skip
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow Python code shipped in the --model folder to run"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -273,7 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if query_image is not None:
         hits = search.image(query_image, k=args.k, region=region, target=args.target, exact=args.exact)
     else:
-        hits = search.text(args.query, k=args.k, caption_weight=args.caption_weight, target=args.target or "images",
-                           exact=args.exact)  # fmt: skip
+        hits = search.text(
+            args.query, k=args.k, caption_weight=args.caption_weight, target=args.target or "images", exact=args.exact
+        )
     print(json.dumps([hit_record(h) for h in hits], indent=2) if args.json else format_hits(hits))
     return 0

@@ -57,8 +57,9 @@ def shard_urls(spec: str) -> list[str]:
     try:
         import braceexpand
     except ImportError:
-        raise ValueError(f"`--images` {spec} names webdataset shards, which need the search extra: "
-                         'pip install "mmgem[search]".') from None  # fmt: skip
+        raise ValueError(
+            f'`--images` {spec} names webdataset shards, which need the search extra: pip install "mmgem[search]".'
+        ) from None
 
     urls = []
     for pattern in braceexpand.braceexpand(spec):
@@ -89,8 +90,9 @@ def resolve_images(spec: str) -> tuple[str, list[str]]:
 def iter_folder(root: str) -> Iterator[ImageSource]:
     for file in folder_images(Path(root)):
         stat = file.stat()
-        yield ImageSource(str(file), load=lambda f=file: _open_rgb(f),
-                          metadata={"bytes": stat.st_size, "mtime": stat.st_mtime})  # fmt: skip
+        yield ImageSource(
+            str(file), load=lambda f=file: _open_rgb(f), metadata={"bytes": stat.st_size, "mtime": stat.st_mtime}
+        )
 
 
 def member_digest(data: bytes) -> str:
@@ -115,7 +117,9 @@ def iter_shards(urls: list[str], skip: Collection[str] | Mapping[str, dict] = fr
         if key in skip:
             indexed = skip[key] if isinstance(skip, Mapping) else None
             if indexed is None or (indexed.get("digest", member_digest(data)), indexed.get("bytes")) == (
-                    member_digest(data), len(data)):  # fmt: skip
+                member_digest(data),
+                len(data),
+            ):
                 continue
             replaces = True
         metadata: dict[str, Any] = {"bytes": len(data), "digest": member_digest(data)}

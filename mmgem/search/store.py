@@ -163,9 +163,13 @@ class VectorStore:
     """
 
     def __init__(
-        self, folder: str | os.PathLike[str], writable: bool = False, repair: bool = False, argument: str = "index",
+        self,
+        folder: str | os.PathLike[str],
+        writable: bool = False,
+        repair: bool = False,
+        argument: str = "index",
         _lock_fd: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.folder = Path(folder)
         self.argument = argument
         self.repairs: list[str] = []
@@ -185,8 +189,10 @@ class VectorStore:
                 self._remove_stale_temporaries()
             for name in DATA_FILES:
                 if not (self.folder / name).is_file():
-                    raise IndexDamagedError(f"`{argument}` {self.folder} has no {name} (or it is not a file); "
-                                            "rebuild the index in a new folder.")  # fmt: skip
+                    raise IndexDamagedError(
+                        f"`{argument}` {self.folder} has no {name} (or it is not a file); "
+                        "rebuild the index in a new folder."
+                    )
             self.items = self._read_consistent_items(repair)
             self.vectors = self._map_vectors()
             self.anns = {kind: self._load_ann(kind) for kind in KINDS}
@@ -213,11 +219,14 @@ class VectorStore:
             if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
                 raise ValueError("not an object with a `model`")
         except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise IndexDamagedError(f"`{self.argument}` {self.folder}: meta.json is unreadable ({error}); rebuild "
-                                    "the index.") from None  # fmt: skip
+            raise IndexDamagedError(
+                f"`{self.argument}` {self.folder}: meta.json is unreadable ({error}); rebuild the index."
+            ) from None
         if meta.get("format_version") != FORMAT_VERSION:
-            raise MMGEMUserError(f"`{self.argument}` {self.folder} has format {meta.get('format_version')}; "
-                                 f"this mmgem reads format {FORMAT_VERSION}.")  # fmt: skip
+            raise MMGEMUserError(
+                f"`{self.argument}` {self.folder} has format {meta.get('format_version')}; "
+                f"this mmgem reads format {FORMAT_VERSION}."
+            )
         if not isinstance(meta.get("dim"), int) or meta["dim"] < 1 or not isinstance(meta.get("ann"), dict):
             raise IndexDamagedError(f"`{self.argument}` {self.folder}: meta.json has no valid `dim` / `ann`.")
         return meta
@@ -237,10 +246,17 @@ class VectorStore:
     # ------------------------------------------------------------------------------------------------ creation
     @classmethod
     def create(
-        cls, folder: str | os.PathLike[str], dim: int, model: dict[str, Any], region_grids: Sequence[int] = (),
-        exact: bool = False, hnsw_m: int = DEFAULT_HNSW_M, ef_construction: int = DEFAULT_EF_CONSTRUCTION,
-        ef_search: int = DEFAULT_EF_SEARCH, argument: str = "output",
-    ) -> VectorStore:  # fmt: skip
+        cls,
+        folder: str | os.PathLike[str],
+        dim: int,
+        model: dict[str, Any],
+        region_grids: Sequence[int] = (),
+        exact: bool = False,
+        hnsw_m: int = DEFAULT_HNSW_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        ef_search: int = DEFAULT_EF_SEARCH,
+        argument: str = "output",
+    ) -> VectorStore:
         """A new, empty index folder opened for writing.
 
         The folder may exist: empty, or holding what a create killed before writing meta.json left (empty data
@@ -264,8 +280,13 @@ class VectorStore:
             ann = {"library": "faiss", "type": "flat" if exact else "hnsw", "metric": "inner_product (cosine)"}
             if not exact:
                 ann.update(hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search)
-            meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "model": model, "ann": ann,
-                    "region_grids": [int(g) for g in region_grids]}  # fmt: skip
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "dim": int(dim),
+                "model": model,
+                "ann": ann,
+                "region_grids": [int(g) for g in region_grids],
+            }
             _write_atomic(folder / "meta.json", json.dumps(meta, indent=2).encode())
         except BaseException:
             os.close(lock)
@@ -281,11 +302,16 @@ class VectorStore:
         if not folder.is_dir():
             raise MMGEMUserError(f"`{argument}` {folder} is a file; give a new or empty folder.")
         leftovers = [p for p in folder.iterdir() if p.name != ".lock" and not p.name.startswith(".meta.json.")]
-        foreign = [p.name for p in leftovers if p.name not in DATA_FILES or p.is_symlink() or not p.is_file()
-                   or p.stat().st_size]  # fmt: skip
+        foreign = [
+            p.name
+            for p in leftovers
+            if p.name not in DATA_FILES or p.is_symlink() or not p.is_file() or p.stat().st_size
+        ]
         if foreign:
-            raise MMGEMUserError(f"`{argument}` {folder} exists and is not an mmgem index (it holds "
-                                 f"{', '.join(sorted(foreign)[:5])}); give a new or empty folder.")  # fmt: skip
+            raise MMGEMUserError(
+                f"`{argument}` {folder} exists and is not an mmgem index (it holds "
+                f"{', '.join(sorted(foreign)[:5])}); give a new or empty folder."
+            )
 
     @classmethod
     def check_writable(cls, folder: Path, argument: str = "output") -> dict[str, Any]:
@@ -313,8 +339,11 @@ class VectorStore:
     def _scan(self) -> _Scan:
         """Parse items.jsonl line by line against vectors.f32 (see the module docstring for what is damage)."""
         items_path = self.folder / "items.jsonl"
-        if not self.writable and (self.folder / ("items.jsonl" + REPAIR_SUFFIX)).exists() and not (
-            self.folder / ("vectors.f32" + REPAIR_SUFFIX)).exists():  # fmt: skip
+        if (
+            not self.writable
+            and (self.folder / ("items.jsonl" + REPAIR_SUFFIX)).exists()
+            and not (self.folder / ("vectors.f32" + REPAIR_SUFFIX)).exists()
+        ):
             items_path = self.folder / ("items.jsonl" + REPAIR_SUFFIX)  # a repair killed between its two renames
         data = items_path.read_bytes()
         num_vectors = os.path.getsize(self.folder / "vectors.f32") // (4 * self.dim)
@@ -354,15 +383,18 @@ class VectorStore:
                 end += 1
             group = parsed[start:end]
             whole = len(group) == file_rows and all(
-                b[0] == a[0] + 1 and b[2] == a[2] + 1 for a, b in zip(group, group[1:]))  # fmt: skip
+                b[0] == a[0] + 1 and b[2] == a[2] + 1 for a, b in zip(group, group[1:])
+            )
             if whole:
                 items += [item for _, item, _ in group]
                 rows += [row for _, _, row in group]
             elif end < len(parsed) or max(bad_lines, default=-1) > group[0][0]:
                 # Dropped whole; said once: a damaged line next to the group already explains its missing row.
                 if not any(n in bad_lines for n in range(group[0][0] - file_rows, group[-1][0] + file_rows + 1)):
-                    problems.append(f"items.jsonl lines {group[0][0]}-{group[-1][0]}: {len(group)} of the "
-                                    f"{file_rows} rows of {path} (lines removed?)")  # fmt: skip
+                    problems.append(
+                        f"items.jsonl lines {group[0][0]}-{group[-1][0]}: {len(group)} of the "
+                        f"{file_rows} rows of {path} (lines removed?)"
+                    )
             # else: the last file of an interrupted append, cut like the torn line after it
             start = end
         return _Scan(items, rows, problems, num_vectors)
@@ -403,8 +435,10 @@ class VectorStore:
             vectors = np.ascontiguousarray(source[rows]).tobytes()
             del source
         items = [{**item, "row": i} for i, item in enumerate(items)]
-        payloads = {"vectors.f32": vectors,
-                    "items.jsonl": b"".join(json.dumps(item).encode() + b"\n" for item in items)}  # fmt: skip
+        payloads = {
+            "vectors.f32": vectors,
+            "items.jsonl": b"".join(json.dumps(item).encode() + b"\n" for item in items),
+        }
         for name, data in payloads.items():
             path = self.folder / (name + REPAIR_SUFFIX)
             path.unlink(missing_ok=True)
@@ -462,9 +496,16 @@ class VectorStore:
         if path.is_file() and 0 < saved <= len(rows):
             ann = self._read_saved_ann(path, saved, rows)
         if ann is None:
-            ann, saved = _new_ann(self.dim, info.get("hnsw_m", DEFAULT_HNSW_M),
-                                  info.get("ef_construction", DEFAULT_EF_CONSTRUCTION),
-                                  info.get("ef_search", DEFAULT_EF_SEARCH), info.get("type") == "flat"), 0  # fmt: skip
+            ann, saved = (
+                _new_ann(
+                    self.dim,
+                    info.get("hnsw_m", DEFAULT_HNSW_M),
+                    info.get("ef_construction", DEFAULT_EF_CONSTRUCTION),
+                    info.get("ef_search", DEFAULT_EF_SEARCH),
+                    info.get("type") == "flat",
+                ),
+                0,
+            )
         if saved < len(rows):
             missing = rows[saved:]
             ann.add_with_ids(np.ascontiguousarray(self.vectors[missing]), missing)
@@ -498,8 +539,10 @@ class VectorStore:
         start = len(self.items)
         items = [{**item, "row": start + i} for i, item in enumerate(items)]
         # Vectors first: rows without items are cut on open; items never point past the vectors.
-        for name, data in (("vectors.f32", vectors.tobytes()),
-                           ("items.jsonl", b"".join(json.dumps(item).encode() + b"\n" for item in items))):  # fmt: skip
+        for name, data in (
+            ("vectors.f32", vectors.tobytes()),
+            ("items.jsonl", b"".join(json.dumps(item).encode() + b"\n" for item in items)),
+        ):
             fd = _open_fd(self.folder / name, os.O_WRONLY | os.O_APPEND, self.argument)
             try:
                 _write_fd(fd, data)
@@ -566,8 +609,10 @@ class VectorStore:
             order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
             return [[Hit(int(rows[j]), float(s[j]), self.items[rows[j]]) for j in o] for s, o in zip(scores, order)]
         scores, ids = self.anns[kind].search(queries, k)
-        return [[Hit(int(i), float(s), self.items[int(i)]) for s, i in zip(srow, irow) if i >= 0]
-                for srow, irow in zip(scores, ids)]  # fmt: skip
+        return [
+            [Hit(int(i), float(s), self.items[int(i)]) for s, i in zip(srow, irow) if i >= 0]
+            for srow, irow in zip(scores, ids)
+        ]
 
 
 @contextlib.contextmanager

@@ -196,23 +196,49 @@ def make_arguments(args: MMGEMTrainingArguments | None = None, **kwargs: Any) ->
 # by `mmgem train --help-trainer`.
 OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     "model": (
-        "model", "from_scratch", "trust_remote_code", "freeze_vision", "freeze_language_model", "freeze_projections",
+        "model",
+        "from_scratch",
+        "trust_remote_code",
+        "freeze_vision",
+        "freeze_language_model",
+        "freeze_projections",
     ),
     "data": (
-        "data", "data_on_error", "allow_outside_data_root", "use_long_caption",
+        "data",
+        "data_on_error",
+        "allow_outside_data_root",
+        "use_long_caption",
         *(f.name for f in fields(DataSourceArguments)),
     ),
     "stages and losses": (
-        "stage", "max_regions_per_image", "unique_region_texts", "hard_negative_field", "hard_negative_group_size",
+        "stage",
+        "max_regions_per_image",
+        "unique_region_texts",
+        "hard_negative_field",
+        "hard_negative_group_size",
     ),
     "LoRA": ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_vision", "merge_lora"),
     "training (the Trainer's options that matter most; MM-GEM changes some defaults)": (
-        "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-        "learning_rate", "vision_learning_rate_multiplier", "lr_scheduler_type", "warmup_steps", "save_steps",
-        "logging_steps", "logging_first_step",
-        "seed", "bf16", "resume_from_checkpoint", "report_to", "remove_unused_columns", "torch_threads",
+        "output_dir",
+        "max_steps",
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "vision_learning_rate_multiplier",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "save_steps",
+        "logging_steps",
+        "logging_first_step",
+        "seed",
+        "bf16",
+        "resume_from_checkpoint",
+        "report_to",
+        "remove_unused_columns",
+        "torch_threads",
     ),
-}  # fmt: skip
+}
 GROUP_OF = {name: title for title, names in OPTION_GROUPS.items() for name in names}
 TRAINER_OPTIONS = {f.name for f in fields(TrainingArguments) if f.init}
 HELP_TRAINER_FLAG = "--help-trainer"
@@ -259,9 +285,11 @@ def build_parser(show_trainer_options: bool = False) -> HfArgumentParser:
     )
     parser.add_argument(HELP_TRAINER_FLAG, action="store_true", help="show every TrainingArguments option and exit")
     parser.add_argument(
-        ARGS_FILE_FLAG, metavar="FILE", action="append",
+        ARGS_FILE_FLAG,
+        metavar="FILE",
+        action="append",
         help="read options from a file of command-line flags (repeatable; flags given after it win)",
-    )  # fmt: skip
+    )
     return parser
 
 

@@ -77,7 +77,6 @@ def resolve_checkpoint(args: MMGEMTrainingArguments) -> str | None:
     return str(value)
 
 
-
 # ---------------------------------------------------------------------------------------------------------- saving
 def _publish(staging: Path, output: Path) -> None:
     """Move the files of `staging` into `output`, `config.json` last (a loader never sees a half-written model)."""
@@ -114,5 +113,3 @@ def save_final_model(trainer: Trainer, args: MMGEMTrainingArguments, processor: 
         _publish(staging, output)
     trainer.accelerator.wait_for_everyone()
     return model
-
-

@@ -91,5 +91,3 @@ class MMGEMTrainer(Trainer):
         if log_value is None or log_value.numel() != 1:  # sharded (FSDP): skip
             return None
         return float(module().detach())
-
-

@@ -22,4 +22,3 @@ TRANSFORMERS_MARKS = (
 def pytest_configure(config):
     for mark in TRANSFORMERS_MARKS:
         config.addinivalue_line("markers", f"{mark}: a mark of transformers' common tests")
-

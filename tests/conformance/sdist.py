@@ -47,9 +47,18 @@ def _extracted_tests(version: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as scratch:
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-            "--quiet", f"transformers=={version}", "-d", scratch,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            f"transformers=={version}",
+            "-d",
+            scratch,
+        ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         archives = list(Path(scratch).glob("transformers-*.tar.gz"))
         if done.returncode != 0 or not archives:

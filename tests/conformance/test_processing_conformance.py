@@ -70,4 +70,3 @@ class MMGEMProcessorConformanceTest(processing_common.ProcessorTesterMixin, unit
     )
     def test_subprocessor_defaults_0_text(self):
         pass
-

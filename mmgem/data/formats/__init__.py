@@ -156,8 +156,12 @@ def largest_region_caption(regions: Sequence[dict[str, Any]]) -> str | None:
         return (box[2] - box[0]) * (box[3] - box[1])
 
     captioned = [
-        r for r in regions
-        if isinstance(r, dict) and isinstance(r.get("caption"), str) and isinstance(r.get("box"), list)
-        and len(r["box"]) == 4 and all(is_number(v) for v in r["box"])
-    ]  # fmt: skip
+        r
+        for r in regions
+        if isinstance(r, dict)
+        and isinstance(r.get("caption"), str)
+        and isinstance(r.get("box"), list)
+        and len(r["box"]) == 4
+        and all(is_number(v) for v in r["box"])
+    ]
     return max(captioned, key=area)["caption"] if captioned else None

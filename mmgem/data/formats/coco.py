@@ -100,8 +100,12 @@ def karpathy_images(
             found.append(CaptionedImage(None, [], label=label, problem=problem))
             continue
         relative = str(Path(filepath) / filename) if filename else ""
-        candidates = [resolve_in_root(root, str(Path(f) / relative) if f else relative, allow_outside=allow_outside,
-                                      what='"filename"') for f in folders]  # fmt: skip
+        candidates = [
+            resolve_in_root(
+                root, str(Path(f) / relative) if f else relative, allow_outside=allow_outside, what='"filename"'
+            )
+            for f in folders
+        ]
         path, problem = next(((p, q) for p, q in candidates if p is not None and p.is_file()), candidates[0])
         sentences = entry.get("sentences")
         sentences = [s.get("raw") for s in sentences if isinstance(s, dict)] if isinstance(sentences, list) else []

@@ -25,8 +25,17 @@ from mmgem.data.formats.hf import is_dataset_folder, table_files
 from mmgem.data.records import load_imagefolder_records, load_jsonl_records
 
 FORMATS = (
-    "webdataset", "grit", "hf", "llava", "coco", "karpathy", "visual-genome", "refcoco", "jsonl", "imagefolder",
-)  # fmt: skip
+    "webdataset",
+    "grit",
+    "hf",
+    "llava",
+    "coco",
+    "karpathy",
+    "visual-genome",
+    "refcoco",
+    "jsonl",
+    "imagefolder",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -132,9 +141,11 @@ def open_source(spec: str, data_format: str | None, options: SourceOptions, on_e
         return local.RecordListSource(f"jsonl:{spec}", records, options.shuffle)
     if name == "imagefolder":
         records = load_imagefolder_records(
-            spec, split=options.split or "train", on_error=on_error,
+            spec,
+            split=options.split or "train",
+            on_error=on_error,
             allow_outside_data_root=options.allow_outside_data_root,
-        )  # fmt: skip
+        )
         return local.RecordListSource(f"imagefolder:{spec}", records, options.shuffle)
     if not Path(spec).is_file():
         raise ValueError(f"`--data` {spec}: the {name} format reads a JSON file; it does not exist.")

@@ -57,8 +57,16 @@ def load_refer_pickle(path: str | Path) -> list[dict[str, Any]]:
     with open(path, "rb") as handle:
         try:
             refs = _PlainUnpickler(handle, encoding="utf-8", errors="replace").load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-                RecursionError) as error:  # fmt: skip
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            KeyError,
+            RecursionError,
+        ) as error:
             raise ValueError(f"{path}: not a readable refer pickle ({type(error).__name__}: {error}).") from None
     if not isinstance(refs, list):
         raise ValueError(f"{path}: expected a pickled list of refs, got a {type(refs).__name__}.")
