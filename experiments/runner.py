@@ -373,7 +373,7 @@ class TaskRunner:
         """A copy of a saved MM-GEM whose LLM context (and so the processor's truncation) is CLIP's 77 tokens."""
         model, processor = load_model(str(source))
         model.config.text_config.max_position_embeddings = CLIP_CONTEXT
-        processor.max_length = CLIP_CONTEXT
+        processor.context_length = CLIP_CONTEXT
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         return folder
@@ -385,15 +385,15 @@ class TaskRunner:
         cut = self._cut_to_clip_context(work / "stage1", work / "stage1_77")
         for variant in LONG_VARIANTS:
             processor = stage1.processor
-            for name, length in (("mmgem", processor.max_length), ("mmgem77", CLIP_CONTEXT)):
-                saved, processor.max_length = processor.max_length, length
+            for name, length in (("mmgem", processor.context_length), ("mmgem77", CLIP_CONTEXT)):
+                saved, processor.context_length = processor.context_length, length
                 try:
                     results[f"long_{variant}_{name}_zs"] = {
                         "train": dict(stage1_cost),
                         **self._evaluate_long(stage1.model, processor, variant),
                     }
                 finally:
-                    processor.max_length = saved
+                    processor.context_length = saved
             for name, start in (("mmgem", work / "stage1"), ("mmgem77", cut)):
                 tuned, record = self._train(
                     task,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from mmgem.errors import MMGEMUserError, checking_user_input, one_line
 from modeling_mmgem.modeling_mmgem import MMGEMModel
@@ -209,7 +210,9 @@ def check_weight_shapes(folder: str | os.PathLike[str], config: Any, argument: s
     else:
         files = [folder / "model.safetensors"]
     files = [f for f in files if f.is_file()]
-    if not files:
+    if not files or is_deepspeed_zero3_enabled():
+        # Under DeepSpeed ZeRO-3 even a meta-device model is built partitioned (it gathers on init); the load that
+        # follows reports weights of other shapes itself.
         return
     with torch.device("meta"):  # shapes only: nothing is allocated
         expected = {key: tuple(value.shape) for key, value in MMGEMModel(config).state_dict().items()}

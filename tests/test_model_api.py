@@ -133,3 +133,37 @@ def test_folder_without_tower_weights_initialises_the_tower_by_its_own_scheme(ti
 
 def pytest_raises(word: str):
     return pytest.raises(ValueError, match=word)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_in_a_joint_step_recomputes_and_keeps_the_gradients(use_reentrant):
+    """What transformers' gradient-checkpointing checks assert, on a joint stage-2 step (the LM runs twice: texts and
+    captions): checkpointed layers run again in backward, and every gradient equals the plain step's."""
+    from PIL import Image
+
+    from mmgem.build import tiny_mmgem
+    from mmgem.data.collator import MMGEMCollator
+
+    torch.manual_seed(0)
+    model, processor = tiny_mmgem()
+    model.train()
+    image = Image.new("RGB", (32, 32), "white")
+    regions = [{"box": [0, 0, 16, 16], "caption": "a red circle"}]
+    items = [{"image": image, "caption": "a small blue square", "regions": regions}] * 2
+    batch = MMGEMCollator(processor, stage=2, seed=0, unique_region_texts=False)(items)
+    calls = []  # runs of a module inside the first LM layer (the layer itself is re-entered by the checkpoint)
+    model.language_model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        calls.clear()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_calls = gradients(), len(calls)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    checkpointed, checkpointed_calls = gradients(), len(calls)
+    assert plain_calls == 2 and checkpointed_calls == 4  # texts and captions, each run again in backward
+    assert checkpointed.keys() == plain.keys() == {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)

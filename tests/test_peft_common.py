@@ -25,6 +25,8 @@ from tests.peft_suite import PACKAGE, import_upstream
 
 pytestmark = pytest.mark.slow
 
+# PEFT's own test utilities import `datasets` (our extra `data`); without it the tier cannot be imported.
+pytest.importorskip("datasets", reason="PEFT's test utilities import datasets: pip install -e '.[data]'")
 upstream = import_upstream("test_decoder_models")
 PeftCommonTester = sys.modules[f"{PACKAGE}.testing_common"].PeftCommonTester
 

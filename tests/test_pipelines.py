@@ -82,7 +82,8 @@ def test_pipelines_equal_the_model_methods_without_the_project(folder):
             assert full[0]["generated_text"][-1] == {{"role": "assistant", "content": expected}}
         short = caption(images=images[0], max_new_tokens=1)[0]["generated_text"]
         long = caption(images=images[0], max_new_tokens=8)[0]["generated_text"]
-        assert len(processor.tokenizer(short)["input_ids"]) <= 1 < len(processor.tokenizer(long)["input_ids"])
+        # max_new_tokens reaches generate (a decoded token may be part of a character, so count characters)
+        assert 0 < len(short) < len(long), (short, long)
         alias = pipeline("image-to-text", model=folder, trust_remote_code=True)
         assert alias(images=images[0], max_new_tokens=6) == caption(images=images[0], max_new_tokens=6)
         both = caption(images=images, max_new_tokens=3)

@@ -177,6 +177,7 @@ def _fsdp2_rank(rank: int, port: int, out: str) -> None:
         # Every rank ran the same batch: the sharded model's loss and gradients are the unsharded one's.
         grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
         worst = max(float((grads[n] - p.grad).abs().max()) for n, p in reference.named_parameters())
+        scale = max(float(p.grad.abs().max()) for p in reference.parameters())
         if rank == 0:
             Path(out).write_text(
                 json.dumps(
@@ -184,6 +185,7 @@ def _fsdp2_rank(rank: int, port: int, out: str) -> None:
                         "loss": float(loss),
                         "expected": float(expected),
                         "worst_grad_diff": worst,
+                        "grad_scale": scale,
                         "wrapped": len(wrapped),
                         "sharded": sum(hasattr(p, "full_tensor") for p in model.parameters()),
                         "parameters": len(list(model.parameters())),
@@ -206,7 +208,8 @@ def test_fsdp2_shards_the_model_over_gloo(tmp_path):
     assert result["wrapped"] >= 4  # the vision and language layers of the tiny model
     assert result["sharded"] == result["parameters"]
     assert abs(result["loss"] - result["expected"]) < 1e-5, result
-    assert result["worst_grad_diff"] < 1e-5, result
+    # float32 sums in another order (the reduce-scatter): within 1e-5 of the largest gradient
+    assert result["worst_grad_diff"] < 1e-5 * max(1.0, result["grad_scale"]), result
 
 
 def test_deepspeed_zero2_config_matches_the_trainer_arguments():

@@ -64,6 +64,26 @@ class MMGEMModelConformanceTest(modeling_common.ModelTesterMixin, GenerationTest
         # the mixin's documented switch for conversions that change values, not names.
         super().test_reverse_loading_mapping(check_keys_were_modified=False)
 
+    CHECKPOINTING_SKIP = (
+        "The mixin wraps the first checkpointed layer's forward in ONE mock whose target each call replaces; "
+        "that layer is a language-model layer (the LM is the first child, which PEFT's prompt learning needs), "
+        "and in a joint step it runs twice (texts, then captions), so the recompute of the first run calls the "
+        "second's forward. tests/test_model_api.py checks the same on a joint step: the layers are recomputed, "
+        "every trained parameter gets a gradient, and the gradients equal those without checkpointing."
+    )
+
+    @unittest.skip(CHECKPOINTING_SKIP)
+    def test_training_gradient_checkpointing(self):
+        pass
+
+    @unittest.skip(CHECKPOINTING_SKIP)
+    def test_training_gradient_checkpointing_use_reentrant_false(self):
+        pass
+
+    @unittest.skip(CHECKPOINTING_SKIP)
+    def test_training_gradient_checkpointing_use_reentrant_true(self):
+        pass
+
     @unittest.skip(
         "MMGEMModel is one class for embedding and captioning, with no base model inside it: `base_model` is the "
         "model itself (renaming `base_model_prefix` to a child would change the weight names of saved folders)."
