@@ -30,5 +30,7 @@ def test_caption_over_chat_completions(server, reference, images):
             model=str(server.folder), messages=[message], temperature=0.0, max_tokens=MAX_TOKENS
         )
         expected = caption(model, processor, [image], max_new_tokens=MAX_TOKENS)[0]
-        assert response.choices[0].message.content.strip() == expected
+        # A caption cut by max_tokens can end inside a multi-byte character: the server's detokenizer holds those
+        # bytes back where `decode` shows U+FFFD (the token ids themselves are compared through LLM(...)).
+        assert response.choices[0].message.content.strip() == expected.rstrip("\ufffd").strip()
         assert expected  # a random model still writes some words
