@@ -1,4 +1,4 @@
-"""The end-to-end demo (`make demo`): MM-GEM trained from scratch on 2 CPU cores in about a quarter of an hour.
+"""The end-to-end demo (`make demo`): MM-GEM trained from scratch on 2 CPU cores, evaluated and exported.
 
     python -m mmgem.demo --output-dir demo-output
 
@@ -52,6 +52,7 @@ TARGETS: dict[str, float] = {
     "region_retrieval/R@1": 0.8,
     "caption/exact_match": 0.5,
 }
+WALL_TIME_TARGET_S = 600.0  # the whole demo, on 2 CPU cores, once the virtual environment exists
 
 
 @dataclass
@@ -244,19 +245,24 @@ def check_reload(folder: Path, model: Any, processor: Any, records: Sequence[Any
     }
 
 
-def target_report(metrics: dict[str, float]) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The targets table and, per target, the measured value and whether it is met."""
+def target_report(metrics: dict[str, float], wall_s: float | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The targets table (with the wall time, when given, against `WALL_TIME_TARGET_S`) and, per metric target,
+    the measured value and whether it is met."""
     results = {}
     lines = [
-        "| Target                     | Needed | Measured | Met |",
-        "|----------------------------|--------|----------|-----|",
+        "| Target                     | Needed   | Measured | Met |",
+        "|----------------------------|----------|----------|-----|",
     ]
     for key, minimum in TARGETS.items():
         value = metrics.get(key)
         met = value is not None and value >= minimum
         results[key] = {"target": minimum, "measured": value, "met": met}
         shown = "n/a" if value is None else f"{value:.3f}"
-        lines.append(f"| {key:<26} | >= {minimum:<3} | {shown:<8} | {'yes' if met else 'NO':<3} |")
+        lines.append(f"| {key:<26} | >= {minimum:<5} | {shown:<8} | {'yes' if met else 'NO':<3} |")
+    if wall_s is not None:
+        met = wall_s <= WALL_TIME_TARGET_S
+        needed, shown = f"<= {WALL_TIME_TARGET_S:.0f} s", f"{wall_s:.0f} s"
+        lines.append(f"| {'wall time':<26} | {needed:<8} | {shown:<8} | {'yes' if met else 'NO':<3} |")
     return "\n".join(lines), results
 
 
@@ -347,7 +353,7 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
     table = format_table(
         result.metrics, title=f"MM-GEM demo, held-out {config.eval_split} split ({len(records)} images)"
     )
-    targets_table, targets = target_report(result.metrics)
+    targets_table, targets = target_report(result.metrics, timings["total_s"])
     summary = {
         "config": asdict(config),
         "metrics": result.metrics,
@@ -382,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help=f"torch CPU threads (default {DemoConfig.threads})")
     parser.add_argument("--stage1-steps", type=int, help=f"stage-1 training steps (default {DemoConfig.stage1_steps})")
     parser.add_argument("--stage2-steps", type=int, help=f"stage-2 training steps (default {DemoConfig.stage2_steps})")
+    parser.add_argument("--seed", type=int, help=f"training seed (default {DemoConfig.seed}; the data do not change)")
     parser.add_argument("--num-train", type=int, help=f"training images (default {DemoConfig.num_train})")
     parser.add_argument("--eval-split", choices=("val", "test"), help="split to evaluate on (default test)")
     parser.add_argument(
@@ -404,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if value < 1:
                     raise ValueError(f"`--{name.replace('_', '-')}` must be a positive int; got {value}.")
                 setattr(config, name, value)
+        if args.seed is not None:
+            if args.seed < 0:
+                raise ValueError(f"`--seed` must be a non-negative int; got {args.seed}.")
+            config.seed = args.seed
         if args.eval_split:
             config.eval_split = args.eval_split
     run_demo(args.output_dir, config, progress=not args.no_progress)
