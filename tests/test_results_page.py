@@ -49,10 +49,30 @@ def test_a_changed_number_makes_both_stale_and_regenerating_fixes_them(checkout)
     assert "4 of 5 targets met" in (checkout / results.README).read_text()
 
 
-def test_a_committed_demo_run_is_shown(checkout):
+def test_committed_demo_runs_and_ablation_are_shown(checkout):
     metrics = {key: 0.9 for key in results.TARGETS}
-    (checkout / results.DEMO_METRICS).write_text(json.dumps(metrics))
-    assert "| measured | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 |" in results.results_page(checkout)
+    seeds = {
+        "command": "python -m mmgem.demo --seed S",
+        "eval_split": "test",
+        "wall_time_target_s": 600.0,
+        "machine": "x86_64, 2 CPU cores",
+        "runs": [{"seed": 1, "metrics": metrics, "targets_met": True, "process_wall_s": 512.4, "timings": {}}],
+    }
+    (checkout / results.DEMO_SEEDS).write_text(json.dumps(seeds))
+    diagnosis = {
+        "zero_shot": {"colour wrong": 0, "shape wrong": 7, "images": 60},
+        "caption_exact_match_by_objects": {"1": 0.55, "2": 0.25},
+        "multi_object_captions": {"colour_order_right": 0.5, "shape_right": 0.25, "size_right": 0.75},
+    }
+    variant = {"name": "base", "change": "nothing", "metrics": metrics, "training_cpu_s": 600.0, "diagnosis": diagnosis}
+    (checkout / results.DEMO_ABLATION).write_text(json.dumps({"variants": [variant]}))
+    page = results.results_page(checkout)
+    assert "| seed 1 | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | yes | 512 s |" in page
+    assert "| base | nothing | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | 10 min |" in page
+    assert "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 |" in page
+    assert "| `make demo`, 1 seed (test split) | every target met in time by 1 of 1; 8.5 min;" in results.readme_table(
+        checkout
+    )
 
 
 def test_the_readme_needs_its_markers():

@@ -1,0 +1,191 @@
+"""What holds the demo back, measured: variants of `make demo`, each changing one thing, on the validation split.
+
+    python -m experiments.demo_ablation --output-dir demo-ablation            # every variant, two side by side
+    python -m experiments.demo_ablation --output-dir demo-ablation --only caption_tokens_8x8
+
+Each variant is the demo (`mmgem.demo.DemoConfig`) with one change, trained on one torch thread
+(two variants share 2 cores), evaluated on the validation split every 500 steps. A variant whose `summary.json`
+exists under `--output-dir` is reused. The final model of each is then diagnosed (`diagnose`): zero-shot errors by
+kind (colour or shape), caption exact match by number of objects, and, in captions of several objects, how often
+the objects come in the right order and each object's shape and size are right. Writes `docs/demo/ablation.json`,
+shown by `python -m mmgem.results`. Nothing here reads the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mmgem.demo import TARGETS, DemoConfig
+
+OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "demo" / "ablation.json"
+# name -> (what changes, DemoConfig overrides). The first is the demo as it is; each other changes one thing of it.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo": ("nothing: 250 + 1,000 steps of batch 64", {}),
+    "learning_rate_x2": (
+        "learning rates x2 (2e-3, then 1e-3)",
+        {"stage1_learning_rate": 2e-3, "stage2_learning_rate": 1e-3},
+    ),
+    "temperature_0.02": (
+        "temperature initialised at 0.02 instead of 0.07",
+        {"architecture_overrides": {"logit_scale_init_value": 3.912}},
+    ),
+    "caption_tokens_8x8": (
+        "64 caption tokens (the 8x8 grid, not pooled) instead of 16",
+        {"architecture_overrides": {"pool_grid_size": 8}},
+    ),
+    "hard_negatives": ("batches of blocks of 8 scenes sharing their colours", {"hard_negative_group_size": 8}),
+    "stage1_longer": ("1,000 steps of stage 1, 500 of stage 2", {"stage1_steps": 1000, "stage2_steps": 500}),
+    "batch_32": (
+        "batch 32 for twice the steps (500 + 2,000)",
+        {"batch_size": 32, "stage1_steps": 500, "stage2_steps": 2000, "curve_every": 1000},
+    ),
+}
+EVAL_EVERY = 500
+
+
+def run_variant(name: str, output_dir: Path, seed: int = 0) -> Path:
+    """Train and evaluate one variant in a child process (one torch thread); returns its folder."""
+    folder = output_dir / name
+    if not (folder / "summary.json").is_file():
+        config = {"eval_split": "val", "threads": 1, "curve_every": EVAL_EVERY, "seed": seed, **VARIANTS[name][1]}
+        code = (
+            "import json, sys; from mmgem.demo import DemoConfig, run_demo; "
+            "run_demo(sys.argv[1], DemoConfig(**json.loads(sys.argv[2])), progress=False)"
+        )
+        log = output_dir / f"{name}.log"
+        with log.open("w") as stream:
+            done = subprocess.run(
+                [sys.executable, "-c", code, str(folder), json.dumps(config)], stdout=stream, stderr=stream
+            )
+        if done.returncode:
+            raise RuntimeError(f"Variant {name!r} failed (exit {done.returncode}); see {log}.")
+    return folder
+
+
+def _phrases(caption: str) -> list[str]:
+    """'a small red circle, a large blue star and ...' -> ['a small red circle', 'a large blue star', ...]."""
+    return [part.strip() for part in re.split(r",| and ", caption) if part.strip()]
+
+
+@torch.no_grad()
+def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[str, Any]:
+    """Where the model's errors are, on the validation split of the synthetic shapes."""
+    from transformers import AutoModel, AutoProcessor
+
+    from mmgem.data.records import load_jsonl_records
+    from mmgem.embedding import caption, encode_images, encode_texts
+    from mmgem.synthetic import zero_shot_examples
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    records = load_jsonl_records(data_dir / "val.jsonl")
+    labels = json.loads((data_dir / "labels.json").read_text())
+    classes, sizes = labels["classes"], labels["sizes"]
+    examples = zero_shot_examples(records)
+    prompts = [f"a {size} {name}" for name in classes for size in sizes]
+    text_embeds = encode_texts(model, processor, prompts)  # [C * S, D]
+    image_embeds = encode_images(model, processor, [record.load_image() for record, _ in examples])  # [N, D]
+    scores = (image_embeds @ text_embeds.T).view(len(examples), len(classes), len(sizes)).amax(-1)  # [N, C]
+    zero_shot = collections.Counter()
+    for (_, label), predicted in zip(examples, scores.argmax(-1).tolist()):
+        colour, shape = label.split()
+        got_colour, got_shape = classes[predicted].split()
+        zero_shot["colour wrong"] += colour != got_colour
+        zero_shot["shape wrong"] += shape != got_shape
+    zero_shot["images"] = len(examples)
+
+    generated = caption(model, processor, [record.load_image() for record in records], max_new_tokens=max_new_tokens)
+    by_count: dict[int, list[bool]] = collections.defaultdict(list)
+    multi = collections.Counter()
+    for record, text in zip(records, generated):
+        reference, produced = _phrases(record.caption), _phrases(text)
+        by_count[len(reference)].append(text == record.caption)
+        if len(reference) < 2:
+            continue
+        multi["captions"] += 1
+        multi["colour order right"] += [p.split()[2:3] for p in produced] == [p.split()[2:3] for p in reference]
+        for phrase in reference:  # colours are distinct within an image: match each object by its colour
+            match = [p for p in produced if p.split()[2:3] == phrase.split()[2:3]]
+            multi["objects"] += 1
+            multi["shape right"] += bool(match) and match[0].split()[3:4] == phrase.split()[3:4]
+            multi["size right"] += bool(match) and match[0].split()[1:2] == phrase.split()[1:2]
+    return {
+        "zero_shot": dict(zero_shot),
+        "caption_exact_match_by_objects": {str(n): sum(v) / len(v) for n, v in sorted(by_count.items())},
+        "multi_object_captions": {
+            "colour_order_right": multi["colour order right"] / max(multi["captions"], 1),
+            "shape_right": multi["shape right"] / max(multi["objects"], 1),
+            "size_right": multi["size right"] / max(multi["objects"], 1),
+        },
+    }
+
+
+def variant_result(name: str, folder: Path) -> dict[str, Any]:
+    summary = json.loads((folder / "summary.json").read_text())
+    curve = json.loads((folder / "curve.json").read_text()) if (folder / "curve.json").is_file() else []
+    return {
+        "name": name,
+        "change": VARIANTS[name][0],
+        "config": summary["config"],
+        "metrics": {key: summary["metrics"].get(key) for key in (*TARGETS, "region_caption/exact_match")},
+        "curve": curve,
+        "training_cpu_s": summary["timings"]["training_cpu_s"],
+        "diagnosis": diagnose(folder / "stage2", folder / "data"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.demo_ablation", description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", required=True, help="one folder per variant (reused when finished)")
+    parser.add_argument("--only", help=f"comma-separated variants (default all: {', '.join(VARIANTS)})")
+    parser.add_argument("--jobs", type=int, default=2, help="variants trained side by side (default 2)")
+    parser.add_argument("--results", default=str(OUTPUT), help=f"where the JSON goes (default {OUTPUT})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or args.jobs < 1:
+        raise SystemExit(
+            f"error: --only takes {', '.join(VARIANTS)}; got {unknown}" if unknown else "error: --jobs >= 1"
+        )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        folders = list(
+            tqdm(pool.map(lambda name: run_variant(name, output_dir), names), total=len(names), desc="variants")
+        )
+    torch.set_num_threads(2)
+    results = [variant_result(name, folder) for name, folder in zip(names, folders)]
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"eval_split": "val", "default": asdict_default(), "variants": results}, indent=1) + "\n"
+    )
+    print(f"Wrote {path}")
+    return 0
+
+
+def asdict_default() -> dict[str, Any]:
+    """The demo's current settings, for the record."""
+    from dataclasses import asdict
+
+    return asdict(DemoConfig())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
