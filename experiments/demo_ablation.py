@@ -21,13 +21,18 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModel, AutoProcessor
 
+from mmgem.data.records import load_jsonl_records
 from mmgem.demo import TARGETS, DemoConfig
+from mmgem.embedding import caption, encode_images, encode_texts
+from mmgem.synthetic import zero_shot_examples
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "demo" / "ablation.json"
 # name -> (what changes, DemoConfig overrides). The first is the demo as it is; each other changes one thing of it.
@@ -82,12 +87,6 @@ def _phrases(caption: str) -> list[str]:
 @torch.no_grad()
 def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[str, Any]:
     """Where the model's errors are, on the validation split of the synthetic shapes."""
-    from transformers import AutoModel, AutoProcessor
-
-    from mmgem.data.records import load_jsonl_records
-    from mmgem.embedding import caption, encode_images, encode_texts
-    from mmgem.synthetic import zero_shot_examples
-
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     records = load_jsonl_records(data_dir / "val.jsonl")
@@ -182,8 +181,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def asdict_default() -> dict[str, Any]:
     """The demo's current settings, for the record."""
-    from dataclasses import asdict
-
     return asdict(DemoConfig())
 
 
