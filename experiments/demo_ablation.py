@@ -173,15 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
-        json.dumps({"eval_split": "val", "default": asdict_default(), "variants": results}, indent=1) + "\n"
+        json.dumps({"eval_split": "val", "default": asdict(DemoConfig()), "variants": results}, indent=1) + "\n"
     )
     print(f"Wrote {path}")
     return 0
-
-
-def asdict_default() -> dict[str, Any]:
-    """The demo's current settings, for the record."""
-    return asdict(DemoConfig())
 
 
 if __name__ == "__main__":
