@@ -32,6 +32,7 @@ from transformers import AutoModel, AutoProcessor
 from mmgem.data.records import load_jsonl_records
 from mmgem.demo import TARGETS, DemoConfig
 from mmgem.embedding import caption, encode_images, encode_texts
+from mmgem.evaluation.evaluate import templates_for
 from mmgem.synthetic import zero_shot_examples
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "demo" / "ablation.json"
@@ -91,12 +92,13 @@ def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     records = load_jsonl_records(data_dir / "val.jsonl")
     labels = json.loads((data_dir / "labels.json").read_text())
-    classes, sizes = labels["classes"], labels["sizes"]
+    classes = labels["classes"]
+    templates, _ = templates_for(labels)  # the prompts `mmgem evaluate` scores zero-shot with (reduction: max)
     examples = zero_shot_examples(records)
-    prompts = [f"a {size} {name}" for name in classes for size in sizes]
-    text_embeds = encode_texts(model, processor, prompts)  # [C * S, D]
+    prompts = [template.format(name) for name in classes for template in templates]
+    text_embeds = encode_texts(model, processor, prompts)  # [C * T, D]
     image_embeds = encode_images(model, processor, [record.load_image() for record, _ in examples])  # [N, D]
-    scores = (image_embeds @ text_embeds.T).view(len(examples), len(classes), len(sizes)).amax(-1)  # [N, C]
+    scores = (image_embeds @ text_embeds.T).view(len(examples), len(classes), len(templates)).amax(-1)  # [N, C]
     zero_shot = collections.Counter()
     for (_, label), predicted in zip(examples, scores.argmax(-1).tolist()):
         colour, shape = label.split()
