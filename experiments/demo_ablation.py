@@ -3,12 +3,12 @@
     python -m experiments.demo_ablation --output-dir demo-ablation            # every variant, two side by side
     python -m experiments.demo_ablation --output-dir demo-ablation --only caption_tokens_8x8
 
-Each variant is the demo (`mmgem.demo.DemoConfig`) with one change, trained on one torch thread
-(two variants share 2 cores), evaluated on the validation split every 500 steps. A variant whose `summary.json`
-exists under `--output-dir` is reused. The final model of each is then diagnosed (`diagnose`): zero-shot errors by
-kind (colour or shape), caption exact match by number of objects, and, in captions of several objects, how often
-the objects come in the right order and each object's shape and size are right. Writes `docs/demo/ablation.json`,
-shown by `python -m mmgem.results`. Nothing here reads the test split.
+Each variant is the demo (`mmgem.demo.DemoConfig`), or the demo before its last change, with one change, trained
+on one torch thread (two variants share 2 cores), evaluated on the validation split every 500 steps. A variant whose
+`summary.json` exists under `--output-dir` is reused. The final model of each is then diagnosed (`diagnose`):
+zero-shot errors by kind (colour or shape), caption exact match by number of objects, and, in captions of several
+objects, how often the objects come in the right order and each object's shape and size are right. Writes
+`docs/demo/ablation.json`, shown by `python -m mmgem.results`. Nothing here reads the test split.
 """
 
 from __future__ import annotations
@@ -36,36 +36,79 @@ from mmgem.evaluation.evaluate import templates_for
 from mmgem.synthetic import zero_shot_examples
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "demo" / "ablation.json"
-# name -> (what changes, DemoConfig overrides). The first is the demo as it is; each other changes one thing of it.
+# The demo before its language model lost three layers and its stage 1 most of its steps; the variants after
+# `previous_demo` change one thing of it.
+PREVIOUS_DEMO: dict[str, Any] = {
+    "architecture_overrides": {"text_config": {"num_hidden_layers": 4}},
+    "stage1_steps": 250,
+    "stage2_steps": 1000,
+}
+TWO_LAYER_LM: dict[str, Any] = {"text_config": {"num_hidden_layers": 2}}
+
+
+def previous_demo(architecture: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
+    """DemoConfig overrides: the previous demo with `changes` (and `architecture` merged into its overrides)."""
+    return {
+        **PREVIOUS_DEMO,
+        **changes,
+        "architecture_overrides": {**PREVIOUS_DEMO["architecture_overrides"], **(architecture or {})},
+    }
+
+
+# name -> (what changes, DemoConfig overrides). The first is the demo as it is. The table shows each one's training
+# CPU time: compare variants that took about the same.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": ("nothing: 250 + 1,000 steps of batch 64", {}),
+    "demo": ("nothing: 1-layer language model, 25 + 1,900 steps of batch 64", {}),
+    "language_model_2_layers": (
+        "2-layer language model, 25 + 1,650 steps",
+        {"architecture_overrides": TWO_LAYER_LM, "stage2_steps": 1650},
+    ),
+    "language_model_2_layers_batch_48": (
+        "2-layer language model, batch 48 for 25 + 2,200 steps",
+        {"architecture_overrides": TWO_LAYER_LM, "batch_size": 48, "stage2_steps": 2200},
+    ),
+    "vit_6_layers": (
+        "2-layer language model, 6-layer ViT, 25 + 1,150 steps",
+        {"architecture_overrides": {**TWO_LAYER_LM, "vision_config": {"num_hidden_layers": 6}}, "stage2_steps": 1150},
+    ),
+    "previous_demo": ("4-layer language model, 250 + 1,000 steps (the demo before)", previous_demo()),
     "learning_rate_x2": (
-        "learning rates x2 (2e-3, then 1e-3)",
-        {"stage1_learning_rate": 2e-3, "stage2_learning_rate": 1e-3},
+        "previous demo, learning rates x2 (2e-3, then 1e-3)",
+        previous_demo(stage1_learning_rate=2e-3, stage2_learning_rate=1e-3),
     ),
     "temperature_0.02": (
-        "temperature initialised at 0.02 instead of 0.07",
-        {"architecture_overrides": {"logit_scale_init_value": 3.912}},
+        "previous demo, temperature initialised at 0.02 instead of 0.07",
+        previous_demo({"logit_scale_init_value": 3.912}),
     ),
     "caption_tokens_8x8": (
-        "64 caption tokens (the 8x8 grid, not pooled) instead of 16",
-        {"architecture_overrides": {"pool_grid_size": 8}},
+        "previous demo, 64 caption tokens (the 8x8 grid, not pooled) instead of 16",
+        previous_demo({"pool_grid_size": 8}),
     ),
-    "hard_negatives": ("batches of blocks of 8 scenes sharing their colours", {"hard_negative_group_size": 8}),
-    "stage1_longer": ("1,000 steps of stage 1, 500 of stage 2", {"stage1_steps": 1000, "stage2_steps": 500}),
+    "caption_loss_x2": ("previous demo, caption loss weight 2", previous_demo({"caption_loss_weight": 2.0})),
+    "hard_negatives": (
+        "previous demo, batches of blocks of 8 scenes sharing their colours",
+        previous_demo(hard_negative_group_size=8),
+    ),
+    "stage1_longer": ("previous demo, 1,000 + 500 steps", previous_demo(stage1_steps=1000, stage2_steps=500)),
+    "stage1_short": ("previous demo, 25 + 1,150 steps", previous_demo(stage1_steps=25, stage2_steps=1150)),
     "batch_32": (
-        "batch 32 for twice the steps (500 + 2,000)",
-        {"batch_size": 32, "stage1_steps": 500, "stage2_steps": 2000, "curve_every": 1000},
+        "previous demo, batch 32 for twice the steps (500 + 2,000)",
+        previous_demo(batch_size=32, stage1_steps=500, stage2_steps=2000, curve_every=1000),
     ),
 }
 EVAL_EVERY = 500
+
+
+def variant_config(name: str, seed: int = 0) -> dict[str, Any]:
+    """The DemoConfig arguments of a variant: one torch thread, the validation split, the curve every 500 steps."""
+    return {"eval_split": "val", "threads": 1, "curve_every": EVAL_EVERY, "seed": seed, **VARIANTS[name][1]}
 
 
 def run_variant(name: str, output_dir: Path, seed: int = 0) -> Path:
     """Train and evaluate one variant in a child process (one torch thread); returns its folder."""
     folder = output_dir / name
     if not (folder / "summary.json").is_file():
-        config = {"eval_split": "val", "threads": 1, "curve_every": EVAL_EVERY, "seed": seed, **VARIANTS[name][1]}
+        config = variant_config(name, seed)
         code = (
             "import json, sys; from mmgem.demo import DemoConfig, run_demo; "
             "run_demo(sys.argv[1], DemoConfig(**json.loads(sys.argv[2])), progress=False)"
@@ -83,6 +126,22 @@ def run_variant(name: str, output_dir: Path, seed: int = 0) -> Path:
 def _phrases(caption: str) -> list[str]:
     """'a small red circle, a large blue star and ...' -> ['a small red circle', 'a large blue star', ...]."""
     return [part.strip() for part in re.split(r",| and ", caption) if part.strip()]
+
+
+def _match_by_colour(reference: Sequence[str], produced: Sequence[str]) -> list[str | None]:
+    """For each reference phrase, the produced phrase of the same colour and the same rank among that colour's
+    phrases (the 2nd red object to the 2nd red phrase; objects may share a colour), or None."""
+    by_colour: dict[str, list[str]] = collections.defaultdict(list)
+    for phrase in produced:
+        by_colour[" ".join(phrase.split()[2:3])].append(phrase)
+    seen: collections.Counter = collections.Counter()
+    matches = []
+    for phrase in reference:
+        colour = " ".join(phrase.split()[2:3])
+        candidates = by_colour[colour]
+        matches.append(candidates[seen[colour]] if seen[colour] < len(candidates) else None)
+        seen[colour] += 1
+    return matches
 
 
 @torch.no_grad()
@@ -117,11 +176,10 @@ def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[
             continue
         multi["captions"] += 1
         multi["colour order right"] += [p.split()[2:3] for p in produced] == [p.split()[2:3] for p in reference]
-        for phrase in reference:  # colours are distinct within an image: match each object by its colour
-            match = [p for p in produced if p.split()[2:3] == phrase.split()[2:3]]
+        for phrase, match in zip(reference, _match_by_colour(reference, produced)):
             multi["objects"] += 1
-            multi["shape right"] += bool(match) and match[0].split()[3:4] == phrase.split()[3:4]
-            multi["size right"] += bool(match) and match[0].split()[1:2] == phrase.split()[1:2]
+            multi["shape right"] += match is not None and match.split()[3:4] == phrase.split()[3:4]
+            multi["size right"] += match is not None and match.split()[1:2] == phrase.split()[1:2]
     return {
         "zero_shot": dict(zero_shot),
         "caption_exact_match_by_objects": {str(n): sum(v) / len(v) for n, v in sorted(by_count.items())},
@@ -139,7 +197,7 @@ def variant_result(name: str, folder: Path) -> dict[str, Any]:
     return {
         "name": name,
         "change": VARIANTS[name][0],
-        "config": summary["config"],
+        "config": asdict(DemoConfig(**variant_config(name))),
         "metrics": {key: summary["metrics"].get(key) for key in (*TARGETS, "region_caption/exact_match")},
         "curve": curve,
         "training_cpu_s": summary["timings"]["training_cpu_s"],

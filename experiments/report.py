@@ -639,8 +639,8 @@ def _report_text(
         "(captions, region captions, both variants' long descriptions), shared by all arms and by CLIP"
         + (f"; {mmgem_params.mean / 1e6:.2f} M parameters" if mmgem_params.n else "")
         + (
-            ". The demo preset's widths, image size and patch grid, with 2 layers per tower instead of 4, to fit the "
-            "time budget."
+            ". The demo preset's widths, image size and patch grid, with 2 layers per tower (the demo trains 4 in its "
+            "ViT), to fit the time budget."
             if budget["preset"] == "demo"
             else f" (the `{budget['preset']}` preset)."
         )

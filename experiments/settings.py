@@ -24,7 +24,7 @@ EXPERIMENT_CONTEXT = 512  # LLM positions of the experiments' models
 def experiment_architecture(preset: str = "demo", vocab_size: int | None = None) -> dict[str, Any]:
     """The MM-GEM architecture of the experiments, from the preset registry (`mmgem.presets`).
 
-    The demo preset (4-layer ViT on 64 px images with an 8x8 patch grid, 4-layer Llama) needs about ten minutes of
+    The demo preset (4-layer ViT on 64 px images with an 8x8 patch grid, 1-layer Llama) needs about ten minutes of
     two CPU cores to train once; the experiments train ~40 models in 45 minutes, so `preset="demo"` gives the
     `experiments` preset: the demo's widths, image size and patch grid (the pool-grid arms need the 8x8 grid) with 2
     layers per tower and a 512-position LLM context (RoPE: no extra weights) so that long descriptions fit. Other

@@ -99,3 +99,13 @@ def test_caption_phrases_split_on_commas_and_and():
         "a large blue star",
         "a small green cross",
     ]
+
+
+def test_objects_sharing_a_colour_are_matched_by_their_rank_among_that_colour():
+    from experiments.demo_ablation import _match_by_colour
+
+    reference = ["a large red star", "a small blue cross", "a small red square"]
+    produced = ["a small blue cross", "a large red circle", "a small red square"]
+    assert _match_by_colour(reference, produced) == ["a large red circle", "a small blue cross", "a small red square"]
+    missing = _match_by_colour(["a small red star", "a small red cross"], ["a small red star"])
+    assert missing == ["a small red star", None]
