@@ -1,14 +1,14 @@
-"""What holds the demo back, measured: variants of `make demo`, each changing one thing, on the validation split.
+"""What holds the demo back, measured: variants of `make demo`, each described by its change, on the validation split.
 
     python -m experiments.demo_ablation --output-dir demo-ablation            # every variant, two side by side
     python -m experiments.demo_ablation --output-dir demo-ablation --only caption_tokens_8x8
 
-Each variant is the demo (`mmgem.demo.DemoConfig`), or the demo before its last change, with one change, trained
-on one torch thread (two variants share 2 cores), evaluated on the validation split every 500 steps. A variant whose
-`summary.json` exists under `--output-dir` is reused. The final model of each is then diagnosed (`diagnose`):
-zero-shot errors by kind (colour or shape), caption exact match by number of objects, and, in captions of several
-objects, how often the objects come in the right order and each object's shape and size are right. Writes
-`docs/demo/ablation.json`, shown by `python -m mmgem.results`. Nothing here reads the test split.
+Each variant is the demo (`mmgem.demo.DemoConfig`) or the demo before its last change (`previous_demo`), changed as
+its description says, trained on one torch thread (two variants share 2 cores), evaluated on the validation split
+every 500 steps. A variant whose `summary.json` exists under `--output-dir` is reused. The final model of each is then
+diagnosed (`diagnose`): zero-shot errors by kind (colour or shape), caption exact match by number of objects, and, in
+captions of several objects, how often the objects come in the right order and each object's shape and size are
+right. Writes `docs/demo/ablation.json`, shown by `python -m mmgem.results`. Nothing here reads the test split.
 """
 
 from __future__ import annotations

@@ -142,8 +142,8 @@ def seeds_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
 def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
     """The demo's variants (one change each) and where their errors are, on the validation split."""
     lines = [
-        "What holds the demo back: variants of the demo or of the demo before its last change, each changing one "
-        "thing (the steps of its stages included), "
+        "What holds the demo back: variants of the demo or of the demo before its last change, each described by "
+        "what it changes (the steps of its stages included), "
         f"evaluated on the validation split (`python -m experiments.demo_ablation`, file `{DEMO_ABLATION}`).",
         "",
     ]
@@ -205,9 +205,22 @@ def _diagnosis_summary(variant: dict[str, Any]) -> str:
         + f"; in those, each object's shape is right {_num(multi['shape_right'], 2)} of the time (chance: 1/6) and its "
         f"size {_num(multi['size_right'], 2)}, while captions of the same kind of object from its box (region "
         f"captions) are exactly right {_num(variant['metrics'].get('region_caption/exact_match'), 2)}. Colours are "
-        "read everywhere; shapes are read from a box (RoIAlign's tokens of the object) but hardly from the whole image "
-        "(the mean of the patch grid for the embedding, its 4x4 pooled grid for captions), where a small shape covers "
-        "about 2x2 patches."
+        "read everywhere; shapes are read best from a box (RoIAlign's tokens of the object) and less well from the "
+        "whole image (the mean of the patch grid for the embedding, its 4x4 pooled grid for captions), where a small "
+        "shape covers about 2x2 patches." + _single_object_bound(variant)
+    )
+
+
+def _single_object_bound(variant: dict[str, Any]) -> str:
+    """Why caption exact match needs the captions of several objects: the share of one-object images caps it."""
+    share = variant.get("config", {}).get("single_object_fraction")
+    if share is None:
+        return ""
+    target = TARGETS["caption/exact_match"]
+    needed = (target - share) / (1 - share)  # even with every one-object caption exact
+    return (
+        f" A caption is exact only when every object in it is, and {share:.0%} of the images hold one object: exact "
+        f"match reaches {target} only once at least {needed:.0%} of the captions of several objects are exact."
     )
 
 

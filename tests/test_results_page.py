@@ -65,11 +65,13 @@ def test_committed_demo_runs_and_ablation_are_shown(checkout):
         "multi_object_captions": {"colour_order_right": 0.5, "shape_right": 0.25, "size_right": 0.75},
     }
     variant = {"name": "base", "change": "nothing", "metrics": metrics, "training_cpu_s": 600.0, "diagnosis": diagnosis}
+    variant["config"] = {"single_object_fraction": 0.3}
     (checkout / results.DEMO_ABLATION).write_text(json.dumps({"variants": [variant]}))
     page = results.results_page(checkout)
     assert "| seed 1 | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | yes | 512 s |" in page
     assert "| base | nothing | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | 10 min |" in page
     assert "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 |" in page
+    assert "30% of the images hold one object: exact match reaches 0.5 only once at least 29% of the captions" in page
     assert "| `make demo`, 1 seed (test split) | every target met in time by 1 of 1; 8.5 min;" in results.readme_table(
         checkout
     )
