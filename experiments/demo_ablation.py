@@ -59,6 +59,8 @@ def previous_demo(architecture: dict[str, Any] | None = None, **changes: Any) ->
 # CPU time: compare variants that took about the same.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": ("nothing: 1-layer language model, 25 + 1,900 steps of batch 64", {}),
+    "batch_48": ("batch 48 for 25 + 2,500 steps", {"batch_size": 48, "stage2_steps": 2500}),
+    "stage2_2250_steps": ("25 + 2,250 steps (about what 10 minutes of 2 cores allow)", {"stage2_steps": 2250}),
     "language_model_2_layers": (
         "2-layer language model, 25 + 1,650 steps",
         {"architecture_overrides": TWO_LAYER_LM, "stage2_steps": 1650},
