@@ -6,9 +6,10 @@
 Each variant is the demo (`mmgem.demo.DemoConfig`) or the demo before its last change (`previous_demo`), changed as
 its description says, trained on one torch thread (two variants share 2 cores), evaluated on the validation split
 every 500 steps. A variant whose `summary.json` exists under `--output-dir` is reused. The final model of each is then
-diagnosed (`diagnose`): zero-shot errors by kind (colour or shape), caption exact match by number of objects, and, in
-captions of several objects, how often the objects come in the right order and each object's shape and size are
-right. Writes `docs/demo/ablation.json`, shown by `python -m mmgem.results`. Nothing here reads the test split.
+diagnosed (`diagnose`): zero-shot errors by kind (colour or shape), caption exact match by number of objects; in
+captions of several objects, how often the objects come in the right order, each object's shape and size are right,
+and the shapes are right as a set; and where the language model looks when it names a shape (`binding`). Writes
+`docs/demo/ablation.json`, shown by `python -m mmgem.results`. Nothing here reads the test split.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import re
 import subprocess
 import sys
@@ -58,9 +60,9 @@ def previous_demo(architecture: dict[str, Any] | None = None, **changes: Any) ->
 # name -> (what changes, DemoConfig overrides). The first is the demo as it is. The table shows each one's training
 # CPU time: compare variants that took about the same.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": ("nothing: 1-layer language model, 25 + 1,900 steps of batch 64", {}),
+    "demo": ("nothing: 1-layer language model, 25 + 2,250 steps of batch 64", {}),
+    "stage2_1900_steps": ("25 + 1,900 steps", {"stage2_steps": 1900}),
     "batch_48": ("batch 48 for 25 + 2,500 steps", {"batch_size": 48, "stage2_steps": 2500}),
-    "stage2_2250_steps": ("25 + 2,250 steps (about what 10 minutes of 2 cores allow)", {"stage2_steps": 2250}),
     "language_model_2_layers": (
         "2-layer language model, 25 + 1,650 steps",
         {"architecture_overrides": TWO_LAYER_LM, "stage2_steps": 1650},
@@ -146,10 +148,79 @@ def _match_by_colour(reference: Sequence[str], produced: Sequence[str]) -> list[
     return matches
 
 
+def _cells_of_box(box: Sequence[float], image_side: float, grid: int) -> torch.Tensor:
+    """Which cells of the `grid` x `grid` token grid (row-major, [grid * grid] bools) the box covers by a quarter."""
+    cell = image_side / grid
+    edges = torch.arange(grid + 1, dtype=torch.float32) * cell
+    x0, y0, x1, y1 = (float(v) for v in box)
+    overlap_x = (torch.minimum(edges[1:], torch.tensor(x1)) - torch.maximum(edges[:-1], torch.tensor(x0))).clamp(min=0)
+    overlap_y = (torch.minimum(edges[1:], torch.tensor(y1)) - torch.maximum(edges[:-1], torch.tensor(y0))).clamp(min=0)
+    return (overlap_y[:, None] * overlap_x[None, :] >= cell * cell / 4).flatten()  # [grid * grid]
+
+
+@torch.no_grad()
+def binding(model: Any, processor: Any, records: Sequence[Any]) -> dict[str, Any]:
+    """Does the caption decoder look at the object it describes? Over the two-object images whose objects differ
+    in colour, captions given word by word (teacher forcing): at the token of each object's colour, from which the
+    model names its shape, the attention (mean over heads) on the visual tokens of that object and on those of the
+    other object (tokens covered by both left out), in the layer where the difference is largest, and how often
+    the shape named there is right. Objects whose colour is not one token are left out; with none left, the
+    fractions are None."""
+    unmeasured = {"objects": 0, "shape_right_given_previous_words": None, "attention_on_object": None}
+    unmeasured.update(attention_on_other_object=None, layer=None)
+    pairs = [r for r in records if len(r.regions) == 2 and len({_colour(g.caption) for g in r.regions}) == 2]
+    if not pairs:
+        return unmeasured
+    inputs = processor(images=[r.load_image() for r in pairs], text=[r.caption for r in pairs])
+    output = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        output_attentions=True,
+    )
+    attentions = torch.stack([a.float().mean(1) for a in output.attentions])  # [layers, B, L, L], heads averaged
+    grid, side = math.isqrt(model.config.num_image_tokens), inputs["pixel_values"].shape[-1]
+    tokenizer = processor.tokenizer
+    on_object, on_other, shape_right = [], [], []
+    for row, record in enumerate(pairs):
+        ids = inputs["input_ids"][row]
+        visual = (ids == processor.image_token_id).nonzero().flatten()  # [grid * grid], row-major
+        words = [tokenizer.decode([i]).strip() for i in ids.tolist()]
+        scale = side / record.load_image().width
+        cells = [_cells_of_box([v * scale for v in region.box], side, grid) for region in record.regions]
+        for index, region in enumerate(record.regions):
+            colour, shape = _colour(region.caption), region.caption.split()[3]
+            at = [t for t, word in enumerate(words) if word == colour and t > visual[-1]]
+            if len(at) != 1:
+                continue
+            mine, other = cells[index] & ~cells[1 - index], cells[1 - index] & ~cells[index]
+            weights = attentions[:, row, at[0]][:, visual]  # [layers, grid * grid]
+            on_object.append(weights[:, mine].sum(-1))
+            on_other.append(weights[:, other].sum(-1))
+            shape_right.append(tokenizer.decode([int(output.logits[row, at[0]].argmax())]).strip() == shape)
+    if not shape_right:
+        return unmeasured
+    on_object_mean, on_other_mean = torch.stack(on_object).mean(0), torch.stack(on_other).mean(0)  # [layers]
+    layer = int((on_object_mean - on_other_mean).argmax())
+    return {
+        "objects": len(shape_right),
+        "shape_right_given_previous_words": sum(shape_right) / len(shape_right),
+        "attention_on_object": float(on_object_mean[layer]),
+        "attention_on_other_object": float(on_other_mean[layer]),
+        "layer": layer,
+    }
+
+
+def _colour(phrase: str) -> str:
+    """'a small red circle' -> 'red'."""
+    return phrase.split()[2]
+
+
 @torch.no_grad()
 def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[str, Any]:
     """Where the model's errors are, on the validation split of the synthetic shapes."""
-    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    # Eager attention: the binding diagnosis reads the attention weights.
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, attn_implementation="eager").eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     records = load_jsonl_records(data_dir / "val.jsonl")
     labels = json.loads((data_dir / "labels.json").read_text())
@@ -178,6 +249,9 @@ def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[
             continue
         multi["captions"] += 1
         multi["colour order right"] += [p.split()[2:3] for p in produced] == [p.split()[2:3] for p in reference]
+        multi["shapes right as a set"] += sorted(p.split()[3:4] for p in produced) == sorted(
+            p.split()[3:4] for p in reference
+        )
         for phrase, match in zip(reference, _match_by_colour(reference, produced)):
             multi["objects"] += 1
             multi["shape right"] += match is not None and match.split()[3:4] == phrase.split()[3:4]
@@ -187,9 +261,11 @@ def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[
         "caption_exact_match_by_objects": {str(n): sum(v) / len(v) for n, v in sorted(by_count.items())},
         "multi_object_captions": {
             "colour_order_right": multi["colour order right"] / max(multi["captions"], 1),
+            "shapes_right_as_a_set": multi["shapes right as a set"] / max(multi["captions"], 1),
             "shape_right": multi["shape right"] / max(multi["objects"], 1),
             "size_right": multi["size right"] / max(multi["objects"], 1),
         },
+        "binding": binding(model, processor, records),
     }
 
 

@@ -76,7 +76,7 @@ class DemoConfig:
     # A short stage 1: stage 2 trains captions too, and every step moved to it helps the region and embedding targets
     # (`experiments/demo_ablation.py`: `stage1_longer`, `stage1_short`).
     stage1_steps: int = 25
-    stage2_steps: int = 1900
+    stage2_steps: int = 2250
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 5e-4
     vision_learning_rate_multiplier: float = 1.0

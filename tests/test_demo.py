@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mmgem.cli import main as cli_main
 from mmgem.demo import TARGETS
@@ -88,7 +89,12 @@ def test_demo_seeds_and_the_ablation_diagnosis_on_the_quick_demo(tmp_path):
     singles = sum(" and " not in json.loads(line)["caption"] for line in (data / "val.jsonl").read_text().splitlines())
     assert diagnosis["zero_shot"]["images"] == singles
     assert diagnosis["zero_shot"]["colour wrong"] + diagnosis["zero_shot"]["shape wrong"] <= 2 * singles
-    assert set(diagnosis["multi_object_captions"]) == {"colour_order_right", "shape_right", "size_right"}
+    multi = diagnosis["multi_object_captions"]
+    assert set(multi) == {"colour_order_right", "shape_right", "size_right", "shapes_right_as_a_set"}
+    binding = diagnosis["binding"]
+    if binding["objects"]:  # tiny data: an object counts only when its colour is one token of the tiny tokenizer
+        assert 0 <= binding["attention_on_object"] + binding["attention_on_other_object"] <= 1 + 1e-6
+        assert 0 <= binding["shape_right_given_previous_words"] <= 1
 
 
 def test_caption_phrases_split_on_commas_and_and():
@@ -109,3 +115,14 @@ def test_objects_sharing_a_colour_are_matched_by_their_rank_among_that_colour():
     assert _match_by_colour(reference, produced) == ["a large red circle", "a small blue cross", "a small red square"]
     missing = _match_by_colour(["a small red star", "a small red cross"], ["a small red star"])
     assert missing == ["a small red star", None]
+
+
+def test_a_box_covers_the_token_cells_it_fills_by_a_quarter():
+    from experiments.demo_ablation import _cells_of_box
+
+    # 64 px image, 4x4 grid of 16 px cells (a quarter of one: 64 px^2). [10, 0, 40, 19] covers 6 x 16 px of cell
+    # (0, 0), all of (0, 1) and 8 x 16 px of (0, 2); of row 1 at most 16 x 3 px.
+    cells = _cells_of_box([10, 0, 40, 19], image_side=64, grid=4).view(4, 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0, 0:3] = True
+    assert torch.equal(cells, expected)

@@ -62,7 +62,19 @@ def test_committed_demo_runs_and_ablation_are_shown(checkout):
     diagnosis = {
         "zero_shot": {"colour wrong": 0, "shape wrong": 7, "images": 60},
         "caption_exact_match_by_objects": {"1": 0.55, "2": 0.25},
-        "multi_object_captions": {"colour_order_right": 0.5, "shape_right": 0.25, "size_right": 0.75},
+        "multi_object_captions": {
+            "colour_order_right": 0.5,
+            "shape_right": 0.25,
+            "size_right": 0.75,
+            "shapes_right_as_a_set": 0.6,
+        },
+        "binding": {
+            "objects": 120,
+            "shape_right_given_previous_words": 0.55,
+            "attention_on_object": 0.13,
+            "attention_on_other_object": 0.12,
+            "layer": 0,
+        },
     }
     variant = {"name": "base", "change": "nothing", "metrics": metrics, "training_cpu_s": 600.0, "diagnosis": diagnosis}
     variant["config"] = {"single_object_fraction": 0.3}
@@ -70,7 +82,8 @@ def test_committed_demo_runs_and_ablation_are_shown(checkout):
     page = results.results_page(checkout)
     assert "| seed 1 | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | yes | 512 s |" in page
     assert "| base | nothing | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | 10 min |" in page
-    assert "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 |" in page
+    assert "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 | 0.60 | 0.13 / 0.12 | 0.55 |" in page
+    assert "puts 0.13 of its attention on that object's visual tokens and 0.12 on the other object's" in page
     assert "30% of the images hold one object: exact match reaches 0.5 only once at least 29% of the captions" in page
     assert "| `make demo`, 1 seed (test split) | every target met in time by 1 of 1; 8.5 min;" in results.readme_table(
         checkout
