@@ -63,6 +63,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": ("nothing: 1-layer language model, 25 + 2,250 steps of batch 64", {}),
     "stage2_1900_steps": ("25 + 1,900 steps", {"stage2_steps": 1900}),
     "batch_48": ("batch 48 for 25 + 2,500 steps", {"batch_size": 48, "stage2_steps": 2500}),
+    "one_region_per_image": ("one region per image in stage 2 instead of up to 4", {"max_regions_per_image": 1}),
     "language_model_2_layers": (
         "2-layer language model, 25 + 1,650 steps",
         {"architecture_overrides": TWO_LAYER_LM, "stage2_steps": 1650},
