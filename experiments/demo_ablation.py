@@ -62,6 +62,14 @@ def previous_demo(architecture: dict[str, Any] | None = None, **changes: Any) ->
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": ("nothing: 1-layer language model, 25 + 2,250 steps of batch 64", {}),
     "stage2_1900_steps": ("25 + 1,900 steps", {"stage2_steps": 1900}),
+    "constant_learning_rate": (
+        "learning rate constant after the warmup, not decayed to 0 on a cosine",
+        {"train_overrides": {"lr_scheduler_type": "constant_with_warmup"}},
+    ),
+    "cosine_to_half_learning_rate": (
+        "learning rate decayed on a cosine to half its peak, not to 0",
+        {"train_overrides": {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.5}}},
+    ),
     "batch_48": ("batch 48 for 25 + 2,500 steps", {"batch_size": 48, "stage2_steps": 2500}),
     "one_region_per_image": ("one region per image in stage 2 instead of up to 4", {"max_regions_per_image": 1}),
     "language_model_2_layers": (

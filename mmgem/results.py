@@ -198,7 +198,7 @@ def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
         "shape right, words given",
     ]
     lines += _table(header, rows) + [""]
-    return lines + [_diagnosis_summary(record["variants"][0]), ""]
+    return lines + [_diagnosis_summary(record["variants"][0]) + _best_binding(record["variants"]), ""]
 
 
 def _diagnosis_summary(variant: dict[str, Any]) -> str:
@@ -234,6 +234,29 @@ def _binding_summary(variant: dict[str, Any]) -> str:
         f"({binding['objects']} objects), where picking at random one of the two shapes in the picture is right at "
         "least half the time. Its attention does not single out the object it describes, so the shape it names is "
         "read from the whole picture, not from that object."
+    )
+
+
+def _best_binding(variants: list[dict[str, Any]]) -> str:
+    """The variant whose language model singles out the object it describes most, when that is not the first."""
+    measured = [v for v in variants if v["diagnosis"]["binding"]["objects"]]
+    if not measured:
+        return ""
+
+    def gap(variant: dict[str, Any]) -> float:
+        binding = variant["diagnosis"]["binding"]
+        return binding["attention_on_object"] - binding["attention_on_other_object"]
+
+    best = max(measured, key=gap)
+    if best is variants[0]:
+        return ""
+    binding = best["diagnosis"]["binding"]
+    return (
+        f" The variant whose language model singles out the object most is `{best['name']}` ({best['change']}): "
+        f"{_num(binding['attention_on_object'], 2)} of its attention on the object and "
+        f"{_num(binding['attention_on_other_object'], 2)} on the other, the shape right "
+        f"{_num(binding['shape_right_given_previous_words'], 2)} of the time given the words before it, and caption "
+        f"exact match {_num(best['metrics'].get('caption/exact_match'))}."
     )
 
 

@@ -78,12 +78,15 @@ def test_committed_demo_runs_and_ablation_are_shown(checkout):
     }
     variant = {"name": "base", "change": "nothing", "metrics": metrics, "training_cpu_s": 600.0, "diagnosis": diagnosis}
     variant["config"] = {"single_object_fraction": 0.3}
-    (checkout / results.DEMO_ABLATION).write_text(json.dumps({"variants": [variant]}))
+    binding = {**diagnosis["binding"], "attention_on_object": 0.3, "attention_on_other_object": 0.05}
+    better = {**variant, "name": "kept_up", "change": "lr kept up", "diagnosis": {**diagnosis, "binding": binding}}
+    (checkout / results.DEMO_ABLATION).write_text(json.dumps({"variants": [variant, better]}))
     page = results.results_page(checkout)
     assert "| seed 1 | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | yes | 512 s |" in page
     assert "| base | nothing | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | 10 min |" in page
     assert "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 | 0.60 | 0.13 / 0.12 | 0.55 |" in page
     assert "puts 0.13 of its attention on that object's visual tokens and 0.12 on the other object's" in page
+    assert "singles out the object most is `kept_up` (lr kept up): 0.30 of its attention on the object and 0.05" in page
     assert "30% of the images hold one object: exact match reaches 0.5 only once at least 29% of the captions" in page
     assert "| `make demo`, 1 seed (test split) | every target met in time by 1 of 1; 8.5 min;" in results.readme_table(
         checkout
