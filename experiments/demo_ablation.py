@@ -175,12 +175,15 @@ def binding(model: Any, processor: Any, records: Sequence[Any]) -> dict[str, Any
     other object (tokens covered by both left out), in the layer where the difference is largest, and how often
     the shape named there is right. Objects whose colour is not one token are left out; with none left, the
     fractions are None."""
-    unmeasured = {"objects": 0, "shape_right_given_previous_words": None, "attention_on_object": None}
-    unmeasured.update(attention_on_other_object=None, layer=None)
+    unmeasured = dict.fromkeys(
+        ("shape_right_given_previous_words", "attention_on_object", "attention_on_other_object", "layer")
+    )
+    unmeasured["objects"] = 0
     pairs = [r for r in records if len(r.regions) == 2 and len({_colour(g.caption) for g in r.regions}) == 2]
     if not pairs:
         return unmeasured
-    inputs = processor(images=[r.load_image() for r in pairs], text=[r.caption for r in pairs])
+    images = [r.load_image() for r in pairs]
+    inputs = processor(images=images, text=[r.caption for r in pairs])
     output = model(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
@@ -195,7 +198,7 @@ def binding(model: Any, processor: Any, records: Sequence[Any]) -> dict[str, Any
         ids = inputs["input_ids"][row]
         visual = (ids == processor.image_token_id).nonzero().flatten()  # [grid * grid], row-major
         words = [tokenizer.decode([i]).strip() for i in ids.tolist()]
-        scale = side / record.load_image().width
+        scale = side / images[row].width
         cells = [_cells_of_box([v * scale for v in region.box], side, grid) for region in record.regions]
         for index, region in enumerate(record.regions):
             colour, shape = _colour(region.caption), region.caption.split()[3]
