@@ -235,19 +235,19 @@ class MMGEMProcessor(ProcessorMixin):
         ordinary tokens (`split_special_tokens`), never turned into a control token."""
         texts = _as_text_list(texts, argument)
         control_ids = self._control_ids()
-        token_lists = []
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ValueError(f"`{argument}[{i}]` must be a non-empty string; got {text!r}.")
-            tokens = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # One call for the whole list: a fast tokenizer encodes it as a batch, at a fraction of the per-call cost.
+        token_lists = self.tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        for i, (text, tokens) in enumerate(zip(texts, token_lists)):
             if control_ids.intersection(tokens):
                 # A tokenizer that ignores `split_special_tokens` (some slow ones): refuse rather than pass it on.
                 raise ValueError(
                     f"`{argument}[{i}]` contains a control token (<image>, [EMB], [CAP], or the tokenizer's bos, "
                     f"eos or pad) that this tokenizer cannot spell out as text: {text[:200]!r}."
                 )
-            token_lists.append(tokens)
-        return token_lists
+        return [list(tokens) for tokens in token_lists]
 
     def _control_ids(self) -> set[int]:
         """The ids a text must never produce: MM-GEM's `[EMB]`, `[CAP]`, `<image>` and the tokenizer's bos / eos /
