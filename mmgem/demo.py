@@ -82,6 +82,10 @@ class DemoConfig:
     vision_learning_rate_multiplier: float = 1.0
     hard_negative_group_size: int | None = None  # batches of blocks of this many scenes sharing colours; None: off
     warmup_steps: float = 0.1
+    # Each stage's learning rate decays on a cosine to this fraction of its peak. Kept up, it lets the language model
+    # learn to look at the object it names, which whole-image captions need (`experiments/demo_ablation.py`:
+    # `cosine_to_zero`, `constant_learning_rate`).
+    min_learning_rate_ratio: float = 0.5
     weight_decay: float = 0.01
     max_regions_per_image: int | None = 4
     seed: int = 0
@@ -89,7 +93,8 @@ class DemoConfig:
     eval_batch_size: int = 64
     eval_split: str = "test"  # "val" while choosing settings; the reported numbers are on "test"
     curve_every: int | None = None  # also evaluate every N steps of each stage: curve.json and target_curves.png
-    train_overrides: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # `mmgem.training.train` arguments, both stages
+    stage2_train_overrides: dict[str, Any] = field(default_factory=dict)  # stage 2 only, applied after the above
 
 
 QUICK = dict(
@@ -131,6 +136,8 @@ def train_stages(
     common = dict(
         data=str(data),
         warmup_steps=config.warmup_steps,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": config.min_learning_rate_ratio},
         weight_decay=config.weight_decay,
         save_strategy="no",
         torch_threads=config.threads,
@@ -168,7 +175,7 @@ def train_stages(
         max_regions_per_image=config.max_regions_per_image,
         per_device_train_batch_size=config.stage2_batch_size or config.batch_size,
         callbacks=curve.for_stage("stage 2", config.stage1_steps) if curve else (),
-        **common,
+        **{**common, **config.stage2_train_overrides},
     )
     histories["stage 2"] = stage2.log_history
     return stage2.model, stage2.processor, histories
@@ -298,6 +305,8 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
         raise ValueError(f"`eval_split` must be 'val' or 'test'; got {config.eval_split!r}.")
     if config.curve_every is not None and config.curve_every < 1:
         raise ValueError(f"`curve_every` must be None or a positive int; got {config.curve_every!r}.")
+    if not 0.0 <= config.min_learning_rate_ratio <= 1.0:
+        raise ValueError(f"`min_learning_rate_ratio` must be in [0, 1]; got {config.min_learning_rate_ratio!r}.")
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()

@@ -126,3 +126,38 @@ def test_a_box_covers_the_token_cells_it_fills_by_a_quarter():
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[0, 0:3] = True
     assert torch.equal(cells, expected)
+
+
+def test_each_stage_gets_the_schedule_and_stage_2_its_own_overrides(tmp_path, monkeypatch):
+    import types
+
+    import mmgem.demo as demo
+
+    calls = []
+
+    def fake_train(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(log_history=[], model=None, processor=None)
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    config = demo.DemoConfig(
+        min_learning_rate_ratio=0.25,
+        train_overrides={"weight_decay": 0.0},
+        stage2_train_overrides={"vision_learning_rate_multiplier": 0.5},
+    )
+    demo.train_stages(config, tmp_path / "train.jsonl", tmp_path)
+    assert [call["stage"] for call in calls] == [1, 2]
+    for call in calls:
+        assert call["lr_scheduler_type"] == "cosine_with_min_lr"
+        assert call["lr_scheduler_kwargs"] == {"min_lr_rate": 0.25}
+        assert call["weight_decay"] == 0.0
+    assert [call["vision_learning_rate_multiplier"] for call in calls] == [1.0, 0.5]
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_a_bad_minimum_learning_rate_ratio_fails_before_work(tmp_path, ratio):
+    from mmgem.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match=r"`min_learning_rate_ratio` must be in \[0, 1\]"):
+        run_demo(tmp_path / "out", DemoConfig(min_learning_rate_ratio=ratio))
+    assert not (tmp_path / "out").exists()
