@@ -201,6 +201,9 @@ def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
     return lines + [_diagnosis_summary(record["variants"][0]) + _best_binding(record["variants"]), ""]
 
 
+SINGLES_OUT = 2.0  # attention on the described object at least this many times that on the other: it singles it out
+
+
 def _diagnosis_summary(variant: dict[str, Any]) -> str:
     """What the reference variant's errors say, in one paragraph of measured numbers."""
     diagnosis = variant["diagnosis"]
@@ -223,17 +226,25 @@ def _diagnosis_summary(variant: dict[str, Any]) -> str:
 def _binding_summary(variant: dict[str, Any]) -> str:
     """Where the language model looks when it names a shape, and what that explains."""
     binding = variant["diagnosis"]["binding"]
-    return (
+    on_object, on_other = binding["attention_on_object"], binding["attention_on_other_object"]
+    text = (
         f"Captions of each object from its box (region captions) are exactly right "
         f"{_num(variant['metrics'].get('region_caption/exact_match'), 2)} of the time, so the vision tower's features "
-        "at an object do hold its shape; the whole-image caption loses which object has which shape in the language "
-        "model. In two-object images, given the right words before it, at the word of an object's colour (from "
-        f"which it names the shape) the language model puts {_num(binding['attention_on_object'], 2)} of its "
-        f"attention on that object's visual tokens and {_num(binding['attention_on_other_object'], 2)} on the other "
-        f"object's, and names the shape right {_num(binding['shape_right_given_previous_words'], 2)} of the time "
-        f"({binding['objects']} objects), where picking at random one of the two shapes in the picture is right at "
-        "least half the time. Its attention does not single out the object it describes, so the shape it names is "
-        "read from the whole picture, not from that object."
+        "at an object do hold its shape. In two-object images, given the right words before it, at the word of an "
+        f"object's colour (from which it names the shape) the language model puts {_num(on_object, 2)} of its "
+        f"attention on that object's visual tokens and {_num(on_other, 2)} on the other object's, and names the shape "
+        f"right {_num(binding['shape_right_given_previous_words'], 2)} of the time ({binding['objects']} objects), "
+        "where picking at random one of the two shapes in the picture is right at least half the time. "
+    )
+    if on_object is None or on_other is None:
+        return text
+    if on_object >= SINGLES_OUT * on_other:
+        return text + (
+            "Its attention singles out the object it describes, so the shape it names is read from that object."
+        )
+    return text + (
+        "Its attention does not single out the object it describes, so the shape it names is read from the whole "
+        "picture, not from that object: the whole-image caption loses which object has which shape."
     )
 
 

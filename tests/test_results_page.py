@@ -87,6 +87,12 @@ def test_committed_demo_runs_and_ablation_are_shown(checkout):
     assert "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 | 0.60 | 0.13 / 0.12 | 0.55 |" in page
     assert "puts 0.13 of its attention on that object's visual tokens and 0.12 on the other object's" in page
     assert "singles out the object most is `kept_up` (lr kept up): 0.30 of its attention on the object and 0.05" in page
+    assert "Its attention does not single out the object it describes" in page
+    # A reference variant that does single it out is described as such, and no other variant is named as better.
+    (checkout / results.DEMO_ABLATION).write_text(json.dumps({"variants": [better, variant]}))
+    page = results.results_page(checkout)
+    assert "Its attention singles out the object it describes, so the shape it names is read from that object." in page
+    assert "does not single out" not in page and "singles out the object most" not in page
     assert "30% of the images hold one object: exact match reaches 0.5 only once at least 29% of the captions" in page
     assert "| `make demo`, 1 seed (test split) | every target met in time by 1 of 1; 8.5 min;" in results.readme_table(
         checkout
