@@ -79,7 +79,10 @@ class DemoConfig:
     stage2_steps: int = 2250
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 5e-4
-    vision_learning_rate_multiplier: float = 1.0
+    # The vision tower learns from scratch at twice the language model's rate: it must learn the shapes and where each
+    # object lies before the language model can name them in order (`experiments/demo_ablation.py`:
+    # `vision_learning_rate_x1`, `vision_learning_rate_x3`).
+    vision_learning_rate_multiplier: float = 2.0
     hard_negative_group_size: int | None = None  # batches of blocks of this many scenes sharing colours; None: off
     warmup_steps: float = 0.1
     # Each stage's learning rate decays on a cosine to this fraction of its peak. Kept up, it lets the language model

@@ -142,6 +142,7 @@ def test_each_stage_gets_the_schedule_and_stage_2_its_own_overrides(tmp_path, mo
     monkeypatch.setattr(demo, "train", fake_train)
     config = demo.DemoConfig(
         min_learning_rate_ratio=0.25,
+        vision_learning_rate_multiplier=3.0,
         train_overrides={"weight_decay": 0.0},
         stage2_train_overrides={"vision_learning_rate_multiplier": 0.5},
     )
@@ -151,7 +152,7 @@ def test_each_stage_gets_the_schedule_and_stage_2_its_own_overrides(tmp_path, mo
         assert call["lr_scheduler_type"] == "cosine_with_min_lr"
         assert call["lr_scheduler_kwargs"] == {"min_lr_rate": 0.25}
         assert call["weight_decay"] == 0.0
-    assert [call["vision_learning_rate_multiplier"] for call in calls] == [1.0, 0.5]
+    assert [call["vision_learning_rate_multiplier"] for call in calls] == [3.0, 0.5]
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.5])
