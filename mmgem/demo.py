@@ -67,6 +67,7 @@ class DemoConfig:
     single_object_fraction: float = 0.3
     size_fractions: dict[str, list[float]] | None = None  # None: mmgem.synthetic.SIZE_FRACTIONS
     num_heldout_pairs: int = 0
+    min_horizontal_gap: int = 0
     data_seed: int = 0
     preset: str = "demo"
     architecture_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the preset (sub-dicts too)
@@ -128,6 +129,7 @@ def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
         num_heldout_pairs=config.num_heldout_pairs,
         single_object_fraction=config.single_object_fraction,
         size_fractions=config.size_fractions,
+        min_horizontal_gap=config.min_horizontal_gap,
     )
 
 

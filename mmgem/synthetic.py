@@ -26,7 +26,8 @@ with `--hard_negative_field colour_group` fills batches with such groups (`mmgem
 
 Boxes are integer pixels with exclusive right/bottom edges (as `PIL.Image.getbbox`): `x1 - x0` is the width and
 `0 <= x0 < x1 <= width`. They are the tight bounding boxes of the drawn pixels. Objects, regions and the short
-caption all list the objects left to right (by box centre, ties top to bottom), so captions are learnable.
+caption all list the objects left to right (by box centre, ties top to bottom), so captions are learnable. With
+`min_horizontal_gap`, box centres are at least that many pixels apart horizontally, so that order can be seen.
 
 Run it as `python -m mmgem.synthetic --output-dir data/shapes`.
 """
@@ -293,6 +294,29 @@ def _pick_pairs(
     return chosen
 
 
+def _draw_layout(
+    rng: np.random.Generator,
+    shapes: Sequence[str],
+    sizes: Sequence[str],
+    image_size: int,
+    size_fractions: dict[str, Sequence[float]],
+    min_horizontal_gap: int,
+) -> tuple[list[tuple[int, int, int]], list[Image.Image]]:
+    """Frames and shape masks of a layout whose tight-box centres are `min_horizontal_gap` pixels apart
+    horizontally, re-drawing the layout until they are. With a gap of 0 the first layout is kept, so the scene is
+    the one drawn without the option."""
+    for _ in range(_LAYOUT_TRIES):
+        frames = _layout(rng, sizes, image_size, size_fractions)
+        masks = [_shape_mask(shape, x, y, side, image_size) for shape, (x, y, side) in zip(shapes, frames, strict=True)]
+        centres = sorted((box[0] + box[2]) / 2 for box in (mask.getbbox() for mask in masks))
+        if all(right - left >= min_horizontal_gap for left, right in zip(centres, centres[1:])):
+            return frames, masks
+    raise RuntimeError(
+        f"Could not place {len(shapes)} objects {min_horizontal_gap}px apart horizontally in a {image_size}px "
+        "image; use a smaller min_horizontal_gap or a larger image_size."
+    )
+
+
 def render_scene(
     rng: np.random.Generator,
     image_size: int,
@@ -300,6 +324,7 @@ def render_scene(
     allowed_pairs: Sequence[tuple[str, str]],
     required_pairs: Sequence[tuple[str, str]] = (),
     size_fractions: dict[str, Sequence[float]] = SIZE_FRACTIONS,
+    min_horizontal_gap: int = 0,
 ) -> tuple[Image.Image, list[SceneObject], dict[str, Any]]:
     """Draw one scene.
 
@@ -310,6 +335,7 @@ def render_scene(
         allowed_pairs: the (colour, shape) pairs objects may take.
         required_pairs: when non-empty, one object takes one of these pairs.
         size_fractions: per size name, the range of a shape's frame side as a fraction of the image side.
+        min_horizontal_gap: least horizontal distance in pixels between two objects' box centres.
 
     Returns:
         The RGB image, its objects sorted left to right (ties top to bottom) with tight boxes, and the background
@@ -318,10 +344,10 @@ def render_scene(
     canvas, background = _background(rng, image_size)
     pairs = _pick_pairs(rng, num_objects, allowed_pairs, required_pairs)
     sizes = [SIZES[int(rng.integers(len(SIZES)))] for _ in pairs]
-    frames = _layout(rng, sizes, image_size, size_fractions)
+    shapes = [shape for _, shape in pairs]
+    _, masks = _draw_layout(rng, shapes, sizes, image_size, size_fractions, min_horizontal_gap)
     objects = []
-    for (colour, shape), size, (x, y, side) in zip(pairs, sizes, frames, strict=True):
-        mask = _shape_mask(shape, x, y, side, image_size)
+    for (colour, shape), size, mask in zip(pairs, sizes, masks, strict=True):
         canvas[np.asarray(mask) > 0] = COLOURS[colour]
         # The box comes from the drawn pixels, so it is tight whatever the shape's outline.
         box = tuple(int(v) for v in mask.getbbox())
@@ -428,13 +454,16 @@ def _make_record(
     pairs: tuple[Sequence[tuple[str, str]], Sequence[tuple[str, str]]],
     preamble_min_words: int,
     size_fractions: dict[str, Sequence[float]] = SIZE_FRACTIONS,
+    min_horizontal_gap: int = 0,
 ) -> tuple[Image.Image, dict[str, Any]]:
     """Image `index` of `split` and its record (without the "image" path): a pure function of its arguments."""
     # One stream per image: an image does not depend on how many others are generated.
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index, attempt])
     allowed, required = pairs
     num_objects = 1 if single or max_objects == 1 else int(rng.integers(2, max_objects + 1))
-    image, objects, background = render_scene(rng, image_size, num_objects, allowed, required, size_fractions)
+    image, objects, background = render_scene(
+        rng, image_size, num_objects, allowed, required, size_fractions, min_horizontal_gap
+    )
     record = {
         "caption": short_caption(objects),
         "long_caption": long_caption(rng, objects, background, image_size, preamble_min_words),
@@ -461,6 +490,17 @@ def _check_arguments(counts: dict[str, int], image_size: int, seed: int, max_obj
         raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}.")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"single_object_fraction must be in [0, 1], got {fraction}.")
+
+
+def _check_horizontal_gap(gap: int, image_size: int, max_objects: int) -> None:
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+        raise ValueError(f"min_horizontal_gap must be a whole number of pixels >= 0, got {gap!r}.")
+    # The centres of max_objects objects `gap` apart span (max_objects - 1) * gap pixels inside the image.
+    if (max_objects - 1) * gap >= image_size:
+        raise ValueError(
+            f"min_horizontal_gap={gap} cannot fit {max_objects} objects side by side in a {image_size}px image; "
+            f"it must be < {math.ceil(image_size / max(max_objects - 1, 1))}."
+        )
 
 
 def _checked_size_fractions(size_fractions: dict[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
@@ -498,6 +538,7 @@ def _write_split(
                     pairs,
                     settings["preamble_min_words"],
                     settings["size_fractions"],
+                    settings["min_horizontal_gap"],
                 )
                 digest = hashlib.sha1(image.tobytes()).digest()
                 if digest not in seen_hashes:  # keeps the splits disjoint, pixel for pixel
@@ -540,6 +581,7 @@ def generate_dataset(
     num_heldout_pairs: int = 4,
     preamble_min_words: int = PREAMBLE_MIN_WORDS,
     size_fractions: dict[str, Sequence[float]] | None = None,
+    min_horizontal_gap: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
@@ -561,6 +603,8 @@ def generate_dataset(
         preamble_min_words: minimum length of the generic opening of long captions.
         size_fractions: per size name ("small", "large"), the (min, max) side of a shape's frame as a fraction of
             the image side; default `SIZE_FRACTIONS`.
+        min_horizontal_gap: least horizontal distance in pixels between the box centres of two objects of an
+            image, so that the left-to-right order of the caption can be seen; 0 allows any layout.
         overwrite: replace a non-empty `output_dir`.
         progress: show a tqdm progress bar.
 
@@ -569,6 +613,7 @@ def generate_dataset(
     """
     counts = {"train": num_train, "val": num_val, "test": num_test}
     _check_arguments(counts, image_size, seed, max_objects, single_object_fraction)
+    _check_horizontal_gap(min_horizontal_gap, image_size, max_objects)
     size_fractions = _checked_size_fractions(size_fractions)
     output = Path(output_dir).resolve()
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not overwrite)):
@@ -583,6 +628,7 @@ def generate_dataset(
         "heldout_pairs": heldout,
         "seen_pairs": [p for p in all_pairs() if p not in heldout],
         "size_fractions": size_fractions,
+        "min_horizontal_gap": min_horizontal_gap,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -688,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="colour-shape pairs never seen together in train (compositional test)",
     )
+    parser.add_argument(
+        "--min-horizontal-gap",
+        type=int,
+        default=0,
+        help="least horizontal distance in pixels between two objects' box centres (the caption lists them left "
+        "to right)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -708,6 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_objects=args.max_objects,
             single_object_fraction=args.single_object_fraction,
             num_heldout_pairs=args.num_heldout_pairs,
+            min_horizontal_gap=args.min_horizontal_gap,
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmgem import cli
 from mmgem.synthetic import (
     BACKGROUND_COLOURS,
     COLOURS,
@@ -223,3 +224,51 @@ def test_ensure_dataset_reuses_a_folder_made_with_the_same_settings(tmp_path: Pa
     changed = ensure_dataset(tmp_path / "d", progress=False, **(settings | {"seed": 4}))
     assert changed["train"] == paths["train"] and marker.read_bytes() != first  # regenerated with the new seed
     assert json.loads((tmp_path / "d" / SETTINGS_STAMP).read_text())["seed"] == 4
+
+
+def horizontal_centres(record: dict) -> list[float]:
+    return sorted((region["box"][0] + region["box"][2]) / 2 for region in record["regions"])
+
+
+def test_min_horizontal_gap_keeps_object_centres_apart(tmp_path: Path) -> None:
+    sizes = dict(num_train=80, num_val=0, num_test=0, image_size=64, seed=5, max_objects=3, num_heldout_pairs=0)
+    free = generate_dataset(tmp_path / "free", **sizes, progress=False)
+    apart = generate_dataset(tmp_path / "apart", **sizes, min_horizontal_gap=8, progress=False)
+    free_records, apart_records = read_jsonl(free["train"]), read_jsonl(apart["train"])
+    for record in apart_records:
+        centres = horizontal_centres(record)
+        assert all(right - left >= 8 for left, right in zip(centres, centres[1:])), record["regions"]
+        assert [r["caption"] for r in record["regions"]] == [
+            r["caption"] for r in sorted(record["regions"], key=lambda r: (r["box"][0] + r["box"][2]) / 2)
+        ]
+    redrawn = 0
+    for index, (free_record, apart_record) in enumerate(zip(free_records, apart_records, strict=True)):
+        centres = horizontal_centres(free_record)
+        already_apart = all(right - left >= 8 for left, right in zip(centres, centres[1:]))
+        image = f"images/train_{index:05d}.png"
+        same_image = (free["root"] / image).read_bytes() == (apart["root"] / image).read_bytes()
+        # A layout that already keeps the gap is the one drawn: the option only re-draws the others.
+        assert same_image == already_apart and (free_record == apart_record) == already_apart
+        redrawn += not already_apart
+    assert redrawn > 0
+
+
+@pytest.mark.parametrize("gap", [-1, 2.5, True, 32])
+def test_min_horizontal_gap_is_checked_before_anything_is_written(tmp_path: Path, gap: object) -> None:
+    with pytest.raises(ValueError, match="min_horizontal_gap"):
+        generate_dataset(tmp_path / "out", 2, 1, 1, max_objects=3, min_horizontal_gap=gap, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_min_horizontal_gap(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    argv = ["--output-dir", str(tmp_path / "cli"), "--num-train", "6", "--num-val", "0", "--num-test", "0"]
+    assert main([*argv, "--max-objects", "3", "--min-horizontal-gap", "8", "--no-progress"]) == 0
+    for record in read_jsonl(tmp_path / "cli" / "train.jsonl"):
+        centres = horizontal_centres(record)
+        assert all(right - left >= 8 for left, right in zip(centres, centres[1:]))
+    capsys.readouterr()
+    monkeypatch.delenv("MMGEM_DEBUG", raising=False)
+    bad = ["generate-data", *argv, "--overwrite", "--min-horizontal-gap", "-3", "--no-progress"]
+    assert cli.main(bad) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "min_horizontal_gap" in error, error
