@@ -35,7 +35,7 @@ from mmgem.data.records import load_jsonl_records
 from mmgem.demo import TARGETS, DemoConfig
 from mmgem.embedding import caption, encode_images, encode_texts
 from mmgem.evaluation.evaluate import templates_for
-from mmgem.synthetic import zero_shot_examples
+from mmgem.synthetic import SIZES, zero_shot_examples
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "demo" / "ablation.json"
 # The demo's vision tower learned at the language model's rate before it learned at twice that rate: the variants
@@ -359,6 +359,14 @@ def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[
         if len(reference) < 2:
             continue
         multi["captions"] += 1
+        # Does the caption start with the leftmost object, whatever its size? (records list objects left to right)
+        leftmost = (record.metadata.get("objects") or [{}])[0].get("size")
+        multi[f"leftmost {leftmost}"] += 1
+        multi[f"leftmost {leftmost} named first"] += bool(produced) and produced[0] == reference[0]
+        if leftmost == "small" and produced and produced[0] != reference[0]:
+            # Started with another object of the scene instead: a large one, or another small one?
+            others = {p: p.split()[1] for p in reference[1:]}
+            multi[f"started with a {others.get(produced[0], 'missing')} object"] += 1
         multi["colour order right"] += [p.split()[2:3] for p in produced] == [p.split()[2:3] for p in reference]
         multi["shapes right as a set"] += sorted(p.split()[3:4] for p in produced) == sorted(
             p.split()[3:4] for p in reference
@@ -376,6 +384,16 @@ def diagnose(model_dir: Path, data_dir: Path, max_new_tokens: int = 32) -> dict[
             "shape_right": multi["shape right"] / max(multi["objects"], 1),
             "size_right": multi["size right"] / max(multi["objects"], 1),
         },
+        # Captions of several objects that start with the right phrase, by the size of the leftmost object.
+        "first_object_right_by_leftmost_size": {
+            size: multi[f"leftmost {size} named first"] / multi[f"leftmost {size}"]
+            for size in SIZES
+            if multi[f"leftmost {size}"]
+        },
+        # Of the captions that should start with a small object and start with another object of the scene, the
+        # share that start with a large one.
+        "large_object_first_when_leftmost_small": multi["started with a large object"]
+        / max(multi["started with a large object"] + multi["started with a small object"], 1),
         "binding": binding(model, processor, records),
     }
 

@@ -3,9 +3,9 @@
     python -m mmgem.demo --output-dir demo-output
 
 1. generates the synthetic shapes dataset (`mmgem.synthetic`) into `OUT/data`;
-2. builds a small MM-GEM from scratch (a 4-layer ViT on 64 px images, a 1-layer Llama, a BPE tokenizer trained on
-   the training captions) and trains stage 1 (image-caption pairs) then stage 2 (regions too) with the HF Trainer
-   (`mmgem.training.train`), into `OUT/stage1` and `OUT/stage2`;
+2. builds a small MM-GEM from scratch (a 4-layer ViT on 64 px images, a 1-layer Qwen3-style language model, a BPE
+   tokenizer trained on the training captions) and trains stage 1 (image-caption pairs) then stage 2 (regions too)
+   with the HF Trainer (`mmgem.training.train`), into `OUT/stage1` and `OUT/stage2`;
 3. evaluates on the held-out test split (`mmgem.evaluation.evaluate`): `OUT/metrics.json`, same keys as
    `mmgem evaluate`;
 4. exports a Hub-ready folder with a model card to `OUT/model` through the conversion code, then reloads it with

@@ -165,7 +165,8 @@ def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
         "shapes are right as a set, whatever object they are given to. The last two columns: in two-object images, "
         "captions given word by word, at the word of an object's colour (from which the model names the shape): "
         "the attention of the language model on that object's visual tokens and on the other object's, and how "
-        "often the shape it names there is right.",
+        "often the shape it names there is right. First object right: how often a caption of several objects "
+        "starts with the right phrase, when the leftmost object is small and when it is large.",
         "",
     ]
     rows = []
@@ -184,6 +185,7 @@ def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
                 _num(multi["shapes_right_as_a_set"], 2),
                 f"{_num(binding['attention_on_object'], 2)} / {_num(binding['attention_on_other_object'], 2)}",
                 _num(binding["shape_right_given_previous_words"], 2),
+                _first_object_cell(diagnosis),
             ]
         )
     header = [
@@ -196,6 +198,7 @@ def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
         "shapes right as a set",
         "attention: object / other",
         "shape right, words given",
+        "first object right: leftmost small / large",
     ]
     lines += _table(header, rows) + [""]
     return lines + [_diagnosis_summary(record["variants"][0]) + _best_binding(record["variants"]), ""]
@@ -219,8 +222,36 @@ def _diagnosis_summary(variant: dict[str, Any]) -> str:
         f"size {_num(multi['size_right'], 2)}, while the shapes are right as a set in "
         f"{_num(multi['shapes_right_as_a_set'], 2)} of them. "
         + _binding_summary(variant)
+        + _first_object_summary(variant)
         + _single_object_bound(variant)
     )
+
+
+def _first_object_cell(diagnosis: dict[str, Any]) -> str:
+    by_size = diagnosis.get("first_object_right_by_leftmost_size") or {}
+    return f"{_num(by_size.get('small'), 2)} / {_num(by_size.get('large'), 2)}"
+
+
+SALIENCE_GAP = 0.15  # first object right this much less often when the leftmost object is small: a size bias
+
+
+def _first_object_summary(variant: dict[str, Any]) -> str:
+    """Whether the caption starts with the leftmost object, or with the most visible one."""
+    by_size = variant["diagnosis"].get("first_object_right_by_leftmost_size") or {}
+    small, large = by_size.get("small"), by_size.get("large")
+    if small is None or large is None:
+        return ""
+    text = (
+        f" A caption of several objects starts with the leftmost object {_num(large, 2)} of the time when that object "
+        f"is large and {_num(small, 2)} when it is small"
+    )
+    instead = variant["diagnosis"].get("large_object_first_when_leftmost_small")
+    if small <= large - SALIENCE_GAP and instead is not None:
+        return text + (
+            f"; when it is small and the caption starts with another object of the picture, that object is large "
+            f"{_num(instead, 2)} of the time: the caption starts with the object that stands out, not the leftmost."
+        )
+    return text + "."
 
 
 def _binding_summary(variant: dict[str, Any]) -> str:

@@ -91,6 +91,12 @@ def test_demo_seeds_and_the_ablation_diagnosis_on_the_quick_demo(tmp_path):
     assert diagnosis["zero_shot"]["colour wrong"] + diagnosis["zero_shot"]["shape wrong"] <= 2 * singles
     multi = diagnosis["multi_object_captions"]
     assert set(multi) == {"colour_order_right", "shape_right", "size_right", "shapes_right_as_a_set"}
+    first = diagnosis["first_object_right_by_leftmost_size"]
+    sizes = [json.loads(line)["objects"][0]["size"] for line in (data / "val.jsonl").read_text().splitlines()]
+    several = [json.loads(line)["caption"].count(" a ") > 0 for line in (data / "val.jsonl").read_text().splitlines()]
+    assert set(first) == {size for size, many in zip(sizes, several) if many}
+    assert all(0 <= value <= 1 for value in first.values())
+    assert 0 <= diagnosis["large_object_first_when_leftmost_small"] <= 1
     binding = diagnosis["binding"]
     if binding["objects"]:  # tiny data: an object counts only when its colour is one token of the tiny tokenizer
         assert 0 <= binding["attention_on_object"] + binding["attention_on_other_object"] <= 1 + 1e-6

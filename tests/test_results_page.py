@@ -68,6 +68,8 @@ def test_committed_demo_runs_and_ablation_are_shown(checkout):
             "size_right": 0.75,
             "shapes_right_as_a_set": 0.6,
         },
+        "first_object_right_by_leftmost_size": {"small": 0.3, "large": 0.8},
+        "large_object_first_when_leftmost_small": 0.9,
         "binding": {
             "objects": 120,
             "shape_right_given_previous_words": 0.55,
@@ -84,7 +86,13 @@ def test_committed_demo_runs_and_ablation_are_shown(checkout):
     page = results.results_page(checkout)
     assert "| seed 1 | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | yes | 512 s |" in page
     assert "| base | nothing | 0.900 | 0.900 | 0.900 | 0.900 | 0.900 | 10 min |" in page
-    assert "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 | 0.60 | 0.13 / 0.12 | 0.55 |" in page
+    assert (
+        "| base | 0 / 7 of 60 | 1: 0.55, 2: 0.25 | 0.50 | 0.25 | 0.75 | 0.60 | 0.13 / 0.12 | 0.55 | 0.30 / 0.80 |"
+        in page
+    )
+    first = "starts with the leftmost object 0.80 of the time when that object is large and 0.30 when it is small; "
+    assert first in page
+    assert "that object is large 0.90 of the time: the caption starts with the object that stands out" in page
     assert "puts 0.13 of its attention on that object's visual tokens and 0.12 on the other object's" in page
     assert "singles out the object most is `kept_up` (lr kept up): 0.30 of its attention on the object and 0.05" in page
     assert "Its attention does not single out the object it describes" in page
