@@ -3,12 +3,13 @@
     python -m experiments.demo_ablation --output-dir demo-ablation            # every variant, two side by side
     python -m experiments.demo_ablation --output-dir demo-ablation --only caption_tokens_8x8
 
-Each variant is the demo (`mmgem.demo.DemoConfig`) or the demo before its last change (`previous_demo`), changed as
-its description says, trained on one torch thread (two variants share 2 cores), evaluated on the validation split
-every 500 steps. A variant whose `summary.json` exists under `--output-dir` is reused. The final model of each is then
-diagnosed (`diagnose`): zero-shot errors by kind (colour or shape), caption exact match by number of objects; in
-captions of several objects, how often the objects come in the right order, each object's shape and size are right,
-and the shapes are right as a set; and where the language model looks when it names a shape (`binding`). Writes
+Each variant is the demo (`mmgem.demo.DemoConfig`), or an earlier demo (a Llama language model, and `previous_demo`
+for the oldest), changed as its description says, trained on one torch thread (two variants share 2 cores),
+evaluated on the validation split every 500 steps. A variant whose `summary.json` exists under `--output-dir` is
+reused. The final model of each is then diagnosed (`diagnose`): zero-shot errors by kind (colour or shape), caption
+exact match by number of objects; in captions of several objects, how often the objects come in the right order, each
+object's shape and size are right, the shapes are right as a set, and the caption starts with the leftmost object, by
+that object's size; and where the language model looks when it names a shape (`binding`). Writes
 `docs/demo/ablation.json`, shown by `python -m mmgem.results`. Nothing here reads the test split.
 """
 
@@ -38,6 +39,9 @@ from mmgem.evaluation.evaluate import templates_for
 from mmgem.synthetic import SIZES, zero_shot_examples
 
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "demo" / "ablation.json"
+# The demo's language model was a Llama before it normalised each head's queries and keys (Qwen3's layout): the
+# variants measured then keep a Llama, and say so.
+LLAMA_TEXT: dict[str, Any] = {"model_type": "llama"}
 # The demo's vision tower learned at the language model's rate before it learned at twice that rate: the variants
 # measured then keep that rate, and say so ("vision tower at 1x").
 VISION_X1: dict[str, Any] = {"vision_learning_rate_multiplier": 1.0}
@@ -53,6 +57,13 @@ PREVIOUS_DEMO: dict[str, Any] = {
     "stage2_steps": 1000,
 }
 TWO_LAYER_LM: dict[str, Any] = {"text_config": {"num_hidden_layers": 2}}
+
+
+def with_llama(config: dict[str, Any]) -> dict[str, Any]:
+    """DemoConfig overrides `config` with a Llama language model (its other architecture overrides kept)."""
+    architecture = config.get("architecture_overrides", {})
+    text = {**architecture.get("text_config", {}), **LLAMA_TEXT}
+    return {**config, "architecture_overrides": {**architecture, "text_config": text}}
 
 
 def cosine_to_zero(**changes: Any) -> dict[str, Any]:
@@ -85,16 +96,10 @@ def previous_demo(architecture: dict[str, Any] | None = None, **changes: Any) ->
     }
 
 
-# name -> (what changes, DemoConfig overrides). The first is the demo as it is. The table shows each one's training
-# CPU time: compare variants that took about the same.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": (
-        "nothing: 1-layer language model, 25 + 2,250 steps of batch 64, learning rate on a cosine to half its peak, "
-        "the vision tower's at twice the rest's",
-        {},
-    ),
+# Variants measured with a Llama language model: name -> (what changes, DemoConfig overrides besides the Llama).
+LLAMA_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "vision_learning_rate_x1": (
-        "vision tower at 1x: at the same learning rate as the rest (the demo before)",
+        "vision tower at 1x: at the same learning rate as the rest",
         vision_x1(),
     ),
     "vision_learning_rate_x3": (
@@ -181,7 +186,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "previous_demo": (
         "vision tower at 1x, learning rate on a cosine to 0, 4-layer language model, 250 + 1,000 steps "
-        "(the demo before)",
+        "(an earlier demo)",
         previous_demo(),
     ),
     "learning_rate_x2": (
@@ -207,6 +212,28 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "previous demo, batch 32 for twice the steps (500 + 2,000)",
         previous_demo(batch_size=32, stage1_steps=500, stage2_steps=2000, curve_every=1000),
     ),
+}
+# name -> (what changes, DemoConfig overrides). The first is the demo as it is. The table shows each one's training
+# CPU time: compare variants that took about the same.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo": (
+        "nothing: 1-layer language model with queries and keys normalised per head (Qwen3), 25 + 2,250 steps of "
+        "batch 64, learning rate on a cosine to half its peak, the vision tower's at twice the rest's",
+        {},
+    ),
+    "llama_language_model": ("Llama language model: queries and keys not normalised (the demo before)", with_llama({})),
+    "llama_attention_logits_x4": (
+        "Llama language model with its attention logits scaled 4x (Granite's attention_multiplier 4/sqrt(32))",
+        {"architecture_overrides": {"text_config": {"model_type": "granite", "attention_multiplier": 0.7071}}},
+    ),
+    "llama_min_horizontal_gap_8": (
+        "Llama language model; in the data, objects' box centres at least 8 px apart horizontally (one patch)",
+        with_llama({"min_horizontal_gap": 8}),
+    ),
+    **{
+        name: (f"Llama language model, {change}", with_llama(config))
+        for name, (change, config) in LLAMA_VARIANTS.items()
+    },
 }
 EVAL_EVERY = 500
 

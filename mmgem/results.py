@@ -142,7 +142,7 @@ def seeds_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
 def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
     """The demo's variants (one change each) and where their errors are, on the validation split."""
     lines = [
-        "What holds the demo back: variants of the demo or of the demo before its last change, each described by "
+        "What holds the demo back: variants of the demo or of an earlier demo, each described by "
         "what it changes (the steps of its stages included), "
         f"evaluated on the validation split (`python -m experiments.demo_ablation`, file `{DEMO_ABLATION}`).",
         "",
