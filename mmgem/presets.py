@@ -72,9 +72,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _spec(vit(32, 2, 4, 8, 32, 64), llama(32, 2, 4, 2, 64, 256), 2, 32, 320),
     # The demo's language model has 1 layer: the steps this saves (1.5x as many in the same time as with 4 layers) are
     # worth more to its targets than the depth (`experiments/demo_ablation.py`: `demo`, `language_model_2_layers`,
-    # `previous_demo`). Its queries and keys are normalised per head (Qwen3's layout): its attention can single out
-    # the leftmost object early in training, where Llama's spreads over the objects that stand out
-    # (`experiments/demo_ablation.py`: `llama_language_model`).
+    # `previous_demo`). Its queries and keys are normalised per head (Qwen3's layout): on the validation split, its
+    # captions of several objects name them in the right order 0.66 of the time against 0.47 with Llama's layout, and
+    # caption exact match is 0.55 against 0.455 (`experiments/demo_ablation.py`: `demo`, `llama_language_model`).
     "demo": _spec(vit(128, 4, 4, 8, 64, 256), qwen3(128, 1, 4, 4, 256, 128), 4, 128, 400),
     "experiments": _spec(vit(128, 2, 4, 8, 64, 256), llama(128, 2, 4, 4, 256, 512), 4, 128, 400),
     "small": _spec(
