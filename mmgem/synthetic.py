@@ -301,8 +301,8 @@ def _draw_layout(
     image_size: int,
     size_fractions: dict[str, Sequence[float]],
     min_horizontal_gap: int,
-) -> tuple[list[tuple[int, int, int]], list[Image.Image]]:
-    """Frames and shape masks of a layout whose tight-box centres are `min_horizontal_gap` pixels apart
+) -> list[Image.Image]:
+    """The shape masks of a layout whose tight-box centres are `min_horizontal_gap` pixels apart
     horizontally, re-drawing the layout until they are. With a gap of 0 the first layout is kept, so the scene is
     the one drawn without the option."""
     for _ in range(_LAYOUT_TRIES):
@@ -310,7 +310,7 @@ def _draw_layout(
         masks = [_shape_mask(shape, x, y, side, image_size) for shape, (x, y, side) in zip(shapes, frames, strict=True)]
         centres = sorted((box[0] + box[2]) / 2 for box in (mask.getbbox() for mask in masks))
         if all(right - left >= min_horizontal_gap for left, right in zip(centres, centres[1:])):
-            return frames, masks
+            return masks
     raise RuntimeError(
         f"Could not place {len(shapes)} objects {min_horizontal_gap}px apart horizontally in a {image_size}px "
         "image; use a smaller min_horizontal_gap or a larger image_size."
@@ -345,7 +345,7 @@ def render_scene(
     pairs = _pick_pairs(rng, num_objects, allowed_pairs, required_pairs)
     sizes = [SIZES[int(rng.integers(len(SIZES)))] for _ in pairs]
     shapes = [shape for _, shape in pairs]
-    _, masks = _draw_layout(rng, shapes, sizes, image_size, size_fractions, min_horizontal_gap)
+    masks = _draw_layout(rng, shapes, sizes, image_size, size_fractions, min_horizontal_gap)
     objects = []
     for (colour, shape), size, mask in zip(pairs, sizes, masks, strict=True):
         canvas[np.asarray(mask) > 0] = COLOURS[colour]
