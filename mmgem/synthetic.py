@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -517,6 +520,30 @@ def _checked_size_fractions(size_fractions: dict[str, Sequence[float]] | None) -
     return checked
 
 
+# Splits of at least this many images are drawn by worker processes (one per CPU, at most `_MAX_WORKERS`): drawing and
+# PNG encoding take ~1 ms an image, so the demo's 12,500 images take half the time on 2 cores.
+_PARALLEL_MIN_IMAGES = 2000
+_MAX_WORKERS = 8
+
+
+def _drawn_image(task: tuple[Any, ...]) -> tuple[bytes, bytes, dict[str, Any]]:
+    """`_make_record(*task)` as (hash of the pixels, PNG bytes, record): what a worker sends back."""
+    image, record = _make_record(*task)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    return hashlib.sha1(image.tobytes()).digest(), encoded.getvalue(), record
+
+
+def _drawn_images(tasks: list[tuple[Any, ...]]) -> Iterator[tuple[bytes, bytes, dict[str, Any]]]:
+    """`_drawn_image` of each task, in order; in worker processes when there are many (forked: nothing to import)."""
+    workers = min(os.cpu_count() or 1, _MAX_WORKERS)
+    if len(tasks) < _PARALLEL_MIN_IMAGES or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(_drawn_image, tasks)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(_drawn_image, tasks, chunksize=64)
+
+
 def _write_split(
     root: Path, split: str, count: int, seen_hashes: set[bytes], settings: dict[str, Any], bar: tqdm
 ) -> None:
@@ -524,30 +551,39 @@ def _write_split(
     singles = _split_plan(settings["seed"], split, count, settings["single_object_fraction"])
     heldout, seen_pairs = settings["heldout_pairs"], settings["seen_pairs"]
     pairs = (all_pairs(), heldout) if split == "test" and heldout else (seen_pairs, ())
+
+    def task(index: int, attempt: int) -> tuple[Any, ...]:
+        return (
+            settings["seed"],
+            split,
+            index,
+            attempt,
+            bool(singles[index]),
+            settings["image_size"],
+            settings["max_objects"],
+            pairs,
+            settings["preamble_min_words"],
+            settings["size_fractions"],
+            settings["min_horizontal_gap"],
+        )
+
+    # Each image is a pure function of its task: first attempts are drawn ahead (in parallel), and a redraw is needed
+    # only when an image repeats one drawn before, which is checked here in order.
+    first_attempts = _drawn_images([task(index, 0) for index in range(count)])
     with open(root / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as handle:
-        for index in range(count):
-            for attempt in range(_DUPLICATE_TRIES):
-                image, record = _make_record(
-                    settings["seed"],
-                    split,
-                    index,
-                    attempt,
-                    bool(singles[index]),
-                    settings["image_size"],
-                    settings["max_objects"],
-                    pairs,
-                    settings["preamble_min_words"],
-                    settings["size_fractions"],
-                    settings["min_horizontal_gap"],
-                )
-                digest = hashlib.sha1(image.tobytes()).digest()
-                if digest not in seen_hashes:  # keeps the splits disjoint, pixel for pixel
+        for index, drawn in enumerate(first_attempts):
+            for attempt in range(1, _DUPLICATE_TRIES + 1):
+                if drawn[0] not in seen_hashes:  # keeps the splits disjoint, pixel for pixel
                     break
-            else:
-                raise RuntimeError(f"Could not draw a new image for {split} #{index}; the scene space is too small.")
+                if attempt == _DUPLICATE_TRIES:
+                    raise RuntimeError(
+                        f"Could not draw a new image for {split} #{index}; the scene space is too small."
+                    )
+                drawn = _drawn_image(task(index, attempt))
+            digest, png, record = drawn
             seen_hashes.add(digest)
             relative = f"images/{split}_{index:05d}.png"
-            image.save(root / relative, format="PNG")
+            (root / relative).write_bytes(png)
             handle.write(json.dumps({"image": relative, **record}) + "\n")
             bar.update(1)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import time
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -100,6 +102,9 @@ def box_problem(
     """
     if isinstance(boxes, (list, tuple)) and any(_has_non_number(item) for item in boxes):
         return "is not 4 numbers"
+    rows = _plain_rows(boxes)
+    if rows is not None:  # Python numbers (data records, processor calls): checked without building a tensor
+        return _rows_problem(rows, width, height, frame, tolerance)
     try:
         array = torch.as_tensor(boxes, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError):
@@ -118,6 +123,37 @@ def box_problem(
     if width is not None and height is not None:
         low, right, bottom = -tolerance, width + tolerance, height + tolerance
         if ((x0 < low) | (y0 < low) | (x1 > right) | (y1 > bottom)).any():
+            return f"is outside the {frame}"
+    return None
+
+
+def _plain_rows(boxes: Any) -> list[Sequence[Any]] | None:
+    """`boxes` as rows of 4 Python numbers (one box or a list of boxes), or None for any other form."""
+    if not isinstance(boxes, (list, tuple)) or not boxes:
+        return None
+    rows = [boxes] if not isinstance(boxes[0], (list, tuple)) else boxes
+    for row in rows:
+        if not isinstance(row, (list, tuple)) or len(row) != 4 or not all(map(_is_plain_number, row)):
+            return None
+    return rows
+
+
+def _is_plain_number(value: Any) -> bool:
+    # A float, or an int a float holds exactly (larger ones, like NumPy scalars, take the tensor path).
+    return type(value) is float or (type(value) is int and abs(value) <= 2**53)
+
+
+def _rows_problem(
+    rows: list[Sequence[Any]], width: float | None, height: float | None, frame: str, tolerance: float
+) -> str | None:
+    """`box_problem` for rows of 4 Python numbers: the same checks, in the same order, as on a tensor."""
+    if not all(math.isfinite(v) for row in rows for v in row):
+        return "contains NaN or inf"
+    if any(x1 <= x0 or y1 <= y0 for x0, y0, x1, y1 in rows):
+        return "has zero or negative area"
+    if width is not None and height is not None:
+        low, right, bottom = -tolerance, width + tolerance, height + tolerance
+        if any(x0 < low or y0 < low or x1 > right or y1 > bottom for x0, y0, x1, y1 in rows):
             return f"is outside the {frame}"
     return None
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mmgem.data.records as records_module
 from mmgem.data.records import (
     ImageCaptionDataset,
     ImageRecord,
@@ -109,6 +110,29 @@ def test_bad_region_drops_the_whole_record_and_all_problems_are_named(folder: Pa
     assert (
         "line 1: region 1: box [0, 0, 99, 5] is outside" in message and 'line 1: region 1: empty "caption"' in message
     )
+
+
+def test_reloading_records_decodes_each_image_once_until_it_changes(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second load of the same records (the next training stage) trusts the first decode of an unchanged file; a
+    file truncated or rewritten since, or a tighter size limit, is decoded and judged again."""
+    path = write_jsonl(folder / "records.jsonl", [GOOD])
+    decoded = []
+    original = records_module.load_rgb_image
+    monkeypatch.setattr(records_module, "load_rgb_image", lambda image: decoded.append(image) or original(image))
+    load_jsonl_records(path)
+    load_jsonl_records(path)
+    assert len(decoded) == 1
+    image = folder / "images/a.png"
+    image.write_bytes(image.read_bytes()[:40])  # truncated in place
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_jsonl_records(path)
+    Image.new("RGB", (32, 24), (0, 200, 10)).save(image)
+    assert len(load_jsonl_records(path)) == 1
+    monkeypatch.setenv("MMGEM_MAX_IMAGE_PIXELS", "100")
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_jsonl_records(path)
 
 
 def test_bad_policy_and_missing_file(folder: Path) -> None:

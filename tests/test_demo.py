@@ -50,6 +50,44 @@ def test_curve_and_hard_negatives_in_the_quick_demo(tmp_path):
     assert summary["timings"]["curve_evaluation_cpu_s"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_training_processes_train_one_model_and_the_curve_comes_back(tmp_path):
+    """With `processes=2` the stages train one DDP model in two processes (the data split between them, saved once),
+    rank 0 evaluates the curve, and this process evaluates and exports the result as with one process."""
+    from mmgem.demo import QUICK, DemoConfig, run_demo
+
+    config = DemoConfig(**{**QUICK, "threads": 2, "stage1_steps": 2, "stage2_steps": 3}, processes=2, curve_every=2)
+    output = tmp_path / "out"
+    summary = run_demo(output, config, progress=False)
+    points = json.loads((output / "curve.json").read_text())
+    assert [(p["stage"], p["step"]) for p in points] == [("stage 1", 2), ("stage 2", 4), ("stage 2", 5)]
+    assert {key: points[-1][key] for key in TARGETS} == {key: summary["metrics"][key] for key in TARGETS}
+    # 24 training records, 2 processes x 4 per step: 3 steps are one epoch (two replicas on all the data: half).
+    log = json.loads((output / "stage2" / "training_log.json").read_text())
+    assert log[-1]["step"] == 3 and log[-1]["epoch"] == pytest.approx(1.0)
+    assert max(summary["reload_check"].values()) < 1e-4
+    assert summary["timings"]["training_cpu_s"] > summary["timings"]["curve_evaluation_cpu_s"] > 0
+    assert not (output / "curve-points.json").exists()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"processes": 0}, "`processes` must be a positive int"),
+        ({"processes": 2, "threads": 1}, r"`threads` \(1\) must be at least `processes` \(2\)"),
+        ({"processes": 2, "threads": 2, "batch_size": 63}, r"`batch_size` \(63\) must be a multiple of `processes`"),
+        ({"processes": 2, "threads": 2, "stage2_batch_size": 5}, r"`stage2_batch_size` \(5\) must be a multiple"),
+    ],
+)
+def test_a_process_count_the_threads_or_batches_cannot_split_fails_before_work(tmp_path, fields, message):
+    from mmgem.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match=message):
+        run_demo(tmp_path / "out", DemoConfig(**fields))
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_curve_setting_fails_before_work(tmp_path):
     from mmgem.demo import DemoConfig, run_demo
 

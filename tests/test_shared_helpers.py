@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import random
 
 import numpy as np
 import pytest
@@ -135,6 +136,20 @@ def test_records_processor_and_model_apply_the_same_box_rule(tiny, name):
         normalised = torch.tensor([[box[0] / 32, box[1] / 24, box[2] / 32, box[3] / 24]])
         with pytest.raises(ValueError, match=problem.split(" the ")[0]):
             model.get_image_features(torch.zeros(1, 3, 32, 32), boxes=[normalised])
+
+
+def test_box_rule_on_python_numbers_matches_the_rule_on_tensors():
+    """Boxes given as Python numbers are checked without a tensor; the answer is the tensor check's, box for box."""
+    generator = random.Random(0)
+    values = [-1, 0, 1, 5, 9.5, 10, 10.5, 11, 3.3, float("nan"), float("inf"), 10**60]
+    cases = [[generator.choice(values) for _ in range(4)] for _ in range(300)]
+    cases += [[[generator.choice(values) for _ in range(4)] for _ in range(3)] for _ in range(300)]
+    cases += [[], [0, 0, 1], (0, 0, 3, 3), [(0, 0, 3, 3)], [[0, 0, 3, 3, 3]]]
+    for boxes in cases:
+        for size, tolerance in (((10, 10), 0.0), ((10, 10), 0.6), ((None, None), 0.0)):
+            plain = box_problem(boxes, *size, "image", tolerance=tolerance)
+            as_tensor = box_problem(torch.tensor(boxes, dtype=torch.float64), *size, "image", tolerance=tolerance)
+            assert plain == as_tensor, (boxes, size, tolerance)
 
 
 # ------------------------------------------------------------------------------------------ caption rows

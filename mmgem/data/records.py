@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from mmgem.data.paths import is_inside, opt_in_hint, outside_problem, resolve_in_root
 from mmgem.data.safe_json import JSONProblem, parse_json
 from mmgem.optional import require
-from modeling_mmgem.image_loading_mmgem import box_problem, load_rgb_image, too_many_boxes
+from modeling_mmgem.image_loading_mmgem import INPUT_LIMITS, box_problem, input_limit, load_rgb_image, too_many_boxes
 
 OnError = Literal["fail", "skip"]
 MAX_REPORTED_PROBLEMS = 3  # problems listed in an error or warning (the count says how many there are)
@@ -228,10 +228,30 @@ def _image_file(
     if not path.is_file():
         return None, None, f"image file not found: {path} (expected an existing image file)"
     try:
-        size = load_rgb_image(str(path)).size
+        size = _decoded_size(path)
     except ValueError as error:
         return None, None, f"cannot read image {path} ({error}; expected a PNG, JPEG or other PIL-readable image)"
     return str(path), size, None
+
+
+# Sizes of the image files this process has decoded, by path, with what identifies the file's content (inode, size,
+# modification time) and the input limits they were checked under: loading the same records again (a second training
+# stage, evaluation) does not decode every image again. Bounded: beyond it, images are decoded each time.
+_DECODED_SIZES: dict[str, tuple[tuple[Any, ...], tuple[int, int]]] = {}
+_MAX_DECODED_SIZES = 1_000_000
+
+
+def _decoded_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image file at `path`, decoded completely once per unchanged file."""
+    stat = path.stat()
+    identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns, tuple(input_limit(name) for name in INPUT_LIMITS))
+    known = _DECODED_SIZES.get(str(path))
+    if known is not None and known[0] == identity:
+        return known[1]
+    size = load_rgb_image(str(path)).size
+    if len(_DECODED_SIZES) < _MAX_DECODED_SIZES:
+        _DECODED_SIZES[str(path)] = (identity, size)
+    return size
 
 
 def _parse_line(text: bytes | str) -> tuple[dict[str, Any] | None, str | None]:
