@@ -77,9 +77,11 @@ class DemoConfig:
     preset: str = "demo"
     architecture_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the preset (sub-dicts too)
     threads: int = 2  # CPU threads in all: each training process gets threads // processes
-    # Training processes (one model, gloo DDP on the CPU; ignored where torch sees an accelerator). Two processes of one
-    # thread each train 1.3x as many images a second as one process of two threads on the demo's 2 cores: its
-    # small operations leave the second thread of one process idle much of the time (`benchmarks/`: demo_processes).
+    # Training processes: one model, gloo DDP on the CPU (ignored where torch sees an accelerator). On 2 cores, two
+    # processes of one thread each train as fast as one of two threads at the same batch, and 1.3x as many images a
+    # second at twice the batch (`benchmarks/demo_processes.py`); but the captions need the steps: 25 + 2,250 steps of
+    # 64 images reach caption exact match 0.55 on validation, 13 + 1,125 steps of 128 images 0.485, in 0.77x the time
+    # (`experiments/demo_ablation.py`: `two_processes_batch_128`).
     processes: int = 1
     batch_size: int = 64  # in all processes together: each takes batch_size // processes per step
     stage2_batch_size: int | None = None  # default: batch_size
@@ -233,6 +235,7 @@ def _train_both_stages(
         seed=config.seed,
         logging_steps=5,
         dataloader_num_workers=0,
+        image_cache_mb=256,  # the 12,000 training images take 141 MB decoded: each is decoded once, not every epoch
         vision_learning_rate_multiplier=config.vision_learning_rate_multiplier,
         # Every step of either stage gives every parameter a gradient: DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,

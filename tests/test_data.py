@@ -202,6 +202,28 @@ def test_image_record_accepts_a_path_or_an_image(folder: Path) -> None:
         ImageRecord(None, "nothing")
 
 
+def test_decoded_image_cache_gives_the_same_fresh_images_within_its_budget(folder: Path, monkeypatch) -> None:
+    """With `image_cache_bytes`, an image is decoded once while the budget lasts; every item is a fresh RGB image
+    with the pixels the file decodes to, however the cache served it."""
+    Image.new("RGB", (16, 16), (9, 90, 200)).save(folder / "images/c.png")
+    records = [ImageRecord(str(folder / f"images/{name}.png"), name) for name in ("a", "b", "c")]
+    decoded = []
+    original = ImageRecord.load_image
+    monkeypatch.setattr(ImageRecord, "load_image", lambda record: decoded.append(record.caption) or original(record))
+    plain = ImageCaptionDataset(records)
+    expected = [plain[i]["image"].tobytes() for i in range(3)]
+    decoded.clear()
+    budget = 3 * (32 * 24 + 16 * 16)  # images a and b fit, c does not
+    cached = ImageCaptionDataset(records, image_cache_bytes=budget)
+    for _ in range(3):
+        images = [cached[i]["image"] for i in range(3)]
+        assert [image.tobytes() for image in images] == expected and {image.mode for image in images} == {"RGB"}
+        images[0].putpixel((0, 0), (1, 2, 3))  # a caller's change does not reach the cache
+    assert decoded == ["a", "b", "c", "c", "c"]
+    with pytest.raises(ValueError, match="`image_cache_bytes` must be an int >= 0"):
+        ImageCaptionDataset(records, image_cache_bytes=-1)
+
+
 def test_image_caption_dataset(folder: Path) -> None:
     records = [
         ImageRecord(str(folder / "images/b.png"), "short", "a long one", [RegionRecord([0, 0, 4, 4], "r")]),

@@ -343,6 +343,8 @@ def test_imagefolder_data(dataset, tmp_path):
         (dict(from_scratch="tiny", resume_from_checkpoint="latest"), "no checkpoint"),
         (dict(from_scratch="tiny", not_an_option=1), "Unknown training options"),
         (dict(from_scratch="tiny", stage=2, max_regions_per_image=-1), "`max_regions_per_image` must be a positive"),
+        (dict(from_scratch="tiny", image_cache_mb=-1.0), "`image_cache_mb` must be a number of megabytes >= 0"),
+        (dict(from_scratch="tiny", image_cache_mb=float("nan")), "`image_cache_mb` must be a number of megabytes"),
         (dict(from_scratch="tiny", output_dir=None), "`output_dir` is required"),
     ],
 )

@@ -457,9 +457,19 @@ class ImageCaptionDataset(Dataset):
         use_long_caption: use each record's `long_caption` as "caption"; every record must have one (a silent
             fallback to the short caption would mix two tasks), else a ValueError names the first lines without.
         with_regions: include the regions; otherwise "regions" is an empty list.
+        image_cache_bytes: keep the decoded pixels of images up to this many bytes in all (3 bytes a pixel), so that
+            later epochs do not decode them again; 0 keeps none. Each process (and DataLoader worker) has its own.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], use_long_caption: bool = False, with_regions: bool = True):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        use_long_caption: bool = False,
+        with_regions: bool = True,
+        image_cache_bytes: int = 0,
+    ):
+        if isinstance(image_cache_bytes, bool) or not isinstance(image_cache_bytes, int) or image_cache_bytes < 0:
+            raise ValueError(f"`image_cache_bytes` must be an int >= 0; got {image_cache_bytes!r}.")
         if use_long_caption:
             missing = [r.line_number for r in records if not r.long_caption]
             if missing:
@@ -469,15 +479,29 @@ class ImageCaptionDataset(Dataset):
         self.records = list(records)
         self.use_long_caption = use_long_caption
         self.with_regions = with_regions
+        self.image_cache_bytes = image_cache_bytes
+        self._pixels: dict[int, tuple[tuple[int, int], bytes]] = {}  # index -> (size, RGB bytes)
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _image(self, index: int) -> Image.Image:
+        """Record `index`'s image: a fresh RGB image, from the cache of decoded pixels when it holds it."""
+        cached = self._pixels.get(index)
+        if cached is not None:
+            return Image.frombytes("RGB", *cached)
+        image = self.records[index].load_image()
+        if self._cached_bytes + 3 * image.width * image.height <= self.image_cache_bytes:
+            self._pixels[index] = (image.size, image.tobytes())
+            self._cached_bytes += 3 * image.width * image.height
+        return image
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         regions = record.regions if self.with_regions else []
         return {
-            "image": record.load_image(),
+            "image": self._image(index),
             "caption": record.long_caption if self.use_long_caption else record.caption,
             "regions": [{"box": list(r.box), "caption": r.caption} for r in regions],
         }

@@ -65,6 +65,13 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
         metadata={"help": "Accept image paths outside the --data file's folder (absolute or ../ paths)."},
     )
     use_long_caption: bool = field(default=False, metadata={"help": "Train on each record's long_caption."})
+    image_cache_mb: float = field(
+        default=0.0,
+        metadata={
+            "help": "Keep up to this many MB of decoded training images in memory (3 bytes a pixel, per process and "
+            "DataLoader worker), so that later epochs do not decode them again (not for streamed data). 0: none."
+        },
+    )
     max_regions_per_image: int | None = field(
         default=None, metadata={"help": "Stage 2: regions sampled per image and step (default all)."}
     )
@@ -173,6 +180,8 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
         )
     if args.hard_negative_field is not None:
         check_group_size(args.per_device_train_batch_size, args.hard_negative_group_size)
+    if not args.image_cache_mb >= 0:  # also refuses NaN
+        raise ValueError(f"`image_cache_mb` must be a number of megabytes >= 0; got {args.image_cache_mb!r}.")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError(f"`torch_threads` must be a positive int; got {args.torch_threads!r}.")
 
@@ -208,6 +217,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "data_on_error",
         "allow_outside_data_root",
         "use_long_caption",
+        "image_cache_mb",
         *(f.name for f in fields(DataSourceArguments)),
     ),
     "stages and losses": (

@@ -177,7 +177,12 @@ def train(
     set_seed(args.seed)
     model, processor = prepare_model(args, records, checkpoint)
     if dataset is None:
-        dataset = ImageCaptionDataset(records, use_long_caption=args.use_long_caption, with_regions=args.stage == 2)
+        dataset = ImageCaptionDataset(
+            records,
+            use_long_caption=args.use_long_caption,
+            with_regions=args.stage == 2,
+            image_cache_bytes=int(args.image_cache_mb * 2**20),
+        )
     collator = MMGEMCollator(
         processor, args.stage, args.max_regions_per_image, seed=args.seed, unique_region_texts=args.unique_region_texts
     )
