@@ -78,10 +78,10 @@ class DemoConfig:
     architecture_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the preset (sub-dicts too)
     threads: int = 2  # CPU threads in all: each training process gets threads // processes
     # Training processes: one model, gloo DDP on the CPU (ignored where torch sees an accelerator). On 2 cores, two
-    # processes of one thread each train as fast as one of two threads at the same batch, and 1.3x as many images a
-    # second at twice the batch (`benchmarks/demo_processes.py`); but the captions need the steps: 25 + 2,250 steps of
-    # 64 images reach caption exact match 0.55 on validation, 13 + 1,125 steps of 128 images 0.485, in 0.77x the time
-    # (`experiments/demo_ablation.py`: `two_processes_batch_128`).
+    # processes of one thread each train as fast as one of two threads at the same batch, and 1.2-1.3x as many
+    # images a second at twice the batch (`benchmarks/demo_processes.py`); but the captions need the steps: 25 +
+    # 2,250 steps of 64 images reach caption exact match 0.55 on validation, 13 + 1,125 steps of 128 images 0.485, in
+    # 0.77x the time (`experiments/demo_ablation.py`: `two_processes_batch_128`).
     processes: int = 1
     batch_size: int = 64  # in all processes together: each takes batch_size // processes per step
     stage2_batch_size: int | None = None  # default: batch_size
@@ -403,6 +403,10 @@ def demo_evaluator(config: DemoConfig, data: Path) -> tuple[list[Any], Callable[
     return records, evaluate
 
 
+def _processes_phrase(count: int) -> str:
+    return "1 training process" if count == 1 else f"{count} training processes"
+
+
 def _cpu_seconds() -> float:
     """CPU seconds of this process and of its children that have ended (the training processes)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -495,7 +499,7 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
         f"({timings['training_cpu_s']:.0f} CPU s), evaluation "
         f"{timings['evaluation_s']:.0f} s ({timings['evaluation_cpu_s']:.0f} CPU s), export + reload "
         f"{timings['export_and_reload_s']:.0f} s, total "
-        f"{timings['total_s']:.0f} s ({config.threads} torch threads, {training_processes(config)} training processes)"
+        f"{timings['total_s']:.0f} s ({config.threads} torch threads, {_processes_phrase(training_processes(config))})"
     )
     print(f"Wrote {output / 'metrics.json'}, {output / 'loss_curves.png'}, {output / 'retrieval_grid.png'}")
     return summary

@@ -157,7 +157,7 @@ def ablation_lines(record: dict[str, Any], needed: list[str]) -> list[str]:
                 f"{variant['training_cpu_s'] / 60:.0f} min",
             ]
         )
-    lines += _table(["variant", "change", *TARGET_HEADER, "training CPU time (1 thread)"], rows) + [""]
+    lines += _table(["variant", "change", *TARGET_HEADER, "training CPU time"], rows) + [""]
     lines += [
         "Where the errors are: zero-shot errors by kind, caption exact match by number of objects, and in captions "
         "of several objects how often the colour order, each object's shape and its size are right (objects "
