@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -409,6 +408,10 @@ def _processes_phrase(count: int) -> str:
 
 def _cpu_seconds() -> float:
     """CPU seconds of this process and of its children that have ended (the training processes)."""
+    try:
+        import resource  # POSIX only
+    except ImportError:  # elsewhere, this process's own
+        return time.process_time()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + children.ru_utime + children.ru_stime
 
