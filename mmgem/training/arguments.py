@@ -18,6 +18,7 @@ from mmgem.data.sampling import check_group_size
 from mmgem.data.sources import DataSourceArguments, check_data_arguments
 from mmgem.presets import PRESETS
 from mmgem.training.distributed import check_launch, complete_launch_options
+from mmgem.training.precision import check_attention, check_autocast_dtype
 
 ON_ERROR_CHOICES = ("fail", "skip")
 LORA_VISION_CHOICES = ("no", "lora", "full")
@@ -105,6 +106,18 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
         default=True, metadata={"help": "Save the merged model in OUT (the adapter goes to OUT/lora_adapter)."}
     )
     torch_threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (CPU training)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernels in training, both towers: 'eager', 'sdpa', ... (default: the model's)."},
+    )
+    tower_autocast_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Run the two towers (vision tower, language model's decoder layers) under torch.autocast in this "
+            "dtype ('bfloat16' or 'float16'), heads and losses in fp32; on a CPU with bf16 instructions 'bfloat16' "
+            "with --attn_implementation eager trains small models fastest."
+        },
+    )
     # Defaults changed from TrainingArguments: MM-GEM batches hold PIL images and region lists that the Trainer
     # must not drop, losses are worth seeing early, and a cosine schedule with warm-up suits the contrastive loss.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for MM-GEM."})
@@ -184,6 +197,8 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
         raise ValueError(f"`image_cache_mb` must be a number of megabytes >= 0; got {args.image_cache_mb!r}.")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise ValueError(f"`torch_threads` must be a positive int; got {args.torch_threads!r}.")
+    check_attention(args.attn_implementation)
+    check_autocast_dtype(args.tower_autocast_dtype)
 
 
 def make_arguments(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> MMGEMTrainingArguments:
@@ -243,6 +258,8 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "logging_first_step",
         "seed",
         "bf16",
+        "tower_autocast_dtype",
+        "attn_implementation",
         "resume_from_checkpoint",
         "report_to",
         "remove_unused_columns",

@@ -51,6 +51,7 @@ from mmgem.training.arguments import (
 )
 from mmgem.training.checkpoints import resolve_checkpoint, save_final_model
 from mmgem.training.freezing import freeze
+from mmgem.training.precision import tower_autocast
 from mmgem.training.trainer import MMGEMTrainer
 from modeling_mmgem.modeling_mmgem import MMGEMConfig, MMGEMModel
 from modeling_mmgem.processing_mmgem import MMGEMProcessor
@@ -132,6 +133,8 @@ def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoi
         model, processor = build_from_scratch(
             scratch_spec(args.from_scratch), training_texts(records, args.use_long_caption)
         )
+    if args.attn_implementation is not None:
+        model.set_attn_implementation(args.attn_implementation)
     if args.lora:
         vision = {"no": False, "lora": "lora", "full": "full"}[args.lora_vision]
         model = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, train_vision=vision)
@@ -195,7 +198,8 @@ def train(
         callbacks=[MMGEMCollatorCallback(collator), *callbacks],
         train_sampler=sampler,
     )
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    with tower_autocast(model, args.tower_autocast_dtype):
+        output = trainer.train(resume_from_checkpoint=checkpoint)
     model = save_final_model(trainer, args, processor)
     return TrainResult(
         output_dir=Path(args.output_dir),
