@@ -46,6 +46,7 @@ from mmgem.loading import load_model
 from mmgem.presets import architecture
 from mmgem.synthetic import ensure_dataset
 from mmgem.training.distributed import has_accelerator
+from mmgem.training.precision import check_attention, check_autocast_dtype, cpu_has_native_bf16
 from mmgem.training.train import train
 
 # Targets of the demo on the held-out split (metric key, minimum).
@@ -78,9 +79,9 @@ class DemoConfig:
     threads: int = 2  # CPU threads in all: each training process gets threads // processes
     # Training processes: one model, gloo DDP on the CPU (ignored where torch sees an accelerator). On 2 cores, two
     # processes of one thread each train as fast as one of two threads at the same batch, and 1.2-1.3x as many
-    # images a second at twice the batch (`benchmarks/demo_processes.py`); but the captions need the steps: 25 +
-    # 2,250 steps of 64 images reach caption exact match 0.55 on validation, 13 + 1,125 steps of 128 images 0.485, in
-    # 0.77x the time (`experiments/demo_ablation.py`: `two_processes_batch_128`).
+    # images a second at twice the batch (`benchmarks/demo_speed.py --compare processes`); but the captions need the
+    # steps: 25 + 2,250 steps of 64 images reach caption exact match 0.55 on validation, 13 + 1,125 steps of 128
+    # images 0.485, in 0.77x the time (`experiments/demo_ablation.py`: `two_processes_batch_128`).
     processes: int = 1
     batch_size: int = 64  # in all processes together: each takes batch_size // processes per step
     stage2_batch_size: int | None = None  # default: batch_size
@@ -94,6 +95,13 @@ class DemoConfig:
     # object lies before the language model can name them in order (`experiments/demo_ablation.py`:
     # `vision_learning_rate_x1`, `vision_learning_rate_x3`).
     vision_learning_rate_multiplier: float = 2.0
+    # Both towers train under autocast in this dtype, with eager attention (PyTorch's CPU flash-attention kernel is
+    # slower in bf16 than in fp32): on a CPU with AVX-512 BF16, stage 2 runs 1.44x as fast as in fp32, and 1.12x as
+    # fast as with the whole model in bf16 (`benchmarks/demo_speed.py`). Caption exact match on validation: 0.50
+    # against 0.55 in fp32 on one thread (`experiments/demo_ablation.py`: `demo`, `fp32`), 0.535 on two. "auto":
+    # bfloat16 where the hardware computes it natively (an accelerator, or a CPU with AVX-512 BF16 / AMX), else None.
+    tower_autocast_dtype: str | None = "auto"
+    attn_implementation: str | None = "eager"
     hard_negative_group_size: int | None = None  # batches of blocks of this many scenes sharing colours; None: off
     warmup_steps: float = 0.1
     # Each stage's learning rate decays on a cosine to this fraction of its peak. Kept up, it lets the language model
@@ -146,6 +154,13 @@ def prepare_data(config: DemoConfig, folder: Path) -> dict[str, Path]:
 def training_processes(config: DemoConfig) -> int:
     """How many processes train: `config.processes` on the CPU, one where torch sees an accelerator."""
     return 1 if has_accelerator() else config.processes
+
+
+def resolved_autocast_dtype(config: DemoConfig) -> str | None:
+    """`config.tower_autocast_dtype`, with "auto" resolved for this machine."""
+    if config.tower_autocast_dtype != "auto":
+        return config.tower_autocast_dtype
+    return "bfloat16" if has_accelerator() or cpu_has_native_bf16() else None
 
 
 def check_processes(config: DemoConfig) -> None:
@@ -236,6 +251,8 @@ def _train_both_stages(
         dataloader_num_workers=0,
         image_cache_mb=256,  # the 12,000 training images take 141 MB decoded: each is decoded once, not every epoch
         vision_learning_rate_multiplier=config.vision_learning_rate_multiplier,
+        tower_autocast_dtype=resolved_autocast_dtype(config),
+        attn_implementation=config.attn_implementation,
         # Every step of either stage gives every parameter a gradient: DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
     )
@@ -438,6 +455,8 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
     if not 0.0 <= config.min_learning_rate_ratio <= 1.0:
         raise ValueError(f"`min_learning_rate_ratio` must be in [0, 1]; got {config.min_learning_rate_ratio!r}.")
     check_processes(config)
+    check_autocast_dtype(resolved_autocast_dtype(config))
+    check_attention(config.attn_implementation)
     output.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -482,6 +501,7 @@ def _run_demo(output: Path, config: DemoConfig, progress: bool) -> dict[str, Any
     targets_table, targets = target_report(result.metrics, timings["total_s"])
     summary = {
         "config": asdict(config),
+        "tower_autocast_dtype": resolved_autocast_dtype(config),
         "metrics": result.metrics,
         "targets": targets,
         "timings": timings,

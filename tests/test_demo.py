@@ -78,9 +78,11 @@ def test_two_training_processes_train_one_model_and_the_curve_comes_back(tmp_pat
         ({"processes": 2, "threads": 1}, r"`threads` \(1\) must be at least `processes` \(2\)"),
         ({"processes": 2, "threads": 2, "batch_size": 63}, r"`batch_size` \(63\) must be a multiple of `processes`"),
         ({"processes": 2, "threads": 2, "stage2_batch_size": 5}, r"`stage2_batch_size` \(5\) must be a multiple"),
+        ({"tower_autocast_dtype": "bf16"}, "`tower_autocast_dtype` must be one of"),
+        ({"attn_implementation": "flash"}, "`attn_implementation` must be one of"),
     ],
 )
-def test_a_process_count_the_threads_or_batches_cannot_split_fails_before_work(tmp_path, fields, message):
+def test_a_bad_process_count_or_precision_setting_fails_before_work(tmp_path, fields, message):
     from mmgem.demo import DemoConfig, run_demo
 
     with pytest.raises(ValueError, match=message):
