@@ -132,7 +132,8 @@ def test_ray_embedding_of_a_folder_equals_the_single_process_vectors_and_resumes
     )
     assert (again["written"], again["skipped"], again["images"]) == (1, 2, PART_SIZE)
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    np.testing.assert_allclose(_read_embeddings(output)[1], vectors, atol=0, rtol=0)
+    # Batches of 4 instead of 3: the CPU's matrix kernels may round the last bit differently for another batch size.
+    np.testing.assert_allclose(_read_embeddings(output)[1], vectors, atol=1e-6, rtol=0)
     nothing = embed_collection(collection["model"], collection["folder"], output, part_size=PART_SIZE, progress=False)
     assert (nothing["written"], nothing["skipped"]) == (0, 3)
     with pytest.raises(ValueError, match="part_size=4, not 5"):
