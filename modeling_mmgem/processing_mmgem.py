@@ -8,12 +8,19 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs
 
-from .image_loading_mmgem import FrameSettings, boxes_to_model_frame, load_rgb_image
+from .image_loading_mmgem import FrameSettings, boxes_to_model_frame, image_frame_transform, load_rgb_image
+
+try:  # transformers 5: image processors on the PIL backend
+    from transformers.image_processing_backends import PilBackend
+except ImportError:  # pragma: no cover - an older transformers: every image goes through the image processor
+    PilBackend = None
 
 EMB_TOKEN = "[EMB]"
 CAP_TOKEN = "[CAP]"
@@ -286,12 +293,17 @@ class MMGEMProcessor(ProcessorMixin):
         self, text: str | Sequence[str], truncation: bool = False, max_length: int | None = None
     ) -> dict[str, torch.Tensor]:
         """`<bos> text [EMB]` for each text, right padded: `input_ids`, `attention_mask` [B, L]."""
+        return self._embedding_rows(self._tokenize_texts(text, "text"), truncation, max_length)
+
+    def _embedding_rows(
+        self, token_lists: list[list[int]], truncation: bool, max_length: int | None
+    ) -> dict[str, torch.Tensor]:
         special = self._special_ids()
         context = self._context_length(max_length)
         room = None if context is None else context - len(self._bos()) - 1
         rows = [
             self._bos() + self._fit(tokens, room, truncation, "text", i) + [special["emb"]]
-            for i, tokens in enumerate(self._tokenize_texts(text, "text"))
+            for i, tokens in enumerate(token_lists)
         ]
         input_ids, attention_mask = self._batch(rows, special["pad"])
         return {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -307,6 +319,11 @@ class MMGEMProcessor(ProcessorMixin):
         self, captions: Sequence[str], truncation: bool = False, max_length: int | None = None
     ) -> dict[str, torch.Tensor]:
         """`<bos> <image>*K [CAP] caption <eos>` right padded, with `labels` on the caption and `<eos>` only."""
+        return self._caption_rows(self._tokenize_texts(captions, "text"), truncation, max_length)
+
+    def _caption_rows(
+        self, token_lists: list[list[int]], truncation: bool, max_length: int | None
+    ) -> dict[str, torch.Tensor]:
         special = self._special_ids()
         prompt = self._bos() + [special["image"]] * self.num_image_tokens + [special["cap"]]
         eos = self.tokenizer.eos_token_id
@@ -314,7 +331,7 @@ class MMGEMProcessor(ProcessorMixin):
         context = self._context_length(max_length)
         room = None if context is None else context - len(prompt) - len(tail)
         rows, label_rows = [], []
-        for i, tokens in enumerate(self._tokenize_texts(captions, "text")):
+        for i, tokens in enumerate(token_lists):
             caption = self._fit(tokens, room, truncation, "text", i) + tail
             rows.append(prompt + caption)
             label_rows.append([IGNORE_INDEX] * len(prompt) + caption)
@@ -381,7 +398,9 @@ class MMGEMProcessor(ProcessorMixin):
             if sum(len(b) for b in frame_boxes) == 0:
                 raise ValueError("`boxes` contains no box; pass `boxes=None` for whole images.")
         image_options = {k: v for k, v in image_options.items() if v is not None and k != "return_tensors"}
-        pixel_values = self.image_processor(images=pil_images, return_tensors="pt", **image_options)["pixel_values"]
+        pixel_values = None if image_options else pixels_of_images_in_frame(self.image_processor, pil_images)
+        if pixel_values is None:
+            pixel_values = self.image_processor(images=pil_images, return_tensors="pt", **image_options)["pixel_values"]
         return pixel_values, frame_boxes
 
     # ------------------------------------------------------------------ main entry
@@ -443,9 +462,10 @@ class MMGEMProcessor(ProcessorMixin):
         text_data: dict[str, Any] = {}
         if text is not None:
             texts = self._training_texts(images, text, boxes, region_text)
-            embedding = self.embedding_inputs(texts, truncation, max_length)
+            token_lists = self._tokenize_texts(texts, "text")  # once: both layouts hold the same texts
+            embedding = self._embedding_rows(token_lists, truncation, max_length)
             text_data = {"text_input_ids": embedding["input_ids"], "text_attention_mask": embedding["attention_mask"]}
-            text_data.update(self.caption_targets(texts, truncation, max_length))
+            text_data.update(self._caption_rows(token_lists, truncation, max_length))
         pixel_values, frame_boxes = self._prepare_images(images, boxes, allow_references, **image_options)
         data: dict[str, Any] = {"pixel_values": pixel_values}
         if frame_boxes is not None:
@@ -595,3 +615,66 @@ if __name__ == "modeling_mmgem.processing_mmgem":
     AutoProcessor.register(MMGEMConfig, MMGEMProcessor, exist_ok=True)
 
 __all__ = ["MMGEMProcessor", "add_mmgem_special_tokens"]
+
+
+# The steps of the PIL backend's image pipeline. An image processor whose class overrides none of them runs exactly
+# the stock resize, center crop, rescale and normalize, which `pixels_of_images_in_frame` reproduces for images the
+# resize and crop leave unchanged.
+PIL_PIPELINE_STEPS = (
+    "__call__",
+    "preprocess",
+    "_preprocess_image_like_inputs",
+    "_prepare_image_like_inputs",
+    "process_image",
+    "convert_to_rgb",
+    "_preprocess",
+    "resize",
+    "center_crop",
+    "rescale",
+    "normalize",
+    "pad",
+)
+
+
+def _runs_stock_pil_pipeline(image_processor: Any) -> bool:
+    if PilBackend is None or not isinstance(image_processor, PilBackend):
+        return False
+    owners = {step: next(c for c in type(image_processor).__mro__ if step in c.__dict__) for step in PIL_PIPELINE_STEPS}
+    return all(owner.__module__.startswith("transformers.image_processing_") for owner in owners.values())
+
+
+def pixels_of_images_in_frame(image_processor: Any, images: Sequence[Any]) -> torch.Tensor | None:
+    """`pixel_values` [N, 3, H, W] of RGB PIL images that are already at the model's frame size (the resize and
+    center crop leave them unchanged), computed for the whole batch at once; None where that does not hold, and the
+    image processor must run. Equal bit for bit to the stock image processor on the PIL backend: the same rescale
+    (in float64, then float32) and normalize (in float32), without converting each image on its own, which costs
+    several times the arithmetic for images as small as a tower's input."""
+    if not images or not _runs_stock_pil_pipeline(image_processor) or getattr(image_processor, "do_pad", None):
+        return None
+    size = images[0].size if isinstance(images[0], Image.Image) else None
+    if size is None or any(not isinstance(i, Image.Image) or i.mode != "RGB" or i.size != size for i in images):
+        return None
+    if image_frame_transform(image_processor, *size) != (1.0, 1.0, 0.0, 0.0, *size):
+        return None
+    table = _pixel_value_table(image_processor)  # [3, 256]: the value of each byte in each channel
+    pixels = np.stack([np.asarray(image) for image in images])  # [N, H, W, 3] uint8
+    index = torch.from_numpy(pixels).permute(0, 3, 1, 2).long() + 256 * torch.arange(3).view(1, 3, 1, 1)
+    return torch.from_numpy(table).flatten()[index].contiguous()  # [N, 3, H, W]: table[c, pixels[n, h, w, c]]
+
+
+def _pixel_value_table(image_processor: Any) -> np.ndarray:
+    """[3, 256]: what the stock rescale (float64, then float32) and normalize (float32) make of each byte value in each
+    channel. Each pixel goes through the same arithmetic on its own, so looking its value up gives the same bits."""
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256)).T  # [256, 3] channel last
+    if image_processor.do_rescale:
+        values = (values.astype(np.float64) * image_processor.rescale_factor).astype(np.float32)
+    if image_processor.do_normalize:
+        values = values if np.issubdtype(values.dtype, np.floating) else values.astype(np.float32)
+        mean = np.array(_per_channel(image_processor.image_mean), dtype=values.dtype)
+        std = np.array(_per_channel(image_processor.image_std), dtype=values.dtype)
+        values = (values - mean) / std
+    return np.ascontiguousarray(values.T)
+
+
+def _per_channel(value: Any) -> list[float]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * 3
