@@ -221,10 +221,14 @@ def test_train_command_line(dataset, tmp_path, capsys):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize(("stage", "extra"), [(1, {}), (2, {}), (1, {"hard_negative_field": "colour_group"})])
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [(1, {}), (2, {}), (1, {"hard_negative_field": "colour_group"}), (1, {"ema_decay": 0.9})],
+)
 def test_resume_from_checkpoint_reaches_the_uninterrupted_result(dataset, tmp_path, stage, extra):
     # Stage 2 draws regions at random: the resumed run must continue the draws, not replay them from the start.
     # Hard-negative batches: the resumed run must see the interrupted run's order (12 images: epoch 2 from step 4).
+    # A weight average: the resumed run must continue the average stored in the checkpoint.
     options = dict(
         from_scratch="tiny",
         data=str(dataset["train"]),

@@ -17,6 +17,7 @@ from mmgem.data.collator import STAGES
 from mmgem.data.sampling import check_group_size
 from mmgem.data.sources import DataSourceArguments, check_data_arguments
 from mmgem.presets import PRESETS
+from mmgem.training.averaging import check_ema_decay
 from mmgem.training.distributed import check_launch, complete_launch_options
 from mmgem.training.precision import check_attention, check_autocast_dtype
 
@@ -118,6 +119,13 @@ class MMGEMTrainingArguments(DataSourceArguments, TrainingArguments):
             "with --attn_implementation eager trains small models fastest."
         },
     )
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep an exponential moving average of the trained weights with this decay (e.g. 0.99: about "
+            "the last 100 steps), saved in every checkpoint; it becomes the final model (default: off)."
+        },
+    )
     # Defaults changed from TrainingArguments: MM-GEM batches hold PIL images and region lists that the Trainer
     # must not drop, losses are worth seeing early, and a cosine schedule with warm-up suits the contrastive loss.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False for MM-GEM."})
@@ -199,6 +207,12 @@ def check_arguments(args: MMGEMTrainingArguments) -> None:
         raise ValueError(f"`torch_threads` must be a positive int; got {args.torch_threads!r}.")
     check_attention(args.attn_implementation)
     check_autocast_dtype(args.tower_autocast_dtype)
+    check_ema_decay(args.ema_decay)
+    if args.ema_decay is not None and (args.fsdp or args.deepspeed):
+        raise ValueError(
+            "`ema_decay` averages whole parameters in each process; with FSDP or DeepSpeed each process holds only "
+            "shards of them. Leave out `ema_decay`, or train without `fsdp` / `deepspeed`."
+        )
 
 
 def make_arguments(args: MMGEMTrainingArguments | None = None, **kwargs: Any) -> MMGEMTrainingArguments:
@@ -260,6 +274,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
         "bf16",
         "tower_autocast_dtype",
         "attn_implementation",
+        "ema_decay",
         "resume_from_checkpoint",
         "report_to",
         "remove_unused_columns",

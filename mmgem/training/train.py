@@ -49,6 +49,7 @@ from mmgem.training.arguments import (
     make_arguments,
     parse_arguments,
 )
+from mmgem.training.averaging import WeightAverage
 from mmgem.training.checkpoints import resolve_checkpoint, save_final_model
 from mmgem.training.freezing import freeze
 from mmgem.training.precision import tower_autocast
@@ -144,6 +145,11 @@ def prepare_model(args: MMGEMTrainingArguments, records: Sequence[Any], checkpoi
 
 
 # ---------------------------------------------------------------------------------------------------------- entry
+def weight_average(args: MMGEMTrainingArguments, checkpoint: str | None) -> list[TrainerCallback]:
+    """The `WeightAverage` callback that `ema_decay` asks for (none when it is not set)."""
+    return [] if args.ema_decay is None else [WeightAverage(args.ema_decay, resume_from=checkpoint)]
+
+
 def train(
     args: MMGEMTrainingArguments | None = None, *, callbacks: Sequence[TrainerCallback] = (), **kwargs: Any
 ) -> TrainResult:
@@ -195,7 +201,8 @@ def train(
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[MMGEMCollatorCallback(collator), *callbacks],
+        # The weight average goes before the caller's callbacks: at the end of training they see the final model.
+        callbacks=[MMGEMCollatorCallback(collator), *weight_average(args, checkpoint), *callbacks],
         train_sampler=sampler,
     )
     with tower_autocast(model, args.tower_autocast_dtype):

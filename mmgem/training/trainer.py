@@ -1,13 +1,17 @@
 """`MMGEMTrainer`: the HF Trainer with MM-GEM's logging (the two loss terms, the temperature), the vision tower's own
-learning rate, hard-negative samplers and rank-aware streaming data."""
+learning rate, hard-negative samplers, rank-aware streaming data and the weight average in checkpoints."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from accelerate.data_loader import IterableDatasetShard
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from mmgem.training.averaging import WeightAverage
 
 
 class MMGEMTrainer(Trainer):
@@ -69,6 +73,18 @@ class MMGEMTrainer(Trainer):
         for group in groups:
             optimizer.add_param_group(group)
         return optimizer
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # The weight average goes in first: the Trainer writes trainer_state.json last, which marks a checkpoint
+        # complete (`mmgem.training.checkpoints.checkpoint_problem`).
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, WeightAverage):
+                    callback.save(folder)
+        super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
