@@ -59,8 +59,12 @@ PREVIOUS_DEMO: dict[str, Any] = {
 }
 TWO_LAYER_LM: dict[str, Any] = {"text_config": {"num_hidden_layers": 2}}
 # The demo trained in fp32 with the model's own attention (SDPA) before its two towers trained under bf16 autocast
-# with eager attention: every variant but `demo` was measured then, and keeps that.
+# with eager attention: every variant after `last_weights_greedy` was measured then, and keeps that.
 FP32: dict[str, Any] = {"tower_autocast_dtype": None, "attn_implementation": None}
+# The demo kept the last weights of a 2,250-step stage 2 and decoded its captions greedily before its final model
+# became the moving average of the weights of a 2,000-step stage 2 and its captions were decoded with 3 beams: every
+# variant after `stage2_1800_steps` was measured then, and keeps that.
+LAST_WEIGHTS_GREEDY: dict[str, Any] = {"ema_decay": None, "num_beams": 1, "stage2_steps": 2250}
 # Two training processes (DDP), each with the demo's batch of 64: half the steps of the demo for the same images.
 TWO_PROCESSES_BATCH_128: dict[str, Any] = {
     "processes": 2,
@@ -260,12 +264,22 @@ MEASURED_IN_FP32: dict[str, tuple[str, dict[str, Any]]] = {
 # CPU time: compare variants that took about the same.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": (
-        "nothing: 1-layer language model with queries and keys normalised per head (Qwen3), 25 + 2,250 steps of "
+        "nothing: 1-layer language model with queries and keys normalised per head (Qwen3), 25 + 2,000 steps of "
         "batch 64, learning rate on a cosine to half its peak, the vision tower's at twice the rest's, both towers "
-        "under bf16 autocast with eager attention",
+        "under bf16 autocast with eager attention, stage 2's final model the moving average of its weights (decay "
+        "0.99), captions decoded with 3 beams",
         {},
     ),
-    **{name: (change, {**FP32, **config}) for name, (change, config) in MEASURED_IN_FP32.items()},
+    "stage2_2250_steps": ("25 + 2,250 steps instead of 2,000 (1.12x the training time)", {"stage2_steps": 2250}),
+    "stage2_1800_steps": ("25 + 1,800 steps instead of 2,000 (0.9x the training time)", {"stage2_steps": 1800}),
+    "last_weights_greedy": (
+        "stage 2's last weights instead of their moving average, captions decoded greedily, 25 + 2,250 steps (the "
+        "demo before)",
+        LAST_WEIGHTS_GREEDY,
+    ),
+    **{
+        name: (change, {**FP32, **LAST_WEIGHTS_GREEDY, **config}) for name, (change, config) in MEASURED_IN_FP32.items()
+    },
 }
 EVAL_EVERY = 500
 

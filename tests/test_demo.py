@@ -80,6 +80,7 @@ def test_two_training_processes_train_one_model_and_the_curve_comes_back(tmp_pat
         ({"processes": 2, "threads": 2, "stage2_batch_size": 5}, r"`stage2_batch_size` \(5\) must be a multiple"),
         ({"tower_autocast_dtype": "bf16"}, "`tower_autocast_dtype` must be one of"),
         ({"attn_implementation": "flash"}, "`attn_implementation` must be one of"),
+        ({"num_beams": 0}, "`num_beams` must be a positive int"),
     ],
 )
 def test_a_bad_process_count_or_precision_setting_fails_before_work(tmp_path, fields, message):
@@ -208,3 +209,17 @@ def test_a_bad_minimum_learning_rate_ratio_fails_before_work(tmp_path, ratio):
     with pytest.raises(ValueError, match=r"`min_learning_rate_ratio` must be in \[0, 1\]"):
         run_demo(tmp_path / "out", DemoConfig(min_learning_rate_ratio=ratio))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_decodes_its_captions_with_the_configured_beams(tmp_path, monkeypatch):
+    import mmgem.demo as demo
+
+    config = demo.DemoConfig(**{**demo.QUICK, "num_beams": 4})
+    demo.prepare_data(config, tmp_path / "data")
+    calls = []
+    monkeypatch.setattr(demo, "evaluate_model", lambda *args, **kwargs: calls.append(kwargs))
+    records, evaluate = demo.demo_evaluator(config, tmp_path / "data")
+    evaluate(None, None)
+    assert len(records) == config.num_test
+    assert calls[0]["num_beams"] == 4 and calls[0]["max_new_tokens"] == config.max_new_tokens
+    assert demo.DemoConfig().num_beams == 3
