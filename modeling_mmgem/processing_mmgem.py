@@ -646,9 +646,9 @@ def _runs_stock_pil_pipeline(image_processor: Any) -> bool:
 def pixels_of_images_in_frame(image_processor: Any, images: Sequence[Any]) -> torch.Tensor | None:
     """`pixel_values` [N, 3, H, W] of RGB PIL images that are already at the model's frame size (the resize and
     center crop leave them unchanged), computed for the whole batch at once; None where that does not hold, and the
-    image processor must run. Equal bit for bit to the stock image processor on the PIL backend: the same rescale
-    (in float64, then float32) and normalize (in float32), without converting each image on its own, which costs
-    several times the arithmetic for images as small as a tower's input."""
+    image processor must run. Equal bit for bit to the stock image processor on the PIL backend: each byte value's
+    rescale (in float64, then float32) and normalize (in float32) is computed once and looked up for every pixel,
+    instead of the per-image conversions that cost more than the arithmetic for images as small as a tower's input."""
     if not images or not _runs_stock_pil_pipeline(image_processor) or getattr(image_processor, "do_pad", None):
         return None
     size = images[0].size if isinstance(images[0], Image.Image) else None
